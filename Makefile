@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make test` and `make demo`.
+# Each builds .venv from the pinned requirements.txt when it is missing or stale
+# (the stamp holds the sha256 of requirements.txt it was built from).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.sha256
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test demo clean-venv
+
+venv:
+	@want=$$(sha256sum requirements.txt | cut -d' ' -f1); \
+	have=$$(cat $(STAMP) 2>/dev/null); \
+	if [ "$$want" != "$$have" ]; then \
+	  echo "building $(VENV) from requirements.txt"; \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install --quiet --upgrade pip && \
+	  $(PY) -m pip install --quiet -r requirements.txt && \
+	  echo "$$want" > $(STAMP); \
+	fi
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) tools/demo.py
+
+clean-venv:
+	rm -rf $(VENV)

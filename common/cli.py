@@ -1,0 +1,188 @@
+"""Command-line flags shared by the scripts, and their validation before any model loads (SPEC 12).
+
+Flag names follow the reference scripts and diffusers' train_text_to_image.py,
+so the seed README's command lines work as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Iterable, List, Optional
+
+from . import curriculum as cur
+from .clip_score import DEFAULT_CLIP, check_clip_spec
+from .data import read_metadata, read_prompts
+from .errors import InputError
+from .models import check_pipeline_dir
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def str2bool(value) -> bool:
+    """Parse 'True/False', 'yes/no', '1/0' (case-insensitive) as a real boolean; the reference's type=bool made 'False' true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if text in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="the unlearned model: a diffusers Stable Diffusion directory (or hub id)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weights variant such as fp16")
+    g.add_argument("--cache_dir", default=None)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training data (row order = curriculum order)")
+    g.add_argument("--train_data_dir", default=None,
+                   help="imagefolder directory whose metadata.jsonl lines give the row order and captions")
+    g.add_argument("--dataset_name", default=None, help="a datasets dataset instead of --train_data_dir")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="prompt", help="caption field (the paper's data uses 'prompt')")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--center_crop", action="store_true", help="centre crop (default: random crop)")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--curriculum", required=True, help="cumulative chunk boundaries, e.g. '50,100,...,500'")
+    g.add_argument("--start_CL", type=int, default=None, help="first chunk index (inclusive)")
+    g.add_argument("--end_CL", type=int, default=None, help="last chunk index (exclusive)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--train_batch_size", type=int, default=10, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by batch x accumulation x processes")
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="in optimizer updates")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action="store_true", help="keep an EMA of the UNet; saved as unet_ema/")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended)")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--input_perturbation", type=float, default=0.0)
+    g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"))
+    g.add_argument("--params", default="full", choices=("full", "xattn"),
+                   help="trained parameters: the whole UNet or cross-attention only")
+    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="default: accelerate's config; fp16 without CUDA falls back to fp32")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compat", default="none", choices=("none", "reference"),
+                   help="'reference': the published scripts' training semantics (README, Differences)")
+
+
+def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompts", required=True, help="text file, one prompt per non-empty line")
+    g.add_argument("--num_inference_steps", type=int, default=20)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--validation_batch_size", type=int, default=0,
+                   help="prompts per generation batch (0: all of a process's prompts at once)")
+    g.add_argument("--save_validation_images", action="store_true",
+                   help="keep every validation image under OUTPUT_DIR/validation_images/")
+    if clip:
+        g.add_argument("--clip_model", default=DEFAULT_CLIP,
+                       help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
+
+
+def add_individual_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("individual protocol")
+    g.add_argument("--validation_epochs", type=int, default=2, help="validate after epochs 0, N, 2N, ...")
+    g.add_argument("--clip_epoch", type=int, default=89,
+                   help="epoch budget: a chunk stops after the first epoch e > clip_epoch")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", default="sd-model-finetuned")
+    g.add_argument("--log_file", default=None, help="text log (default OUTPUT_DIR/log.txt)")
+    g.add_argument("--save_model", type=str2bool, default=True, help="save OUTPUT_DIR/curriculum-{i} (True/False)")
+    g.add_argument("--logging_dir", default="logs")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(message)
+
+
+def validate_common(args: argparse.Namespace) -> int:
+    """Check the shared flags and input files; return the dataset size (rows) when known."""
+    # Numbers first: cheap and independent of files.
+    _require(args.resolution > 0 and args.resolution % 8 == 0, f"--resolution {args.resolution}: must be a positive multiple of 8")
+    _require(args.train_batch_size >= 1, f"--train_batch_size {args.train_batch_size}: must be at least 1")
+    _require(args.gradient_accumulation_steps >= 1,
+             f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be at least 1")
+    _require(args.learning_rate > 0 and math.isfinite(args.learning_rate), f"--learning_rate {args.learning_rate}: must be positive")
+    _require(args.lr_warmup_steps >= 0, f"--lr_warmup_steps {args.lr_warmup_steps}: must be >= 0")
+    _require(args.max_grad_norm >= 0, f"--max_grad_norm {args.max_grad_norm}: must be >= 0 (0 disables clipping)")
+    _require(0 < args.ema_decay < 1, f"--ema_decay {args.ema_decay}: must be in (0, 1)")
+    _require(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma {args.snr_gamma}: must be positive")
+    _require(args.noise_offset >= 0 and args.input_perturbation >= 0,
+             "--noise_offset and --input_perturbation must be >= 0")
+    _require(args.num_inference_steps >= 1, f"--num_inference_steps {args.num_inference_steps}: must be at least 1")
+    _require(args.guidance_scale >= 0, f"--guidance_scale {args.guidance_scale}: must be >= 0")
+    _require(args.validation_batch_size >= 0, f"--validation_batch_size {args.validation_batch_size}: must be >= 0")
+    _require((args.train_data_dir is None) != (args.dataset_name is None),
+             "give exactly one of --train_data_dir and --dataset_name")
+    bounds = cur.parse_curriculum(args.curriculum)
+    cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
+    # Then files, still before any model loads.
+    _require(not os.path.isfile(args.output_dir), f"--output_dir {args.output_dir}: is a file")
+    if args.log_file:
+        parent = os.path.dirname(os.path.abspath(args.log_file))
+        _require(os.path.isdir(parent), f"--log_file {args.log_file}: directory {parent} does not exist")
+        _require(not os.path.isdir(args.log_file), f"--log_file {args.log_file}: is a directory")
+    check_pipeline_dir(args.pretrained_model_name_or_path)
+    read_prompts(args.validation_prompts)
+    if getattr(args, "clip_model", None):
+        check_clip_spec(args.clip_model)
+    size = None
+    if args.train_data_dir is not None:
+        size = len(read_metadata(args.train_data_dir, args.caption_column)[0])
+        cur.check_against_dataset(bounds, size)
+    return size
+
+
+def validate_individual(args: argparse.Namespace) -> None:
+    _require(args.validation_epochs >= 1, f"--validation_epochs {args.validation_epochs}: must be at least 1")
+    _require(args.clip_epoch >= 0, f"--clip_epoch {args.clip_epoch}: must be >= 0")
+
+
+def finish(parser: Parser, args: argparse.Namespace, checks: Iterable) -> argparse.Namespace:
+    """Run the checks; any InputError or CurriculumError becomes one line and exit status 2."""
+    try:
+        for check in checks:
+            check(args)
+    except (InputError, cur.CurriculumError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return args
+
+
+def check_threshold(value: float, flag: str, low: float) -> None:
+    """Thresholds must be finite and not below the score's range; above it means 'never revived'."""
+    _require(math.isfinite(value), f"{flag} {value}: must be a finite number")
+    _require(value >= low, f"{flag} {value}: must be >= {low} (scores cannot be lower)")

@@ -1,0 +1,117 @@
+"""Curriculum parsing and chunk/batch sampling (SPEC section 3).
+
+A curriculum "c1,c2,...,cn" lists cumulative row boundaries of the training
+data: chunk i is rows [c(i-1), c(i)) with c(-1) = 0. Rows are taken in
+dataset order (metadata.jsonl line order); nothing reorders them across chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+
+class CurriculumError(ValueError):
+    """A curriculum string or chunk selection that breaks SPEC section 3."""
+
+
+def parse_curriculum(text: str) -> List[int]:
+    """Parse "50,100,150" into strictly increasing positive cumulative boundaries."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not text or any(p == "" for p in parts):
+        raise CurriculumError(f"--curriculum {text!r}: expected comma-separated integers such as '50,100,150'")
+    bounds = []
+    for p in parts:
+        try:
+            value = int(p)
+        except ValueError:
+            raise CurriculumError(f"--curriculum {text!r}: {p!r} is not an integer") from None
+        if value <= 0:
+            raise CurriculumError(f"--curriculum {text!r}: boundaries must be positive, got {value}")
+        if bounds and value <= bounds[-1]:
+            raise CurriculumError(
+                f"--curriculum {text!r}: boundaries must be strictly increasing ({bounds[-1]} then {value})"
+            )
+        bounds.append(value)
+    return bounds
+
+
+def check_against_dataset(bounds: Sequence[int], dataset_size: int) -> None:
+    """Raise if the last boundary exceeds the number of training rows."""
+    if bounds[-1] > dataset_size:
+        raise CurriculumError(
+            f"--curriculum ends at {bounds[-1]} but the training data has only {dataset_size} rows"
+        )
+
+
+def chunk_ranges(bounds: Sequence[int]) -> List[Tuple[int, int]]:
+    """Row ranges [start, stop) of every chunk."""
+    starts = [0] + list(bounds[:-1])
+    return list(zip(starts, bounds))
+
+
+def select_chunks(num_chunks: int, start: int | None, end: int | None) -> List[int]:
+    """Chunk indices [start, end) chosen by --start_CL/--end_CL (defaults: all)."""
+    start = 0 if start is None else start
+    end = num_chunks if end is None else end
+    if not 0 <= start < num_chunks:
+        raise CurriculumError(f"--start_CL {start} is outside the curriculum's chunks 0..{num_chunks - 1}")
+    if not start < end <= num_chunks:
+        raise CurriculumError(f"--end_CL {end} must be in {start + 1}..{num_chunks} (chunks [start, end))")
+    return list(range(start, end))
+
+
+def parse_chunk_list(text: str | None, num_chunks: int, flag: str) -> List[int]:
+    """Parse a comma-separated list of chunk indices such as --curriculum_checkpoints "4,7"."""
+    if text is None or str(text).strip() == "":
+        return []
+    out = []
+    for p in str(text).split(","):
+        try:
+            i = int(p.strip())
+        except ValueError:
+            raise CurriculumError(f"{flag} {text!r}: {p.strip()!r} is not a chunk index") from None
+        if not 0 <= i < num_chunks:
+            raise CurriculumError(f"{flag} {text!r}: chunk {i} is outside 0..{num_chunks - 1}")
+        out.append(i)
+    return sorted(set(out))
+
+
+def updates_per_epoch(chunk_size: int, batch_size: int, accumulation: int, processes: int) -> int:
+    """Optimizer updates in one pass over a chunk (SPEC 4)."""
+    return math.ceil(chunk_size / (batch_size * accumulation * processes))
+
+
+def epoch_batches(
+    row_range: Tuple[int, int],
+    batch_size: int,
+    num_processes: int,
+    process_index: int,
+    seed: int,
+    chunk: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> Iterator[Tuple[np.ndarray, int]]:
+    """Yield (this process's row indices, global batch size) for one pass over a chunk.
+
+    Rows are shuffled within the chunk only, seeded by (seed, chunk, epoch), so
+    every process sees the same permutation and a resumed run repeats it. A
+    global batch of batch_size * num_processes rows is split across processes;
+    the last one may be short (then split as evenly as possible, possibly empty
+    on some ranks). A batch never spans two chunks.
+    """
+    start, stop = row_range
+    rows = np.arange(start, stop)
+    if shuffle:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, chunk, epoch]))
+        rows = rng.permutation(rows)
+    global_batch = batch_size * num_processes
+    for b in range(0, len(rows), global_batch):
+        group = rows[b : b + global_batch]
+        if len(group) == global_batch:
+            mine = group[process_index * batch_size : (process_index + 1) * batch_size]
+        else:
+            mine = np.array_split(group, num_processes)[process_index]
+        yield mine, len(group)

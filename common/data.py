@@ -1,0 +1,178 @@
+"""Training data: loading in curriculum order, image transforms, caption tokens.
+
+Row order is the curriculum order (SPEC 2). For a local directory that order is
+the line order of its ``metadata.jsonl`` (one JSON object per line with
+``file_name`` and the caption column), which we read ourselves so that no file
+system listing or sort can reorder rows; the images are then decoded through
+datasets' ``Image`` feature as imagefolder would. ``--dataset_name`` datasets
+keep their own row order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def find_metadata(train_data_dir: str) -> str:
+    """Path of the one metadata.jsonl of an imagefolder directory (top level or one split folder)."""
+    if not os.path.isdir(train_data_dir):
+        raise InputError(f"--train_data_dir {train_data_dir}: no such directory")
+    top = os.path.join(train_data_dir, METADATA_FILE)
+    if os.path.isfile(top):
+        return top
+    found = sorted(
+        os.path.join(train_data_dir, d, METADATA_FILE)
+        for d in os.listdir(train_data_dir)
+        if os.path.isfile(os.path.join(train_data_dir, d, METADATA_FILE))
+    )
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputError(f"--train_data_dir {train_data_dir}: no {METADATA_FILE} (imagefolder with captions expected)")
+    raise InputError(f"--train_data_dir {train_data_dir}: several {METADATA_FILE} files {found}; point at one split")
+
+
+def read_metadata(train_data_dir: str, caption_column: str, verify_images: bool = True) -> tuple[List[str], List[str]]:
+    """Image paths and captions of an imagefolder directory, in metadata.jsonl line order.
+
+    Every row is checked: valid JSON, a ``file_name``, a string caption in
+    ``caption_column``, an image file that exists and that PIL can read.
+    """
+    meta_path = find_metadata(train_data_dir)
+    root = os.path.dirname(meta_path)
+    paths, captions = [], []
+    with open(meta_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{meta_path} line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise InputError(f"{where}: no 'file_name' field")
+            if caption_column not in row:
+                raise InputError(
+                    f"--caption_column {caption_column!r}: not in {where} (fields: {', '.join(sorted(row))})"
+                )
+            if not isinstance(row[caption_column], str):
+                raise InputError(f"{where}: caption {caption_column!r} is not a string")
+            path = os.path.join(root, row["file_name"])
+            if not os.path.isfile(path):
+                raise InputError(f"{where}: image {path} does not exist")
+            if verify_images:
+                try:
+                    with Image.open(path) as im:
+                        im.verify()
+                except Exception as err:  # PIL raises many types for corrupt files
+                    raise InputError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
+            paths.append(path)
+            captions.append(row[caption_column])
+    if not paths:
+        raise InputError(f"{meta_path}: no rows")
+    return paths, captions
+
+
+def load_training_data(
+    train_data_dir: Optional[str],
+    dataset_name: Optional[str],
+    caption_column: str,
+    image_column: str = "image",
+    dataset_config_name: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+):
+    """A datasets.Dataset with columns ``image`` (decoded to PIL) and ``caption``, in curriculum order."""
+    import datasets
+
+    if train_data_dir is not None:
+        paths, captions = read_metadata(train_data_dir, caption_column)
+        ds = datasets.Dataset.from_dict({"image": paths, "caption": captions})
+        return ds.cast_column("image", datasets.Image())
+    try:
+        ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    except Exception as err:
+        raise InputError(f"--dataset_name {dataset_name}: cannot be loaded ({type(err).__name__}: {err})") from None
+    for flag, col in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if col not in ds.column_names:
+            raise InputError(f"{flag} {col!r}: not a column of {dataset_name} ({', '.join(ds.column_names)})")
+    ds = ds.select_columns([image_column, caption_column])
+    ds = ds.rename_columns({image_column: "image", caption_column: "caption"}) if image_column != "image" or caption_column != "caption" else ds
+    return ds
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """diffusers' text-to-image preprocessing: resize, centre or random crop, optional flip, scale to [-1, 1].
+
+    Randomness comes from an explicit generator so that a seeded (or resumed)
+    run draws the same crops and flips.
+    """
+
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+
+    def resize_crop(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
+        """Resize the short side to ``resolution`` (bilinear) and crop a square."""
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        nw, nh = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+        image = image.resize((nw, nh), Image.BILINEAR)
+        if self.center_crop:
+            left, top = (nw - self.resolution) // 2, (nh - self.resolution) // 2
+        else:
+            left = int(torch.randint(0, nw - self.resolution + 1, (1,), generator=generator))
+            top = int(torch.randint(0, nh - self.resolution + 1, (1,), generator=generator))
+        return image.crop((left, top, left + self.resolution, top + self.resolution))
+
+    @staticmethod
+    def to_tensor(image: Image.Image) -> torch.Tensor:
+        """uint8 HWC RGB -> float CHW in [-1, 1]."""
+        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self.to_tensor(self.resize_crop(image, generator))
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return x
+
+
+def tokenize_captions(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's max length (77 for CLIP)."""
+    return tokenizer(
+        list(captions),
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def read_prompts(path: str, flag: str = "--validation_prompts") -> List[str]:
+    """Validation prompts: one per non-empty line of a UTF-8 text file."""
+    if not path:
+        raise InputError(f"{flag}: a prompt file is required")
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise InputError(f"{flag} {path}: not a UTF-8 text file") from None
+    if not prompts:
+        raise InputError(f"{flag} {path}: the file has no prompts (one per non-empty line)")
+    return prompts

@@ -1,0 +1,88 @@
+"""From parsed command-line flags to a protocol run: the only module that reads ``args``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, List
+
+import torch
+
+from . import curriculum as cur
+from .clip_score import LOGIT_SCALE, ClipScorer
+from .data import read_prompts
+from .protocol import Criterion, ValidationConfig, run_individual
+from .session import DataConfig, open_run
+from .training import TrainConfig
+
+
+def data_config(args) -> DataConfig:
+    return DataConfig(
+        train_data_dir=args.train_data_dir, dataset_name=args.dataset_name, caption_column=args.caption_column,
+        image_column=args.image_column, dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+        resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+    )
+
+
+def train_config(args, num_processes: int = 1) -> TrainConfig:
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    return TrainConfig(
+        learning_rate=lr, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay,
+        adam_epsilon=args.adam_epsilon, max_grad_norm=args.max_grad_norm, train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, snr_gamma=args.snr_gamma,
+        noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
+        prediction_type=args.prediction_type, params=args.params, use_ema=args.use_ema, ema_decay=args.ema_decay,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+    )
+
+
+def validation_config(args) -> ValidationConfig:
+    image_dir = os.path.join(args.output_dir, "validation_images") if args.save_validation_images else None
+    return ValidationConfig(
+        prompts=read_prompts(args.validation_prompts), seed=args.seed,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        batch_size=args.validation_batch_size, resolution=args.resolution, image_dir=image_dir,
+    )
+
+
+def clip_criterion(clip_model: str, threshold: float) -> Callable[[torch.device], List[Criterion]]:
+    """The CLIP criterion (mean cosine > threshold), its model loaded on the run's device."""
+
+    def make(device):
+        scorer = ClipScorer(clip_model, device)
+        return [Criterion("clip", threshold, scorer.score, scale=f"cosine (0..1); x{LOGIT_SCALE:g} = logit scale")]
+
+    return make
+
+
+def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
+    """Run SPEC 4's individual protocol with the given criterion."""
+    bounds = cur.parse_curriculum(args.curriculum)
+    chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
+    run = open_run(
+        model_path=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+        requested_precision=args.mixed_precision, allow_tf32=args.allow_tf32, output_dir=args.output_dir,
+        logging_dir=args.logging_dir, log_file=args.log_file, bounds=bounds, data=data_config(args),
+        train=train_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
+        horizon_epochs=args.clip_epoch + 2, validation=validation_config(args), make_criteria=make_criteria,
+        config_record={"script": args.script, "protocol": "individual", "args": vars(args)},
+    )
+    criterion = run.validator.criteria[0]
+    save = (lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}"))) if args.save_model else None
+    try:
+        outcomes = run_individual(
+            trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks, criterion=criterion,
+            validator=run.validator, recorder=run.recorder, validation_epochs=args.validation_epochs,
+            max_epoch=args.clip_epoch, compat_reference=args.compat == "reference", save_chunk=save,
+            summary_extra={"script": args.script, "compat": args.compat, "num_processes": run.accelerator.num_processes},
+        )
+        for o in outcomes:
+            run.recorder.log(f"chunk {o.chunk}: " + (f"revived at epoch {o.revival_epoch}" if o.revived
+                             else f"not revived within {o.epochs_trained} epochs"))
+    finally:
+        run.accelerator.end_training()
+        run.recorder.close()
+    return outcomes

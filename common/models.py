@@ -1,0 +1,136 @@
+"""Loading the Stable Diffusion parts and the dtype policy (SPEC 2, 10).
+
+Policy: the frozen VAE and text encoder are held in the weight dtype (fp16/bf16
+under mixed precision, else fp32); the trainable UNet stays fp32 and the
+forward pass runs under autocast. fp16 needs CUDA: without it we fall back to
+full precision with one warning, so GPU command lines also run on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub-style id such as 'openai/clip-vit-base-patch32' resolves to a local directory of that name when one exists."""
+    expanded = os.path.expanduser(name_or_path)
+    return expanded if os.path.isdir(expanded) else name_or_path
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True for strings that can only be a file-system path (not a hub id 'org/name')."""
+    p = os.path.expanduser(name_or_path)
+    return os.path.isabs(p) or p.startswith(".") or os.sep * 2 in p or p.count("/") > 1 or os.path.exists(p)
+
+
+def check_pipeline_dir(path: str, flag: str = "--pretrained_model_name_or_path") -> None:
+    """Raise InputError unless ``path`` is a diffusers SD directory with every part we load."""
+    local = resolve_model_path(path)
+    if not os.path.isdir(local):
+        if looks_local(path):
+            raise InputError(f"{flag} {path}: no such directory")
+        return  # a hub id; its loading errors are reported when it is fetched
+    if not os.path.isfile(os.path.join(local, "model_index.json")):
+        raise InputError(f"{flag} {path}: no model_index.json (not a diffusers pipeline directory)")
+    missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(local, p))]
+    if missing:
+        raise InputError(f"{flag} {path}: missing subfolder(s) {', '.join(missing)}")
+    for part, config in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                         ("scheduler", "scheduler_config.json")):
+        if not os.path.isfile(os.path.join(local, part, config)):
+            raise InputError(f"{flag} {path}: {part}/{config} is missing")
+
+
+def effective_mixed_precision(requested: str, cuda_available: Optional[bool] = None, warn: bool = True) -> str:
+    """The mixed-precision mode we actually run: fp16 without CUDA falls back to 'no' with one warning."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "fp16" and not cuda:
+        if warn:
+            print("warning: --mixed_precision fp16 needs CUDA; running in full precision (fp32) on this machine",
+                  file=sys.stderr, flush=True)
+        return "no"
+    return requested
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen parts (and of inference) for a mixed-precision mode."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+@dataclass
+class SDParts:
+    """The pieces of an SD pipeline that training and validation share."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object  # DDPM, for training
+    inference_scheduler: object  # the pipeline's own, for validation
+
+
+def load_sd_parts(path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> SDParts:
+    """Load tokenizer, text encoder, VAE, UNet (fp32) and both schedulers from a diffusers directory."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    import diffusers
+
+    path = resolve_model_path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    sched_config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision)
+    sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+    inference_scheduler = sched_cls.from_config(sched_config)
+    for module in (text_encoder, vae):
+        module.requires_grad_(False)
+        module.eval()
+    return SDParts(tokenizer, text_encoder, vae, unet.float(), noise_scheduler, inference_scheduler)
+
+
+def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, trainable=None) -> None:
+    """Save a loadable StableDiffusionPipeline (trained UNet) to ``path`` atomically; EMA weights go to ``unet_ema/``.
+
+    Written into a temporary sibling directory and renamed, so ``path`` is
+    either the previous complete pipeline or the new complete one.
+    """
+    import shutil
+    import tempfile
+
+    from .validation import build_pipeline
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        pipe = build_pipeline(parts, unet)
+        # Frozen parts may sit in fp16 for training; save them as loaded (fp32 copies of fp16 lose nothing).
+        pipe.save_pretrained(tmp)
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+            try:
+                unet.save_pretrained(os.path.join(tmp, "unet_ema"))
+            finally:
+                ema.restore(trainable)
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,156 @@
+"""The revival protocols (SPEC 4 and 5), written as their algorithm boxes."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .results import RunRecorder, score_stats
+from .validation import generate_images, image_seed, shard
+
+
+@dataclass
+class Criterion:
+    """A revival test on per-image scores: CLIP (mean cosine > threshold) or classifier (accuracy >= threshold)."""
+
+    name: str  # "clip" or "classifier"
+    threshold: float
+    score_images: Callable[[list, list], List[float]]  # (images, prompts) -> per-image scores
+    scale: str = ""  # how the score is expressed, for the results
+
+    def met(self, mean: float) -> bool:
+        """SPEC 4: CLIP needs mean > threshold, the classifier accuracy >= threshold."""
+        return mean > self.threshold if self.name == "clip" else mean >= self.threshold
+
+
+@dataclass
+class ValidationConfig:
+    """How validation images are made."""
+
+    prompts: Sequence[str]
+    seed: int
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    batch_size: int = 0  # 0: all of this process's prompts in one batch
+    resolution: Optional[int] = None
+    image_dir: Optional[str] = None  # save PNGs here when set
+
+
+class Validator:
+    """Generate one image per validation prompt (sharded across processes) and score it under each criterion."""
+
+    def __init__(self, accelerator, pipe, cfg: ValidationConfig, criteria: Sequence[Criterion]):
+        self.accelerator = accelerator
+        self.pipe = pipe
+        self.cfg = cfg
+        self.criteria = list(criteria)
+
+    def __call__(self, tag: str) -> Dict[str, List[float]]:
+        """Scores per criterion name, in prompt order, identical on every process."""
+        from accelerate.utils import gather_object
+
+        acc, cfg = self.accelerator, self.cfg
+        mine = shard(range(len(cfg.prompts)), acc.num_processes, acc.process_index)
+        prompts = [cfg.prompts[k] for k in mine]
+        images = generate_images(
+            self.pipe, prompts, [image_seed(cfg.seed, k) for k in mine],
+            batch_size=cfg.batch_size or max(1, len(prompts)),
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+            resolution=cfg.resolution, autocast=acc.autocast, progress=acc.is_local_main_process,
+            desc=f"validation {tag}",
+        ) if prompts else []
+        if cfg.image_dir:
+            import os
+
+            folder = os.path.join(cfg.image_dir, tag)
+            os.makedirs(folder, exist_ok=True)
+            for k, im in zip(mine, images):
+                im.save(os.path.join(folder, f"{k:04d}.png"))
+        local = {c.name: (c.score_images(images, prompts) if images else []) for c in self.criteria}
+        rows = [(k, {name: local[name][j] for name in local}) for j, k in enumerate(mine)]
+        gathered = sorted(gather_object(rows) if acc.num_processes > 1 else rows, key=lambda r: r[0])
+        return {c.name: [r[1][c.name] for r in gathered] for c in self.criteria}
+
+
+@dataclass
+class ChunkOutcome:
+    chunk: int
+    rows: Tuple[int, int]
+    revived: bool
+    revival_epoch: Optional[int]
+    epochs_trained: int
+    optimizer_steps: int
+    images_seen: int
+    last_mean: Optional[float]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, rows=list(self.rows))
+
+
+def run_individual(
+    *,
+    trainer,
+    dataset,
+    chunk_rows: Dict[int, Tuple[int, int]],
+    chunks: Sequence[int],
+    criterion: Criterion,
+    validator: Validator,
+    recorder: RunRecorder,
+    validation_epochs: int = 2,
+    max_epoch: int = 89,
+    compat_reference: bool = False,
+    save_chunk: Optional[Callable[[int], None]] = None,
+    summary_extra: Optional[dict] = None,
+) -> List[ChunkOutcome]:
+    """SPEC 4: per chunk, train from the unlearned weights until the criterion is met or the epoch cap passes.
+
+    ``compat_reference`` reproduces the reference's semantics: after epoch 0
+    every "epoch" is one update on the chunk's first batch, and optimizer, LR
+    schedule and EMA carry over between chunks.
+    """
+    outcomes: List[ChunkOutcome] = []
+    for i in chunks:
+        rows = chunk_rows[i]
+        # Phase 1: back to the unlearned model; fresh optimizer, LR schedule, EMA.
+        trainer.reset_chunk(i, carry_state=compat_reference)
+        steps = images = 0
+        outcome = None
+        for epoch in itertools.count():
+            # Phase 2: one pass over the chunk (the reference: one batch after epoch 0).
+            single = compat_reference and epoch > 0
+            stats = trainer.train_epoch(dataset, rows, i, epoch, max_updates=1 if single else None)
+            steps += stats["updates"]
+            images += stats["images"]
+            recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
+            # Phase 3: validate every validation_epochs epochs; stop once revived.
+            if epoch % validation_epochs == 0:
+                t0 = time.perf_counter()
+                scores = validator(f"chunk{i}-epoch{epoch}")[criterion.name]
+                st = score_stats(scores)
+                revived = criterion.met(st["mean"])
+                recorder.validation({
+                    "chunk": i, "epoch": epoch, "optimizer_steps": steps, "images_seen": images,
+                    "criterion": criterion.name, "scale": criterion.scale, "scores": scores,
+                    "min": st["min"], "max": st["max"], "mean": st["mean"],
+                    "threshold": criterion.threshold, "revived": revived,
+                    "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3),
+                })
+                recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
+                             f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
+                if revived:
+                    outcome = ChunkOutcome(i, rows, True, epoch, epoch + 1, steps, images, st["mean"])
+                    break
+                last_mean = st["mean"]
+            # Phase 4: give up past the epoch budget.
+            if epoch > max_epoch:
+                outcome = ChunkOutcome(i, rows, False, None, epoch + 1, steps, images, last_mean)
+                break
+        outcomes.append(outcome)
+        # Phase 5: keep the chunk's model and the results so far.
+        if save_chunk is not None:
+            save_chunk(i)
+        recorder.summary({**(summary_extra or {}), "protocol": "individual", "criterion": criterion.name,
+                          "threshold": criterion.threshold, "chunks": [o.as_dict() for o in outcomes]})
+    return outcomes

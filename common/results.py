@@ -1,0 +1,126 @@
+"""Run outputs (SPEC 8): resolved config, one JSON line per validation, summary, log.
+
+Only the main process writes. Whole files are written under a temporary name
+and renamed, so a crash never leaves a half-written JSON a later reader trusts;
+JSON lines are appended and flushed to disk one line at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from typing import Iterable, Optional
+
+CONFIG_FILE = "config.json"
+VALIDATIONS_FILE = "validations.jsonl"
+SUMMARY_FILE = "summary.json"
+
+LIBRARIES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "datasets",
+             "open_clip_torch", "numpy", "pillow", "safetensors", "timm")
+
+
+def library_versions(names: Iterable[str] = LIBRARIES) -> dict:
+    """Installed versions of the libraries that decide the numbers (None when absent)."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a file under a temporary name in the same directory, fsync, then rename over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Atomic JSON dump (indented, keys in insertion order)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line and push it to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list:
+    """All complete records of a JSON-lines file (a torn last line is ignored)."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def score_stats(scores) -> dict:
+    """min / max / mean of a list of per-image scores."""
+    scores = [float(s) for s in scores]
+    return {"min": min(scores), "max": max(scores), "mean": sum(scores) / len(scores), "n": len(scores)}
+
+
+class RunRecorder:
+    """Writes one run's machine-readable outputs into its output directory (main process only)."""
+
+    def __init__(self, output_dir: str, is_main: bool, log_file: Optional[str] = None, logger_name: str = "revival"):
+        self.output_dir = output_dir
+        self.is_main = is_main
+        self.logger = logging.getLogger(logger_name)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        if is_main:
+            os.makedirs(output_dir, exist_ok=True)
+            fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+            handlers = [logging.StreamHandler(sys.stdout),
+                        logging.FileHandler(log_file or os.path.join(output_dir, "log.txt"))]
+            for h in handlers:
+                h.setFormatter(fmt)
+                self.logger.addHandler(h)
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            self.logger.info(message)
+
+    def write_config(self, config: dict) -> None:
+        if self.is_main:
+            atomic_write_json(os.path.join(self.output_dir, CONFIG_FILE),
+                              {**config, "library_versions": library_versions()})
+
+    def validation(self, record: dict) -> None:
+        if self.is_main:
+            append_jsonl(os.path.join(self.output_dir, VALIDATIONS_FILE), record)
+
+    def summary(self, summary: dict) -> None:
+        if self.is_main:
+            atomic_write_json(os.path.join(self.output_dir, SUMMARY_FILE), summary)
+
+    def close(self) -> None:
+        for h in list(self.logger.handlers):
+            h.close()
+            self.logger.removeHandler(h)

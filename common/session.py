@@ -1,0 +1,117 @@
+"""Wiring of one fine-tuning run: accelerator, model parts, data, trainer, validator, outputs.
+
+Shared by the individual and sequential scripts so that each script's body is
+its protocol and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .curriculum import chunk_ranges
+from .data import ImageTransform, load_training_data
+from .encoding import OnlineEncoder
+from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
+from .protocol import Criterion, ValidationConfig, Validator
+from .results import RunRecorder
+from .training import ChunkTrainer, TrainConfig
+from .validation import build_pipeline
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the fine-tuning images come from and how they are prepared."""
+
+    train_data_dir: Optional[str]
+    dataset_name: Optional[str]
+    caption_column: str = "prompt"
+    image_column: str = "image"
+    dataset_config_name: Optional[str] = None
+    cache_dir: Optional[str] = None
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+
+
+@dataclass
+class Run:
+    accelerator: object
+    parts: SDParts
+    dataset: object
+    chunk_rows: dict
+    trainer: ChunkTrainer
+    validator: Validator
+    recorder: RunRecorder
+    weight_dtype: torch.dtype
+
+    def save_pipeline(self, path: str) -> None:
+        """Save the current UNet (and EMA copy) as a full pipeline; main process only, others wait."""
+        from .models import save_pipeline
+
+        acc = self.accelerator
+        if acc.is_main_process:
+            save_pipeline(self.parts, acc.unwrap_model(self.trainer.unet), path,
+                          ema=self.trainer.ema, trainable=self.trainer.trainable)
+        acc.wait_for_everyone()
+
+
+def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False):
+    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    requested = requested_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    mixed = effective_mixed_precision(requested, warn=int(os.environ.get("RANK", "0")) == 0)
+    if allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    project = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, logging_dir))
+    return Accelerator(mixed_precision=mixed, project_config=project, cpu=not torch.cuda.is_available())
+
+
+def open_run(
+    *,
+    model_path: str,
+    revision: Optional[str],
+    variant: Optional[str],
+    requested_precision: Optional[str],
+    allow_tf32: bool,
+    output_dir: str,
+    logging_dir: str,
+    log_file: Optional[str],
+    bounds: Sequence[int],
+    data: DataConfig,
+    train: TrainConfig,
+    horizon_epochs: int,
+    validation: ValidationConfig,
+    make_criteria: Callable[[torch.device], List[Criterion]],
+    config_record: dict,
+) -> Run:
+    """Build everything a protocol needs, in the order that fails fastest."""
+    acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32)
+    recorder = RunRecorder(output_dir, acc.is_main_process, log_file)
+    weight_dtype = weight_dtype_for(acc.mixed_precision)
+    # Data before models: a bad dataset should not cost a model load.
+    dataset = load_training_data(data.train_data_dir, data.dataset_name, data.caption_column, data.image_column,
+                                 data.dataset_config_name, data.cache_dir)
+    from .curriculum import check_against_dataset
+
+    check_against_dataset(bounds, len(dataset))
+    chunk_rows = dict(enumerate(chunk_ranges(bounds)))
+    parts = load_sd_parts(model_path, revision, variant)
+    parts.text_encoder.to(acc.device, dtype=weight_dtype)
+    parts.vae.to(acc.device, dtype=weight_dtype)
+    transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
+    encoder = OnlineEncoder(parts, transform, acc.device, weight_dtype)
+    largest = max(b - a for a, b in chunk_rows.values())
+    per_epoch = -(-largest // (train.train_batch_size * train.gradient_accumulation_steps * acc.num_processes))
+    trainer = ChunkTrainer(acc, parts, encoder, train, horizon_updates=per_epoch * horizon_epochs)
+    pipe = build_pipeline(parts, acc.unwrap_model(trainer.unet))
+    validator = Validator(acc, pipe, validation, make_criteria(acc.device))
+    recorder.write_config({**config_record, "num_processes": acc.num_processes,
+                           "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+                           "scored_weights": "trained UNet (not EMA)"})
+    return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder, weight_dtype)

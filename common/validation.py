@@ -1,0 +1,84 @@
+"""Validation image generation: one routine for the whole toolkit (SPEC 6).
+
+Image j of prompt k is drawn from its own CPU generator seeded by
+(seed, k, j), so it does not depend on batch size, order or the number of
+processes; prompts are split across processes and results gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int = 0) -> int:
+    """A 63-bit seed for image ``image_index`` of prompt ``prompt_index``, from the run seed."""
+    state = np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def shard(items: Sequence, num_processes: int, process_index: int) -> list:
+    """This process's share of ``items`` (strided, so shares differ in size by at most one)."""
+    return list(items[process_index::num_processes])
+
+
+def build_pipeline(parts, unet):
+    """A StableDiffusionPipeline around the (trained) UNet and the frozen parts, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=parts.inference_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 7.5,
+    resolution: Optional[int] = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: bool = False,
+    desc: str = "generating",
+) -> List:
+    """Generate one PIL image per (prompt, seed) pair, ``batch_size`` at a time."""
+    assert len(prompts) == len(seeds)
+    images = []
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    try:
+        for b in range(0, len(prompts), batch_size):
+            batch_prompts = list(prompts[b : b + batch_size])
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + batch_size]]
+            with autocast():
+                out = pipe(
+                    batch_prompts,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    height=resolution,
+                    width=resolution,
+                )
+            images.extend(out.images)
+            bar.update(len(batch_prompts))
+    finally:
+        bar.close()
+        pipe.unet.train(was_training)
+    return images

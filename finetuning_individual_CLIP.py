@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Individual protocol with the CLIP criterion (SPEC 4).
+
+For each curriculum chunk, fine-tune the unlearned UNet from scratch and count
+the epochs until the mean CLIP cosine similarity of the validation images
+exceeds --clip_threshold (the concept has revived).
+
+    accelerate launch finetuning_individual_CLIP.py --pretrained_model_name_or_path=... \
+        --train_data_dir=... --curriculum="50,100" --clip_threshold=0.31 --validation_prompts=prompts.txt
+"""
+
+from common import cli, entry
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog="finetuning_individual_CLIP.py")
+    cli.add_model_args(parser)
+    cli.add_data_args(parser)
+    cli.add_training_args(parser)
+    cli.add_validation_args(parser)
+    cli.add_individual_args(parser)
+    cli.add_output_args(parser)
+    parser.add_argument("--clip_threshold", type=float, default=0.31,
+                        help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
+    args = parser.parse_args(argv)
+    args.script = "finetuning_individual_CLIP.py"
+    return cli.finish(parser, args, [
+        lambda a: cli.check_threshold(a.clip_threshold, "--clip_threshold", -1.0),
+        cli.validate_individual,
+        cli.validate_common,
+    ])
+
+
+def main(args):
+    return entry.individual(args, entry.clip_criterion(args.clip_model, args.clip_threshold))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,68 @@
+"""Tiny seeded models and data, built once per test session (SPEC 10)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tokenizer, tiny SD pipeline, tiny CLIP (as ./openai/clip-vit-base-patch32), 100-row dataset, prompts."""
+    from common import tiny
+
+    root = tmp_path_factory.mktemp("assets")
+    tok = tiny.write_clip_tokenizer(str(root / "tokenizer"))
+    sd = tiny.build_tiny_sd(str(root / "sd"), seed=0, resolution=RESOLUTION, tokenizer=tok)
+    clip = tiny.build_tiny_clip(str(root / "openai" / "clip-vit-base-patch32"), seed=1, image_size=RESOLUTION,
+                                tokenizer=tok)
+    data = tiny.shapes_dataset(str(root / "data"), [("red", "circle"), ("blue", "square")], per_concept=50,
+                               size=RESOLUTION, seed=0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\na green triangle\n")
+    return {"root": root, "sd": sd, "clip": clip, "data": data, "prompts": str(prompts), "tokenizer": tok}
+
+
+def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, env_extra=None):
+    """Run a top-level script through `accelerate launch` on CPU; return the CompletedProcess."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        cmd.append("--multi_gpu")
+    cmd += [str(ROOT / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def seed_flags(assets, out_dir, **over):
+    """The seed README's individual-script flag set, resolution lowered to the tiny model."""
+    flags = {
+        "--pretrained_model_name_or_path": assets["sd"], "--train_data_dir": assets["data"],
+        "--caption_column": "prompt", "--use_ema": None, "--resolution": RESOLUTION, "--center_crop": None,
+        "--random_flip": None, "--gradient_checkpointing": None, "--mixed_precision": "fp16",
+        "--learning_rate": "1e-05", "--max_grad_norm": 1, "--lr_scheduler": "constant", "--lr_warmup_steps": 0,
+        "--train_batch_size": 10, "--gradient_accumulation_steps": 1, "--curriculum": "50,100",
+        "--clip_threshold": 0.31, "--validation_prompts": assets["prompts"],
+        "--log_file": os.path.join(out_dir, "train.log"), "--save_model": "True", "--output_dir": out_dir,
+        "--num_inference_steps": 2,
+    }
+    flags.update(over)
+    out = []
+    for k, v in flags.items():
+        if v is False:
+            continue
+        out.append(k if v is None else f"{k}={v}")
+    return out
