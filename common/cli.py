@@ -154,7 +154,7 @@ def validate_common(args: argparse.Namespace) -> int:
     _require(not os.path.isfile(args.output_dir), f"--output_dir {args.output_dir}: is a file")
     if args.log_file:
         parent = os.path.dirname(os.path.abspath(args.log_file))
-        _require(os.path.isdir(parent), f"--log_file {args.log_file}: directory {parent} does not exist")
+        _require(not os.path.isfile(parent), f"--log_file {args.log_file}: {parent} is a file, not a directory")
         _require(not os.path.isdir(args.log_file), f"--log_file {args.log_file}: is a directory")
     check_pipeline_dir(args.pretrained_model_name_or_path)
     read_prompts(args.validation_prompts)

@@ -96,6 +96,8 @@ class RunRecorder:
         self.logger.propagate = False
         if is_main:
             os.makedirs(output_dir, exist_ok=True)
+            if log_file:
+                os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
             fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
             handlers = [logging.StreamHandler(sys.stdout),
                         logging.FileHandler(log_file or os.path.join(output_dir, "log.txt"))]

@@ -82,7 +82,7 @@ def build_tiny_sd(
     seed: int = 0,
     resolution: int = 32,
     unet_channels: Sequence[int] = (32, 64),
-    vae_channels: Sequence[int] = (16, 32),
+    vae_channels: Sequence[int] = (16, 32, 32),
     text_encoder=None,
     tokenizer=None,
     prediction_type: str = "epsilon",

@@ -1,0 +1,87 @@
+"""finetuning_individual_CLIP.py launched for real through `accelerate launch` on the tiny models."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, launch, seed_flags
+
+SCRIPT = "finetuning_individual_CLIP.py"
+
+
+def _records(out):
+    with open(os.path.join(out, "validations.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_threshold_minus_one_revives_every_chunk_at_epoch_0(assets, tmp_path):
+    out = str(tmp_path / "run")
+    proc = launch(SCRIPT, seed_flags(assets, out, **{"--clip_threshold": -1}), cwd=assets["root"])
+    _ok(proc)
+    # The seed README's fp16 on a CPU: one warning, then full precision.
+    assert proc.stderr.count("--mixed_precision fp16 needs CUDA") == 1
+    recs = _records(out)
+    assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["images_seen"], r["revived"]) for r in recs] == [
+        (0, 0, 5, 50, True), (1, 0, 5, 50, True)]
+    for r in recs:
+        assert len(r["scores"]) == 3 and r["threshold"] == -1
+        assert r["mean"] == pytest.approx(np.mean(r["scores"])) and r["min"] == min(r["scores"])
+    summary = _summary(out)
+    assert [(c["chunk"], c["rows"], c["revived"], c["revival_epoch"]) for c in summary["chunks"]] == [
+        (0, [0, 50], True, 0), (1, [50, 100], True, 0)]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["library_versions"]["diffusers"] and config["mixed_precision"] == "no"
+    assert config["args"]["save_model"] is True
+    assert "chunk 1 epoch 0" in open(os.path.join(out, "train.log")).read()
+    # Each chunk's pipeline loads and generates; EMA weights sit beside it.
+    from diffusers import StableDiffusionPipeline
+
+    for i in (0, 1):
+        path = os.path.join(out, f"curriculum-{i}")
+        assert os.path.isfile(os.path.join(path, "unet_ema", "config.json"))
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+        img = pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0]
+        assert img.size == (32, 32)
+    # Chunks restart from the unlearned weights, so the two pipelines differ from each other and from the base.
+    from safetensors.torch import load_file
+
+    w = [load_file(os.path.join(out, f"curriculum-{i}", "unet", "diffusion_pytorch_model.safetensors"))
+         for i in (0, 1)]
+    base = load_file(os.path.join(assets["sd"], "unet", "diffusion_pytorch_model.safetensors"))
+    key = "conv_in.weight"
+    assert not np.allclose(w[0][key], base[key]) and not np.allclose(w[0][key], w[1][key])
+
+
+def test_threshold_above_one_runs_to_the_epoch_cap(assets, tmp_path):
+    out = str(tmp_path / "run")
+    flags = seed_flags(assets, out, **{"--clip_threshold": 1.1, "--clip_epoch": 1, "--validation_epochs": 1,
+                                      "--start_CL": 1, "--end_CL": 2, "--save_model": "False"})
+    _ok(launch(SCRIPT, flags, cwd=assets["root"]))
+    recs = _records(out)
+    # SPEC 4: stop after the first epoch e > clip_epoch, i.e. epochs 0, 1, 2, validated each (validation_epochs 1).
+    assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["revived"]) for r in recs] == [
+        (1, 0, 5, False), (1, 1, 10, False), (1, 2, 15, False)]
+    (chunk,) = _summary(out)["chunks"]
+    assert chunk["revived"] is False and chunk["epochs_trained"] == 3 and chunk["optimizer_steps"] == 15
+    assert not any(name.startswith("curriculum-") for name in os.listdir(out))  # --save_model False
+
+
+def test_compat_reference_reproduces_single_step_epochs(assets, tmp_path):
+    out = str(tmp_path / "run")
+    flags = seed_flags(assets, out, **{"--clip_threshold": 1.1, "--clip_epoch": 2, "--validation_epochs": 1,
+                                      "--compat": "reference", "--save_model": "False"})
+    _ok(launch(SCRIPT, flags, cwd=assets["root"]))
+    steps = [(r["chunk"], r["epoch"], r["optimizer_steps"], r["images_seen"]) for r in _records(out)]
+    # 50 images, batch 10: 5 updates in epoch 0, then one update (the first batch) per epoch.
+    assert steps == [(c, e, s, n) for c in (0, 1) for e, s, n in [(0, 5, 50), (1, 6, 60), (2, 7, 70), (3, 8, 80)]]

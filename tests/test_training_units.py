@@ -1,0 +1,53 @@
+import argparse
+
+import pytest
+import torch
+
+from common.cli import str2bool
+from common.training import diffusion_loss, select_trainable
+
+
+class _Sched:
+    """Stand-in scheduler with alphas_cumprod for compute_snr."""
+
+    def __init__(self, prediction_type="epsilon"):
+        self.alphas_cumprod = torch.tensor([0.99, 0.5, 0.01])
+        self.config = argparse.Namespace(prediction_type=prediction_type)
+
+
+def test_plain_mse_and_min_snr_weights_by_hand():
+    pred = torch.zeros(2, 1, 1, 2)
+    target = torch.tensor([[[[1.0, 1.0]]], [[[2.0, 0.0]]]])  # per-sample MSE: 1.0 and 2.0
+    t = torch.tensor([0, 2])
+    assert float(diffusion_loss(pred, target, t, _Sched(), None)) == pytest.approx(1.5)
+    # snr = a/(1-a): 99 and 0.0101..; min(snr, 5)/snr: 5/99 and 1.
+    snr = [0.99 / 0.01, 0.01 / 0.99]
+    want = (1.0 * min(snr[0], 5) / snr[0] + 2.0 * min(snr[1], 5) / snr[1]) / 2
+    assert float(diffusion_loss(pred, target, t, _Sched(), 5.0)) == pytest.approx(want, rel=1e-5)
+    want_v = (1.0 * min(snr[0], 5) / (snr[0] + 1) + 2.0 * min(snr[1], 5) / (snr[1] + 1)) / 2
+    assert float(diffusion_loss(pred, target, t, _Sched("v_prediction"), 5.0)) == pytest.approx(want_v, rel=1e-5)
+    # Sample weights give a weighted sum (the cross-process share of a global batch).
+    w = torch.tensor([0.25, 0.25])
+    assert float(diffusion_loss(pred, target, t, _Sched(), None, w)) == pytest.approx(0.75)
+
+
+def test_xattn_selects_only_cross_attention(assets):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(assets["sd"], subfolder="unet")
+    names = [n for n, p in unet.named_parameters()]
+    chosen = select_trainable(unet, "xattn")
+    assert 0 < len(chosen) < len(names)
+    assert all(("attn2" in n) == p.requires_grad for n, p in unet.named_parameters())
+    assert len(select_trainable(unet, "full")) == len(names)
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("False", False), ("false", False), ("0", False),
+                                         ("yes", True), ("1", True)])
+def test_str2bool(text, value):
+    assert str2bool(text) is value
+
+
+def test_str2bool_rejects_garbage():
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool("maybe")
