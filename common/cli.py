@@ -12,6 +12,7 @@ import os
 from typing import Iterable, List, Optional
 
 from . import curriculum as cur
+from .classifier import DEFAULT_TIMM_ARCH, check_classifier
 from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
 from .errors import InputError
@@ -186,3 +187,27 @@ def check_threshold(value: float, flag: str, low: float) -> None:
     """Thresholds must be finite and not below the score's range; above it means 'never revived'."""
     _require(math.isfinite(value), f"{flag} {value}: must be a finite number")
     _require(value >= low, f"{flag} {value}: must be >= {low} (scores cannot be lower)")
+
+
+def add_classifier_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("concept classifier")
+    g.add_argument("--model_path", required=False, default=None,
+                   help="transformers image-classification directory, or a timm state dict with --theme <style>"
+                   + ("" if required else " (omit to run CLIP only)"))
+    g.add_argument("--theme", nargs="?", const="style", default="",
+                   help="'' objects/celebrities (transformers classifier); a style name or bare --theme: timm "
+                        "style classifier; Nudity: NudeNet")
+    g.add_argument("--concept_index", type=int, default=1, help="class index of the concept (default 1)")
+    g.add_argument("--classifier_processor", default=None,
+                   help="image processor directory/id (default: the classifier's own, else the reference's id)")
+    g.add_argument("--timm_arch", default=DEFAULT_TIMM_ARCH, help="timm architecture of a style classifier")
+
+
+def validate_classifier(args: argparse.Namespace, required: bool) -> None:
+    """The classifier exists and matches its theme."""
+    _require(args.concept_index >= 0, f"--concept_index {args.concept_index}: must be >= 0")
+    if args.model_path is None and (args.theme or "").lower() != "nudity":
+        _require(not required, "--model_path: a classifier is required for this script")
+        _require(not args.theme, f"--theme {args.theme!r} needs --model_path (the style classifier)")
+        return
+    check_classifier(args.model_path, args.theme, processor=args.classifier_processor)

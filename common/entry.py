@@ -9,9 +9,10 @@ from typing import Callable, List
 import torch
 
 from . import curriculum as cur
+from .classifier import ConceptClassifier
 from .clip_score import LOGIT_SCALE, ClipScorer
 from .data import read_prompts
-from .protocol import Criterion, ValidationConfig, run_individual
+from .protocol import Criterion, ValidationConfig, run_individual, run_sequential
 from .session import DataConfig, open_run
 from .training import TrainConfig
 
@@ -58,18 +59,34 @@ def clip_criterion(clip_model: str, threshold: float) -> Callable[[torch.device]
     return make
 
 
-def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
-    """Run SPEC 4's individual protocol with the given criterion."""
-    bounds = cur.parse_curriculum(args.curriculum)
-    chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
-    run = open_run(
+def classifier_criterion(args, threshold: float) -> Callable[[torch.device], List[Criterion]]:
+    """The classifier criterion (accuracy >= threshold)."""
+
+    def make(device):
+        clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index,
+                                args.classifier_processor, args.timm_arch)
+        return [Criterion("classifier", threshold, clf.score,
+                          scale=f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept)")]
+
+    return make
+
+
+def _open(args, bounds, horizon_epochs, make_criteria, protocol):
+    return open_run(
         model_path=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         requested_precision=args.mixed_precision, allow_tf32=args.allow_tf32, output_dir=args.output_dir,
         logging_dir=args.logging_dir, log_file=args.log_file, bounds=bounds, data=data_config(args),
         train=train_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
-        horizon_epochs=args.clip_epoch + 2, validation=validation_config(args), make_criteria=make_criteria,
-        config_record={"script": args.script, "protocol": "individual", "args": vars(args)},
+        horizon_epochs=horizon_epochs, validation=validation_config(args), make_criteria=make_criteria,
+        config_record={"script": args.script, "protocol": protocol, "args": vars(args)},
     )
+
+
+def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
+    """Run SPEC 4's individual protocol with the given criterion."""
+    bounds = cur.parse_curriculum(args.curriculum)
+    chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
+    run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual")
     criterion = run.validator.criteria[0]
     save = (lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}"))) if args.save_model else None
     try:
@@ -86,3 +103,46 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
         run.accelerator.end_training()
         run.recorder.close()
     return outcomes
+
+
+def sequential_epochs(args, chunks) -> dict:
+    """Epochs per chunk: --chunk_epochs "8,8,4,..." (one per curriculum chunk) or --num_train_epochs for all."""
+    if args.chunk_epochs:
+        values = [int(v) for v in args.chunk_epochs.split(",")]
+        return {i: values[i] for i in chunks}
+    return {i: args.num_train_epochs for i in chunks}
+
+
+def sequential(args: argparse.Namespace) -> dict:
+    """Run SPEC 5's sequential protocol with CLIP and (when given) the classifier."""
+    bounds = cur.parse_curriculum(args.curriculum)
+    chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
+    epochs = sequential_epochs(args, chunks)
+    checkpoints = cur.parse_chunk_list(args.curriculum_checkpoints, len(bounds), "--curriculum_checkpoints")
+    makers = [clip_criterion(args.clip_model, args.clip_threshold)]
+    with_classifier = args.model_path is not None or (args.theme or "").lower() == "nudity"
+    if with_classifier:
+        makers.append(classifier_criterion(args, args.bc_threshold))
+    run = _open(args, bounds, sum(epochs.values()),
+                lambda device: [c for make in makers for c in make(device)], "sequential")
+    if not with_classifier:
+        run.recorder.log("no --model_path given: running with the CLIP criterion only")
+    try:
+        summary = run_sequential(
+            trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks,
+            epochs_per_chunk=epochs, criteria=run.validator.criteria, validator=run.validator,
+            recorder=run.recorder, checkpoint_chunks=checkpoints,
+            save_chunk=lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}")),
+            stop_at_revival=args.stop_at_revival,
+            summary_extra={"script": args.script, "num_processes": run.accelerator.num_processes,
+                           "epochs_per_chunk": epochs, "classifier": with_classifier},
+        )
+        # The final pipeline (EMA weights under --use_ema) in the output directory itself.
+        run.save_pipeline(args.output_dir, ema_as_unet=args.use_ema)
+        for name, point in summary["revival_point"].items():
+            run.recorder.log(f"Revival Point ({name}): " + (f"chunk {point['chunk']}, {point['images_seen']} images"
+                                                           if point else "not reached"))
+    finally:
+        run.accelerator.end_training()
+        run.recorder.close()
+    return summary

@@ -99,11 +99,18 @@ def load_sd_parts(path: str, revision: Optional[str] = None, variant: Optional[s
     return SDParts(tokenizer, text_encoder, vae, unet.float(), noise_scheduler, inference_scheduler)
 
 
-def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, trainable=None) -> None:
-    """Save a loadable StableDiffusionPipeline (trained UNet) to ``path`` atomically; EMA weights go to ``unet_ema/``.
+def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, trainable=None,
+                  ema_as_unet: bool = False) -> None:
+    """Save a loadable StableDiffusionPipeline to ``path`` atomically.
 
-    Written into a temporary sibling directory and renamed, so ``path`` is
-    either the previous complete pipeline or the new complete one.
+    The trained UNet goes to ``unet/`` and its EMA copy to ``unet_ema/``; with
+    ``ema_as_unet`` the EMA weights are the pipeline's UNet (and the trained
+    weights go to ``unet_trained/``).
+
+    Written into a temporary sibling directory and renamed. Into an existing
+    directory (a run's output directory) each part is renamed into place and
+    model_index.json last, so a pipeline directory with model_index.json is
+    complete.
     """
     import shutil
     import tempfile
@@ -114,23 +121,40 @@ def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, tr
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        pipe = build_pipeline(parts, unet)
-        # Frozen parts may sit in fp16 for training; save them as loaded (fp32 copies of fp16 lose nothing).
-        pipe.save_pretrained(tmp)
+        build_pipeline(parts, unet).save_pretrained(tmp)
         if ema is not None:
+            if ema_as_unet:
+                os.replace(os.path.join(tmp, "unet"), os.path.join(tmp, "unet_trained"))
             ema.store(trainable)
             ema.copy_to(trainable)
             try:
-                unet.save_pretrained(os.path.join(tmp, "unet_ema"))
+                unet.save_pretrained(os.path.join(tmp, "unet" if ema_as_unet else "unet_ema"))
             finally:
                 ema.restore(trainable)
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
+        if not os.path.exists(path):
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _install_entries(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _install_entries(src: str, dst: str) -> None:
+    """Move every entry of ``src`` into ``dst`` (replacing same-named ones), model_index.json last."""
+    import shutil
+
+    names = sorted(os.listdir(src), key=lambda n: n == "model_index.json")
+    if os.path.exists(os.path.join(dst, "model_index.json")):
+        os.unlink(os.path.join(dst, "model_index.json"))  # incomplete until the new one lands
+    for name in names:
+        target = os.path.join(dst, name)
+        if os.path.isdir(target):
+            trash = target + ".old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(target, trash)
+            os.replace(os.path.join(src, name), target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(os.path.join(src, name), target)
+    shutil.rmtree(src, ignore_errors=True)

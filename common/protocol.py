@@ -154,3 +154,71 @@ def run_individual(
         recorder.summary({**(summary_extra or {}), "protocol": "individual", "criterion": criterion.name,
                           "threshold": criterion.threshold, "chunks": [o.as_dict() for o in outcomes]})
     return outcomes
+
+
+def run_sequential(
+    *,
+    trainer,
+    dataset,
+    chunk_rows: Dict[int, Tuple[int, int]],
+    chunks: Sequence[int],
+    epochs_per_chunk: Dict[int, int],
+    criteria: Sequence[Criterion],
+    validator: Validator,
+    recorder: RunRecorder,
+    checkpoint_chunks: Sequence[int] = (),
+    save_chunk: Optional[Callable[[int], None]] = None,
+    stop_at_revival: bool = False,
+    summary_extra: Optional[dict] = None,
+) -> dict:
+    """SPEC 5: train chunk after chunk with no reset; after each, score under every criterion.
+
+    A criterion's Revival Point is the first chunk after which it is met,
+    reported as chunk index and as images seen (the chunk's cumulative
+    boundary c(i)).
+    """
+    revival = {c.name: None for c in criteria}
+    per_chunk = []
+    steps = images = 0
+    # Phase 1: start from the unlearned UNet with a fresh optimizer, LR schedule and EMA, once.
+    trainer.reset_chunk(chunks[0])
+    for i in chunks:
+        rows = chunk_rows[i]
+        trainer.begin_chunk(i)
+        # Phase 2: num_train_epochs passes over chunk i, no reset.
+        for epoch in range(epochs_per_chunk[i]):
+            stats = trainer.train_epoch(dataset, rows, i, epoch)
+            steps += stats["updates"]
+            images += stats["images"]
+            recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
+        # Phase 3: generate once, score under every criterion.
+        t0 = time.perf_counter()
+        scores = validator(f"chunk{i}")
+        wall = round(time.perf_counter() - t0, 3)
+        entry = {"chunk": i, "images_seen": rows[1], "training_images": images, "optimizer_steps": steps}
+        for c in criteria:
+            st = score_stats(scores[c.name])
+            met = c.met(st["mean"])
+            if met and revival[c.name] is None:
+                revival[c.name] = {"chunk": i, "images_seen": rows[1]}
+            recorder.validation({
+                "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": steps, "images_seen": rows[1],
+                "training_images": images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
+                "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
+                "revived": met, "wall_s": wall,
+            })
+            recorder.log(f"after chunk {i} ({rows[1]} images): {c.name} mean {st['mean']:.4f} "
+                         f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
+            entry[c.name] = {"mean": st["mean"], "revived": met}
+        per_chunk.append(entry)
+        # Phase 4: keep the requested curriculum checkpoints.
+        if save_chunk is not None and i in checkpoint_chunks:
+            save_chunk(i)
+        summary = {**(summary_extra or {}), "protocol": "sequential",
+                   "criteria": {c.name: c.threshold for c in criteria}, "revival_point": revival,
+                   "chunks": per_chunk}
+        recorder.summary(summary)
+        if stop_at_revival and all(v is not None for v in revival.values()):
+            recorder.log(f"every criterion met by chunk {i}; stopping (--stop_at_revival)")
+            break
+    return summary

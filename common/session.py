@@ -48,14 +48,14 @@ class Run:
     recorder: RunRecorder
     weight_dtype: torch.dtype
 
-    def save_pipeline(self, path: str) -> None:
+    def save_pipeline(self, path: str, ema_as_unet: bool = False) -> None:
         """Save the current UNet (and EMA copy) as a full pipeline; main process only, others wait."""
         from .models import save_pipeline
 
         acc = self.accelerator
         if acc.is_main_process:
-            save_pipeline(self.parts, acc.unwrap_model(self.trainer.unet), path,
-                          ema=self.trainer.ema, trainable=self.trainer.trainable)
+            save_pipeline(self.parts, acc.unwrap_model(self.trainer.unet), path, ema=self.trainer.ema,
+                          trainable=self.trainer.trainable, ema_as_unet=ema_as_unet)
         acc.wait_for_everyone()
 
 

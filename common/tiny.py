@@ -224,3 +224,43 @@ def shapes_dataset(out_dir: str, concepts: Sequence[Tuple[str, str]], per_concep
         for _ in range(per_concept)
     ]
     return write_caption_folder(out_dir, rows)
+
+
+def build_tiny_vit_classifier(out_dir: str, seed: int = 0, image_size: int = 32, concept_colour: str = "red",
+                              train_steps: int = 80) -> str:
+    """Save a tiny transformers ViTForImageClassification taught (seeded, seconds) that class 1 = ``concept_colour``."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=2,
+                       id2label={0: "other", 1: concept_colour}, label2id={"other": 0, concept_colour: 1})
+    model = ViTForImageClassification(config)
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(train_steps):
+        # Half the batch shows the concept colour, half any other colour.
+        labels = torch.tensor([i % 2 for i in range(32)])
+        picks = [concept_colour if y else rng.choice([c for c in colours if c != concept_colour]) for y in labels]
+        images = [draw_shape(rng.choice(SHAPES), c, image_size, rng) for c in picks]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_timm_classifier(path: str, seed: int = 0, arch: str = "vit_tiny_patch16_224") -> str:
+    """Save a randomly initialised (seeded) timm model with a 2-class head as a safetensors state dict."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path

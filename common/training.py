@@ -181,6 +181,10 @@ class ChunkTrainer:
             self.raw_optimizer.zero_grad(set_to_none=True)
             self._new_schedule()
             self._new_ema()
+        self.begin_chunk(chunk)
+
+    def begin_chunk(self, chunk: int) -> None:
+        """Seed this chunk's noise and timestep draws (weights and optimizer untouched)."""
         # Noise and timesteps per (seed, process, chunk): a chunk trains the same
         # whether it runs alone (--start_CL) or after others.
         seed = np.random.SeedSequence([self.cfg.seed, self.accelerator.process_index, chunk]).generate_state(1)[0]

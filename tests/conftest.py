@@ -31,9 +31,12 @@ def assets(tmp_path_factory):
                                 tokenizer=tok)
     data = tiny.shapes_dataset(str(root / "data"), [("red", "circle"), ("blue", "square")], per_concept=50,
                                size=RESOLUTION, seed=0)
+    vit = tiny.build_tiny_vit_classifier(str(root / "classifier"), seed=2, image_size=RESOLUTION)
+    timm_sd = tiny.build_tiny_timm_classifier(str(root / "style.safetensors"), seed=3)
     prompts = root / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\na green triangle\n")
-    return {"root": root, "sd": sd, "clip": clip, "data": data, "prompts": str(prompts), "tokenizer": tok}
+    return {"root": root, "sd": sd, "clip": clip, "data": data, "prompts": str(prompts), "tokenizer": tok,
+            "classifier": vit, "timm": timm_sd}
 
 
 def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, env_extra=None):

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Evaluate checkpoints on an erased concept (SPEC 7): CLIP score and classifier accuracy.
+
+    python eval_model.py RUN_DIR,OTHER_MODEL CLASSIFIER_DIR "golf ball" --prompt_file prompts.txt --curr
+
+For each checkpoint (and with --curr each curriculum-* folder of a run), N
+images per prompt are generated from seeds (seed, prompt, image), saved as PNG
+in a folder of their own, and scored; results go to OUTPUT_DIR/results.jsonl
+and results.csv and are printed as a table.
+"""
+
+import os
+
+import torch
+
+from common import cli
+from common.clip_score import DEFAULT_CLIP, ClipScorer, check_clip_spec
+from common.data import read_prompts
+from common.errors import InputError, exit_on_input_error
+from common.evaluation import checkpoint_label, evaluate_checkpoint, find_checkpoints, format_table, write_results
+
+PROG = "eval_model.py"
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog=PROG)
+    parser.add_argument("model_paths", help="comma-separated diffusers pipeline directories (or run directories with --curr)")
+    parser.add_argument("eval_model_path", help="concept classifier (directory, or state dict with --theme); '' or 'none' for CLIP only")
+    parser.add_argument("concept", help="the erased concept, e.g. 'golf ball' (recorded with the results)")
+    parser.add_argument("--prompt_file", required=True, help="one prompt per non-empty line")
+    parser.add_argument("--theme", nargs="?", const="style", default="")
+    parser.add_argument("--curr", action="store_true", help="also evaluate each path's curriculum-* subfolders")
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is absent)")
+    parser.add_argument("--images_per_prompt", type=int, default=5)
+    parser.add_argument("--output_dir", default="eval_results")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip_model", default=DEFAULT_CLIP)
+    parser.add_argument("--batch_size", type=int, default=10, help="images per generation batch")
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--concept_index", type=int, default=1)
+    parser.add_argument("--classifier_processor", default=None)
+    parser.add_argument("--timm_arch", default=None)
+    args = parser.parse_args(argv)
+    with exit_on_input_error(PROG):
+        for flag, value, low in (("--images_per_prompt", args.images_per_prompt, 1), ("--batch_size", args.batch_size, 1),
+                                 ("--num_inference_steps", args.num_inference_steps, 1), ("--gpu", args.gpu, 0)):
+            if value < low:
+                raise InputError(f"{flag} {value}: must be >= {low}")
+        if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+            raise InputError(f"--resolution {args.resolution}: must be a positive multiple of 8")
+        args.prompts = read_prompts(args.prompt_file, "--prompt_file")
+        args.checkpoints = find_checkpoints([p for p in args.model_paths.split(",") if p.strip()], args.curr)
+        check_clip_spec(args.clip_model)
+        args.classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
+        if args.classifier or args.theme.lower() == "nudity":
+            from common.classifier import DEFAULT_TIMM_ARCH, check_classifier
+
+            args.timm_arch = args.timm_arch or DEFAULT_TIMM_ARCH
+            check_classifier(args.classifier, args.theme, flag="EVAL_MODEL_PATH", processor=args.classifier_processor)
+        if os.path.isfile(args.output_dir):
+            raise InputError(f"--output_dir {args.output_dir}: is a file")
+    return args
+
+
+def main(args):
+    # Phase 1: device and scorers, loaded once for every checkpoint.
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{args.gpu}" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    clip = ClipScorer(args.clip_model, device)
+    classifier = None
+    if args.classifier or args.theme.lower() == "nudity":
+        from common.classifier import ConceptClassifier
+
+        classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
+                                       args.classifier_processor, args.timm_arch)
+    os.makedirs(args.output_dir, exist_ok=True)
+    # Phase 2: every checkpoint, its images in a folder of its own.
+    rows = []
+    for n, path in enumerate(args.checkpoints):
+        image_dir = os.path.join(args.output_dir, "images", f"{n:03d}-" + checkpoint_label(path).replace("/", "__"))
+        rows.append(evaluate_checkpoint(
+            path, args.prompts, args.concept, clip, classifier, args.images_per_prompt, args.seed, args.batch_size,
+            args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype))
+        write_results(args.output_dir, rows)  # partial results survive an interruption
+    # Phase 3: the table.
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

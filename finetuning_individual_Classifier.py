@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Individual protocol with the classifier criterion (SPEC 4).
+
+Same protocol as finetuning_individual_CLIP.py; a chunk has revived when the
+share of validation images the concept classifier puts in the concept class
+reaches --bc_threshold.
+
+    accelerate launch finetuning_individual_Classifier.py --pretrained_model_name_or_path=... \
+        --train_data_dir=... --curriculum="50,100" --bc_threshold=0.3 --model_path=classifier/ \
+        --validation_prompts=prompts.txt
+"""
+
+from common import cli, entry
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog="finetuning_individual_Classifier.py")
+    cli.add_model_args(parser)
+    cli.add_data_args(parser)
+    cli.add_training_args(parser)
+    cli.add_validation_args(parser, clip=False)
+    cli.add_individual_args(parser)
+    cli.add_output_args(parser)
+    cli.add_classifier_args(parser, required=True)
+    parser.add_argument("--bc_threshold", type=float, default=0.3,
+                        help="revived when classifier accuracy >= this (0..1); the paper uses 0.3")
+    args = parser.parse_args(argv)
+    args.script = "finetuning_individual_Classifier.py"
+    return cli.finish(parser, args, [
+        lambda a: cli.check_threshold(a.bc_threshold, "--bc_threshold", 0.0),
+        cli.validate_individual,
+        cli.validate_common,
+        lambda a: cli.validate_classifier(a, required=True),
+    ])
+
+
+def main(args):
+    return entry.individual(args, entry.classifier_criterion(args, args.bc_threshold))
+
+
+if __name__ == "__main__":
+    main(parse_args())

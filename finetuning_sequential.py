@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Sequential protocol: Revival Points under CLIP and the classifier (SPEC 5).
+
+Fine-tune the unlearned UNet on chunk 0, then chunk 1, ... with no reset,
+--num_train_epochs epochs each; after every chunk score the validation images
+with CLIP and the classifier. The first chunk after which a criterion is met is
+its Revival Point (chunk index and images seen).
+
+    accelerate launch finetuning_sequential.py --pretrained_model_name_or_path=... \
+        --train_data_dir=... --curriculum="50,100,150" --num_train_epochs=8 \
+        --curriculum_checkpoints="1" --model_path=classifier/ --validation_prompts=prompts.txt
+"""
+
+from common import cli, entry
+from common.errors import InputError
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog="finetuning_sequential.py")
+    cli.add_model_args(parser)
+    cli.add_data_args(parser)
+    cli.add_training_args(parser)
+    cli.add_validation_args(parser)
+    cli.add_output_args(parser)
+    cli.add_classifier_args(parser, required=False)
+    g = parser.add_argument_group("sequential protocol")
+    g.add_argument("--num_train_epochs", type=int, default=8, help="epochs per chunk (the paper: 8)")
+    g.add_argument("--chunk_epochs", default=None, help="epochs of each chunk, e.g. '8,8,4' (overrides the above)")
+    g.add_argument("--curriculum_checkpoints", default="", help="chunks after which to save curriculum-{i}, e.g. '4,7'")
+    g.add_argument("--clip_threshold", type=float, default=0.31, help="CLIP cosine (0..1) criterion: mean > this")
+    g.add_argument("--bc_threshold", type=float, default=0.3, help="classifier criterion: accuracy >= this")
+    g.add_argument("--stop_at_revival", action="store_true", help="stop once every criterion has revived")
+    args = parser.parse_args(argv)
+    args.script = "finetuning_sequential.py"
+    return cli.finish(parser, args, [
+        lambda a: cli.check_threshold(a.clip_threshold, "--clip_threshold", -1.0),
+        lambda a: cli.check_threshold(a.bc_threshold, "--bc_threshold", 0.0),
+        _check_epochs,
+        cli.validate_common,
+        lambda a: cli.validate_classifier(a, required=False),
+    ])
+
+
+def _check_epochs(args) -> None:
+    from common import curriculum as cur
+
+    if args.num_train_epochs < 1:
+        raise InputError(f"--num_train_epochs {args.num_train_epochs}: must be at least 1")
+    n = len(cur.parse_curriculum(args.curriculum))
+    if args.chunk_epochs:
+        try:
+            values = [int(v) for v in args.chunk_epochs.split(",")]
+        except ValueError:
+            raise InputError(f"--chunk_epochs {args.chunk_epochs!r}: expected comma-separated integers") from None
+        if len(values) != n or min(values) < 1:
+            raise InputError(f"--chunk_epochs {args.chunk_epochs!r}: need {n} positive integers, one per chunk")
+    cur.parse_chunk_list(args.curriculum_checkpoints, n, "--curriculum_checkpoints")
+
+
+def main(args):
+    return entry.sequential(args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

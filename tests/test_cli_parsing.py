@@ -1,0 +1,56 @@
+"""Flag parsing of the individual CLIP script, in process: real booleans and one-line errors."""
+
+import importlib
+import os
+
+import pytest
+
+from conftest import seed_flags
+
+clip_script = importlib.import_module("finetuning_individual_CLIP")
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("False", False)])
+def test_save_model_is_a_real_boolean(assets, tmp_path, text, value):
+    args = clip_script.parse_args(seed_flags(assets, str(tmp_path / "o"), **{"--save_model": text}))
+    assert args.save_model is value
+
+
+def test_seed_readme_flags_parse(assets, tmp_path):
+    args = clip_script.parse_args(seed_flags(assets, str(tmp_path / "o")))
+    assert args.curriculum == "50,100" and args.use_ema and args.center_crop and args.random_flip
+    assert args.clip_threshold == 0.31 and args.clip_epoch == 89 and args.validation_epochs == 2
+    assert args.clip_model == "openai/clip-vit-base-patch32"
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"--curriculum": "50,40"}, "strictly increasing"),
+    ({"--curriculum": "50,101"}, "only 100 rows"),
+    ({"--start_CL": 2}, "--start_CL 2"),
+    ({"--save_model": "perhaps"}, "--save_model"),
+    ({"--clip_threshold": "nan"}, "--clip_threshold"),
+    ({"--validation_epochs": 0}, "--validation_epochs"),
+    ({"--resolution": 30}, "--resolution 30"),
+    ({"--caption_column": "text"}, "--caption_column 'text'"),
+    ({"--clip_model": "./nowhere/clip"}, "--clip_model ./nowhere/clip: no such directory"),
+])
+def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, over, message):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        clip_script.parse_args(seed_flags(assets, str(out), **over))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_model_directory_missing_a_part(assets, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "sd"
+    shutil.copytree(assets["sd"], broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(SystemExit):
+        clip_script.parse_args(seed_flags(assets, str(tmp_path / "o"),
+                                          **{"--pretrained_model_name_or_path": str(broken)}))
+    assert "missing subfolder(s) vae" in capsys.readouterr().err

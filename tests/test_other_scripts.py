@@ -1,0 +1,118 @@
+"""The classifier, sequential and evaluation scripts, launched for real on the tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, launch, seed_flags
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
+
+
+def _classifier_flags(assets, out, **over):
+    flags = seed_flags(assets, out, **{"--clip_threshold": False, "--model_path": assets["classifier"], **over})
+    return flags
+
+
+@pytest.fixture(scope="module")
+def classifier_run(assets, tmp_path_factory):
+    """--bc_threshold 0: both chunks revive at the first validation; pipelines saved for eval_model."""
+    out = str(tmp_path_factory.mktemp("clf") / "run")
+    proc = launch("finetuning_individual_Classifier.py",
+                  _classifier_flags(assets, out, **{"--bc_threshold": 0}), cwd=assets["root"])
+    _ok(proc)
+    return out
+
+
+def test_classifier_threshold_zero_stops_after_first_validation(classifier_run):
+    recs = _records(classifier_run)
+    assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["revived"], r["criterion"]) for r in recs] == [
+        (0, 0, 5, True, "classifier"), (1, 0, 5, True, "classifier")]
+    assert all(set(r["scores"]) <= {0.0, 1.0} and len(r["scores"]) == 3 for r in recs)
+    assert "accuracy" in recs[0]["scale"]
+
+
+def test_classifier_threshold_above_one_runs_to_the_cap(assets, tmp_path):
+    out = str(tmp_path / "run")
+    flags = _classifier_flags(assets, out, **{"--bc_threshold": 1.5, "--clip_epoch": 0, "--validation_epochs": 1,
+                                              "--end_CL": 1, "--save_model": "False"})
+    _ok(launch("finetuning_individual_Classifier.py", flags, cwd=assets["root"]))
+    assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["revived"]) for r in _records(out)] == [
+        (0, 0, 5, False), (0, 1, 10, False)]
+
+
+def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
+    out = str(tmp_path / "seq")
+    flags = seed_flags(assets, out, **{"--num_train_epochs": 1, "--curriculum_checkpoints": "0",
+                                      "--model_path": assets["classifier"], "--clip_threshold": 1.1,
+                                      "--bc_threshold": 0, "--save_model": False})
+    _ok(launch("finetuning_sequential.py", flags, cwd=assets["root"]))
+    recs = _records(out)
+    assert [(r["chunk"], r["criterion"], r["optimizer_steps"], r["images_seen"]) for r in recs] == [
+        (0, "clip", 5, 50), (0, "classifier", 5, 50), (1, "clip", 10, 100), (1, "classifier", 10, 100)]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    # Revival Points agree with the per-chunk decisions: the first chunk whose score met the criterion.
+    for name in ("clip", "classifier"):
+        met = [r for r in recs if r["criterion"] == name and r["revived"]]
+        want = {"chunk": met[0]["chunk"], "images_seen": met[0]["images_seen"]} if met else None
+        assert summary["revival_point"][name] == want
+    assert summary["revival_point"] == {"clip": None, "classifier": {"chunk": 0, "images_seen": 50}}
+    # Exactly the requested curriculum checkpoint, and the final pipeline (EMA weights) in the output dir.
+    assert sorted(d for d in os.listdir(out) if d.startswith("curriculum-")) == ["curriculum-0"]
+    assert os.path.isdir(os.path.join(out, "unet_trained"))
+    from diffusers import StableDiffusionPipeline
+
+    for path in (out, os.path.join(out, "curriculum-0")):
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+        assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+
+def test_sequential_without_classifier_runs_clip_only(assets, tmp_path):
+    out = str(tmp_path / "seq")
+    flags = seed_flags(assets, out, **{"--num_train_epochs": 1, "--end_CL": 1, "--clip_threshold": -1,
+                                      "--save_model": False})
+    proc = launch("finetuning_sequential.py", flags, cwd=assets["root"])
+    _ok(proc)
+    assert "CLIP criterion only" in proc.stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["revival_point"] == {"clip": {"chunk": 0, "images_seen": 50}}
+
+
+def _eval(assets, run_dir, out):
+    cmd = [sys.executable, str(ROOT / "eval_model.py"), run_dir, assets["classifier"], "red circle",
+           f"--prompt_file={assets['prompts']}", "--theme=", "--curr", "--gpu", "0", "--images_per_prompt", "2",
+           "--output_dir", out, "--num_inference_steps", "2", "--resolution", "32"]
+    proc = subprocess.run(cmd, cwd=assets["root"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    _ok(proc)
+    return proc, [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+
+
+def test_eval_model_on_curriculum_folders_is_repeatable(assets, classifier_run, tmp_path):
+    out = str(tmp_path / "eval")
+    proc, first = _eval(assets, classifier_run, out)
+    assert [r["label"] for r in first] == ["run/curriculum-0", "run/curriculum-1"]
+    for r in first:
+        pngs = sorted(os.listdir(r["image_dir"]))
+        assert len(pngs) == 3 * 2 and r["images"] == 6
+        assert r["clip_logit_scale"] == pytest.approx(100 * r["clip_cosine"])
+        assert 0 <= r["classifier_accuracy"] <= 1
+    assert "CLIP cosine (0..1)" in proc.stdout and "run/curriculum-1" in proc.stdout
+    csv_lines = open(os.path.join(out, "results.csv")).read().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("label,concept")
+    # A stale image left in a checkpoint's folder is neither kept nor counted by a rerun.
+    open(os.path.join(first[0]["image_dir"], "stale.png"), "wb").write(b"junk")
+    _, second = _eval(assets, classifier_run, out)
+    for a, b in zip(first, second):
+        assert (a["clip_cosine"], a["classifier_accuracy"], a["images"]) == pytest.approx(
+            (b["clip_cosine"], b["classifier_accuracy"], b["images"]))
+    assert "stale.png" not in os.listdir(second[0]["image_dir"])
