@@ -60,6 +60,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--center_crop", action="store_true", help="centre crop (default: random crop)")
     g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--cache_latents", type=str2bool, default=True,
+                   help="encode each chunk's images and captions once with the frozen VAE/text encoder "
+                        "(True/False; needs --center_crop; False saves memory)")
     g.add_argument("--curriculum", required=True, help="cumulative chunk boundaries, e.g. '50,100,...,500'")
     g.add_argument("--start_CL", type=int, default=None, help="first chunk index (inclusive)")
     g.add_argument("--end_CL", type=int, default=None, help="last chunk index (exclusive)")

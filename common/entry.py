@@ -22,6 +22,7 @@ def data_config(args) -> DataConfig:
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name, caption_column=args.caption_column,
         image_column=args.image_column, dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
         resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        cache_latents=args.cache_latents,
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .curriculum import chunk_ranges
 from .data import ImageTransform, load_training_data
-from .encoding import OnlineEncoder
+from .encoding import make_encoder
 from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
 from .protocol import Criterion, ValidationConfig, Validator
 from .results import RunRecorder
@@ -35,6 +35,7 @@ class DataConfig:
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
+    cache_latents: bool = True  # encode each chunk once (needs center_crop)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def open_run(
     parts.text_encoder.to(acc.device, dtype=weight_dtype)
     parts.vae.to(acc.device, dtype=weight_dtype)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
-    encoder = OnlineEncoder(parts, transform, acc.device, weight_dtype)
+    encoder = make_encoder(parts, transform, acc.device, weight_dtype, data.cache_latents)
     largest = max(b - a for a, b in chunk_rows.values())
     per_epoch = -(-largest // (train.train_batch_size * train.gradient_accumulation_steps * acc.num_processes))
     trainer = ChunkTrainer(acc, parts, encoder, train, horizon_updates=per_epoch * horizon_epochs)

@@ -216,6 +216,7 @@ class ChunkTrainer:
             epoch_batches(row_range, cfg.train_batch_size, acc.num_processes, acc.process_index,
                           cfg.seed, chunk, epoch)
         )
+        self.encoder.prepare(dataset, row_range)
         accum = cfg.gradient_accumulation_steps
         groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
         if max_updates is not None:
@@ -229,7 +230,7 @@ class ChunkTrainer:
                 is_last = j == len(group) - 1
                 sync = contextlib.nullcontext() if is_last else acc.no_sync(self.unet)
                 with sync:
-                    loss = self._micro_step(dataset, rows, group_rows)
+                    loss = self._micro_step(dataset, rows, group_rows, row_range[0])
                     acc.backward(loss)
                 loss_sum += loss.detach()
             if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
@@ -248,14 +249,14 @@ class ChunkTrainer:
         mean_loss = float(acc.reduce(loss_sum, reduction="sum")) / (max(1, updates) * acc.num_processes)
         return {"updates": updates, "images": images, "loss": mean_loss}
 
-    def _micro_step(self, dataset, rows, group_rows: int) -> torch.Tensor:
+    def _micro_step(self, dataset, rows, group_rows: int, first_row: int) -> torch.Tensor:
         """Loss of this process's rows, scaled so summing over processes and micro-batches gives the group mean."""
         acc = self.accelerator
         real = len(rows)
         if real == 0:
             # An empty share of a short last batch still joins the gradient
             # all-reduce: one row of the chunk with weight zero.
-            rows = np.array([0]) if len(dataset) else rows
+            rows = np.array([first_row])
         latents, text_embeds = self.encoder(dataset, rows, self.generator)
         noisy, target, timesteps = noisy_inputs(
             latents, self.parts.noise_scheduler, self.generator, self.cfg.noise_offset, self.cfg.input_perturbation
