@@ -8,7 +8,7 @@ dataset order (metadata.jsonl line order); nothing reorders them across chunks.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -84,6 +84,14 @@ def updates_per_epoch(chunk_size: int, batch_size: int, accumulation: int, proce
     return math.ceil(chunk_size / (batch_size * accumulation * processes))
 
 
+class Batch(NamedTuple):
+    """This process's rows of one global batch, where they start in it, and the global batch size."""
+
+    rows: np.ndarray
+    offset: int
+    global_size: int
+
+
 def epoch_batches(
     row_range: Tuple[int, int],
     batch_size: int,
@@ -93,8 +101,8 @@ def epoch_batches(
     chunk: int,
     epoch: int,
     shuffle: bool = True,
-) -> Iterator[Tuple[np.ndarray, int]]:
-    """Yield (this process's row indices, global batch size) for one pass over a chunk.
+) -> Iterator[Batch]:
+    """Yield this process's share of each global batch of one pass over a chunk.
 
     Rows are shuffled within the chunk only, seeded by (seed, chunk, epoch), so
     every process sees the same permutation and a resumed run repeats it. A
@@ -111,7 +119,10 @@ def epoch_batches(
     for b in range(0, len(rows), global_batch):
         group = rows[b : b + global_batch]
         if len(group) == global_batch:
-            mine = group[process_index * batch_size : (process_index + 1) * batch_size]
+            offset = process_index * batch_size
+            mine = group[offset : offset + batch_size]
         else:
-            mine = np.array_split(group, num_processes)[process_index]
-        yield mine, len(group)
+            parts = np.array_split(group, num_processes)
+            offset = sum(len(p) for p in parts[:process_index])
+            mine = parts[process_index]
+        yield Batch(mine, offset, len(group))

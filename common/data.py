@@ -116,16 +116,16 @@ def load_training_data(
 class ImageTransform:
     """diffusers' text-to-image preprocessing: resize, centre or random crop, optional flip, scale to [-1, 1].
 
-    Randomness comes from an explicit generator so that a seeded (or resumed)
-    run draws the same crops and flips.
+    The random choices (crop position as fractions in [0, 1), flip) are
+    arguments, drawn by the trainer, so seeded and resumed runs repeat them.
     """
 
     resolution: int
     center_crop: bool
     random_flip: bool
 
-    def resize_crop(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
-        """Resize the short side to ``resolution`` (bilinear) and crop a square."""
+    def resize_crop(self, image: Image.Image, crop=(0.5, 0.5)) -> Image.Image:
+        """Resize the short side to ``resolution`` (bilinear) and crop a square (centre, or at ``crop`` fractions)."""
         image = image.convert("RGB")
         w, h = image.size
         scale = self.resolution / min(w, h)
@@ -134,8 +134,8 @@ class ImageTransform:
         if self.center_crop:
             left, top = (nw - self.resolution) // 2, (nh - self.resolution) // 2
         else:
-            left = int(torch.randint(0, nw - self.resolution + 1, (1,), generator=generator))
-            top = int(torch.randint(0, nh - self.resolution + 1, (1,), generator=generator))
+            left = min(int(float(crop[0]) * (nw - self.resolution + 1)), nw - self.resolution)
+            top = min(int(float(crop[1]) * (nh - self.resolution + 1)), nh - self.resolution)
         return image.crop((left, top, left + self.resolution, top + self.resolution))
 
     @staticmethod
@@ -144,11 +144,9 @@ class ImageTransform:
         arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = self.to_tensor(self.resize_crop(image, generator))
-        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-            x = x.flip(-1)
-        return x
+    def __call__(self, image: Image.Image, flip: bool = False, crop=(0.5, 0.5)) -> torch.Tensor:
+        x = self.to_tensor(self.resize_crop(image, crop))
+        return x.flip(-1) if (self.random_flip and bool(flip)) else x
 
 
 def tokenize_captions(tokenizer, captions: Sequence[str]) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 The VAE and text encoder are frozen, so the work is the same every epoch.
 ``OnlineEncoder`` encodes each micro-batch as it comes (the reference
-behaviour). The latent sample is drawn from the VAE's posterior with the
-trainer's generator, which is what lets a cache of posterior parameters
-reproduce it exactly.
+behaviour). The random choices (flip, crop, the noise of the posterior sample)
+are drawn by the trainer and passed in, which is what lets a cache of posterior
+parameters reproduce the online path exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class OnlineEncoder:
         self.device = device
         self.weight_dtype = weight_dtype
         self.scaling_factor = parts.vae.config.scaling_factor
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        self.latent_shape = (parts.vae.config.latent_channels, transform.resolution // factor,
+                             transform.resolution // factor)
 
     @torch.no_grad()
     def encode_text(self, captions) -> torch.Tensor:
@@ -32,27 +35,27 @@ class OnlineEncoder:
     def prepare(self, dataset, row_range) -> None:
         """Nothing to precompute: every micro-batch is encoded as it comes."""
 
+    def _sample(self, mean, std, latent_noise):
+        """Posterior sample mean + std * noise, in the UNet's latent scale (fp32)."""
+        latents = mean + std * latent_noise.to(mean.device, mean.dtype)
+        return (latents * self.scaling_factor).float()
+
     @torch.no_grad()
-    def __call__(self, dataset, rows, generator: torch.Generator):
+    def __call__(self, dataset, rows, flip, crop, latent_noise):
         batch = dataset[[int(r) for r in rows]]
-        pixels = torch.stack([self.transform(img, generator) for img in batch["image"]])
-        pixels = pixels.to(self.device, dtype=self.weight_dtype)
-        posterior = self.parts.vae.encode(pixels).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
-        latents = posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
-        latents = (latents * self.scaling_factor).float()
-        return latents, self.encode_text(batch["caption"])
+        pixels = torch.stack([self.transform(img, f, c) for img, f, c in zip(batch["image"], flip, crop)])
+        posterior = self.parts.vae.encode(pixels.to(self.device, dtype=self.weight_dtype)).latent_dist
+        return self._sample(posterior.mean, posterior.std, latent_noise), self.encode_text(batch["caption"])
 
 
 class CachedEncoder(OnlineEncoder):
     """Encode a chunk's images and captions once; per step only draw the latent sample (SPEC 11).
 
-    Keeps the VAE posterior (mean and std) of every image of the current chunk
+    Keeps the VAE posterior (mean and std) of every image of the current chunk,
     in both orientations when random flips are on, and the caption embeddings.
-    Random draws are made in the same order and from the same generator as
-    ``OnlineEncoder`` (one flip coin per image, then the latent noise), so a
-    seeded run trains on the same samples with or without the cache.
-    Needs a deterministic crop (--center_crop); random crops use the online path.
+    Given the same draws it returns what ``OnlineEncoder`` returns, so the
+    training semantics do not change. Needs a deterministic crop
+    (--center_crop); random crops use the online path.
     """
 
     def __init__(self, parts, transform: ImageTransform, device, weight_dtype, encode_batch_size: int = 32):
@@ -72,8 +75,8 @@ class CachedEncoder(OnlineEncoder):
         flips = (False, True) if self.transform.random_flip else (False,)
         for b in range(start, stop, self.encode_batch_size):
             batch = dataset[list(range(b, min(stop, b + self.encode_batch_size)))]
-            pixels = torch.stack([self.transform.to_tensor(self.transform.resize_crop(im, None))
-                                  for im in batch["image"]]).to(self.device, dtype=self.weight_dtype)
+            pixels = torch.stack([self.transform(im) for im in batch["image"]])
+            pixels = pixels.to(self.device, dtype=self.weight_dtype)
             posts = [self.parts.vae.encode(pixels.flip(-1) if f else pixels).latent_dist for f in flips]
             means.append(torch.stack([p.mean for p in posts], 1))  # [b, flips, c, h, w]
             stds.append(torch.stack([p.std for p in posts], 1))
@@ -82,18 +85,13 @@ class CachedEncoder(OnlineEncoder):
         self.row_range = (start, stop)
 
     @torch.no_grad()
-    def __call__(self, dataset, rows, generator: torch.Generator):
+    def __call__(self, dataset, rows, flip, crop, latent_noise):
         assert self.row_range is not None, "prepare() the chunk first"
         idx = torch.as_tensor([int(r) - self.row_range[0] for r in rows], dtype=torch.long)
-        if self.transform.random_flip:
-            flip = torch.stack([(torch.rand((), generator=generator) < 0.5) for _ in rows]).long()
-        else:
-            flip = torch.zeros(len(rows), dtype=torch.long)
-        idx_d, flip_d = idx.to(self.mean.device), flip.to(self.mean.device)
-        mean, std = self.mean[idx_d, flip_d], self.std[idx_d, flip_d]
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
-        latents = mean + std * noise.to(mean.device, mean.dtype)
-        return (latents * self.scaling_factor).float(), self.text[idx_d]
+        flip = flip.long() if self.transform.random_flip else torch.zeros(len(rows), dtype=torch.long)
+        idx, flip = idx.to(self.mean.device), flip.to(self.mean.device)
+        latents = self._sample(self.mean[idx, flip], self.std[idx, flip], latent_noise)
+        return latents, self.text[idx]
 
 
 def make_encoder(parts, transform: ImageTransform, device, weight_dtype, cache: bool):

@@ -81,30 +81,47 @@ def diffusion_loss(
     return (per_sample * sample_weights).sum()
 
 
-def noisy_inputs(latents, noise_scheduler, generator, noise_offset: float, input_perturbation: float):
-    """Draw noise and timesteps; return (noisy latents, target, timesteps)."""
-    bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+def step_generator(seed: int, chunk: int, epoch: int, update: int) -> torch.Generator:
+    """The CPU generator of one optimizer update, a pure function of its position in the run.
+
+    Every process draws the same numbers for the whole global batch and takes
+    its own rows, so 1 and N processes train on the same noise, and a run
+    resumed mid-epoch needs no generator state.
+    """
+    state = np.random.SeedSequence([seed, chunk, epoch, update]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed((int(state[0]) << 32) | int(state[1]))
+
+
+def draw_batch(generator: torch.Generator, n: int, latent_shape, num_train_timesteps: int,
+               noise_offset: float, input_perturbation: float) -> dict:
+    """All random numbers of ``n`` training samples, in a fixed order (CPU, float32)."""
+    c = latent_shape[0]
+    draws = {
+        "flip": torch.rand(n, generator=generator) < 0.5,
+        "crop": torch.rand(n, 2, generator=generator),
+        "latent_noise": torch.randn(n, *latent_shape, generator=generator),
+        "noise": torch.randn(n, *latent_shape, generator=generator),
+        "timesteps": torch.randint(0, num_train_timesteps, (n,), generator=generator),
+    }
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            (bsz, latents.shape[1], 1, 1), generator=generator, device=generator.device
-        ).to(latents.device)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=generator.device
-    ).to(latents.device)
-    applied = noise
+        draws["noise"] = draws["noise"] + noise_offset * torch.randn(n, c, 1, 1, generator=generator)
+    draws["applied_noise"] = draws["noise"]
     if input_perturbation:
-        applied = noise + input_perturbation * torch.randn(
-            latents.shape, generator=generator, device=generator.device
-        ).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, applied, timesteps)
+        draws["applied_noise"] = draws["noise"] + input_perturbation * torch.randn(n, *latent_shape,
+                                                                                   generator=generator)
+    return draws
+
+
+def noisy_inputs(latents, noise_scheduler, noise, applied_noise, timesteps):
+    """Noised latents and the regression target (epsilon or v) for given draws."""
+    noisy = noise_scheduler.add_noise(latents, applied_noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
-    return noisy, target, timesteps
+    return noisy, target
 
 
 class ChunkTrainer:
@@ -143,7 +160,6 @@ class ChunkTrainer:
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         self.lr_scheduler = None
         self.ema = None
-        self.generator = None
         self.global_updates = 0
 
     @property
@@ -181,14 +197,6 @@ class ChunkTrainer:
             self.raw_optimizer.zero_grad(set_to_none=True)
             self._new_schedule()
             self._new_ema()
-        self.begin_chunk(chunk)
-
-    def begin_chunk(self, chunk: int) -> None:
-        """Seed this chunk's noise and timestep draws (weights and optimizer untouched)."""
-        # Noise and timesteps per (seed, process, chunk): a chunk trains the same
-        # whether it runs alone (--start_CL) or after others.
-        seed = np.random.SeedSequence([self.cfg.seed, self.accelerator.process_index, chunk]).generate_state(1)[0]
-        self.generator = torch.Generator("cpu").manual_seed(int(seed))
 
     def ema_state(self):
         """EMA parameter copies (or None)."""
@@ -201,71 +209,81 @@ class ChunkTrainer:
         chunk: int,
         epoch: int,
         max_updates: Optional[int] = None,
+        start_update: int = 0,
+        loss_before: float = 0.0,
         on_update: Optional[Callable[[int, torch.Tensor], None]] = None,
     ) -> dict:
-        """One pass over a chunk (or its first ``max_updates`` updates); returns updates, images (all processes) and mean loss.
+        """One pass over a chunk (or its first ``max_updates`` updates), from update ``start_update`` on.
 
+        Returns updates, images (all processes) and mean loss of the epoch;
+        ``loss_before`` is the loss sum of updates done before a resume.
         Gradients accumulate over ``gradient_accumulation_steps`` micro-batches;
         the last group of a chunk may be shorter. Each process's loss is
         weighted by its share of the global batch so that the all-reduced
         gradient equals the gradient of the global-batch mean, even for a short
-        last batch split unevenly across processes.
+        last batch split unevenly across processes. ``on_update(n, loss_sum)``
+        runs after each update (checkpoints, signals); it is the only place a
+        host sync may happen.
         """
         cfg, acc = self.cfg, self.accelerator
-        batches = list(
-            epoch_batches(row_range, cfg.train_batch_size, acc.num_processes, acc.process_index,
-                          cfg.seed, chunk, epoch)
-        )
         self.encoder.prepare(dataset, row_range)
+        batches = list(epoch_batches(row_range, cfg.train_batch_size, acc.num_processes, acc.process_index,
+                                     cfg.seed, chunk, epoch))
         accum = cfg.gradient_accumulation_steps
         groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
         if max_updates is not None:
             groups = groups[:max_updates]
         loss_sum = torch.zeros((), device=acc.device)
-        updates = images = 0
-        for group in groups:
-            group_rows = sum(global_n for _, global_n in group)
+        images = sum(b.global_size for g in groups[:start_update] for b in g)
+        for u in range(start_update, len(groups)):
+            group = groups[u]
+            group_rows = sum(b.global_size for b in group)
             images += group_rows
-            for j, (rows, _) in enumerate(group):
-                is_last = j == len(group) - 1
-                sync = contextlib.nullcontext() if is_last else acc.no_sync(self.unet)
+            draws = draw_batch(step_generator(cfg.seed, chunk, epoch, u), group_rows, self.encoder.latent_shape,
+                               self.parts.noise_scheduler.config.num_train_timesteps, cfg.noise_offset,
+                               cfg.input_perturbation)
+            offset = 0
+            for j, batch in enumerate(group):
+                sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(self.unet)
+                mine = slice(offset + batch.offset, offset + batch.offset + len(batch.rows))
                 with sync:
-                    loss = self._micro_step(dataset, rows, group_rows, row_range[0])
+                    loss = self._micro_step(dataset, batch.rows, draws, mine, group_rows, row_range[0])
                     acc.backward(loss)
                 loss_sum += loss.detach()
-            if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                offset += batch.global_size
+            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.step(self.trainable)
-            updates += 1
             self.global_updates += 1
             if on_update is not None:
-                on_update(updates, loss_sum)
-        # One host sync per epoch, not per step.
-        # Each process's losses sum to num_processes x its share of the group mean.
-        mean_loss = float(acc.reduce(loss_sum, reduction="sum")) / (max(1, updates) * acc.num_processes)
-        return {"updates": updates, "images": images, "loss": mean_loss}
+                on_update(u + 1, loss_sum)
+        # One host sync per epoch. Each process's losses sum to num_processes x
+        # its share of each group mean, hence the division.
+        total = float(acc.reduce(loss_sum, reduction="sum")) / acc.num_processes + loss_before
+        return {"updates": len(groups), "images": images, "loss": total / max(1, len(groups)), "loss_sum": total}
 
-    def _micro_step(self, dataset, rows, group_rows: int, first_row: int) -> torch.Tensor:
+    def _micro_step(self, dataset, rows, draws: dict, mine: slice, group_rows: int, first_row: int) -> torch.Tensor:
         """Loss of this process's rows, scaled so summing over processes and micro-batches gives the group mean."""
         acc = self.accelerator
         real = len(rows)
         if real == 0:
             # An empty share of a short last batch still joins the gradient
             # all-reduce: one row of the chunk with weight zero.
-            rows = np.array([first_row])
-        latents, text_embeds = self.encoder(dataset, rows, self.generator)
-        noisy, target, timesteps = noisy_inputs(
-            latents, self.parts.noise_scheduler, self.generator, self.cfg.noise_offset, self.cfg.input_perturbation
-        )
+            rows, mine = np.array([first_row]), slice(0, 1)
+        dev = acc.device
+        latents, text_embeds = self.encoder(dataset, rows, draws["flip"][mine], draws["crop"][mine],
+                                            draws["latent_noise"][mine])
+        timesteps = draws["timesteps"][mine].to(dev)
+        noisy, target = noisy_inputs(latents, self.parts.noise_scheduler, draws["noise"][mine].to(dev),
+                                     draws["applied_noise"][mine].to(dev), timesteps)
         with acc.autocast():
             pred = self.unet(noisy, timesteps, text_embeds, return_dict=False)[0]
-        # Each process's gradient is averaged over num_processes by DDP, so a
-        # weight of P / group_rows per sample makes the sum the group mean.
+        # DDP averages gradients over num_processes, so a weight of P / group_rows
+        # per sample makes the sum over processes and micro-batches the group mean.
         weight = (acc.num_processes / group_rows) if real else 0.0
-        weights = torch.full((latents.shape[0],), weight, device=latents.device)
+        weights = torch.full((latents.shape[0],), weight, device=dev)
         return diffusion_loss(pred, target, timesteps, self.parts.noise_scheduler, self.cfg.snr_gamma, weights)
-

@@ -45,26 +45,28 @@ def test_batches_stay_inside_their_chunk_and_cover_it_once():
     bounds = [50, 73, 100]
     for chunk, (a, b) in enumerate(cur.chunk_ranges(bounds)):
         batches = list(cur.epoch_batches((a, b), 10, 1, 0, seed=3, chunk=chunk, epoch=0))
-        rows = np.concatenate([r for r, _ in batches])
+        rows = np.concatenate([bt.rows for bt in batches])
         assert sorted(rows.tolist()) == list(range(a, b))
-        assert all(a <= r.min() and r.max() < b for r, _ in batches)
-        sizes = [len(r) for r, _ in batches]
+        assert all(a <= bt.rows.min() and bt.rows.max() < b for bt in batches)
+        sizes = [len(bt.rows) for bt in batches]
         assert sizes[:-1] == [10] * (len(sizes) - 1) and 0 < sizes[-1] <= 10
-    assert [len(r) for r, _ in cur.epoch_batches((50, 73), 10, 1, 0, 3, 1, 0)] == [10, 10, 3]
+    assert [len(bt.rows) for bt in cur.epoch_batches((50, 73), 10, 1, 0, 3, 1, 0)] == [10, 10, 3]
 
 
 def test_shuffle_is_seeded_and_shared_by_processes():
-    one = [r.tolist() for r, _ in cur.epoch_batches((0, 50), 10, 1, 0, seed=1, chunk=0, epoch=2)]
-    again = [r.tolist() for r, _ in cur.epoch_batches((0, 50), 10, 1, 0, seed=1, chunk=0, epoch=2)]
-    other_epoch = [r.tolist() for r, _ in cur.epoch_batches((0, 50), 10, 1, 0, seed=1, chunk=0, epoch=3)]
-    assert one == again and one != other_epoch
-    # Two processes with batch 5 each see the same global batches as one process with batch 10.
-    r0 = list(cur.epoch_batches((0, 50), 5, 2, 0, seed=1, chunk=0, epoch=2))
-    r1 = list(cur.epoch_batches((0, 50), 5, 2, 1, seed=1, chunk=0, epoch=2))
-    assert [a.tolist() + b.tolist() for (a, _), (b, _) in zip(r0, r1)] == one
-    assert all(n == 10 for _, n in r0)
+    def rows(*a):
+        return [bt.rows.tolist() for bt in cur.epoch_batches(*a)]
+
+    one = rows((0, 50), 10, 1, 0, 1, 0, 2)
+    assert one == rows((0, 50), 10, 1, 0, 1, 0, 2) and one != rows((0, 50), 10, 1, 0, 1, 0, 3)
+    # Two processes with batch 5 each see the same global batches as one process with batch 10,
+    # and each knows where its rows start in the global batch.
+    r0 = list(cur.epoch_batches((0, 50), 5, 2, 0, 1, 0, 2))
+    r1 = list(cur.epoch_batches((0, 50), 5, 2, 1, 1, 0, 2))
+    assert [a.rows.tolist() + b.rows.tolist() for a, b in zip(r0, r1)] == one
+    assert [(a.offset, b.offset, a.global_size) for a, b in zip(r0, r1)] == [(0, 5, 10)] * 5
     # A short last global batch is split as evenly as possible.
     r0 = list(cur.epoch_batches((0, 23), 5, 2, 0, 1, 0, 0))
     r1 = list(cur.epoch_batches((0, 23), 5, 2, 1, 1, 0, 0))
-    assert [len(a) for a, _ in r0] == [5, 5, 2] and [len(b) for b, _ in r1] == [5, 5, 1]
-    assert [n for _, n in r0] == [10, 10, 3]
+    assert [len(a.rows) for a in r0] == [5, 5, 2] and [len(b.rows) for b in r1] == [5, 5, 1]
+    assert [a.global_size for a in r0] == [10, 10, 3] and r1[-1].offset == 2

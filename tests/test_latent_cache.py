@@ -16,12 +16,16 @@ def test_cached_micro_batch_equals_online(assets):
     online, cached = OnlineEncoder(parts, t, "cpu", torch.float32), CachedEncoder(parts, t, "cpu", torch.float32)
     cached.prepare(ds, (40, 90))
     rows = [41, 77, 89, 40, 55]
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    lat1, txt1 = online(ds, rows, g1)
-    lat2, txt2 = cached(ds, rows, g2)
+    flip = torch.tensor([True, False, True, False, True])
+    crop = torch.rand(5, 2)
+    noise = torch.randn(5, *online.latent_shape)
+    assert online.latent_shape == (4, 8, 8)
+    lat1, txt1 = online(ds, rows, flip, crop, noise)
+    lat2, txt2 = cached(ds, rows, flip, crop, noise)
     torch.testing.assert_close(lat1, lat2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(txt1, txt2, atol=1e-5, rtol=1e-5)
-    assert torch.equal(g1.get_state(), g2.get_state())  # the same random draws were consumed
+    # A flipped image does not give the unflipped latent.
+    assert not torch.allclose(lat1[0], online(ds, [41], flip[1:2], crop[:1], noise[:1])[0][0], atol=1e-3)
 
 
 def test_cached_and_online_training_give_the_same_loss(assets):
