@@ -126,6 +126,12 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log_file", default=None, help="text log (default OUTPUT_DIR/log.txt)")
     g.add_argument("--save_model", type=str2bool, default=True, help="save OUTPUT_DIR/curriculum-{i} (True/False)")
     g.add_argument("--logging_dir", default="logs")
+    g = p.add_argument_group("checkpoints and resume")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (newest complete checkpoint in OUTPUT_DIR; none yet: start afresh) or a checkpoint path")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save OUTPUT_DIR/checkpoint-{update} every N optimizer updates (0: only on SIGTERM/SIGUSR1)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -160,6 +166,10 @@ def validate_common(args: argparse.Namespace) -> int:
         parent = os.path.dirname(os.path.abspath(args.log_file))
         _require(not os.path.isfile(parent), f"--log_file {args.log_file}: {parent} is a file, not a directory")
         _require(not os.path.isdir(args.log_file), f"--log_file {args.log_file}: is a directory")
+    _require(args.checkpointing_steps >= 0, f"--checkpointing_steps {args.checkpointing_steps}: must be >= 0")
+    _require(args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
+             f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
+    check_output_dir(args.output_dir, args.script, args.resume_from_checkpoint)
     check_pipeline_dir(args.pretrained_model_name_or_path)
     read_prompts(args.validation_prompts)
     if getattr(args, "clip_model", None):
@@ -214,3 +224,26 @@ def validate_classifier(args: argparse.Namespace, required: bool) -> None:
         _require(not args.theme, f"--theme {args.theme!r} needs --model_path (the style classifier)")
         return
     check_classifier(args.model_path, args.theme, processor=args.classifier_processor)
+
+
+def check_output_dir(output_dir: str, script: str, resume: Optional[str]) -> None:
+    """An output directory with another run's results is only reused by resuming that same kind of run."""
+    import json
+
+    from .checkpointing import resolve_resume
+    from .results import CONFIG_FILE, VALIDATIONS_FILE
+
+    config = os.path.join(output_dir, CONFIG_FILE)
+    if os.path.isfile(config):
+        try:
+            with open(config) as f:
+                previous = json.load(f).get("script")
+        except (OSError, ValueError):
+            previous = None
+        if previous and previous != script:
+            raise InputError(f"--output_dir {output_dir}: holds results of {previous}, not {script}; "
+                             "use another --output_dir")
+    if os.path.isfile(os.path.join(output_dir, VALIDATIONS_FILE)) and not resume:
+        raise InputError(f"--output_dir {output_dir}: holds results of an earlier run; continue it with "
+                         "--resume_from_checkpoint latest or choose another --output_dir")
+    resolve_resume(resume, output_dir)

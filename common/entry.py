@@ -83,11 +83,24 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol):
     )
 
 
+def _checkpointing(args, run):
+    """The run's Checkpointer and the checkpoint to resume from (None: a fresh start)."""
+    from .checkpointing import Checkpointer, resolve_resume
+
+    checkpointer = Checkpointer(run.accelerator, run.trainer, args.output_dir, args.checkpointing_steps,
+                                args.checkpoints_total_limit, log=run.recorder.log)
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume is None:
+        run.recorder.keep_validations(0)  # a fresh start: results of a run that never checkpointed are void
+    return checkpointer, resume
+
+
 def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
     """Run SPEC 4's individual protocol with the given criterion."""
     bounds = cur.parse_curriculum(args.curriculum)
     chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
     run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual")
+    checkpointer, resume = _checkpointing(args, run)
     criterion = run.validator.criteria[0]
     save = (lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}"))) if args.save_model else None
     try:
@@ -96,6 +109,7 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
             validator=run.validator, recorder=run.recorder, validation_epochs=args.validation_epochs,
             max_epoch=args.clip_epoch, compat_reference=args.compat == "reference", save_chunk=save,
             summary_extra={"script": args.script, "compat": args.compat, "num_processes": run.accelerator.num_processes},
+            checkpointer=checkpointer, resume_path=resume,
         )
         for o in outcomes:
             run.recorder.log(f"chunk {o.chunk}: " + (f"revived at epoch {o.revival_epoch}" if o.revived
@@ -126,6 +140,7 @@ def sequential(args: argparse.Namespace) -> dict:
         makers.append(classifier_criterion(args, args.bc_threshold))
     run = _open(args, bounds, sum(epochs.values()),
                 lambda device: [c for make in makers for c in make(device)], "sequential")
+    checkpointer, resume = _checkpointing(args, run)
     if not with_classifier:
         run.recorder.log("no --model_path given: running with the CLIP criterion only")
     try:
@@ -137,6 +152,7 @@ def sequential(args: argparse.Namespace) -> dict:
             stop_at_revival=args.stop_at_revival,
             summary_extra={"script": args.script, "num_processes": run.accelerator.num_processes,
                            "epochs_per_chunk": epochs, "classifier": with_classifier},
+            checkpointer=checkpointer, resume_path=resume,
         )
         # The final pipeline (EMA weights under --use_ema) in the output directory itself.
         run.save_pipeline(args.output_dir, ema_as_unet=args.use_ema)

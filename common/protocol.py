@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .faults import maybe_fail
 from .results import RunRecorder, score_stats
 from .validation import generate_images, image_seed, shard
 
@@ -52,6 +53,7 @@ class Validator:
         from accelerate.utils import gather_object
 
         acc, cfg = self.accelerator, self.cfg
+        maybe_fail("validation")  # tests: a crash during validation
         mine = shard(range(len(cfg.prompts)), acc.num_processes, acc.process_index)
         prompts = [cfg.prompts[k] for k in mine]
         images = generate_images(
@@ -89,6 +91,75 @@ class ChunkOutcome:
         return dict(self.__dict__, rows=list(self.rows))
 
 
+class _Progress:
+    """The protocol's position and results so far: what a checkpoint stores and a resume restores."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _Resumable:
+    """Checkpoints at update boundaries (every N updates, on SIGTERM/SIGUSR1) for a protocol's progress."""
+
+    def __init__(self, trainer, checkpointer, recorder, progress: _Progress):
+        self.trainer, self.checkpointer, self.recorder, self.p = trainer, checkpointer, recorder, progress
+
+    def state(self, epoch: int, update: int, loss_sum: float) -> dict:
+        return {**self.p.as_dict(), "epoch": epoch, "update": update, "loss_sum": loss_sum,
+                "validations_written": self.recorder.validations_written}
+
+    def on_update(self, epoch: int, loss_before: float):
+        """Callback for train_epoch: save when due, save and exit when preempted."""
+        if self.checkpointer is None:
+            return None
+        acc = self.trainer.accelerator
+
+        def hook(update: int, loss_sum):
+            def state():
+                total = float(acc.reduce(loss_sum.clone(), reduction="sum")) / acc.num_processes
+                return self.state(epoch, update, loss_before + total)
+
+            n = self.trainer.global_updates
+            if self.checkpointer.due(n):
+                self.checkpointer.save(state())
+            # With several processes the signal check is a collective: every 10 updates, not every step.
+            if acc.num_processes == 1 or n % 10 == 0:
+                self.checkpointer.exit_if_preempted(state)
+
+        return hook
+
+    def boundary(self, epoch: int) -> None:
+        """Between epochs (after validation): the cheap moment to honour a preemption."""
+        if self.checkpointer is not None:
+            self.checkpointer.exit_if_preempted(lambda: self.state(epoch, 0, 0.0))
+
+    def resume(self, path: Optional[str]) -> Optional[dict]:
+        """Load a checkpoint into the (freshly reset) trainer; returns its state."""
+        if not path:
+            return None
+        state = self.checkpointer.load(path)
+        self.recorder.keep_validations(state["validations_written"])
+        self.recorder.log(f"resumed from {path}: chunk position {state['chunk_pos']}, epoch {state['epoch']}, "
+                          f"update {state['update']}")
+        return state
+
+
+def read_checkpoint_state(path: Optional[str]) -> Optional[dict]:
+    """The protocol position stored in a checkpoint (before the trainer loads it)."""
+    if not path:
+        return None
+    import json
+    import os
+
+    from .checkpointing import STATE_FILE
+
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
 def run_individual(
     *,
     trainer,
@@ -103,26 +174,51 @@ def run_individual(
     compat_reference: bool = False,
     save_chunk: Optional[Callable[[int], None]] = None,
     summary_extra: Optional[dict] = None,
+    checkpointer=None,
+    resume_path: Optional[str] = None,
 ) -> List[ChunkOutcome]:
     """SPEC 4: per chunk, train from the unlearned weights until the criterion is met or the epoch cap passes.
 
     ``compat_reference`` reproduces the reference's semantics: after epoch 0
     every "epoch" is one update on the chunk's first batch, and optimizer, LR
-    schedule and EMA carry over between chunks.
+    schedule and EMA carry over between chunks. With a ``checkpointer`` the run
+    can stop at any update and ``resume_path`` continues it where it stopped.
     """
-    outcomes: List[ChunkOutcome] = []
-    for i in chunks:
-        rows = chunk_rows[i]
+    saved = read_checkpoint_state(resume_path)
+    p = _Progress(chunk_pos=0, steps=0, images=0, last_mean=None, outcomes=[])
+    if saved:
+        p = _Progress(**{k: saved[k] for k in ("chunk_pos", "steps", "images", "last_mean", "outcomes")})
+    ckpt = _Resumable(trainer, checkpointer, recorder, p)
+    p_first = p.chunk_pos
+
+    def summarise():
+        recorder.summary({**(summary_extra or {}), "protocol": "individual", "criterion": criterion.name,
+                          "threshold": criterion.threshold, "chunks": p.outcomes})
+
+    for pos in range(p.chunk_pos, len(chunks)):
+        i, rows = chunks[pos], chunk_rows[chunks[pos]]
+        p.chunk_pos = pos
         # Phase 1: back to the unlearned model; fresh optimizer, LR schedule, EMA.
         trainer.reset_chunk(i, carry_state=compat_reference)
-        steps = images = 0
+        start_epoch, start_update, loss_before = 0, 0, 0.0
+        if saved and pos == saved["chunk_pos"]:
+            ckpt.resume(resume_path)
+            start_epoch, start_update, loss_before = saved["epoch"], saved["update"], saved["loss_sum"]
+        else:
+            p.steps = p.images = 0
+            p.last_mean = None
+            if pos > p_first:
+                ckpt.boundary(0)  # after the reset, so a resume here starts the chunk afresh
         outcome = None
-        for epoch in itertools.count():
+        for epoch in itertools.count(start_epoch):
             # Phase 2: one pass over the chunk (the reference: one batch after epoch 0).
             single = compat_reference and epoch > 0
-            stats = trainer.train_epoch(dataset, rows, i, epoch, max_updates=1 if single else None)
-            steps += stats["updates"]
-            images += stats["images"]
+            stats = trainer.train_epoch(dataset, rows, i, epoch, max_updates=1 if single else None,
+                                        start_update=start_update, loss_before=loss_before,
+                                        on_update=ckpt.on_update(epoch, loss_before))
+            start_update, loss_before = 0, 0.0
+            p.steps += stats["updates"]
+            p.images += stats["images"]
             recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
             # Phase 3: validate every validation_epochs epochs; stop once revived.
             if epoch % validation_epochs == 0:
@@ -131,7 +227,7 @@ def run_individual(
                 st = score_stats(scores)
                 revived = criterion.met(st["mean"])
                 recorder.validation({
-                    "chunk": i, "epoch": epoch, "optimizer_steps": steps, "images_seen": images,
+                    "chunk": i, "epoch": epoch, "optimizer_steps": p.steps, "images_seen": p.images,
                     "criterion": criterion.name, "scale": criterion.scale, "scores": scores,
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
@@ -140,20 +236,20 @@ def run_individual(
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
                 if revived:
-                    outcome = ChunkOutcome(i, rows, True, epoch, epoch + 1, steps, images, st["mean"])
+                    outcome = ChunkOutcome(i, rows, True, epoch, epoch + 1, p.steps, p.images, st["mean"])
                     break
-                last_mean = st["mean"]
+                p.last_mean = st["mean"]
             # Phase 4: give up past the epoch budget.
             if epoch > max_epoch:
-                outcome = ChunkOutcome(i, rows, False, None, epoch + 1, steps, images, last_mean)
+                outcome = ChunkOutcome(i, rows, False, None, epoch + 1, p.steps, p.images, p.last_mean)
                 break
-        outcomes.append(outcome)
+            ckpt.boundary(epoch + 1)
         # Phase 5: keep the chunk's model and the results so far.
+        p.outcomes.append(outcome.as_dict())
         if save_chunk is not None:
             save_chunk(i)
-        recorder.summary({**(summary_extra or {}), "protocol": "individual", "criterion": criterion.name,
-                          "threshold": criterion.threshold, "chunks": [o.as_dict() for o in outcomes]})
-    return outcomes
+        summarise()
+    return [ChunkOutcome(**{**o, "rows": tuple(o["rows"])}) for o in p.outcomes]
 
 
 def run_sequential(
@@ -170,6 +266,8 @@ def run_sequential(
     save_chunk: Optional[Callable[[int], None]] = None,
     stop_at_revival: bool = False,
     summary_extra: Optional[dict] = None,
+    checkpointer=None,
+    resume_path: Optional[str] = None,
 ) -> dict:
     """SPEC 5: train chunk after chunk with no reset; after each, score under every criterion.
 
@@ -177,48 +275,65 @@ def run_sequential(
     reported as chunk index and as images seen (the chunk's cumulative
     boundary c(i)).
     """
-    revival = {c.name: None for c in criteria}
-    per_chunk = []
-    steps = images = 0
+    saved = read_checkpoint_state(resume_path)
+    p = _Progress(chunk_pos=0, steps=0, images=0, per_chunk=[], revival={c.name: None for c in criteria})
+    if saved:
+        p = _Progress(**{k: saved[k] for k in ("chunk_pos", "steps", "images", "per_chunk", "revival")})
+    ckpt = _Resumable(trainer, checkpointer, recorder, p)
+
+    def summary():
+        return {**(summary_extra or {}), "protocol": "sequential",
+                "criteria": {c.name: c.threshold for c in criteria}, "revival_point": p.revival,
+                "chunks": p.per_chunk}
+
     # Phase 1: start from the unlearned UNet with a fresh optimizer, LR schedule and EMA, once.
     trainer.reset_chunk(chunks[0])
-    for i in chunks:
-        rows = chunk_rows[i]
-        trainer.begin_chunk(i)
+    start_epoch, start_update, loss_before = 0, 0, 0.0
+    if saved:
+        ckpt.resume(resume_path)
+        start_epoch, start_update, loss_before = saved["epoch"], saved["update"], saved["loss_sum"]
+    for pos in range(p.chunk_pos, len(chunks)):
+        i, rows = chunks[pos], chunk_rows[chunks[pos]]
+        p.chunk_pos = pos
         # Phase 2: num_train_epochs passes over chunk i, no reset.
-        for epoch in range(epochs_per_chunk[i]):
-            stats = trainer.train_epoch(dataset, rows, i, epoch)
-            steps += stats["updates"]
-            images += stats["images"]
+        for epoch in range(start_epoch, epochs_per_chunk[i]):
+            stats = trainer.train_epoch(dataset, rows, i, epoch, start_update=start_update, loss_before=loss_before,
+                                        on_update=ckpt.on_update(epoch, loss_before))
+            start_update, loss_before = 0, 0.0
+            p.steps += stats["updates"]
+            p.images += stats["images"]
             recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
+            if epoch + 1 < epochs_per_chunk[i]:
+                ckpt.boundary(epoch + 1)
+        start_epoch = 0
         # Phase 3: generate once, score under every criterion.
         t0 = time.perf_counter()
         scores = validator(f"chunk{i}")
         wall = round(time.perf_counter() - t0, 3)
-        entry = {"chunk": i, "images_seen": rows[1], "training_images": images, "optimizer_steps": steps}
+        entry = {"chunk": i, "images_seen": rows[1], "training_images": p.images, "optimizer_steps": p.steps}
         for c in criteria:
             st = score_stats(scores[c.name])
             met = c.met(st["mean"])
-            if met and revival[c.name] is None:
-                revival[c.name] = {"chunk": i, "images_seen": rows[1]}
+            if met and p.revival[c.name] is None:
+                p.revival[c.name] = {"chunk": i, "images_seen": rows[1]}
             recorder.validation({
-                "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": steps, "images_seen": rows[1],
-                "training_images": images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
+                "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": p.steps, "images_seen": rows[1],
+                "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
                 "revived": met, "wall_s": wall,
             })
             recorder.log(f"after chunk {i} ({rows[1]} images): {c.name} mean {st['mean']:.4f} "
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
             entry[c.name] = {"mean": st["mean"], "revived": met}
-        per_chunk.append(entry)
+        p.per_chunk.append(entry)
         # Phase 4: keep the requested curriculum checkpoints.
         if save_chunk is not None and i in checkpoint_chunks:
             save_chunk(i)
-        summary = {**(summary_extra or {}), "protocol": "sequential",
-                   "criteria": {c.name: c.threshold for c in criteria}, "revival_point": revival,
-                   "chunks": per_chunk}
-        recorder.summary(summary)
-        if stop_at_revival and all(v is not None for v in revival.values()):
+        recorder.summary(summary())
+        p.chunk_pos = pos + 1
+        if stop_at_revival and all(v is not None for v in p.revival.values()):
             recorder.log(f"every criterion met by chunk {i}; stopping (--stop_at_revival)")
             break
-    return summary
+        if pos + 1 < len(chunks):
+            ckpt.boundary(0)
+    return summary()

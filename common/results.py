@@ -114,9 +114,20 @@ class RunRecorder:
             atomic_write_json(os.path.join(self.output_dir, CONFIG_FILE),
                               {**config, "library_versions": library_versions()})
 
+    validations_written = 0  # counted on every process, so any of them can describe a checkpoint
+
     def validation(self, record: dict) -> None:
+        self.validations_written += 1
         if self.is_main:
             append_jsonl(os.path.join(self.output_dir, VALIDATIONS_FILE), record)
+
+    def keep_validations(self, count: int) -> None:
+        """On resume: keep the first ``count`` records (those the checkpoint knew), drop any later ones."""
+        self.validations_written = count
+        path = os.path.join(self.output_dir, VALIDATIONS_FILE)
+        if self.is_main and os.path.isfile(path):
+            records = read_jsonl(path)[:count]
+            atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
     def summary(self, summary: dict) -> None:
         if self.is_main:

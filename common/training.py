@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .curriculum import epoch_batches
+from .faults import maybe_fail
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class ChunkTrainer:
             if self.ema is not None:
                 self.ema.step(self.trainable)
             self.global_updates += 1
+            maybe_fail("update")  # tests: a crash inside an epoch
             if on_update is not None:
                 on_update(u + 1, loss_sum)
         # One host sync per epoch. Each process's losses sum to num_processes x

@@ -1,0 +1,156 @@
+"""Resumable checkpoints and preemption (SPEC 12).
+
+A checkpoint is ``OUTPUT_DIR/checkpoint-{update}/``: accelerate's saved state
+(UNet, optimizer, RNG states), our extras (LR schedule, EMA) and the protocol's
+position (``state.json``: chunk, epoch, updates done in the epoch, results so
+far). It is written under a temporary name, completed by a ``COMPLETE`` marker
+and then renamed, so a resume never sees a partial one. Random draws are a pure
+function of (seed, chunk, epoch, update), so the position is all a resume
+needs to repeat the uninterrupted run.
+
+SIGTERM and SIGUSR1 (SLURM preemption) ask for a checkpoint at the next update
+boundary; the run then exits with ``PREEMPTED_EXIT_CODE`` so a job script can
+requeue itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+from .faults import maybe_fail
+from .results import atomic_write_json
+
+MARKER = "COMPLETE"
+STATE_FILE = "state.json"
+EXTRAS_FILE = "trainer_extras.pt"
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def complete_checkpoints(output_dir: str) -> list:
+    """(update, path) of every complete checkpoint in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, MARKER)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(spec: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint to resume from: None, the newest complete one ('latest'), or a given complete one."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1][1] if found else None  # nothing yet: start from scratch
+    if not os.path.isdir(spec):
+        raise InputError(f"--resume_from_checkpoint {spec}: no such directory")
+    if not os.path.isfile(os.path.join(spec, MARKER)):
+        raise InputError(f"--resume_from_checkpoint {spec}: incomplete checkpoint (no {MARKER} marker)")
+    return spec
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; the protocol checks it at update boundaries."""
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        """True on every process when any process was signalled (one all-reduce with several processes)."""
+        local = self.signal is not None
+        if accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class Checkpointer:
+    """Saves and restores the trainer plus a protocol position; keeps at most ``total_limit`` checkpoints."""
+
+    def __init__(self, accelerator, trainer, output_dir: str, every_updates: Optional[int],
+                 total_limit: Optional[int], log=print):
+        self.accelerator = accelerator
+        self.trainer = trainer
+        self.output_dir = output_dir
+        self.every_updates = every_updates
+        self.total_limit = total_limit
+        self.log = log
+        self.preemption = PreemptionFlag()
+        self.preemption.install()
+
+    def due(self, global_update: int) -> bool:
+        return bool(self.every_updates) and global_update % self.every_updates == 0
+
+    def save(self, state: dict) -> str:
+        """Write checkpoint-{update} atomically on every process's behalf; returns its path."""
+        acc, tr = self.accelerator, self.trainer
+        name = f"checkpoint-{tr.global_updates}"
+        final = os.path.join(self.output_dir, name)
+        tmp = os.path.join(self.output_dir, f".{name}.tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        if acc.is_main_process:
+            extras = {"lr_scheduler": tr.lr_scheduler.state_dict(), "global_updates": tr.global_updates,
+                      "ema": None if tr.ema is None else tr.ema.state_dict()}
+            torch.save(extras, os.path.join(tmp, EXTRAS_FILE))
+            maybe_fail("checkpoint")  # tests: a crash in the middle of a save
+            atomic_write_json(os.path.join(tmp, STATE_FILE), state)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                f.write("ok\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._prune()
+            self.log(f"saved {final}")
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        if not self.total_limit:
+            return
+        found = complete_checkpoints(self.output_dir)
+        for _, path in found[: max(0, len(found) - self.total_limit)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, path: str) -> dict:
+        """Restore trainer state (after the protocol rebuilt its objects) and return the protocol position."""
+        tr = self.trainer
+        self.accelerator.load_state(path)
+        extras = torch.load(os.path.join(path, EXTRAS_FILE), map_location="cpu", weights_only=True)
+        tr.lr_scheduler.load_state_dict(extras["lr_scheduler"])
+        if extras["ema"] is not None and tr.ema is not None:
+            tr.ema.load_state_dict(extras["ema"])
+            tr.ema.to(self.accelerator.device)
+        tr.global_updates = extras["global_updates"]
+        with open(os.path.join(path, STATE_FILE)) as f:
+            return json.load(f)
+
+    def exit_if_preempted(self, state_fn) -> None:
+        """On a pending SIGTERM/SIGUSR1: checkpoint now and exit with PREEMPTED_EXIT_CODE."""
+        if self.preemption.requested(self.accelerator):
+            path = self.save(state_fn())
+            self.log(f"preempted ({self.preemption.signal or 'signal on another process'}): "
+                     f"resume with --resume_from_checkpoint latest (or {path})")
+            raise SystemExit(PREEMPTED_EXIT_CODE)

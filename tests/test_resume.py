@@ -1,0 +1,95 @@
+"""Kill-and-resume and preemption: a resumed run ends with the results of an uninterrupted one (SPEC 12)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, launch, seed_flags
+
+SCRIPT = "finetuning_individual_CLIP.py"
+pytestmark = pytest.mark.slow
+
+
+def _flags(assets, out, **over):
+    base = {"--clip_threshold": 1.1, "--clip_epoch": 1, "--validation_epochs": 1, "--checkpointing_steps": 4,
+            "--checkpoints_total_limit": 2, "--log_file": False}
+    return seed_flags(assets, out, **{**base, **over})
+
+
+def _results(out):
+    recs = [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    return recs, summary
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_same_run(out, ref):
+    recs, summary = _results(out)
+    ref_recs, ref_summary = _results(ref)
+    key = lambda r: (r["chunk"], r["epoch"], r["optimizer_steps"], r["images_seen"], r["revived"])  # noqa: E731
+    assert [key(r) for r in recs] == [key(r) for r in ref_recs]  # nothing lost, nothing duplicated
+    for r, q in zip(recs, ref_recs):
+        assert r["scores"] == pytest.approx(q["scores"], abs=1e-5)
+        assert r["loss"] == pytest.approx(q["loss"], rel=1e-4)
+    assert [c["revived"] for c in summary["chunks"]] == [c["revived"] for c in ref_summary["chunks"]]
+    assert [c["optimizer_steps"] for c in summary["chunks"]] == [c["optimizer_steps"] for c in ref_summary["chunks"]]
+    for i in (0, 1):
+        a, b = _weights(os.path.join(out, f"curriculum-{i}")), _weights(os.path.join(ref, f"curriculum-{i}"))
+        for k in a:
+            np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    proc = launch(SCRIPT, _flags(assets, out), cwd=assets["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("fault", ["update:7", "validation:2", "checkpoint:2"])
+def test_killed_run_resumes_to_the_same_results(assets, reference_run, tmp_path, fault):
+    out = str(tmp_path / "run")
+    crashed = launch(SCRIPT, _flags(assets, out), cwd=assets["root"], env_extra={"REVIVAL_FAULT": fault})
+    assert crashed.returncode != 0  # SIGKILLed
+    if fault == "checkpoint:2":
+        # The second save was cut short: its temporary folder has no marker and is never resumed from.
+        assert not os.path.isdir(os.path.join(out, "checkpoint-8"))
+    resumed = launch(SCRIPT, _flags(assets, out, **{"--resume_from_checkpoint": "latest"}), cwd=assets["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    _assert_same_run(out, reference_run)
+    ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
+    assert len(ckpts) <= 2  # --checkpoints_total_limit
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(assets, reference_run, tmp_path):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # No checkpoints by schedule: the only one is the preemption checkpoint.
+    cmd = [sys.executable, str(ROOT / SCRIPT), *_flags(assets, out, **{"--checkpointing_steps": 0})]
+    proc = subprocess.Popen(cmd, cwd=assets["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.isfile(os.path.join(out, "validations.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "preempted (SIGTERM)" in stdout
+    ckpts = [d for d in os.listdir(out) if d.startswith("checkpoint-")]
+    assert len(ckpts) == 1 and os.path.isfile(os.path.join(out, ckpts[0], "COMPLETE"))
+    resumed = launch(SCRIPT, _flags(assets, out, **{"--resume_from_checkpoint": "latest",
+                                                    "--checkpointing_steps": 0}), cwd=assets["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(out, reference_run)
