@@ -95,6 +95,29 @@ def _checkpointing(args, run):
     return checkpointer, resume
 
 
+DIVERGED_EXIT_CODE = 3
+
+
+def _diverged_exits_3(fn):
+    """Decorator: a NonFiniteLoss becomes one line on stderr and exit status 3."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from .training import NonFiniteLoss
+
+        try:
+            return fn(*a, **kw)
+        except NonFiniteLoss as err:
+            import sys
+
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(DIVERGED_EXIT_CODE) from None
+
+    return wrapper
+
+
+@_diverged_exits_3
 def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
     """Run SPEC 4's individual protocol with the given criterion."""
     bounds = cur.parse_curriculum(args.curriculum)
@@ -128,6 +151,7 @@ def sequential_epochs(args, chunks) -> dict:
     return {i: args.num_train_epochs for i in chunks}
 
 
+@_diverged_exits_3
 def sequential(args: argparse.Namespace) -> dict:
     """Run SPEC 5's sequential protocol with CLIP and (when given) the classifier."""
     bounds = cur.parse_curriculum(args.curriculum)

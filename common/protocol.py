@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .faults import maybe_fail
 from .results import RunRecorder, score_stats
+from .training import check_finite
 from .validation import generate_images, image_seed, shard
 
 
@@ -120,6 +121,7 @@ class _Resumable:
         def hook(update: int, loss_sum):
             def state():
                 total = float(acc.reduce(loss_sum.clone(), reduction="sum")) / acc.num_processes
+                check_finite(total, self.p.chunk_pos, epoch, self.trainer.global_updates)  # never save a diverged state
                 return self.state(epoch, update, loss_before + total)
 
             n = self.trainer.global_updates

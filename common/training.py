@@ -10,6 +10,7 @@ perturbation (Ning et al. 2023, https://arxiv.org/abs/2301.11706).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -123,6 +124,17 @@ def noisy_inputs(latents, noise_scheduler, noise, applied_noise, timesteps):
     else:
         raise ValueError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
     return noisy, target
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (NaN or infinite loss); no checkpoint is written from this state."""
+
+
+def check_finite(loss: float, chunk: int, epoch: int, update: int) -> None:
+    """Raise NonFiniteLoss naming where training diverged."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite loss ({loss}) in chunk {chunk}, epoch {epoch}, by optimizer update "
+                            f"{update}; the last good checkpoint is kept (lower --learning_rate or check the data)")
 
 
 class ChunkTrainer:
@@ -266,6 +278,7 @@ class ChunkTrainer:
         # One host sync per epoch. Each process's losses sum to num_processes x
         # its share of each group mean, hence the division.
         total = float(acc.reduce(loss_sum, reduction="sum")) / acc.num_processes + loss_before
+        check_finite(total, chunk, epoch, self.global_updates)
         return {"updates": len(groups), "images": images, "loss": total / max(1, len(groups)), "loss_sum": total}
 
     def _micro_step(self, dataset, rows, draws: dict, mine: slice, group_rows: int, first_row: int) -> torch.Tensor:
