@@ -32,6 +32,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "state.json"
 EXTRAS_FILE = "trainer_extras.pt"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+PREEMPTED_MARKER = "PREEMPTED"  # written beside the checkpoints on a preemption exit, removed on the next start
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -97,6 +98,8 @@ class Checkpointer:
         self.log = log
         self.preemption = PreemptionFlag()
         self.preemption.install()
+        if accelerator.is_main_process and os.path.isfile(os.path.join(output_dir, PREEMPTED_MARKER)):
+            os.unlink(os.path.join(output_dir, PREEMPTED_MARKER))
 
     def due(self, global_update: int) -> bool:
         return bool(self.every_updates) and global_update % self.every_updates == 0
@@ -151,6 +154,9 @@ class Checkpointer:
         """On a pending SIGTERM/SIGUSR1: checkpoint now and exit with PREEMPTED_EXIT_CODE."""
         if self.preemption.requested(self.accelerator):
             path = self.save(state_fn())
+            if self.accelerator.is_main_process:
+                # For job scripts whose launcher's own exit status hides ours.
+                atomic_write_json(os.path.join(self.output_dir, PREEMPTED_MARKER), {"checkpoint": path})
             self.log(f"preempted ({self.preemption.signal or 'signal on another process'}): "
                      f"resume with --resume_from_checkpoint latest (or {path})")
             raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -87,9 +87,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(assets, reference_run, tmp_path
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr[-3000:]
     assert "preempted (SIGTERM)" in stdout
+    assert os.path.isfile(os.path.join(out, "PREEMPTED"))
     ckpts = [d for d in os.listdir(out) if d.startswith("checkpoint-")]
     assert len(ckpts) == 1 and os.path.isfile(os.path.join(out, ckpts[0], "COMPLETE"))
     resumed = launch(SCRIPT, _flags(assets, out, **{"--resume_from_checkpoint": "latest",
                                                     "--checkpointing_steps": 0}), cwd=assets["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(out, reference_run)
+    assert not os.path.exists(os.path.join(out, "PREEMPTED"))

@@ -1,0 +1,58 @@
+"""tools/report.py on hand-made run directories: exact tables, real PNGs."""
+
+import importlib.util
+import json
+import os
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("report", ROOT / "tools" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def _run(path, config, summary, records):
+    os.makedirs(path)
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    json.dump(summary, open(os.path.join(path, "summary.json"), "w"))
+    with open(os.path.join(path, "validations.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_tables_and_plots(tmp_path):
+    args = {"pretrained_model_name_or_path": "/m/esd-x", "validation_prompts": "/p/target.txt",
+            "train_data_dir": "/d/related"}
+    ind = _run(tmp_path / "ind", {"args": args},
+               {"protocol": "individual", "criterion": "clip", "threshold": 0.31, "chunks": [
+                   {"chunk": 0, "revived": True, "revival_epoch": 4, "epochs_trained": 5},
+                   {"chunk": 1, "revived": False, "revival_epoch": None, "epochs_trained": 91}]},
+               [{"chunk": 0, "epoch": e, "mean": 0.2 + 0.03 * e} for e in (0, 2, 4)]
+               + [{"chunk": 1, "epoch": e, "mean": 0.2} for e in range(0, 91, 2)])
+    seq = _run(tmp_path / "seq", {"args": {**args, "pretrained_model_name_or_path": "/m/uce"}},
+               {"protocol": "sequential", "criteria": {"clip": 0.31, "classifier": 0.3},
+                "revival_point": {"clip": {"chunk": 1, "images_seen": 100}, "classifier": None}, "chunks": []},
+               [{"criterion": c, "images_seen": n, "mean": m} for c, n, m in
+                [("clip", 50, 0.25), ("classifier", 50, 0.0), ("clip", 100, 0.33), ("classifier", 100, 0.1)]])
+    out = str(tmp_path / "report")
+    header, rows, plots = report.main(report.parse_args([ind, seq, "--out", out]))
+    assert header == ["method", "concept", "data", "criterion", "threshold", "chunk 0", "chunk 1", "Revival Point"]
+    assert rows == [["esd-x", "target", "related", "clip", 0.31, "4", ">90", ""],
+                    ["uce", "target", "related", "clip", 0.31, "", "", "chunk 1 (100 images)"],
+                    ["uce", "target", "related", "classifier", 0.3, "", "", "not reached"]]
+    md = open(os.path.join(out, "revival_table.md")).read()
+    assert "| esd-x | target | related | clip | 0.31 | 4 | >90 |  |" in md
+    assert open(os.path.join(out, "revival_table.csv")).read().splitlines()[1] == "esd-x,target,related,clip,0.31,4,>90,"
+    assert r"esd-x & target & related & clip & 0.31 & 4 & $>$90 &  \\" in open(os.path.join(out, "revival_table.tex")).read()
+    assert len(plots) == 3
+    for p in plots:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
+
+
+def test_missing_files_is_one_line_exit_2(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        report.parse_args([str(tmp_path)])
+    assert exc.value.code == 2 and "no config.json" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Revival tables and plots from run output directories (made from their machine-readable files, SPEC 8).
+
+    python tools/report.py RUN_DIR [RUN_DIR ...] --out report/
+
+Writes revival_table.{md,csv,tex} (method, concept, data, criterion, per-chunk
+epochs to revival or the Revival Point) and PNG plots: score against epoch per
+chunk with the threshold line, epochs to revival against chunk (individual
+runs), and score against images seen (sequential runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.errors import InputError, exit_on_input_error  # noqa: E402
+from common.results import CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE, read_jsonl  # noqa: E402
+
+PROG = "report.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=PROG)
+    p.add_argument("runs", nargs="+", help="output directories of the fine-tuning scripts")
+    p.add_argument("--out", default="report", help="folder for tables and plots")
+    p.add_argument("--title", default="Concept revival")
+    args = p.parse_args(argv)
+    with exit_on_input_error(PROG):
+        for run in args.runs:
+            for name in (CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE):
+                if not os.path.isfile(os.path.join(run, name)):
+                    raise InputError(f"{run}: no {name} (not a finished or running fine-tuning output directory)")
+    return args
+
+
+def _stem(path) -> str:
+    return os.path.splitext(os.path.basename(os.path.normpath(str(path or ""))))[0] or "-"
+
+
+def load_run(run: str) -> dict:
+    """A run's config, summary and validation records, with method/concept/data names inferred from its flags."""
+    with open(os.path.join(run, CONFIG_FILE)) as f:
+        config = json.load(f)
+    with open(os.path.join(run, SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    a = config.get("args", {})
+    return {"dir": run, "config": config, "summary": summary, "records": read_jsonl(os.path.join(run, VALIDATIONS_FILE)),
+            "method": _stem(a.get("pretrained_model_name_or_path")), "concept": _stem(a.get("validation_prompts")),
+            "data": _stem(a.get("train_data_dir") or a.get("dataset_name")), "protocol": summary.get("protocol")}
+
+
+def table_rows(runs) -> tuple:
+    """Header and rows: individual runs give epochs to revival per chunk ('>N' when not revived)."""
+    chunks = sorted({c["chunk"] for r in runs if r["protocol"] == "individual" for c in r["summary"]["chunks"]})
+    header = ["method", "concept", "data", "criterion", "threshold"] + [f"chunk {i}" for i in chunks] + ["Revival Point"]
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        if r["protocol"] == "individual":
+            by_chunk = {c["chunk"]: (str(c["revival_epoch"]) if c["revived"] else f">{c['epochs_trained'] - 1}")
+                        for c in s["chunks"]}
+            rows.append([r["method"], r["concept"], r["data"], s["criterion"], s["threshold"]]
+                        + [by_chunk.get(i, "") for i in chunks] + [""])
+        else:
+            for name, threshold in s["criteria"].items():
+                point = s["revival_point"].get(name)
+                rp = f"chunk {point['chunk']} ({point['images_seen']} images)" if point else "not reached"
+                rows.append([r["method"], r["concept"], r["data"], name, threshold] + [""] * len(chunks) + [rp])
+    return header, rows
+
+
+def to_markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def to_latex(header, rows) -> str:
+    esc = lambda v: str(v).replace("_", r"\_").replace("%", r"\%").replace(">", r"$>$")  # noqa: E731
+    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule", " & ".join(map(esc, header)) + r" \\",
+             r"\midrule"] + [" & ".join(map(esc, r)) + r" \\" for r in rows] + [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs, out: str, title: str) -> list:
+    """Write the PNG plots; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    individual = [r for r in runs if r["protocol"] == "individual"]
+    sequential = [r for r in runs if r["protocol"] == "sequential"]
+    for r in individual:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for chunk in sorted({x["chunk"] for x in r["records"]}):
+            recs = [x for x in r["records"] if x["chunk"] == chunk]
+            ax.plot([x["epoch"] for x in recs], [x["mean"] for x in recs], marker="o", ms=3, label=f"chunk {chunk}")
+        ax.axhline(r["summary"]["threshold"], color="k", ls="--", lw=1, label="threshold")
+        ax.set(xlabel="epoch", ylabel=_ylabel(r["summary"]["criterion"]),
+               title=f"{title}: {r['method']} / {r['data']}")
+        ax.legend(fontsize=7, ncol=2)
+        written.append(_save(fig, out, f"score_vs_epoch_{r['method']}_{r['data']}_{r['summary']['criterion']}.png"))
+    if individual:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in individual:
+            chunks = r["summary"]["chunks"]
+            ax.plot([c["chunk"] for c in chunks],
+                    [c["revival_epoch"] if c["revived"] else float("nan") for c in chunks], marker="o",
+                    label=f"{r['method']} / {r['data']} ({r['summary']['criterion']})")
+            missed = [c["chunk"] for c in chunks if not c["revived"]]
+            if missed:
+                ax.scatter(missed, [max(c["epochs_trained"] for c in chunks) - 1] * len(missed), marker="x",
+                           color="grey")
+        ax.set(xlabel="curriculum chunk", ylabel="epochs to revival (x: not revived within budget)",
+               title=f"{title}: epochs to revival")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out, "epochs_to_revival.png"))
+    for r in sequential:
+        fig, axes = plt.subplots(1, len(r["summary"]["criteria"]), figsize=(5 * len(r["summary"]["criteria"]), 4),
+                                 squeeze=False)
+        for ax, (name, threshold) in zip(axes[0], r["summary"]["criteria"].items()):
+            recs = [x for x in r["records"] if x["criterion"] == name]
+            ax.plot([x["images_seen"] for x in recs], [x["mean"] for x in recs], marker="o")
+            ax.axhline(threshold, color="k", ls="--", lw=1, label="threshold")
+            ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name), title=f"{r['method']} / {r['data']}: {name}")
+            ax.legend(fontsize=7)
+        written.append(_save(fig, out, f"sequential_{r['method']}_{r['data']}.png"))
+    return written
+
+
+def _ylabel(criterion: str) -> str:
+    return "mean CLIP cosine (0..1)" if criterion == "clip" else "classifier accuracy"
+
+
+def _save(fig, out, name) -> str:
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def main(args):
+    runs = [load_run(r) for r in args.runs]
+    os.makedirs(args.out, exist_ok=True)
+    header, rows = table_rows(runs)
+    for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
+        with open(os.path.join(args.out, f"revival_table.{ext}"), "w") as f:
+            f.write(fmt(header, rows))
+    plots = plot(runs, args.out, args.title)
+    print(to_markdown(header, rows))
+    print("plots:", *plots, sep="\n  ")
+    return header, rows, plots
+
+
+if __name__ == "__main__":
+    main(parse_args())
