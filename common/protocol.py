@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .checkpointing import STATE_FILE
 from .faults import maybe_fail
 from .results import RunRecorder, score_stats
 from .training import check_finite
@@ -65,8 +68,6 @@ class Validator:
             desc=f"validation {tag}",
         ) if prompts else []
         if cfg.image_dir:
-            import os
-
             folder = os.path.join(cfg.image_dir, tag)
             os.makedirs(folder, exist_ok=True)
             for k, im in zip(mine, images):
@@ -153,11 +154,6 @@ def read_checkpoint_state(path: Optional[str]) -> Optional[dict]:
     """The protocol position stored in a checkpoint (before the trainer loads it)."""
     if not path:
         return None
-    import json
-    import os
-
-    from .checkpointing import STATE_FILE
-
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
 

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .curriculum import chunk_ranges
+from .curriculum import check_against_dataset, chunk_ranges
 from .data import ImageTransform, load_training_data
 from .encoding import make_encoder
 from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
@@ -98,8 +98,6 @@ def open_run(
     # Data before models: a bad dataset should not cost a model load.
     dataset = load_training_data(data.train_data_dir, data.dataset_name, data.caption_column, data.image_column,
                                  data.dataset_config_name, data.cache_dir)
-    from .curriculum import check_against_dataset
-
     check_against_dataset(bounds, len(dataset))
     chunk_rows = dict(enumerate(chunk_ranges(bounds)))
     parts = load_sd_parts(model_path, revision, variant)
@@ -107,6 +105,8 @@ def open_run(
     parts.vae.to(acc.device, dtype=weight_dtype)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
     encoder = make_encoder(parts, transform, acc.device, weight_dtype, data.cache_latents)
+    if data.cache_latents and not data.center_crop:
+        recorder.log("latent cache off: random crops (no --center_crop) are re-encoded every step")
     largest = max(b - a for a, b in chunk_rows.values())
     per_epoch = -(-largest // (train.train_batch_size * train.gradient_accumulation_steps * acc.num_processes))
     trainer = ChunkTrainer(acc, parts, encoder, train, horizon_updates=per_epoch * horizon_epochs)

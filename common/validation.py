@@ -64,20 +64,30 @@ def generate_images(
     pipe.unet.eval()
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     try:
-        for b in range(0, len(prompts), batch_size):
+        b = 0
+        while b < len(prompts):
             batch_prompts = list(prompts[b : b + batch_size])
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + batch_size]]
-            with autocast():
-                out = pipe(
-                    batch_prompts,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=generators,
-                    height=resolution,
-                    width=resolution,
-                )
+            try:
+                with autocast():
+                    out = pipe(
+                        batch_prompts,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        generator=generators,
+                        height=resolution,
+                        width=resolution,
+                    )
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                # "All prompts that fit": halve the batch and retry; images do not depend on it.
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                continue
             images.extend(out.images)
             bar.update(len(batch_prompts))
+            b += len(batch_prompts)
     finally:
         bar.close()
         pipe.unet.train(was_training)

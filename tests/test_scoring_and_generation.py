@@ -49,3 +49,30 @@ def test_validation_image_does_not_depend_on_batch_size(assets):
     for x, y in zip(a[1:], c):
         assert np.abs(x - y).max() <= 1
     assert np.abs(a[0] - a[1]).max() > 10  # different seeds give different images
+
+
+def test_open_clip_models_are_selectable_and_score_by_hand(tmp_path):
+    import json
+
+    import open_clip
+
+    from common.clip_score import check_clip_spec
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "revival-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path))
+    scorer = ClipScorer("open_clip:revival-tiny")
+    rng = np.random.default_rng(1)
+    images = [draw_shape("ring", "green", 32, rng), draw_shape("cross", "white", 32, rng)]
+    texts = ["a green ring", "a white cross"]
+    with torch.no_grad():
+        img = scorer.model.encode_image(torch.stack([scorer.preprocess(im) for im in images]))
+        txt = scorer.model.encode_text(scorer.tokenizer(texts))
+    want = [float(a @ b / (a.norm() * b.norm())) for a, b in zip(img, txt)]
+    assert scorer.score(images, texts) == pytest.approx(want, abs=1e-5)
+    from common.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        check_clip_spec("open_clip:ViT-B-32:/nonexistent/weights.bin")

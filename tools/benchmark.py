@@ -119,8 +119,11 @@ def training_figures(args, model_dir, data_dir):
         out[f"{name}_samples_per_s"] = args.batch_size / sec
     # Bare UNet forward+backward on one ready batch (the floor a training step can reach).
     unet = trainer.unet
-    lat, txt = enc(ds, list(range(args.batch_size)), torch.Generator().manual_seed(0))
-    t = torch.randint(0, 1000, (args.batch_size,), device=lat.device)
+    from common.training import draw_batch
+
+    d = draw_batch(torch.Generator().manual_seed(0), args.batch_size, enc.latent_shape, 1000, 0.0, 0.0)
+    lat, txt = enc(ds, list(range(args.batch_size)), d["flip"], d["crop"], d["latent_noise"])
+    t = d["timesteps"].to(lat.device)
 
     def bare():
         with acc.autocast():
@@ -135,7 +138,6 @@ def training_figures(args, model_dir, data_dir):
 
 def validation_figures(args, acc, parts):
     """Images/s of validation generation: all prompts in one batch against one prompt at a time."""
-    from common.models import weight_dtype_for
     from common.validation import build_pipeline, generate_images, image_seed
 
     pipe = build_pipeline(parts, parts.unet)
@@ -148,7 +150,6 @@ def validation_figures(args, acc, parts):
         sec = timed(lambda: generate_images(pipe, prompts, seeds, bs, **kw), 1)
         out[f"validation_{name}_images_per_s"] = len(prompts) / sec
     out["validation_batching_speedup"] = out["validation_batched_images_per_s"] / out["validation_one_at_a_time_images_per_s"]
-    del weight_dtype_for
     return out
 
 
