@@ -13,13 +13,8 @@ from common import cli, entry
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog="finetuning_individual_CLIP.py")
-    cli.add_model_args(parser)
-    cli.add_data_args(parser)
-    cli.add_training_args(parser)
-    cli.add_validation_args(parser)
+    parser = cli.training_parser("finetuning_individual_CLIP.py", __doc__)
     cli.add_individual_args(parser)
-    cli.add_output_args(parser)
     parser.add_argument("--clip_threshold", type=float, default=0.31,
                         help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
     args = parser.parse_args(argv)

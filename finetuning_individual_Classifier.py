@@ -14,13 +14,8 @@ from common import cli, entry
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog="finetuning_individual_Classifier.py")
-    cli.add_model_args(parser)
-    cli.add_data_args(parser)
-    cli.add_training_args(parser)
-    cli.add_validation_args(parser, clip=False)
+    parser = cli.training_parser("finetuning_individual_Classifier.py", __doc__, clip=False)
     cli.add_individual_args(parser)
-    cli.add_output_args(parser)
     cli.add_classifier_args(parser, required=True)
     parser.add_argument("--bc_threshold", type=float, default=0.3,
                         help="revived when classifier accuracy >= this (0..1); the paper uses 0.3")

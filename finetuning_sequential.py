@@ -16,12 +16,7 @@ from common.errors import InputError
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0], prog="finetuning_sequential.py")
-    cli.add_model_args(parser)
-    cli.add_data_args(parser)
-    cli.add_training_args(parser)
-    cli.add_validation_args(parser)
-    cli.add_output_args(parser)
+    parser = cli.training_parser("finetuning_sequential.py", __doc__)
     cli.add_classifier_args(parser, required=False)
     g = parser.add_argument_group("sequential protocol")
     g.add_argument("--num_train_epochs", type=int, default=8, help="epochs per chunk (the paper: 8)")

@@ -40,6 +40,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def training_parser(prog: str, doc: str, clip: bool = True) -> Parser:
+    """The flags every fine-tuning script shares: model, data, training, validation, outputs."""
+    parser = Parser(description=doc.split("\n\n")[0], prog=prog)
+    add_model_args(parser)
+    add_data_args(parser)
+    add_training_args(parser)
+    add_validation_args(parser, clip=clip)
+    add_output_args(parser)
+    return parser
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
