@@ -1,0 +1,276 @@
+"""tools/unlearn.py and common/unlearning.py: ESD and UCE on the tiny model.
+
+Only mechanical properties that hold on any model are asserted: which
+parameters change, the closed form's residuals against a bound derived from
+lambda, the ESD objective falling on fixed held-out examples, and that the
+output is a pipeline the fine-tuning scripts run on.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RESOLUTION, ROOT, launch, seed_flags
+from common import unlearning as ul
+
+_spec = importlib.util.spec_from_file_location("unlearn_tool", ROOT / "tools" / "unlearn.py")
+unlearn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(unlearn)
+
+ERASE, PRESERVE = "red circle", "blue square"  # no shared first word: see test_uce_residuals_within_lambda_bound
+LAMB = 0.5
+# Few DDIM steps keep sampling cheap. Learning rates: ESD-x (25k parameters of the tiny UNet) at 1e-3 takes the
+# objective to ~0.2x in 30 iterations; ESD-u keeps the default 1e-5: Adam moves each of its 768k parameters by about
+# the learning rate per step whatever the gradient's size, and at 1e-4 that noise outgrows the tiny model's small
+# objective (it rose 4x in 30 steps), while 1e-5 lowers it steadily (~0.7x).
+ESD_FLAGS = ["--iterations", "30", "--ddim_steps", "5", "--probe_samples", "4", "--quiet"]
+
+
+def _weights(pipeline_dir: str, part: str) -> dict:
+    files = sorted(glob.glob(os.path.join(pipeline_dir, part, "*.safetensors")))
+    assert files, f"no safetensors under {pipeline_dir}/{part}"
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def _changed(base: str, out: str, part: str = "unet") -> set:
+    a, b = _weights(base, part), _weights(out, part)
+    assert a.keys() == b.keys()
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def _card(out: str) -> dict:
+    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
+        return json.load(f)
+
+
+def _run(argv) -> str:
+    args = unlearn.parse_args(argv)
+    unlearn.main(args)
+    return args.output_dir
+
+
+@pytest.fixture(scope="module")
+def uce_out(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uce") / "model")
+    return _run(["--method", "uce", "--erase", ERASE, "--preserve", PRESERVE, "--lamb", str(LAMB),
+                 "--model", assets["sd"], "--output_dir", out, "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def esd_x_out(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("esdx") / "model")
+    return _run(["--method", "esd-x", "--concept", ERASE, "--model", assets["sd"], "--output_dir", out,
+                 "--learning_rate", "1e-3", *ESD_FLAGS])
+
+
+@pytest.fixture(scope="module")
+def esd_u_out(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("esdu") / "model")
+    return _run(["--method", "esd-u", "--concept", ERASE, "--model", assets["sd"], "--output_dir", out, *ESD_FLAGS])
+
+
+@pytest.fixture(scope="module")
+def base_parts(assets):
+    from common.models import load_sd_parts
+
+    return load_sd_parts(assets["sd"])
+
+
+# ---- UCE ----------------------------------------------------------------------
+
+def test_uce_residuals_within_lambda_bound(assets, uce_out, base_parts):
+    """Each edited W meets its targets up to a residual bounded by sqrt(lambda), and is the exact ridge solution.
+
+    Derivation. UCE's W* minimises f(W) = ||W C - V||^2 + lam ||W - W0||^2, with
+    C = [c_i..., c_j...] (columns: erased and preserved token embeddings) and
+    V = [W0 c_guide..., W0 c_j...] (setting the gradient to zero gives exactly
+    the closed form). If C has full column rank, W_e = W0 + (V - W0 C) C^+
+    meets every target exactly, so
+        ||W* C - V||^2 <= f(W*) <= f(W_e) = lam ||(V - W0 C) C^+||^2,
+    i.e. the residual is at most sqrt(lam) ||(V - W0 C) C^+||_F, and -> 0 as lam -> 0.
+    The preserved and erased concepts must not share a first word: causal CLIP
+    gives that token the same embedding in both, two contradictory targets.
+    """
+    E, G, P = ul.uce_embeddings(base_parts.tokenizer, base_parts.text_encoder, [ERASE], [""], [PRESERVE], "all", "cpu")
+    assert (E.shape[0], P.shape[0]) == (3, 3)  # two words + EOS each
+    C = torch.cat([E, P]).T  # d x n
+    assert torch.linalg.matrix_rank(C) == C.shape[1]  # the bound's premise
+    before, after = _weights(assets["sd"], "unet"), _weights(uce_out, "unet")
+    names = [n for n in before if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    assert len(names) == 8
+    report = []
+    for name in names:
+        W0, W1 = before[name].double(), after[name].double()
+        V = torch.cat([G @ W0.T, P @ W0.T]).T  # out x n
+        r0 = torch.linalg.norm(W0 @ C - V)
+        r1 = torch.linalg.norm(W1 @ C - V)
+        bound = LAMB ** 0.5 * torch.linalg.norm((V - W0 @ C) @ torch.linalg.pinv(C))
+        # W1 is stored in float32: allow its rounding on top of the bound.
+        assert r1 <= bound + 1e-5 * torch.linalg.norm(V), (name, r1, bound)
+        assert r1 < 0.5 * r0, (name, r1, r0)
+        # An independent solve of the same ridge problem: [C^T; sqrt(lam) I] W^T = [V^T; sqrt(lam) W0^T].
+        d = C.shape[0]
+        A = torch.cat([C.T, LAMB ** 0.5 * torch.eye(d, dtype=torch.float64)])
+        B = torch.cat([V.T, LAMB ** 0.5 * W0.T])
+        W_ref = torch.linalg.lstsq(A, B).solution.T
+        assert torch.allclose(W1, W_ref, rtol=0, atol=1e-5 * W_ref.abs().max()), name
+        report.append((float(r1 / r0), float(bound / r0)))
+    print("UCE residual / initial gap, bound / initial gap:", [f"{a:.3f}<={b:.3f}" for a, b in report])
+    card = _card(uce_out)
+    assert card["results"]["residuals"]["erase"]["max"] < 0.5
+
+
+def test_uce_small_lambda_reaches_the_targets(base_parts):
+    """lambda -> 0: the closed form meets every target exactly (C has full column rank)."""
+    E, G, P = ul.uce_embeddings(base_parts.tokenizer, base_parts.text_encoder, [ERASE], [""], [PRESERVE], "all", "cpu")
+    M = ul.uce_transform(E, G, P, lamb=1e-9)
+    W0 = torch.randn(16, E.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    W1 = W0 @ M
+    scale = torch.linalg.norm(E @ W0.T)
+    assert torch.linalg.norm(E @ W1.T - G @ W0.T) < 1e-6 * scale
+    assert torch.linalg.norm(P @ W1.T - P @ W0.T) < 1e-6 * scale
+
+
+def test_uce_changes_only_cross_attention_keys_and_values(assets, uce_out):
+    changed = _changed(assets["sd"], uce_out)
+    edited = {n for n in _weights(assets["sd"], "unet") if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    assert changed == edited and len(edited) == 8
+    for part in ("text_encoder", "vae"):
+        assert _changed(assets["sd"], uce_out, part) == set(), part
+    card = _card(uce_out)
+    assert sorted(card["results"]["edited_parameters"]) == sorted(edited)
+    assert card["method"] == "uce" and card["erase"] == [ERASE] and card["guide"] == [""]
+    assert card["preserve"] == [PRESERVE] and card["hyperparameters"]["lamb"] == LAMB
+    assert card["library_versions"]["diffusers"] and card["wall_seconds"] > 0
+    assert card["base_model"] == os.path.abspath(assets["sd"])
+
+
+def test_uce_token_positions(base_parts):
+    tok, te = base_parts.tokenizer, base_parts.text_encoder
+    assert ul.token_count(tok, ERASE) == 4 and ul.token_count(tok, "") == 2
+    assert ul.token_positions(4, "all") == [1, 2, 3]
+    assert ul.token_positions(4, "last") == [2] and ul.token_positions(2, "last") == [0]
+    E, G, P = ul.uce_embeddings(tok, te, [ERASE], ["blue"], [], "all", "cpu")
+    emb = ul.encode_prompts(tok, te, [ERASE, "blue"], "cpu").double()
+    assert torch.equal(E, emb[0, 1:4]) and torch.equal(G, emb[1, 1:4]) and P.shape == (0, E.shape[1])
+    E, G, _ = ul.uce_embeddings(tok, te, [ERASE], ["blue"], [], "last", "cpu")
+    assert torch.equal(E, emb[0, 2:3]) and torch.equal(G, emb[1, 1:2])
+
+
+# ---- ESD ----------------------------------------------------------------------
+
+def test_esd_target_with_eta_zero_is_the_unconditional_prediction(base_parts):
+    u, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(ul.esd_target(u, c, 0.0), u)
+    assert torch.allclose(ul.esd_target(u, c, 1.0), 2 * u - c)
+    unet = base_parts.unet.eval()
+    cond, uncond = ul.encode_prompts(base_parts.tokenizer, base_parts.text_encoder, [ERASE, ""], "cpu").chunk(2)
+    z, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(501)
+    with torch.no_grad():
+        expected = unet(z, t, encoder_hidden_states=uncond).sample
+    assert torch.allclose(ul.frozen_esd_target(unet, z, t, cond, uncond, eta=0.0), expected, atol=1e-5)
+
+
+def test_esd_parameter_sets(base_parts):
+    x = set(ul.esd_trainable_names(base_parts.unet, "esd-x"))
+    u = set(ul.esd_trainable_names(base_parts.unet, "esd-u"))
+    names = {n for n, _ in base_parts.unet.named_parameters()}
+    assert x and u and x | u == names and not x & u and all("attn2" in n for n in x)
+
+
+def test_esd_x_trains_only_cross_attention(assets, esd_x_out):
+    changed = _changed(assets["sd"], esd_x_out)
+    assert changed and all("attn2" in n for n in changed)
+    for part in ("text_encoder", "vae"):
+        assert _changed(assets["sd"], esd_x_out, part) == set(), part
+
+
+def test_esd_u_leaves_cross_attention_alone(assets, esd_u_out):
+    changed = _changed(assets["sd"], esd_u_out)
+    assert changed and not any("attn2" in n for n in changed)
+    assert "conv_in.weight" in changed  # ESD-u really trains the rest of the UNet
+
+
+@pytest.mark.parametrize("which", ["esd_x_out", "esd_u_out"])
+def test_esd_objective_decreases_on_held_out_examples(which, request):
+    card = _card(request.getfixturevalue(which))
+    probe = card["results"]["objective_on_probes"]
+    print(which, "ESD objective on 4 held-out examples:", probe["before"], "->", probe["after"])
+    assert probe["samples"] == 4 and probe["after"] < 0.85 * probe["before"]
+    assert card["hyperparameters"]["iterations"] == 30 and card["hyperparameters"]["resolution"] == RESOLUTION
+    assert card["results"]["latent_shape"] == [1, 4, 8, 8]
+
+
+# ---- both: a usable pipeline ---------------------------------------------------
+
+@pytest.mark.parametrize("which", ["uce_out", "esd_x_out"])
+def test_output_loads_and_generates(which, request):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(request.getfixturevalue(which), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(ERASE, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (RESOLUTION, RESOLUTION)
+
+
+@pytest.mark.parametrize("which", ["uce_out", "esd_x_out"])
+def test_output_runs_through_individual_clip(which, request, assets, tmp_path):
+    out = str(tmp_path / "revival")
+    flags = seed_flags(assets, out, **{"--pretrained_model_name_or_path": request.getfixturevalue(which),
+                                      "--clip_threshold": -1, "--end_CL": 1, "--save_model": "False"})
+    proc = launch("finetuning_individual_CLIP.py", flags, cwd=assets["root"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "validations.jsonl")) as f:
+        assert len([json.loads(line) for line in f]) == 1
+
+
+# ---- bad input ----------------------------------------------------------------
+
+def test_missing_model_dir_exits_2_with_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "unlearn.py"), "--method", "uce", "--erase", "x",
+                           "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")],
+                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unlearn.py: error: --pretrained_model_name_or_path"), proc.stderr
+    assert "no such directory" in lines[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "esd-x"], "--concept: required"),
+    (["--method", "esd-u", "--concept", "x", "--lamb", "0.1"], "--lamb: not used by --method esd-u"),
+    (["--method", "uce", "--concept", "x", "--iterations", "5"], "--iterations: not used by --method uce"),
+    (["--method", "uce", "--erase", "a", "b", "c", "--guide", "d", "e"], "--guide: give one guide"),
+    (["--method", "uce", "--erase", "a", "--lamb", "0"], "--lamb 0.0: must be > 0"),
+    (["--method", "esd-x", "--concept", " "], "--concept: empty concept"),
+    (["--method", "esd-x", "--concept", "x", "--resolution", "36"], "--resolution 36"),
+    (["--method", "uce", "--erase", "a", "--device", "cuda:7"], "--device cuda:7"),
+    (["--method", "uce", "--erase", "a", "--preserve", "a"], "--preserve 'a': also erased"),
+    (["--method", "esd-x", "--concept", "x", "--ddim_steps", "1001"], "--ddim_steps 1001: at most"),
+])
+def test_bad_flags_exit_2(argv, message, assets, tmp_path, capsys):
+    if "cuda:7" in argv and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    with pytest.raises(SystemExit) as err:
+        unlearn.parse_args([*argv, "--model", assets["sd"], "--output_dir", str(tmp_path / "o")])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_output_dir_must_differ_from_the_model(assets, capsys):
+    with pytest.raises(SystemExit) as err:
+        unlearn.parse_args(["--method", "uce", "--erase", "a", "--model", assets["sd"], "--output_dir", assets["sd"]])
+    assert err.value.code == 2 and "is the base model's directory" in capsys.readouterr().err
