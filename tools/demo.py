@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""The built-in demo: concept revival in a toy world, on a CPU (`make demo`).
+
+Phases: build (or reuse) the toy world; calibrate the thresholds; fine-tune the
+unlearned models (ESD-x, UCE) with the four scripts through `accelerate
+launch`; evaluate; print the revival table and write plots (tools/report.py).
+
+Threshold rule (documented in the README): the paper's CLIP threshold (0.31)
+sits just under the original model's own score on the concept. Here it is the
+base model's mean CLIP cosine on the target prompts minus a fifth of the gap
+to the best unlearned model's score; the classifier threshold is the paper's 0.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common import toy_world  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", default=toy_world.DEFAULT_DIR, help="toy world directory (built once, cached)")
+    p.add_argument("--out", default=os.path.join(ROOT, "demo_runs"), help="run outputs, tables and plots")
+    p.add_argument("--scale", default="full", choices=sorted(toy_world.SCALES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip_epoch", type=int, default=5, help="epoch budget of the individual runs")
+    p.add_argument("--num_train_epochs", type=int, default=4, help="epochs per chunk of the sequential runs")
+    p.add_argument("--num_inference_steps", type=int, default=10)
+    return p.parse_args(argv)
+
+
+def calibrate(card: dict) -> dict:
+    """Thresholds from the world's own scores (see the module docstring)."""
+    models = card["figures"]["models"]
+    base = models["base"]["clip_score_target"]
+    unlearned = max(models[m]["clip_score_target"] for m in toy_world.UNLEARN_METHODS if m in models)
+    return {"clip_threshold": round(base - 0.2 * (base - unlearned), 4), "bc_threshold": 0.3,
+            "base_clip": base, "best_unlearned_clip": unlearned}
+
+
+def launch(script: str, flags: dict, log_path: str) -> int:
+    """Run one script through `accelerate launch` (1 CPU process); its output goes to log_path."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, script)]
+    cmd += [k if v is None else f"{k}={v}" for k, v in flags.items()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"  {script} -> {os.path.basename(os.path.dirname(log_path))}: exit {rc}, {time.time() - t0:.0f} s")
+    return rc
+
+
+def main(args):
+    t0 = time.time()
+    # Phase 1: the world (cached on disk; a second run reuses it).
+    card = toy_world.build_toy_world(args.world, seed=args.seed, scale=args.scale)
+    p = toy_world.paths(args.world)
+    th = calibrate(card)
+    print(f"thresholds: CLIP {th['clip_threshold']} (base {th['base_clip']:.4f}, best unlearned "
+          f"{th['best_unlearned_clip']:.4f}), classifier {th['bc_threshold']}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "thresholds.json"), "w") as f:
+        json.dump(th, f, indent=2)
+    common = {"--train_data_dir": None, "--caption_column": "prompt", "--resolution": toy_world.RESOLUTION,
+              "--center_crop": None, "--random_flip": None, "--learning_rate": "1e-4", "--train_batch_size": 10,
+              "--curriculum": toy_world.CURRICULUM, "--validation_prompts": p["prompts_target"],
+              "--num_inference_steps": args.num_inference_steps, "--seed": args.seed}
+    # Phase 2: fine-tune the unlearned models.
+    runs = []
+    plan = []
+    for method in toy_world.UNLEARN_METHODS:
+        model = p["unlearned"][method]
+        if not os.path.isdir(model):
+            print(f"  {method}: no unlearned model in the world; skipped")
+            continue
+        for data in ("related", "unrelated"):
+            plan.append(("finetuning_sequential.py", f"seq-{method}-{data}", model, data,
+                         {"--num_train_epochs": args.num_train_epochs, "--model_path": p["classifier"],
+                          "--clip_threshold": th["clip_threshold"], "--bc_threshold": th["bc_threshold"],
+                          "--clip_model": p["clip"], "--curriculum_checkpoints": "4,9", "--use_ema": None}))
+        plan.append(("finetuning_individual_CLIP.py", f"clip-{method}-related", model, "related",
+                     {"--clip_threshold": th["clip_threshold"], "--clip_model": p["clip"],
+                      "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    if plan:
+        method = plan[0][2]
+        plan.append(("finetuning_individual_Classifier.py", f"clf-{os.path.basename(method)}-related", method,
+                     "related", {"--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"],
+                                 "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    for script, name, model, data, extra in plan:
+        out = os.path.join(args.out, name)
+        flags = {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
+                 "--output_dir": out, **extra}
+        done = os.path.join(out, "DEMO_DONE")
+        if os.path.isfile(done):  # finished by an earlier `make demo`: reuse it
+            print(f"  {name}: done earlier, reused")
+            runs.append(out)
+            continue
+        flags["--resume_from_checkpoint"] = "latest"  # continue an interrupted demo (or start afresh)
+        if launch(script, flags, os.path.join(args.out, f"{name}.log")) == 0:
+            open(done, "w").close()
+            runs.append(out)
+    # Phase 3: evaluate the base, unlearned and revived sequential models.
+    seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")]
+    models = [p["sd_base"]] + [p["unlearned"][m] for m in toy_world.UNLEARN_METHODS if os.path.isdir(p["unlearned"][m])]
+    subprocess.call([sys.executable, os.path.join(ROOT, "eval_model.py"), ",".join(models + seq_dirs),
+                     p["classifier"], toy_world.caption(*toy_world.TARGET), f"--prompt_file={p['prompts_target']}",
+                     "--curr", "--images_per_prompt", "2", "--output_dir", os.path.join(args.out, "eval"),
+                     "--clip_model", p["clip"], "--num_inference_steps", str(args.num_inference_steps),
+                     "--resolution", str(toy_world.RESOLUTION)], env=dict(os.environ, PYTHONPATH=ROOT))
+    # Phase 4: the revival table and plots.
+    subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
+                     os.path.join(args.out, "report"), "--title", "Toy world"])
+    print(f"demo finished in {time.time() - t0:.0f} s; outputs in {args.out}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
