@@ -264,3 +264,15 @@ def build_tiny_timm_classifier(path: str, seed: int = 0, arch: str = "vit_tiny_p
     model = timm.create_model(arch, pretrained=False, num_classes=2)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path
+
+
+def tiny_vit_backbone(out_dir: str, image_size: int = 32, seed: int = 0, num_labels: int = 10) -> str:
+    """Save an untrained tiny ViTForImageClassification with a ``num_labels`` head (a stand-in for ViT-L/16 in21k)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=num_labels)
+    ViTForImageClassification(config).save_pretrained(out_dir)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return out_dir
