@@ -1,0 +1,119 @@
+"""Experiment grids for cluster job arrays (tools/grid.py, slurm/grid.sbatch).
+
+A grid is a CSV file, one line per group of runs. The columns ``method``,
+``concept`` and ``dataset`` name the axes; a cell may list several values
+separated by ``;`` and the line expands to their cross product (methods x
+concepts x datasets). ``script`` is the fine-tuning script to run. Every column
+whose name starts with ``--`` is passed as that flag; its cell may use
+``{method}``, ``{concept}``, ``{concept_slug}``, ``{dataset}`` and
+``{out_root}``; an empty cell leaves the flag out and ``on`` passes it bare
+(``--use_ema``). Without an ``--output_dir`` column a run writes to
+``{out_root}/{script}/{method}/{concept_slug}/{dataset}``. Every run gets
+``--resume_from_checkpoint latest``, so the same command starts and restarts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import shlex
+from dataclasses import dataclass
+from typing import Dict, List
+
+from .errors import InputError
+
+AXES = ("method", "concept", "dataset")
+BARE = "on"
+
+
+@dataclass(frozen=True)
+class GridRun:
+    index: int
+    method: str
+    concept: str
+    dataset: str
+    script: str
+    flags: tuple  # ((flag, value or None), ...) in column order
+    output_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{os.path.splitext(os.path.basename(self.script))[0]}/{self.method}/{slug(self.concept)}/{self.dataset}"
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.strip().lower()).strip("_") or "x"
+
+
+def _fill(template: str, values: Dict[str, str], where: str) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise InputError(f"{where}: cannot fill {template!r} ({err}); placeholders are "
+                         "{method} {concept} {concept_slug} {dataset} {out_root}") from None
+
+
+def read_grid(path: str, out_root: str) -> List[GridRun]:
+    """Every run of the grid file, in file order then method, concept, dataset order."""
+    if not os.path.isfile(path):
+        raise InputError(f"GRID {path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(line for line in f if line.strip() and not line.lstrip().startswith("#")))
+    if not rows:
+        raise InputError(f"GRID {path}: no runs")
+    columns = list(rows[0].keys())
+    missing = [c for c in ("script", *AXES) if c not in columns]
+    if missing:
+        raise InputError(f"GRID {path}: missing column(s) {', '.join(missing)}")
+    unknown = [c for c in columns if c not in ("script", *AXES) and not c.startswith("--")]
+    if unknown:
+        raise InputError(f"GRID {path}: column(s) {', '.join(unknown)} are neither axes nor --flags")
+    runs: List[GridRun] = []
+    seen = {}
+    for line_no, row in enumerate(rows, 2):
+        where = f"GRID {path} row {line_no - 1}"
+        if None in row or any(v is None for v in row.values()):
+            raise InputError(f"{where}: wrong number of cells")
+        axes = []
+        for axis in AXES:
+            values = [v.strip() for v in row[axis].split(";") if v.strip()]
+            if not values:
+                raise InputError(f"{where}: empty {axis}")
+            axes.append(values)
+        script = row["script"].strip()
+        if not script:
+            raise InputError(f"{where}: empty script")
+        for method, concept, dataset in itertools.product(*axes):
+            values = {"method": method, "concept": concept, "concept_slug": slug(concept), "dataset": dataset,
+                      "out_root": out_root}
+            flags = []
+            output_dir = None
+            for col in columns:
+                if not col.startswith("--") or not row[col].strip():
+                    continue
+                cell = row[col].strip()
+                value = None if cell == BARE else _fill(cell, values, f"{where} column {col}")
+                if col == "--output_dir":
+                    output_dir = value
+                elif col != "--resume_from_checkpoint":
+                    flags.append((col, value))
+            stem = os.path.splitext(os.path.basename(script))[0]
+            output_dir = output_dir or os.path.join(out_root, stem, method, slug(concept), dataset)
+            if output_dir in seen:
+                raise InputError(f"{where}: output directory {output_dir} is also used by run {seen[output_dir]}")
+            seen[output_dir] = len(runs)
+            runs.append(GridRun(len(runs), method, concept, dataset, script, tuple(flags), output_dir))
+    return runs
+
+
+def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) -> str:
+    """The shell command of one run: ``accelerate launch`` with its flags, resuming from its latest checkpoint."""
+    cmd = ["accelerate", "launch"]
+    if num_processes > 1:
+        cmd += ["--multi_gpu"]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", str(num_machines), run.script]
+    for flag, value in run.flags:
+        cmd += [flag] if value is None else [f"{flag}={value}"]
+    cmd += [f"--output_dir={run.output_dir}", "--resume_from_checkpoint=latest"]
+    return shlex.join(cmd)

@@ -1,0 +1,146 @@
+"""Experiment grids and the SLURM templates (issue 7): rendering, bash syntax, requeue on preemption."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common import grid
+from common.errors import InputError
+from conftest import ROOT
+
+SLURM = ROOT / "slurm"
+
+
+def test_example_grid_renders_the_cross_product():
+    runs = grid.read_grid(str(SLURM / "example_grid.csv"), "runs")
+    assert len(runs) == 8  # 2 methods x 2 concepts x 2 datasets
+    assert [(r.method, r.concept, r.dataset) for r in runs[:3]] == [
+        ("esd-x", "golf ball", "related"), ("esd-x", "golf ball", "unrelated"), ("esd-x", "church", "related")]
+    cmd = shlex.split(grid.launch_command(runs[5], num_processes=4))
+    assert cmd[:8] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "--num_machines", "1",
+                       "finetuning_sequential.py"]
+    flags = cmd[8:]
+    assert "--pretrained_model_name_or_path=models/uce/golf_ball" in flags
+    assert "--train_data_dir=data/golf_ball/unrelated" in flags
+    assert "--curriculum=50,100,150,200,250,300,350,400,450,500" in flags
+    assert "--use_ema" in flags  # "on": a bare flag
+    assert flags[-2:] == ["--output_dir=runs/finetuning_sequential/uce/golf_ball/unrelated",
+                          "--resume_from_checkpoint=latest"]
+    # The rendered command line is accepted by the script's own parser (paths aside).
+    import finetuning_sequential
+
+    with pytest.raises(SystemExit) as err:
+        finetuning_sequential.parse_args(flags)
+    assert err.value.code == 2  # models/uce/golf_ball does not exist here: one clear error, not a parse failure
+
+
+def test_grid_placeholders_bare_flags_and_errors(tmp_path):
+    g = tmp_path / "g.csv"
+    g.write_text("script,method,concept,dataset,--output_dir,--seed,--use_ema,--scale_lr\n"
+                 "finetuning_individual_CLIP.py,m1,Van Gogh,d1;d2,{out_root}/x/{concept_slug}-{dataset},3,on,\n")
+    runs = grid.read_grid(str(g), "R")
+    assert [r.output_dir for r in runs] == ["R/x/van_gogh-d1", "R/x/van_gogh-d2"]
+    assert runs[0].flags == (("--seed", "3"), ("--use_ema", None))  # an empty cell leaves --scale_lr out
+    for text, msg in (("script,method,concept\nx,a,b\n", "missing column"),
+                      ("script,method,concept,dataset,lr\nx,a,b,c,1\n", "neither axes nor --flags"),
+                      ("script,method,concept,dataset,--x\ns,a,b,c,{nope}\n", "cannot fill"),
+                      ("script,method,concept,dataset,--output_dir\ns,a;b,c,d,same\n", "also used by run 0"),
+                      ("script,method,concept,dataset\n", "no runs")):
+        g.write_text(text)
+        with pytest.raises(InputError, match=msg):
+            grid.read_grid(str(g), "R")
+
+
+def test_grid_tool_cli(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "tools" / "grid.py"), *a], capture_output=True,
+                                    text=True, cwd=ROOT, timeout=120)
+    r = run("count", str(SLURM / "example_grid.csv"))
+    assert r.returncode == 0 and r.stdout.strip() == "8"
+    r = run("output_dir", str(SLURM / "example_grid.csv"), "--index", "8")
+    assert r.returncode == 2 and "runs 0..7" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["requeue.sh", "run_one.sbatch", "grid.sbatch"])
+def test_slurm_templates_parse(name):
+    r = subprocess.run(["bash", "-n", str(SLURM / name)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+FAKE_RUN = r'''
+import argparse, json, os, signal, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--output_dir"); p.add_argument("--resume_from_checkpoint"); p.add_argument("--mode")
+a = p.parse_args()
+os.makedirs(a.output_dir, exist_ok=True)
+open(os.path.join(a.output_dir, "started"), "a").write(f"{a.resume_from_checkpoint}\n")
+if a.mode == "finish":
+    sys.exit(0)
+def on_signal(*_):  # what the real scripts do: checkpoint, marker, exit 75
+    time.sleep(1.0)  # a slow checkpoint: the job script must wait for it
+    json.dump({"checkpoint": "checkpoint-1"}, open(os.path.join(a.output_dir, "PREEMPTED"), "w"))
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+open(os.path.join(a.output_dir, "ready"), "w").close()
+time.sleep(120)
+sys.exit(1)
+'''
+
+
+def _fake_cluster(tmp_path):
+    """A grid of two fake runs, a fake scontrol that logs its arguments, and accelerate on PATH."""
+    (tmp_path / "fake_run.py").write_text(FAKE_RUN)
+    (tmp_path / "grid.csv").write_text(f"script,method,concept,dataset,--mode\n"
+                                       f"{tmp_path / 'fake_run.py'},m,c,d,preempt\n"
+                                       f"{tmp_path / 'fake_run.py'},m,c,e,finish\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    path = f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    return dict(os.environ, PATH=path, PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="124",
+                SLURM_ARRAY_JOB_ID="123", ACCELERATE_USE_CPU="true", PYTHONPATH=str(ROOT))
+
+
+def test_grid_job_requeues_on_preemption_and_finishes_otherwise(tmp_path):
+    env = _fake_cluster(tmp_path)
+    out_root = tmp_path / "runs"
+    cmd = ["bash", str(SLURM / "grid.sbatch"), str(tmp_path / "grid.csv"), str(out_root)]
+    # Task 1 finishes: exit 0, no requeue.
+    r = subprocess.run(cmd, env=dict(env, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out_root / "fake_run" / "m" / "c" / "e" / "started").read_text() == "latest\n"
+    assert not (tmp_path / "scontrol.log").exists()
+    # Task 0 is preempted: SIGUSR1 to the batch shell (as --signal=B:USR1 does) reaches the run, which
+    # checkpoints; the job waits for it, then requeues itself and exits 75.
+    out = out_root / "fake_run" / "m" / "c" / "d"
+    proc = subprocess.Popen(cmd, env=dict(env, SLURM_ARRAY_TASK_ID="0"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "ready").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, log
+    assert (out / "PREEMPTED").exists()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "123_0"]
+    assert "requeueing 123_0" in log
+
+
+def test_run_one_job_passes_flags_and_output_dir(tmp_path):
+    env = _fake_cluster(tmp_path)
+    out = tmp_path / "one run"  # a space: the command must be quoted
+    r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out), str(tmp_path / "fake_run.py"), "--mode",
+                        "finish"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "started").read_text() == "latest\n"
+    r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr

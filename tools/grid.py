@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Render an experiment grid (CSV; see common/grid.py) to launch commands, for slurm/grid.sbatch or by hand.
+
+    python tools/grid.py count slurm/example_grid.csv
+    python tools/grid.py list slurm/example_grid.csv --out_root runs
+    python tools/grid.py command slurm/example_grid.csv --index 3 --num_processes 4
+    python tools/grid.py output_dir slurm/example_grid.csv --index 3
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common import grid  # noqa: E402
+from common.cli import Parser  # noqa: E402
+from common.errors import InputError, exit_on_input_error  # noqa: E402
+
+PROG = "grid.py"
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], prog=PROG)
+    p.add_argument("action", choices=("count", "list", "command", "output_dir"))
+    p.add_argument("grid", help="grid CSV file")
+    p.add_argument("--out_root", default="runs", help="root of the runs' output directories ({out_root})")
+    p.add_argument("--index", type=int, default=None, help="the run (0-based; SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) over all machines")
+    p.add_argument("--num_machines", type=int, default=1)
+    args = p.parse_args(argv)
+    with exit_on_input_error(PROG):
+        args.runs = grid.read_grid(args.grid, args.out_root)
+        if args.action in ("command", "output_dir"):
+            if args.index is None:
+                raise InputError(f"{args.action} needs --index")
+            if not 0 <= args.index < len(args.runs):
+                raise InputError(f"--index {args.index}: the grid has runs 0..{len(args.runs) - 1}")
+        if args.num_processes < 1 or args.num_machines < 1:
+            raise InputError("--num_processes and --num_machines must be >= 1")
+    return args
+
+
+def main(args):
+    if args.action == "count":
+        print(len(args.runs))
+    elif args.action == "list":
+        for r in args.runs:
+            print(f"{r.index}\t{r.name}\t{r.output_dir}")
+    elif args.action == "output_dir":
+        print(args.runs[args.index].output_dir)
+    else:
+        print(grid.launch_command(args.runs[args.index], args.num_processes, args.num_machines))
+
+
+if __name__ == "__main__":
+    main(parse_args())
