@@ -1,0 +1,238 @@
+"""common/toy_world.py: the reduced toy world, built once; each part against loose bounds; one protocol end to end.
+
+The bounds are far below what the full world reaches (card.json of a full
+build) but still fail for a broken part: an untrained CLIP retrieves at
+chance (1/48), a classifier that does not see the concept cannot pass 0.7
+on its own training distribution, and so on.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RESOLUTION, launch
+from common import toy_world as tw
+
+CHANCE = 1 / len(tw.CONCEPTS)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy") / "world")
+    logs = []
+    t0 = time.time()
+    card = tw.build_toy_world(out, seed=0, scale="reduced", log=logs.append)
+    return {"dir": out, "card": card, "paths": tw.paths(out), "seconds": time.time() - t0, "logs": logs}
+
+
+def _weights(path):
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def test_card_written_and_every_part_present(world):
+    p, card = world["paths"], world["card"]
+    assert tw.load_card(world["dir"]) == card
+    assert card["config"] == tw.world_config(0, "reduced")
+    assert card["target_concept"] == "a red circle" and card["curriculum"] == "50,100,150,200,250,300,350,400,450,500"
+    for name, fig in card["targets"].items():
+        assert set(fig) == {"value", "target", "met"}, name
+        assert fig["met"] in (True, False, None)
+    assert card["all_targets_met"] == all(f["met"] for f in card["targets"].values())
+    for key, files in (("clip", ("config.json", "tokenizer_config.json")),
+                       ("sd_base", ("model_index.json", "unet/config.json", "vae/config.json",
+                                    "text_encoder/config.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")),
+                       ("classifier", ("config.json", "preprocessor_config.json")),
+                       ("data_related", ("metadata.jsonl",)), ("data_unrelated", ("metadata.jsonl",))):
+        for f in files:
+            assert os.path.isfile(os.path.join(p[key], f)), (key, f)
+    assert os.path.isfile(p["prompts_target"]) and os.path.isfile(p["prompts_retained"])
+    # Built in a temporary sibling and renamed: nothing left beside it.
+    assert os.listdir(os.path.dirname(world["dir"])) == ["world"]
+
+
+def test_toy_clip_retrieves_captions_well_above_chance(world):
+    from common.clip_score import ClipScorer
+
+    assert world["card"]["figures"]["clip"]["top1_retrieval_heldout"] >= 4 * CHANCE
+    # The saved directory loads with the toolkit's scorer and still retrieves on freshly drawn images.
+    scorer = ClipScorer(world["paths"]["clip"])
+    images, labels = tw.draw_concepts(tw.CONCEPTS, 2, seed=12345)
+    acc, preds = tw.retrieval_top1(scorer, images, labels)
+    assert acc >= 3 * CHANCE
+    # Cosines are on the 0..1 scale; an image is closer to its own caption than to a random other one, on average.
+    own = scorer.score(images, [tw.caption(*tw.CONCEPTS[y]) for y in labels])
+    other = scorer.score(images, [tw.caption(*tw.CONCEPTS[(y + 17) % len(tw.CONCEPTS)]) for y in labels])
+    assert np.mean(own) > np.mean(other)
+
+
+def test_classifier_detects_the_concept_on_its_training_distribution(world):
+    from common.classifier import ConceptClassifier
+
+    clf = ConceptClassifier(world["paths"]["classifier"])
+    assert clf.model.config.id2label[1] == "a red circle"
+    images, labels = tw.classifier_batch(tw.TARGET, 96, np.random.default_rng(99), augment=False)
+    pred = np.array(clf.predict(images))
+    y = np.array(labels)
+    assert (pred == y).mean() > 0.7
+    assert pred[y == 1].mean() > 0.5  # it does say "red circle" to red circles
+    unrelated = np.array([i % 2 == 1 and (i // 2) % 4 == 3 for i in range(len(y))])  # neither red nor a circle
+    assert pred[unrelated].mean() < 0.5
+    assert world["card"]["figures"]["classifier"]["heldout_acc_clean"] > 0.7
+
+
+def test_sd_base_is_a_loadable_pipeline_around_the_clip_text_tower(world):
+    from diffusers import DDIMScheduler
+    from transformers import CLIPModel
+
+    from common.models import load_sd_parts
+    from common.validation import build_pipeline, generate_images, image_seed
+
+    p = world["paths"]
+    parts = load_sd_parts(p["sd_base"])
+    assert isinstance(parts.inference_scheduler, DDIMScheduler)
+    cfg = parts.inference_scheduler.config
+    assert (cfg.steps_offset, cfg.clip_sample, cfg.set_alpha_to_one, cfg.beta_schedule) == (1, False, False, "scaled_linear")
+    assert parts.noise_scheduler.config.num_train_timesteps == 1000
+    assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+    assert parts.vae.config.scaling_factor == pytest.approx(world["card"]["figures"]["vae"]["scaling_factor"])
+    assert parts.vae.config.scaling_factor != 0.18215
+    # The frozen text encoder is the toy CLIP's text tower: same hidden states.
+    clip = CLIPModel.from_pretrained(p["clip"]).eval()
+    ids = parts.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(parts.text_encoder(ids)[0], clip.text_model(input_ids=ids)[0], atol=1e-5)
+    assert world["card"]["figures"]["unet"]["loss_last"] < world["card"]["figures"]["unet"]["loss_first"]
+    pipe = build_pipeline(parts, parts.unet)
+    images = generate_images(pipe, ["a red circle"], [image_seed(0, 0)], 1, num_inference_steps=2, resolution=RESOLUTION)
+    assert images[0].size == (RESOLUTION, RESOLUTION)
+
+
+def _rows(path):
+    with open(os.path.join(path, "metadata.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name,concepts", [("data_related", tw.RELATED), ("data_unrelated", tw.UNRELATED)])
+def test_curriculum_datasets_rows_in_order(world, name, concepts):
+    path = world["paths"][name]
+    rows = _rows(path)
+    assert len(rows) == 500 and len(concepts) == 10
+    for i, r in enumerate(rows):
+        colour, shape = concepts[i // tw.PER_CONCEPT]
+        assert r["prompt"] == tw.caption(colour, shape, template=i % tw.PER_CONCEPT), i
+        assert os.path.isfile(os.path.join(path, r["file_name"]))
+    assert len({r["file_name"] for r in rows}) == 500
+    assert tw.TARGET not in concepts and len(set(concepts)) == 10
+    from common.curriculum import check_against_dataset, parse_curriculum
+
+    check_against_dataset(parse_curriculum(world["card"]["curriculum"]), len(rows))
+
+
+def test_related_data_comes_closer_to_the_target_chunk_by_chunk():
+    def shared(c):  # attributes shared with the target (colour, shape), near ones counting half
+        near = {"red": "orange", "circle": "ring"}
+        return sum(1.0 if a == t else 0.5 if near[t] == a else 0.0 for a, t in zip(c, tw.TARGET))
+
+    closeness = [shared(c) for c in tw.RELATED]
+    assert closeness[:4] == [0, 0, 0, 0] and min(closeness[4:]) >= 0.5
+    assert closeness[-2:] == [1.5, 1.5]  # the closest last: orange circle, red ring
+    assert all(shared(c) == 0 for c in tw.UNRELATED) and tw.RETAINED not in tw.UNRELATED
+
+
+def test_prompts(world):
+    p = world["paths"]
+    target = open(p["prompts_target"]).read().split("\n")
+    retained = open(p["prompts_retained"]).read().split("\n")
+    target, retained = [t for t in target if t], [t for t in retained if t]
+    assert len(target) == len(retained) == 10 * tw.VALIDATION_REPEATS and len(set(target)) == 10
+    assert all("red circle" in t for t in target) and all("blue square" in t for t in retained)
+
+
+def test_unlearned_models_change_only_the_unet(world):
+    if not os.path.isfile(tw.UNLEARN_TOOL):
+        pytest.skip("tools/unlearn.py is not there")
+    p = world["paths"]
+    base = _weights(os.path.join(p["sd_base"], "unet"))
+    for method, path in p["unlearned"].items():
+        assert os.path.isfile(os.path.join(path, "model_index.json")), method
+        unet = _weights(os.path.join(path, "unet"))
+        changed = {k for k in base if not torch.equal(base[k], unet[k])}
+        assert changed and all("attn2" in k for k in changed), method  # both edit cross-attention only
+        assert _weights(os.path.join(path, "text_encoder")).keys() == _weights(os.path.join(p["sd_base"], "text_encoder")).keys()
+        assert method in world["card"]["figures"]["models"]
+        # The tool's card names the world's final paths, not the temporary build directory.
+        with open(os.path.join(path, "unlearning_card.json")) as f:
+            ucard = json.load(f)
+        assert ucard["base_model"] == os.path.abspath(p["sd_base"]) and ".tmp-" not in json.dumps(ucard)
+
+
+def test_rebuild_with_same_seed_reuses_the_cache(world):
+    t0 = time.time()
+    logs = []
+    card = tw.build_toy_world(world["dir"], seed=0, scale="reduced", log=logs.append)
+    assert time.time() - t0 < 5
+    assert card == world["card"] and "reusing" in logs[0]
+
+
+def test_other_config_rebuilds_atomically(tmp_path, monkeypatch):
+    out = str(tmp_path / "w")
+    calls = []
+
+    def fake_build(root, config, log, **kw):
+        calls.append(config["seed"])
+        if config["seed"] == 2:
+            raise RuntimeError("boom")
+        with open(os.path.join(root, "marker"), "w") as f:
+            f.write(str(config["seed"]))
+        card = {"config": config}
+        with open(os.path.join(root, tw.CARD_FILE), "w") as f:
+            json.dump(card, f)
+        return card
+
+    monkeypatch.setattr(tw, "_build", fake_build)
+    monkeypatch.setattr(tw, "format_card", lambda card: "card")
+    tw.build_toy_world(out, seed=0, scale="reduced", log=lambda m: None)
+    tw.build_toy_world(out, seed=0, scale="reduced", log=lambda m: None)  # cached
+    tw.build_toy_world(out, seed=1, scale="reduced", log=lambda m: None)  # another config: rebuilt
+    assert calls == [0, 1] and open(os.path.join(out, "marker")).read() == "1"
+    tw.build_toy_world(out, seed=1, scale="reduced", log=lambda m: None, force=True)
+    assert calls == [0, 1, 1]
+    with pytest.raises(RuntimeError):
+        tw.build_toy_world(out, seed=2, scale="reduced", log=lambda m: None)
+    # A failed build leaves the previous world as it was and no temporary directory.
+    assert tw.load_card(out)["config"]["seed"] == 1 and os.listdir(tmp_path) == ["w"]
+    with pytest.raises(ValueError):
+        tw.world_config(0, "huge")
+
+
+def test_individual_clip_protocol_runs_on_the_toy_world(world, tmp_path):
+    p = world["paths"]
+    model = p["unlearned"]["esd-x"] if os.path.isdir(p["unlearned"]["esd-x"]) else p["sd_base"]
+    out = str(tmp_path / "run")
+    args = [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={p['data_related']}",
+            "--caption_column=prompt", f"--resolution={RESOLUTION}", "--center_crop", "--train_batch_size=10",
+            "--curriculum=50,100", "--end_CL=1", "--clip_threshold=0.99", "--clip_epoch=0",
+            f"--validation_prompts={p['prompts_target']}", f"--clip_model={p['clip']}",
+            "--num_inference_steps=5", "--save_model=False", f"--output_dir={out}"]
+    proc = launch("finetuning_individual_CLIP.py", args, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "validations.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    # Chunk 0 only (--end_CL 1); validated after epoch 0, not revived at 0.99, stopped after epoch 1 > clip_epoch.
+    assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["images_seen"], r["revived"]) for r in recs] == [
+        (0, 0, 5, 50, False)]
+    r = recs[0]
+    assert len(r["scores"]) == 10 * tw.VALIDATION_REPEATS and r["criterion"] == "clip" and r["threshold"] == 0.99
+    assert all(-1 <= s <= 1 for s in r["scores"]) and r["mean"] == pytest.approx(np.mean(r["scores"]))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert [(c["chunk"], c["revived"]) for c in summary["chunks"]] == [(0, False)]
