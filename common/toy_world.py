@@ -17,6 +17,12 @@ conjunction, not the colour or the shape alone. The retained concept is
 images whose top-1 caption among all 48 "a {colour} {shape}" captions is
 "a blue square".
 
+Budget: about 12 minutes on 2 CPU cores (UNet ~6, VAE ~2, CLIP ~1, classifier
+~1.5, unlearning ~1, evaluation ~0.5); ``scale="reduced"`` builds the same
+world with tiny step counts in under a minute, for tests. The CLI sets
+OMP_WAIT_POLICY=PASSIVE: on a shared machine spinning OpenMP threads made
+steps up to 4x slower.
+
 The world is cached in a directory (default ``toy_world/`` at the repo root)
 and rebuilt only when ``card.json`` is missing or records another
 configuration (``VERSION``, seed, scale, settings). It is built in a temporary
@@ -43,7 +49,7 @@ from tqdm.auto import tqdm
 
 from . import tiny
 
-VERSION = 1
+VERSION = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(ROOT, "toy_world")
 UNLEARN_TOOL = os.path.join(ROOT, "tools", "unlearn.py")
@@ -73,6 +79,7 @@ UNRELATED = (
     ("green", "cross"), ("blue", "diamond"), ("yellow", "square"), ("white", "triangle"), ("black", "diamond"),
 )
 PER_CONCEPT = 50
+VALIDATION_REPEATS = 3  # lines per phrasing in the validation prompt files
 CURRICULUM = ",".join(str(PER_CONCEPT * (i + 1)) for i in range(len(RELATED)))
 
 # Architectures (the same at both scales; only step and image counts differ).
@@ -95,15 +102,15 @@ SCALES = {
     "full": dict(
         clip_images_per_concept=32, heldout_per_concept=10, clip_steps=400, clip_lr=3e-3,
         sd_images_per_concept=48, vae_steps=600, vae_batch=16, vae_lr=2e-3, vae_kl_weight=1e-6,
-        unet_steps=1100, unet_batch=64, unet_lr=2e-3, snr_gamma=5.0, caption_dropout=0.1,
+        unet_steps=1100, unet_batch=64, unet_lr=4e-3, snr_gamma=5.0, caption_dropout=0.1,
         classifier_steps=800, classifier_batch=64, classifier_heldout=300, classifier_lr=2e-3,
-        esd_iterations=200, esd_learning_rate=2e-3, esd_ddim_steps=20,
+        esd_iterations=200, esd_learning_rate=5e-4, esd_ddim_steps=20,
         eval_images_per_prompt=3, eval_inference_steps=20, guidance_scale=7.5,
     ),
     "reduced": dict(
         clip_images_per_concept=4, heldout_per_concept=2, clip_steps=40, clip_lr=3e-3,
         sd_images_per_concept=4, vae_steps=12, vae_batch=16, vae_lr=2e-3, vae_kl_weight=1e-6,
-        unet_steps=12, unet_batch=32, unet_lr=2e-3, snr_gamma=5.0, caption_dropout=0.1,
+        unet_steps=12, unet_batch=32, unet_lr=4e-3, snr_gamma=5.0, caption_dropout=0.1,
         classifier_steps=40, classifier_batch=32, classifier_heldout=64, classifier_lr=2e-3,
         esd_iterations=4, esd_learning_rate=2e-3, esd_ddim_steps=4,
         eval_images_per_prompt=1, eval_inference_steps=4, guidance_scale=7.5,
@@ -140,8 +147,9 @@ def paths(out_dir: str = DEFAULT_DIR) -> Dict[str, object]:
         "unlearned": {m: os.path.join(out_dir, "unlearned", m) for m in UNLEARN_METHODS},
         "data_related": os.path.join(out_dir, "data", "related"),
         "data_unrelated": os.path.join(out_dir, "data", "unrelated"),
-        "prompts_target": os.path.join(out_dir, "prompts", "target.txt"),
-        "prompts_retained": os.path.join(out_dir, "prompts", "retained.txt"),
+        # Named after the concept: tools/report.py labels runs by their prompt file's name.
+        "prompts_target": os.path.join(out_dir, "prompts", caption(*TARGET).replace(" ", "_") + ".txt"),
+        "prompts_retained": os.path.join(out_dir, "prompts", caption(*RETAINED).replace(" ", "_") + ".txt"),
     }
 
 
@@ -568,7 +576,7 @@ def run_unlearning(method: str, base: str, out: str, settings: dict, seed: int, 
         raise RuntimeError(f"tools/unlearn.py --method {method} failed ({proc.returncode}):\n"
                            f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     if final_root is not None:
-        build_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(out))))  # <root>/unlearned/<m>
+        build_root = os.path.dirname(os.path.dirname(os.path.abspath(out)))  # out is <root>/unlearned/<method>
         for name in ("unlearning_card.json", "README.md"):
             if os.path.isfile(os.path.join(out, name)):
                 _replace_in_file(os.path.join(out, name), build_root, final_root)
@@ -629,6 +637,7 @@ def build_toy_world(out_dir: str = DEFAULT_DIR, seed: int = 0, scale: str = "ful
     card = load_card(out_dir)
     if card is not None and card.get("config") == config and not force:
         log(f"toy world: {out_dir} is up to date (seed {seed}, scale {scale}); reusing it")
+        log(format_card(card))
         return card
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -729,8 +738,10 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     # 4. Fine-tuning data and prompts.
     write_curriculum_dataset(p["data_related"], RELATED, PER_CONCEPT, _seed(seed, 50))
     write_curriculum_dataset(p["data_unrelated"], UNRELATED, PER_CONCEPT, _seed(seed, 51))
-    write_prompts(p["prompts_target"], concept_prompts(TARGET))
-    write_prompts(p["prompts_retained"], concept_prompts(RETAINED))
+    # Each phrasing VALIDATION_REPEATS times: one image per line (its own seed), so a validation scores
+    # 30 images and the classifier accuracy moves in steps of 1/30, not 1/10.
+    write_prompts(p["prompts_target"], concept_prompts(TARGET) * VALIDATION_REPEATS)
+    write_prompts(p["prompts_retained"], concept_prompts(RETAINED) * VALIDATION_REPEATS)
     t = lap("data", t)
 
     # 5. Unlearned models.
@@ -795,5 +806,6 @@ def format_card(card: dict) -> str:
         lines.append(f"  {name:<36} {value:>7}  target {f['target']:<7} {met}")
     for name, e in card["figures"]["models"].items():
         lines.append(f"  {name:<8} mean CLIP score (cosine 0..1): target prompts {e['clip_score_target']:.3f}, "
-                     f"retained prompts {e['clip_score_retained']:.3f}")
+                     f"retained prompts {e['clip_score_retained']:.3f}; neighbours' CLIP top-1 "
+                     f"{e['neighbours_mean_clip_top1']:.3f} (not a target)")
     return "\n".join(lines)

@@ -236,3 +236,23 @@ def test_individual_clip_protocol_runs_on_the_toy_world(world, tmp_path):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert [(c["chunk"], c["revived"]) for c in summary["chunks"]] == [(0, False)]
+
+
+def test_demo_threshold_rule():
+    """tools/demo.py's calibration, against hand-computed values."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    card = {"figures": {"models": {"base": {"clip_score_target": 0.9, "classifier_acc_target": 1.0},
+                                   "esd-x": {"clip_score_target": 0.4, "classifier_acc_target": 0.1},
+                                   "uce": {"clip_score_target": 0.5, "classifier_acc_target": 0.2}}}}
+    th = demo.calibrate(card)
+    assert th["clip_threshold"] == pytest.approx(0.9 - 0.2 * (0.9 - 0.5))  # 0.82: a fifth of the way down
+    assert th["bc_threshold"] == pytest.approx(0.6)  # halfway between 0.2 and 1.0
+    card["figures"]["models"]["base"]["classifier_acc_target"] = 0.4
+    card["figures"]["models"]["uce"]["classifier_acc_target"] = 0.0
+    assert demo.calibrate(card)["bc_threshold"] == 0.3  # never below the paper's 0.3

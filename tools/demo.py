@@ -6,9 +6,13 @@ unlearned models (ESD-x, UCE) with the four scripts through `accelerate
 launch`; evaluate; print the revival table and write plots (tools/report.py).
 
 Threshold rule (documented in the README): the paper's CLIP threshold (0.31)
-sits just under the original model's own score on the concept. Here it is the
-base model's mean CLIP cosine on the target prompts minus a fifth of the gap
-to the best unlearned model's score; the classifier threshold is the paper's 0.3.
+sits just under the original model's own score on the concept, about a fifth
+of the way down to the unlearned models' scores. Here it is the base model's
+mean CLIP cosine on the target prompts minus a fifth of the gap to the best
+unlearned model's score. The paper's classifier threshold 0.3 sits far above
+its unlearned models' accuracy (near 0); in the toy world UCE already scores
+0.2 (card), so the classifier threshold is the paper's 0.3 raised to halfway
+between the highest unlearned accuracy and the base model's.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", default="full", choices=sorted(toy_world.SCALES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip_epoch", type=int, default=5, help="epoch budget of the individual runs")
-    p.add_argument("--num_train_epochs", type=int, default=4, help="epochs per chunk of the sequential runs")
+    p.add_argument("--num_train_epochs", type=int, default=8, help="epochs per chunk of the sequential runs (paper 8)")
     p.add_argument("--num_inference_steps", type=int, default=10)
     return p.parse_args(argv)
 
@@ -41,10 +45,15 @@ def parse_args(argv=None):
 def calibrate(card: dict) -> dict:
     """Thresholds from the world's own scores (see the module docstring)."""
     models = card["figures"]["models"]
+    methods = [m for m in toy_world.UNLEARN_METHODS if m in models]
     base = models["base"]["clip_score_target"]
-    unlearned = max(models[m]["clip_score_target"] for m in toy_world.UNLEARN_METHODS if m in models)
-    return {"clip_threshold": round(base - 0.2 * (base - unlearned), 4), "bc_threshold": 0.3,
-            "base_clip": base, "best_unlearned_clip": unlearned}
+    unlearned = max(models[m]["clip_score_target"] for m in methods)
+    base_acc = models["base"]["classifier_acc_target"]
+    unlearned_acc = max(models[m]["classifier_acc_target"] for m in methods)
+    return {"clip_threshold": round(base - 0.2 * (base - unlearned), 4),
+            "bc_threshold": round(max(0.3, (base_acc + unlearned_acc) / 2), 4),
+            "base_clip": base, "best_unlearned_clip": unlearned,
+            "base_classifier_acc": base_acc, "highest_unlearned_classifier_acc": unlearned_acc}
 
 
 def launch(script: str, flags: dict, log_path: str) -> int:
@@ -56,7 +65,8 @@ def launch(script: str, flags: dict, log_path: str) -> int:
     t0 = time.time()
     with open(log_path, "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f"  {script} -> {os.path.basename(os.path.dirname(log_path))}: exit {rc}, {time.time() - t0:.0f} s")
+    print(f"  {script} -> {os.path.splitext(os.path.basename(log_path))[0]}: exit {rc}, {time.time() - t0:.0f} s",
+          flush=True)
     return rc
 
 
@@ -67,7 +77,8 @@ def main(args):
     p = toy_world.paths(args.world)
     th = calibrate(card)
     print(f"thresholds: CLIP {th['clip_threshold']} (base {th['base_clip']:.4f}, best unlearned "
-          f"{th['best_unlearned_clip']:.4f}), classifier {th['bc_threshold']}")
+          f"{th['best_unlearned_clip']:.4f}), classifier {th['bc_threshold']} (base "
+          f"{th['base_classifier_acc']:.3f}, highest unlearned {th['highest_unlearned_classifier_acc']:.3f})")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "thresholds.json"), "w") as f:
         json.dump(th, f, indent=2)
