@@ -45,14 +45,18 @@ def _stem(path) -> str:
 
 
 def load_run(run: str) -> dict:
-    """A run's config, summary and validation records, with method/concept/data names inferred from its flags."""
+    """A run's config, summary and validation records, with method/concept/data names inferred from its flags.
+
+    Method: the model directory's name; concept: the validation prompt file's name (underscores read as
+    spaces); data: the training data directory's name.
+    """
     with open(os.path.join(run, CONFIG_FILE)) as f:
         config = json.load(f)
     with open(os.path.join(run, SUMMARY_FILE)) as f:
         summary = json.load(f)
     a = config.get("args", {})
     return {"dir": run, "config": config, "summary": summary, "records": read_jsonl(os.path.join(run, VALIDATIONS_FILE)),
-            "method": _stem(a.get("pretrained_model_name_or_path")), "concept": _stem(a.get("validation_prompts")),
+            "method": _stem(a.get("pretrained_model_name_or_path")), "concept": _stem(a.get("validation_prompts")).replace("_", " "),
             "data": _stem(a.get("train_data_dir") or a.get("dataset_name")), "protocol": summary.get("protocol")}
 
 
