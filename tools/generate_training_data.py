@@ -97,7 +97,7 @@ def main(args):
     if state.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         datagen.write_settings(args.output_dir, args.settings)
-        print(f"{PROG}: {len(jobs)} images ({len(args.concept_list)} concepts x {args.images_per_concept}); "
+        print(f"{PROG}: {len(jobs)} images ({len(args.concept_list)} concept(s) x {args.images_per_concept}); "
               f"{len(jobs) - len(missing)} present, {len(missing)} to generate on {state.num_processes} process(es)",
               flush=True)
     # Phase 2: this process's share, saved batch by batch (an interruption loses at most one batch).
