@@ -89,6 +89,7 @@ def main(args):
     # Phase 2: fine-tune the unlearned models.
     runs = []
     plan = []
+    failed = 0
     for method in toy_world.UNLEARN_METHODS:
         model = p["unlearned"][method]
         if not os.path.isdir(model):
@@ -120,18 +121,30 @@ def main(args):
         if launch(script, flags, os.path.join(args.out, f"{name}.log")) == 0:
             open(done, "w").close()
             runs.append(out)
+        else:
+            failed += 1
     # Phase 3: evaluate the base, unlearned and revived sequential models.
     seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")]
     models = [p["sd_base"]] + [p["unlearned"][m] for m in toy_world.UNLEARN_METHODS if os.path.isdir(p["unlearned"][m])]
-    subprocess.call([sys.executable, os.path.join(ROOT, "eval_model.py"), ",".join(models + seq_dirs),
-                     p["classifier"], toy_world.caption(*toy_world.TARGET), f"--prompt_file={p['prompts_target']}",
-                     "--curr", "--images_per_prompt", "2", "--output_dir", os.path.join(args.out, "eval"),
-                     "--clip_model", p["clip"], "--num_inference_steps", str(args.num_inference_steps),
-                     "--resolution", str(toy_world.RESOLUTION)], env=dict(os.environ, PYTHONPATH=ROOT))
+    eval_log = os.path.join(args.out, "eval.log")
+    rc = launch("eval_model.py", {",".join(models + seq_dirs): None, p["classifier"]: None,
+                                  toy_world.caption(*toy_world.TARGET): None, "--prompt_file": p["prompts_target"],
+                                  "--curr": None, "--images_per_prompt": 2, "--output_dir": os.path.join(args.out, "eval"),
+                                  "--clip_model": p["clip"], "--num_inference_steps": args.num_inference_steps,
+                                  "--resolution": toy_world.RESOLUTION}, eval_log)
+    failed += rc != 0
+    with open(eval_log, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    start = text.rfind("\ncheckpoint ")
+    if rc == 0 and start >= 0:
+        print(text[start + 1 :].rstrip())  # eval_model.py's table
     # Phase 4: the revival table and plots.
     subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
                      os.path.join(args.out, "report"), "--title", "Toy world"])
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {args.out}")
+    if failed:
+        print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
