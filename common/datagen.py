@@ -178,3 +178,34 @@ def write_metadata(output_dir: str, jobs: Sequence[ImageJob], caption_column: st
     path = os.path.join(output_dir, "metadata.jsonl")
     atomic_write_text(path, "".join(lines))
     return path
+
+
+def check_text_to_image_dir(path: str) -> None:
+    """Raise InputError unless ``path`` is a diffusers pipeline directory (or a hub id)."""
+    from .models import looks_local, resolve_model_path
+
+    local = resolve_model_path(path)
+    if not os.path.isdir(local):
+        if looks_local(path):
+            raise InputError(f"--pretrained_model_name_or_path {path}: no such directory")
+        return
+    if not os.path.isfile(os.path.join(local, "model_index.json")):
+        raise InputError(f"--pretrained_model_name_or_path {path}: no model_index.json (not a diffusers pipeline)")
+
+
+def load_text_to_image(path: str, device, dtype):
+    """Any diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, ...), safety checker off, progress bars off."""
+    from diffusers import AutoPipelineForText2Image
+
+    from .models import resolve_model_path
+
+    kwargs = {}
+    local = resolve_model_path(path)
+    index = os.path.join(local, "model_index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            if "safety_checker" in json.load(f):  # SD 1.x: the reference generated without it
+                kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = AutoPipelineForText2Image.from_pretrained(local, torch_dtype=dtype, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

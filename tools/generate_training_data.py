@@ -25,7 +25,6 @@ sys.path.insert(0, ROOT)
 from common import datagen  # noqa: E402
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
-from common.models import check_pipeline_dir  # noqa: E402
 
 PROG = "generate_training_data.py"
 
@@ -60,7 +59,7 @@ def parse_args(argv=None):
             raise InputError(f"--resolution {args.resolution}: must be a positive multiple of 8")
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
-        check_pipeline_dir(args.pretrained_model_name_or_path)
+        datagen.check_text_to_image_dir(args.pretrained_model_name_or_path)
         args.concept_list = datagen.read_concepts(args.concepts, args.template)
         args.settings = {
             "model": os.path.abspath(args.pretrained_model_name_or_path)
@@ -79,7 +78,6 @@ def main(args):
     import torch
     from accelerate import PartialState
 
-    from common.evaluation import load_pipeline
     from common.models import effective_mixed_precision, weight_dtype_for
     from common.validation import generate_images, shard
 
@@ -104,7 +102,7 @@ def main(args):
     mine = shard(missing, state.num_processes, state.process_index)
     if mine:
         dtype = weight_dtype_for(effective_mixed_precision(args.mixed_precision, warn=state.is_main_process))
-        pipe = load_pipeline(args.pretrained_model_name_or_path, state.device, dtype)
+        pipe = datagen.load_text_to_image(args.pretrained_model_name_or_path, state.device, dtype)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine), desc=f"generating (process {state.process_index})",
