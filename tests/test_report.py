@@ -48,6 +48,12 @@ def test_tables_and_plots(tmp_path):
     assert len(plots) == 3
     for p in plots:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
+    # --concept names the concept for every run; a prompt file named a_golf_ball.txt reads "a golf ball".
+    header, rows, _ = report.main(report.parse_args([ind, seq, "--out", out, "--concept", "golf ball"]))
+    assert {r[1] for r in rows} == {"golf ball"}
+    named = _run(tmp_path / "named", {"args": {**args, "validation_prompts": "/p/a_golf_ball.txt"}},
+                 {"protocol": "sequential", "criteria": {}, "revival_point": {}, "chunks": []}, [])
+    assert report.load_run(named)["concept"] == "a golf ball"
 
 
 def test_missing_files_is_one_line_exit_2(tmp_path, capsys):

@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="output directories of the fine-tuning scripts")
     p.add_argument("--out", default="report", help="folder for tables and plots")
     p.add_argument("--title", default="Concept revival")
+    p.add_argument("--concept", default=None,
+                   help="concept name for every run (default: each run's validation prompt file name)")
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
         for run in args.runs:
@@ -165,6 +167,8 @@ def _save(fig, out, name) -> str:
 
 def main(args):
     runs = [load_run(r) for r in args.runs]
+    for r in runs:
+        r["concept"] = args.concept or r["concept"]
     os.makedirs(args.out, exist_ok=True)
     header, rows = table_rows(runs)
     for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
