@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .errors import InputError
-from .models import looks_local, resolve_model_path
+from .models import local_dir, resolve_model_path
 
 DEFAULT_PROCESSOR = "google/vit-large-patch16-224-in21k"  # the reference's hard-coded processor id
 DEFAULT_TIMM_ARCH = "vit_large_patch16_224.augreg_in21k"
@@ -57,14 +57,12 @@ def check_classifier(model_path: Optional[str], theme: Optional[str], flag: str 
     if os.path.isfile(local):
         raise InputError(f"{flag} {model_path}: a state-dict file needs --theme <style>; without a theme a "
                          "transformers image-classification directory is expected")
-    if not os.path.isdir(local):
-        if looks_local(model_path):
-            raise InputError(f"{flag} {model_path}: no such directory")
+    if local_dir(model_path, flag) is None:
         return
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise InputError(f"{flag} {model_path}: no config.json (not a transformers classifier directory)")
-    if processor and looks_local(processor) and not os.path.isdir(resolve_model_path(processor)):
-        raise InputError(f"--classifier_processor {processor}: no such directory")
+    if processor:
+        local_dir(processor, "--classifier_processor")
 
 
 def _import_nudenet():

@@ -172,7 +172,11 @@ class TimmBackbone:
 
 
 def augment(image, size: int, rng: np.random.Generator):
-    """Random resized crop (80-100% of the area, aspect 3:4..4:3) and horizontal flip, drawn from ``rng``."""
+    """Random resized crop (80-100% of the area, aspect 3:4..4:3) and horizontal flip, drawn from ``rng``.
+
+    Written out rather than torchvision's RandomResizedCrop, which draws from torch's global generator: here
+    each image's augmentation is a function of (seed, epoch, index), the same with any number of workers.
+    """
     from PIL import Image
 
     w, h = image.size
@@ -248,9 +252,9 @@ def train_classifier(backbone, split: Split, epochs: int, batch_size: int, learn
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # summed once per epoch: no host sync per step (SPEC 11)
         unwrapped = accelerator.unwrap_model(model)
-        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+        metrics = {"epoch": epoch + 1, "train_loss": torch.stack(losses).mean().item()}
         if split.heldout:
             with accelerator.autocast():
                 pred = predict(backbone, unwrapped, split.heldout, batch_size, accelerator.device)

@@ -19,7 +19,7 @@ from typing import List, Sequence
 import torch
 
 from .errors import InputError
-from .models import looks_local, resolve_model_path
+from .models import local_dir, looks_local, resolve_model_path
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 LOGIT_SCALE = 100.0  # "logits" scale of the reference's eval printout = 100 x cosine
@@ -35,12 +35,9 @@ def check_clip_spec(spec: str, flag: str = "--clip_model") -> None:
         if len(parts) == 2 and looks_local(parts[1]) and not os.path.isfile(parts[1]):
             raise InputError(f"{flag} {spec}: weights file {parts[1]} does not exist")
         return
-    local = resolve_model_path(spec)
-    if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise InputError(f"{flag} {spec}: no config.json (not a transformers CLIP directory)")
-    elif looks_local(spec):
-        raise InputError(f"{flag} {spec}: no such directory")
+    local = local_dir(spec, flag)
+    if local is not None and not os.path.isfile(os.path.join(local, "config.json")):
+        raise InputError(f"{flag} {spec}: no config.json (not a transformers CLIP directory)")
 
 
 class ClipScorer:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from .errors import InputError
-from .results import atomic_write_json, atomic_write_text
+from .results import atomic_write_json, atomic_write_text, slug
 from .validation import image_seed
 
 DEFAULT_TEMPLATES = ("a photo of a {concept}",)
@@ -44,11 +43,6 @@ class ImageJob:
     prompt: str
     seed: int
     file_name: str  # relative to the output directory
-
-
-def slug(text: str) -> str:
-    """A file-system-safe short name: lowercase words joined by '-'."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
 
 
 def _format(template: str, name: str, where: str) -> str:
@@ -116,7 +110,7 @@ def plan_images(concepts: Sequence[Concept], per_concept: int, seed: int) -> Lis
     """Every image of the dataset, in curriculum order (concept by concept)."""
     jobs = []
     for i, c in enumerate(concepts):
-        folder = f"images/{i:03d}-{slug(c.name)}"
+        folder = f"images/{i:03d}-{slug(c.name, sep='-')}"
         for j in range(per_concept):
             jobs.append(ImageJob(i, j, c.name, c.prompts[j % len(c.prompts)], image_seed(seed, i, j),
                                  f"{folder}/{j:04d}.png"))
@@ -178,19 +172,6 @@ def write_metadata(output_dir: str, jobs: Sequence[ImageJob], caption_column: st
     path = os.path.join(output_dir, "metadata.jsonl")
     atomic_write_text(path, "".join(lines))
     return path
-
-
-def check_text_to_image_dir(path: str) -> None:
-    """Raise InputError unless ``path`` is a diffusers pipeline directory (or a hub id)."""
-    from .models import looks_local, resolve_model_path
-
-    local = resolve_model_path(path)
-    if not os.path.isdir(local):
-        if looks_local(path):
-            raise InputError(f"--pretrained_model_name_or_path {path}: no such directory")
-        return
-    if not os.path.isfile(os.path.join(local, "model_index.json")):
-        raise InputError(f"--pretrained_model_name_or_path {path}: no model_index.json (not a diffusers pipeline)")
 
 
 def load_text_to_image(path: str, device, dtype):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from .errors import InputError
+from .results import slug
 
 AXES = ("method", "concept", "dataset")
 BARE = "on"
@@ -40,10 +41,6 @@ class GridRun:
     @property
     def name(self) -> str:
         return f"{os.path.splitext(os.path.basename(self.script))[0]}/{self.method}/{slug(self.concept)}/{self.dataset}"
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.strip().lower()).strip("_") or "x"
 
 
 def _fill(template: str, values: Dict[str, str], where: str) -> str:

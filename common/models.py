@@ -32,15 +32,32 @@ def looks_local(name_or_path: str) -> bool:
     return os.path.isabs(p) or p.startswith(".") or os.sep * 2 in p or p.count("/") > 1 or os.path.exists(p)
 
 
+def local_dir(path: str, flag: str) -> Optional[str]:
+    """The local directory ``path`` names, or None for a hub id; InputError when a path names no directory.
+
+    Hub ids are not checked here: their loading errors are reported when they are fetched.
+    """
+    local = resolve_model_path(path)
+    if os.path.isdir(local):
+        return local
+    if looks_local(path):
+        raise InputError(f"{flag} {path}: no such directory")
+    return None
+
+
+def check_diffusers_dir(path: str, flag: str = "--pretrained_model_name_or_path") -> Optional[str]:
+    """The local directory of a diffusers pipeline (None for a hub id); InputError without model_index.json."""
+    local = local_dir(path, flag)
+    if local is not None and not os.path.isfile(os.path.join(local, "model_index.json")):
+        raise InputError(f"{flag} {path}: no model_index.json (not a diffusers pipeline directory)")
+    return local
+
+
 def check_pipeline_dir(path: str, flag: str = "--pretrained_model_name_or_path") -> None:
     """Raise InputError unless ``path`` is a diffusers SD directory with every part we load."""
-    local = resolve_model_path(path)
-    if not os.path.isdir(local):
-        if looks_local(path):
-            raise InputError(f"{flag} {path}: no such directory")
-        return  # a hub id; its loading errors are reported when it is fetched
-    if not os.path.isfile(os.path.join(local, "model_index.json")):
-        raise InputError(f"{flag} {path}: no model_index.json (not a diffusers pipeline directory)")
+    local = check_diffusers_dir(path, flag)
+    if local is None:
+        return
     missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(local, p))]
     if missing:
         raise InputError(f"{flag} {path}: missing subfolder(s) {', '.join(missing)}")

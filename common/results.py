@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import tempfile
 from importlib import metadata
@@ -33,6 +34,11 @@ def library_versions(names: Iterable[str] = LIBRARIES) -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def slug(text: str, sep: str = "_", max_len: int = 40) -> str:
+    """A file-system-safe name: lowercase letters and digits, other runs of characters replaced by ``sep``."""
+    return re.sub(r"[^a-z0-9]+", sep, text.lower()).strip(sep)[:max_len] or "x"
 
 
 def atomic_write_text(path: str, text: str) -> None:

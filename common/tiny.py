@@ -226,15 +226,22 @@ def shapes_dataset(out_dir: str, concepts: Sequence[Tuple[str, str]], per_concep
     return write_caption_folder(out_dir, rows)
 
 
+def tiny_vit_config(image_size: int, **labels):
+    """The tiny ViT of the tests: 8 px patches, 2 layers of width 32."""
+    from transformers import ViTConfig
+
+    return ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, **labels)
+
+
 def build_tiny_vit_classifier(out_dir: str, seed: int = 0, image_size: int = 32, concept_colour: str = "red",
                               train_steps: int = 80) -> str:
     """Save a tiny transformers ViTForImageClassification taught (seeded, seconds) that class 1 = ``concept_colour``."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64, num_labels=2,
-                       id2label={0: "other", 1: concept_colour}, label2id={"other": 0, concept_colour: 1})
+    config = tiny_vit_config(image_size, num_labels=2, id2label={0: "other", 1: concept_colour},
+                             label2id={"other": 0, concept_colour: 1})
     model = ViTForImageClassification(config)
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
     rng = np.random.default_rng(seed)
@@ -268,11 +275,9 @@ def build_tiny_timm_classifier(path: str, seed: int = 0, arch: str = "vit_tiny_p
 
 def tiny_vit_backbone(out_dir: str, image_size: int = 32, seed: int = 0, num_labels: int = 10) -> str:
     """Save an untrained tiny ViTForImageClassification with a ``num_labels`` head (a stand-in for ViT-L/16 in21k)."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64, num_labels=num_labels)
-    ViTForImageClassification(config).save_pretrained(out_dir)
+    ViTForImageClassification(tiny_vit_config(image_size, num_labels=num_labels)).save_pretrained(out_dir)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
     return out_dir

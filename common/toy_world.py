@@ -48,6 +48,7 @@ from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
 from . import tiny
+from .results import slug
 
 VERSION = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,8 +149,8 @@ def paths(out_dir: str = DEFAULT_DIR) -> Dict[str, object]:
         "data_related": os.path.join(out_dir, "data", "related"),
         "data_unrelated": os.path.join(out_dir, "data", "unrelated"),
         # Named after the concept: tools/report.py labels runs by their prompt file's name.
-        "prompts_target": os.path.join(out_dir, "prompts", caption(*TARGET).replace(" ", "_") + ".txt"),
-        "prompts_retained": os.path.join(out_dir, "prompts", caption(*RETAINED).replace(" ", "_") + ".txt"),
+        "prompts_target": os.path.join(out_dir, "prompts", slug(caption(*TARGET)) + ".txt"),
+        "prompts_retained": os.path.join(out_dir, "prompts", slug(caption(*RETAINED)) + ".txt"),
     }
 
 

@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common import toy_world  # noqa: E402
+from common.evaluation import format_table  # noqa: E402
+from common.results import read_jsonl  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -133,11 +135,8 @@ def main(args):
                                   "--clip_model": p["clip"], "--num_inference_steps": args.num_inference_steps,
                                   "--resolution": toy_world.RESOLUTION}, eval_log)
     failed += rc != 0
-    with open(eval_log, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    start = text.rfind("\ncheckpoint ")
-    if rc == 0 and start >= 0:
-        print(text[start + 1 :].rstrip())  # eval_model.py's table
+    if rc == 0:
+        print(format_table(read_jsonl(os.path.join(args.out, "eval", "results.jsonl"))))
     # Phase 4: the revival table and plots.
     subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
                      os.path.join(args.out, "report"), "--title", "Toy world"])

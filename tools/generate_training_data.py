@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 from common import datagen  # noqa: E402
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
+from common.models import check_diffusers_dir  # noqa: E402
 
 PROG = "generate_training_data.py"
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
             raise InputError(f"--resolution {args.resolution}: must be a positive multiple of 8")
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
-        datagen.check_text_to_image_dir(args.pretrained_model_name_or_path)
+        check_diffusers_dir(args.pretrained_model_name_or_path)  # any pipeline, not only SD's parts
         args.concept_list = datagen.read_concepts(args.concepts, args.template)
         args.settings = {
             "model": os.path.abspath(args.pretrained_model_name_or_path)

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from common import classifier_training as ct  # noqa: E402
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
-from common.models import looks_local, resolve_model_path  # noqa: E402
+from common.models import local_dir, resolve_model_path  # noqa: E402
 
 PROG = "train_classifier.py"
 DEFAULT_BACKBONE = "google/vit-large-patch16-224-in21k"
@@ -83,8 +83,8 @@ def parse_args(argv=None):
         else:
             if args.init_weights:
                 raise InputError("--init_weights is for --timm_arch; a transformers backbone loads its own weights")
-            path = resolve_model_path(args.model_name_or_path)
-            if looks_local(args.model_name_or_path) and not os.path.isfile(os.path.join(path, "config.json")):
+            local = local_dir(args.model_name_or_path, "--model_name_or_path")
+            if local is not None and not os.path.isfile(os.path.join(local, "config.json")):
                 raise InputError(f"--model_name_or_path {args.model_name_or_path}: no config.json "
                                  "(not a transformers model directory)")
         if os.path.isfile(args.output_dir):
