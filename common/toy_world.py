@@ -17,11 +17,12 @@ conjunction, not the colour or the shape alone. The retained concept is
 images whose top-1 caption among all 48 "a {colour} {shape}" captions is
 "a blue square".
 
-Budget: about 12 minutes on 2 CPU cores (UNet ~6, VAE ~2, CLIP ~1, classifier
-~1.5, unlearning ~1, evaluation ~0.5); ``scale="reduced"`` builds the same
-world with tiny step counts in under a minute, for tests. The CLI sets
-OMP_WAIT_POLICY=PASSIVE: on a shared machine spinning OpenMP threads made
-steps up to 4x slower.
+Budget on 2 CPU cores: the full build took 401 s and 644 s in two builds on
+2026-11-29 (the second while a test job shared the cores; its card records
+the per-part timings); ``scale="reduced"`` builds the same world with tiny
+step counts in about a minute, for tests. The CLI sets OMP_WAIT_POLICY=PASSIVE
+because spinning OpenMP threads slowed steps on a shared machine (seen while
+the builder was developed, 2026-11-28; not re-measured since).
 
 The world is cached in a directory (default ``toy_world/`` at the repo root)
 and rebuilt only when ``card.json`` is missing or records another

@@ -138,8 +138,8 @@ def main(args):
     if rc == 0:
         print(format_table(read_jsonl(os.path.join(args.out, "eval", "results.jsonl"))))
     # Phase 4: the revival table and plots.
-    subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
-                     os.path.join(args.out, "report"), "--title", "Toy world"])
+    failed += subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
+                               os.path.join(args.out, "report"), "--title", "Toy world"]) != 0
     print(f"demo finished in {time.time() - t0:.0f} s; outputs in {args.out}")
     if failed:
         print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
