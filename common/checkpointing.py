@@ -11,10 +11,17 @@ needs to repeat the uninterrupted run.
 SIGTERM and SIGUSR1 (SLURM preemption) ask for a checkpoint at the next update
 boundary; the run then exits with ``PREEMPTED_EXIT_CODE`` so a job script can
 requeue itself.
+
+A run that diverges (non-finite loss) never checkpoints the diverged state: a
+save first checks the loss and the weights. It leaves a ``DIVERGED`` marker
+naming the last good checkpoint, and a resume refuses to start while the
+marker is there: with the same settings it would diverge again at the same
+update, since every random draw is a function of the position.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +40,7 @@ STATE_FILE = "state.json"
 EXTRAS_FILE = "trainer_extras.pt"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 PREEMPTED_MARKER = "PREEMPTED"  # written beside the checkpoints on a preemption exit, removed on the next start
+DIVERGED_MARKER = "DIVERGED"  # written on a non-finite loss; a resume refuses to start while it is there
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -49,10 +57,28 @@ def complete_checkpoints(output_dir: str) -> list:
     return sorted(found)
 
 
+def check_not_diverged(output_dir: str) -> None:
+    """Raise InputError when the run in ``output_dir`` stopped on a non-finite loss."""
+    marker = os.path.join(output_dir, DIVERGED_MARKER)
+    if not os.path.isfile(marker):
+        return
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = {}
+    raise InputError(
+        f"--resume_from_checkpoint: the run in {output_dir} diverged ({info.get('error', 'non-finite loss')}); "
+        "resumed with the same settings it would diverge again at the same update. Start a new --output_dir "
+        f"with other settings (e.g. a lower --learning_rate), or delete {marker} to resume from "
+        f"{info.get('last_good_checkpoint') or 'the start'} anyway")
+
+
 def resolve_resume(spec: Optional[str], output_dir: str) -> Optional[str]:
     """The checkpoint to resume from: None, the newest complete one ('latest'), or a given complete one."""
     if not spec:
         return None
+    check_not_diverged(output_dir)
     if spec == "latest":
         found = complete_checkpoints(output_dir)
         return found[-1][1] if found else None  # nothing yet: start from scratch
@@ -98,8 +124,9 @@ class Checkpointer:
         self.log = log
         self.preemption = PreemptionFlag()
         self.preemption.install()
-        if accelerator.is_main_process and os.path.isfile(os.path.join(output_dir, PREEMPTED_MARKER)):
-            os.unlink(os.path.join(output_dir, PREEMPTED_MARKER))
+        for marker in (PREEMPTED_MARKER, DIVERGED_MARKER):  # a resume got past the divergence check
+            if accelerator.is_main_process and os.path.isfile(os.path.join(output_dir, marker)):
+                os.unlink(os.path.join(output_dir, marker))
 
     def due(self, global_update: int) -> bool:
         return bool(self.every_updates) and global_update % self.every_updates == 0
@@ -107,6 +134,7 @@ class Checkpointer:
     def save(self, state: dict) -> str:
         """Write checkpoint-{update} atomically on every process's behalf; returns its path."""
         acc, tr = self.accelerator, self.trainer
+        self._check_weights_finite()
         name = f"checkpoint-{tr.global_updates}"
         final = os.path.join(self.output_dir, name)
         tmp = os.path.join(self.output_dir, f".{name}.tmp")
@@ -129,6 +157,29 @@ class Checkpointer:
             self.log(f"saved {final}")
         acc.wait_for_everyone()
         return final
+
+    def _check_weights_finite(self) -> None:
+        """Raise NonFiniteLoss rather than save non-finite weights (one host sync per checkpoint)."""
+        from .training import NonFiniteLoss
+
+        finite = torch.stack([torch.isfinite(p).all() for p in self.trainer.trainable]).all()
+        if not bool(finite):
+            raise NonFiniteLoss(f"non-finite UNet weights at optimizer update {self.trainer.global_updates}; "
+                                "the last good checkpoint is kept (lower --learning_rate or check the data)")
+
+    @contextlib.contextmanager
+    def divergence_recorded(self):
+        """On a NonFiniteLoss inside: write the DIVERGED marker (main process) and re-raise."""
+        from .training import NonFiniteLoss
+
+        try:
+            yield
+        except NonFiniteLoss as err:
+            if self.accelerator.is_main_process:
+                found = complete_checkpoints(self.output_dir)
+                atomic_write_json(os.path.join(self.output_dir, DIVERGED_MARKER),
+                                  {"error": str(err), "last_good_checkpoint": found[-1][1] if found else None})
+            raise
 
     def _prune(self) -> None:
         if not self.total_limit:

@@ -127,13 +127,16 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
     criterion = run.validator.criteria[0]
     save = (lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}"))) if args.save_model else None
     try:
-        outcomes = run_individual(
-            trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks, criterion=criterion,
-            validator=run.validator, recorder=run.recorder, validation_epochs=args.validation_epochs,
-            max_epoch=args.clip_epoch, compat_reference=args.compat == "reference", save_chunk=save,
-            summary_extra={"script": args.script, "compat": args.compat, "num_processes": run.accelerator.num_processes},
-            checkpointer=checkpointer, resume_path=resume,
-        )
+        with checkpointer.divergence_recorded():
+            outcomes = run_individual(
+                trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks,
+                criterion=criterion, validator=run.validator, recorder=run.recorder,
+                validation_epochs=args.validation_epochs,
+                max_epoch=args.clip_epoch, compat_reference=args.compat == "reference", save_chunk=save,
+                summary_extra={"script": args.script, "compat": args.compat,
+                               "num_processes": run.accelerator.num_processes},
+                checkpointer=checkpointer, resume_path=resume,
+            )
         for o in outcomes:
             run.recorder.log(f"chunk {o.chunk}: " + (f"revived at epoch {o.revival_epoch}" if o.revived
                              else f"not revived within {o.epochs_trained} epochs"))
@@ -168,16 +171,17 @@ def sequential(args: argparse.Namespace) -> dict:
     if not with_classifier:
         run.recorder.log("no --model_path given: running with the CLIP criterion only")
     try:
-        summary = run_sequential(
-            trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks,
-            epochs_per_chunk=epochs, criteria=run.validator.criteria, validator=run.validator,
-            recorder=run.recorder, checkpoint_chunks=checkpoints,
-            save_chunk=lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}")),
-            stop_at_revival=args.stop_at_revival,
-            summary_extra={"script": args.script, "num_processes": run.accelerator.num_processes,
-                           "epochs_per_chunk": epochs, "classifier": with_classifier},
-            checkpointer=checkpointer, resume_path=resume,
-        )
+        with checkpointer.divergence_recorded():
+            summary = run_sequential(
+                trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks,
+                epochs_per_chunk=epochs, criteria=run.validator.criteria, validator=run.validator,
+                recorder=run.recorder, checkpoint_chunks=checkpoints,
+                save_chunk=lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}")),
+                stop_at_revival=args.stop_at_revival,
+                summary_extra={"script": args.script, "num_processes": run.accelerator.num_processes,
+                               "epochs_per_chunk": epochs, "classifier": with_classifier},
+                checkpointer=checkpointer, resume_path=resume,
+            )
         # The final pipeline (EMA weights under --use_ema) in the output directory itself.
         run.save_pipeline(args.output_dir, ema_as_unet=args.use_ema)
         for name, point in summary["revival_point"].items():

@@ -1,8 +1,9 @@
 """Deterministic fault injection for the kill-and-resume tests.
 
 ``REVIVAL_FAULT=point:n`` makes the process SIGKILL itself the n-th time it
-reaches ``point`` ("update", "validation" or "checkpoint"); unset, this is a
-no-op costing one dictionary lookup.
+reaches ``point`` ("update", "validation" or "checkpoint"), or, for
+``nan:n``, turns the n-th micro-batch loss into NaN (a diverging run); unset,
+each is a no-op costing one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -13,14 +14,24 @@ import signal
 _counts: dict = {}
 
 
-def maybe_fail(point: str) -> None:
-    """SIGKILL this process at the configured occurrence of ``point`` (no cleanup, like a real crash)."""
+def _due(point: str) -> bool:
+    """True at the configured occurrence of ``point``."""
     spec = os.environ.get("REVIVAL_FAULT")
     if not spec:
-        return
+        return False
     name, _, n = spec.partition(":")
     if name != point:
-        return
+        return False
     _counts[point] = _counts.get(point, 0) + 1
-    if _counts[point] == int(n or 1):
+    return _counts[point] == int(n or 1)
+
+
+def maybe_fail(point: str) -> None:
+    """SIGKILL this process at the configured occurrence of ``point`` (no cleanup, like a real crash)."""
+    if _due(point):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_poison(loss):
+    """The loss, or NaN times it at the configured ``nan:n`` micro-batch (so its gradients are NaN too)."""
+    return loss * float("nan") if _due("nan") else loss

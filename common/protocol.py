@@ -113,7 +113,7 @@ class _Resumable:
         return {**self.p.as_dict(), "epoch": epoch, "update": update, "loss_sum": loss_sum,
                 "validations_written": self.recorder.validations_written}
 
-    def on_update(self, epoch: int, loss_before: float):
+    def on_update(self, chunk: int, epoch: int, loss_before: float):
         """Callback for train_epoch: save when due, save and exit when preempted."""
         if self.checkpointer is None:
             return None
@@ -122,7 +122,7 @@ class _Resumable:
         def hook(update: int, loss_sum):
             def state():
                 total = float(acc.reduce(loss_sum.clone(), reduction="sum")) / acc.num_processes
-                check_finite(total, self.p.chunk_pos, epoch, self.trainer.global_updates)  # never save a diverged state
+                check_finite(total, chunk, epoch, self.trainer.global_updates)  # never save a diverged state
                 return self.state(epoch, update, loss_before + total)
 
             n = self.trainer.global_updates
@@ -213,7 +213,7 @@ def run_individual(
             single = compat_reference and epoch > 0
             stats = trainer.train_epoch(dataset, rows, i, epoch, max_updates=1 if single else None,
                                         start_update=start_update, loss_before=loss_before,
-                                        on_update=ckpt.on_update(epoch, loss_before))
+                                        on_update=ckpt.on_update(i, epoch, loss_before))
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]
@@ -296,7 +296,7 @@ def run_sequential(
         # Phase 2: num_train_epochs passes over chunk i, no reset.
         for epoch in range(start_epoch, epochs_per_chunk[i]):
             stats = trainer.train_epoch(dataset, rows, i, epoch, start_update=start_update, loss_before=loss_before,
-                                        on_update=ckpt.on_update(epoch, loss_before))
+                                        on_update=ckpt.on_update(i, epoch, loss_before))
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]

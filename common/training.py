@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .curriculum import epoch_batches
-from .faults import maybe_fail
+from .faults import maybe_fail, maybe_poison
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ class ChunkTrainer:
                 sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(self.unet)
                 mine = slice(offset + batch.offset, offset + batch.offset + len(batch.rows))
                 with sync:
-                    loss = self._micro_step(dataset, batch.rows, draws, mine, group_rows, row_range[0])
+                    loss = maybe_poison(self._micro_step(dataset, batch.rows, draws, mine, group_rows, row_range[0]))
                     acc.backward(loss)
                 loss_sum += loss.detach()
                 offset += batch.global_size
