@@ -5,8 +5,14 @@
 
 For each checkpoint (and with --curr each curriculum-* folder of a run), N
 images per prompt are generated from seeds (seed, prompt, image), saved as PNG
-in a folder of their own, and scored; results go to OUTPUT_DIR/results.jsonl
-and results.csv and are printed as a table.
+in a folder of their own (with a metadata.jsonl of file names, prompts and
+seeds), and scored; results go to OUTPUT_DIR/results.jsonl and results.csv and
+are printed as a table.
+
+With --images, MODEL_PATHS are folders of images already on disk (such a
+folder, or any other): they are scored the same way and no model is loaded.
+
+    python eval_model.py eval_results/images/000-model CLASSIFIER_DIR "golf ball" --images
 """
 
 import os
@@ -17,17 +23,24 @@ from common import cli
 from common.clip_score import DEFAULT_CLIP, ClipScorer, check_clip_spec
 from common.data import read_prompts
 from common.errors import InputError, exit_on_input_error
-from common.evaluation import checkpoint_label, evaluate_checkpoint, find_checkpoints, format_table, write_results
+from common.evaluation import (checkpoint_label, evaluate_checkpoint, find_checkpoints, format_table,
+                               image_folder_prompts, score_image_folder, write_results)
 
 PROG = "eval_model.py"
 
 
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__.split("\n\n")[0], prog=PROG)
-    parser.add_argument("model_paths", help="comma-separated diffusers pipeline directories (or run directories with --curr)")
+    parser.add_argument("model_paths", help="comma-separated diffusers pipeline directories (run directories with "
+                                            "--curr; image folders with --images)")
     parser.add_argument("eval_model_path", help="concept classifier (directory, or state dict with --theme); '' or 'none' for CLIP only")
     parser.add_argument("concept", help="the erased concept, e.g. 'golf ball' (recorded with the results)")
-    parser.add_argument("--prompt_file", required=True, help="one prompt per non-empty line")
+    parser.add_argument("--prompt_file", default=None,
+                        help="one prompt per non-empty line (required unless --images folders carry metadata.jsonl)")
+    parser.add_argument("--images", action="store_true",
+                        help="MODEL_PATHS are folders of existing images: score them, load no pipeline. Each image's "
+                             "prompt: the folder's metadata.jsonl (file_name, prompt), else --prompt_file line k for "
+                             "p{k}_{j}.png, else a one-line --prompt_file")
     parser.add_argument("--theme", nargs="?", const="style", default="")
     parser.add_argument("--curr", action="store_true", help="also evaluate each path's curriculum-* subfolders")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is absent)")
@@ -36,7 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip_model", default=DEFAULT_CLIP)
     parser.add_argument("--batch_size", type=int, default=10, help="images per generation batch")
-    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--num_inference_steps", type=int, default=50,
+                        help="sampling steps per image (default 50: the pipeline default the published "
+                             "evaluation used; the training scripts validate with 20)")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     parser.add_argument("--concept_index", type=int, default=1)
@@ -50,8 +65,17 @@ def parse_args(argv=None):
                 raise InputError(f"{flag} {value}: must be >= {low}")
         if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
             raise InputError(f"--resolution {args.resolution}: must be a positive multiple of 8")
-        args.prompts = read_prompts(args.prompt_file, "--prompt_file")
-        args.checkpoints = find_checkpoints([p for p in args.model_paths.split(",") if p.strip()], args.curr)
+        paths = [p for p in args.model_paths.split(",") if p.strip()]
+        if args.images:
+            args.prompts = read_prompts(args.prompt_file, "--prompt_file") if args.prompt_file else None
+            for folder in paths:
+                image_folder_prompts(folder, args.prompts)  # every image has a prompt, before any model loads
+            args.checkpoints = paths
+        else:
+            if not args.prompt_file:
+                raise InputError("--prompt_file is required (unless --images)")
+            args.prompts = read_prompts(args.prompt_file, "--prompt_file")
+            args.checkpoints = find_checkpoints(paths, args.curr)
         check_clip_spec(args.clip_model)
         args.classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
         if args.classifier or args.theme.lower() == "nudity":
@@ -77,9 +101,13 @@ def main(args):
         classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
                                        args.classifier_processor, args.timm_arch)
     os.makedirs(args.output_dir, exist_ok=True)
-    # Phase 2: every checkpoint, its images in a folder of its own.
+    # Phase 2: every checkpoint, its images in a folder of its own (or, with --images, every image folder).
     rows = []
     for n, path in enumerate(args.checkpoints):
+        if args.images:
+            rows.append(score_image_folder(path, args.prompts, args.concept, clip, classifier))
+            write_results(args.output_dir, rows)
+            continue
         image_dir = os.path.join(args.output_dir, "images", f"{n:03d}-" + checkpoint_label(path).replace("/", "__"))
         rows.append(evaluate_checkpoint(
             path, args.prompts, args.concept, clip, classifier, args.images_per_prompt, args.seed, args.batch_size,

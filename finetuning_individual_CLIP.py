@@ -14,7 +14,7 @@ from common import cli, entry
 
 def parse_args(argv=None):
     parser = cli.training_parser("finetuning_individual_CLIP.py", __doc__)
-    cli.add_individual_args(parser)
+    cli.add_individual_args(parser, validation_epochs=2)
     parser.add_argument("--clip_threshold", type=float, default=0.31,
                         help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from common import cli, entry
 
 def parse_args(argv=None):
     parser = cli.training_parser("finetuning_individual_Classifier.py", __doc__, clip=False)
-    cli.add_individual_args(parser)
+    cli.add_individual_args(parser, validation_epochs=1)
     cli.add_classifier_args(parser, required=True)
     parser.add_argument("--bc_threshold", type=float, default=0.3,
                         help="revived when classifier accuracy >= this (0..1); the paper uses 0.3")

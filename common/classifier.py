@@ -83,6 +83,21 @@ def load_state_dict(path: str) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def style_transform(size: int = 224):
+    """The published style evaluation's input: a bilinear resize to size x size (no crop), mean = std = 0.5.
+
+    timm's own eval transform for the same model differs (bicubic resize to
+    size / 0.9, then a centre crop), and so would the classifier's decisions.
+    """
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ])
+
+
 class ConceptClassifier:
     """predict(images) -> 1 where an image shows the concept, else 0."""
 
@@ -102,16 +117,18 @@ class ConceptClassifier:
             source = processor or (path if os.path.isfile(os.path.join(path, "preprocessor_config.json"))
                                    else DEFAULT_PROCESSOR)
             self.processor = AutoImageProcessor.from_pretrained(resolve_model_path(source))
+            self.processor_source = source
         elif self.kind == "timm":
             import timm
-            from timm.data import create_transform, resolve_data_config
 
             self.model = timm.create_model(timm_arch, pretrained=False, num_classes=2)
             self.model.load_state_dict(load_state_dict(resolve_model_path(model_path)))
             self.model.to(self.device).eval()
-            self.transform = create_transform(**resolve_data_config({}, model=self.model))
+            self.transform = style_transform(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+            self.processor_source = "published style transform (resize, mean = std = 0.5)"
         else:
             self.nudenet = _import_nudenet()
+            self.processor_source = "NudeNet"
 
     @torch.no_grad()
     def predict(self, images: Sequence, batch_size: int = 32) -> List[int]:

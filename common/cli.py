@@ -101,7 +101,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input_perturbation", type=float, default=0.0)
     g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"))
     g.add_argument("--params", default="full", choices=("full", "xattn"),
-                   help="trained parameters: the whole UNet or cross-attention only")
+                   help="trained parameters: the whole UNet, or the cross-attention key and value projections "
+                        "(attn2.to_k, attn2.to_v), as the published scripts")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config; fp16 without CUDA falls back to fp32")
     g.add_argument("--allow_tf32", action="store_true")
@@ -124,9 +125,12 @@ def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
                        help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
 
 
-def add_individual_args(p: argparse.ArgumentParser) -> None:
+def add_individual_args(p: argparse.ArgumentParser, validation_epochs: int) -> None:
+    """Flags of the individual protocol; ``validation_epochs`` is the script's published cadence."""
     g = p.add_argument_group("individual protocol")
-    g.add_argument("--validation_epochs", type=int, default=2, help="validate after epochs 0, N, 2N, ...")
+    g.add_argument("--validation_epochs", type=int, default=validation_epochs,
+                   help=f"validate after epochs 0, N, 2N, ... (default {validation_epochs}, as the published "
+                        "script: the CLIP script validates every 2nd epoch, the classifier script every epoch)")
     g.add_argument("--clip_epoch", type=int, default=89,
                    help="epoch budget: a chunk stops after the first epoch e > clip_epoch")
 
@@ -142,7 +146,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
                    help="'latest' (newest complete checkpoint in OUTPUT_DIR; none yet: start afresh) or a checkpoint path")
     g.add_argument("--checkpointing_steps", type=int, default=500,
                    help="save OUTPUT_DIR/checkpoint-{update} every N optimizer updates (0: only on SIGTERM/SIGUSR1)")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2,
+                   help="keep at most this many checkpoints (default 2; a resume needs only the newest). At SD-1.x "
+                        "size one checkpoint is about 10 GB (fp32 UNet 3.4 GB + Adam moments 6.9 GB), "
+                        "14 GB with --use_ema")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -223,7 +230,8 @@ def add_classifier_args(p: argparse.ArgumentParser, required: bool) -> None:
                         "style classifier; Nudity: NudeNet")
     g.add_argument("--concept_index", type=int, default=1, help="class index of the concept (default 1)")
     g.add_argument("--classifier_processor", default=None,
-                   help="image processor directory/id (default: the classifier's own, else the reference's id)")
+                   help="image processor directory/id (default: the classifier's own, else the published id "
+                        "google/vit-large-patch16-224-in21k; under --compat reference always the published id)")
     g.add_argument("--timm_arch", default=DEFAULT_TIMM_ARCH, help="timm architecture of a style classifier")
 
 

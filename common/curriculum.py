@@ -126,3 +126,33 @@ def epoch_batches(
             offset = sum(len(p) for p in parts[:process_index])
             mine = parts[process_index]
         yield Batch(mine, offset, len(group))
+
+
+def reference_schedule(num_batches: int, accumulation: int, pending: int, updates_done: int,
+                       max_updates: int) -> Tuple[List[Tuple[List[int], bool]], int]:
+    """One epoch of the published scripts' loop over a chunk's in-order batches (``--compat reference``).
+
+    Their loop counts optimizer updates per chunk, never per epoch, and breaks
+    as soon as the chunk's count reaches ``max_updates`` = ceil(rows / (batch x
+    accumulation)), so after epoch 0 an epoch stops after its first
+    micro-batch. accelerate syncs gradients every ``accumulation`` micro-batches
+    (its counter carries across epochs and chunks) and at the end of the data
+    loader, where the counter restarts. Returns the epoch's micro-batch indices
+    grouped by update, each with whether it ends in an optimizer update (a
+    last group may not: its gradients wait for the next epoch), and the
+    accumulation counter after the epoch.
+    """
+    groups: List[Tuple[List[int], bool]] = []
+    current: List[int] = []
+    for index in range(num_batches):
+        current.append(index)
+        pending += 1
+        if pending == accumulation or index == num_batches - 1:
+            groups.append((current, True))
+            current, pending = [], 0
+            updates_done += 1
+        if updates_done >= max_updates:
+            break
+    if current:
+        groups.append((current, False))
+    return groups, pending

@@ -1,11 +1,17 @@
 """Training data: loading in curriculum order, image transforms, caption tokens.
 
-Row order is the curriculum order (SPEC 2). For a local directory that order is
-the line order of its ``metadata.jsonl`` (one JSON object per line with
+Row order is the curriculum order. For a local directory that order is the
+line order of its ``metadata.jsonl`` (one JSON object per line with
 ``file_name`` and the caption column), which we read ourselves so that no file
 system listing or sort can reorder rows; the images are then decoded through
 datasets' ``Image`` feature as imagefolder would. ``--dataset_name`` datasets
 keep their own row order.
+
+The published scripts ran with datasets 3.0.1, whose imagefolder builder
+yields rows in the sorted order of the image paths (string order, so
+``10.png`` before ``2.png``) and looks each file's metadata up; datasets 3.4
+and later follow the metadata lines. ``row_order="file_name"`` reproduces the
+former (``--compat reference``).
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ def find_metadata(train_data_dir: str) -> str:
     raise InputError(f"--train_data_dir {train_data_dir}: several {METADATA_FILE} files {found}; point at one split")
 
 
-def read_metadata(train_data_dir: str, caption_column: str, verify_images: bool = True) -> tuple[List[str], List[str]]:
-    """Image paths and captions of an imagefolder directory, in metadata.jsonl line order.
+ROW_ORDERS = ("metadata", "file_name")
+
+
+def read_metadata(train_data_dir: str, caption_column: str, verify_images: bool = True,
+                  row_order: str = "metadata") -> tuple[List[str], List[str]]:
+    """Image paths and captions of an imagefolder directory, in metadata.jsonl line order (or sorted paths).
 
     Every row is checked: valid JSON, a ``file_name``, a string caption in
     ``caption_column``, an image file that exists and that PIL can read.
@@ -82,6 +92,10 @@ def read_metadata(train_data_dir: str, caption_column: str, verify_images: bool 
             captions.append(row[caption_column])
     if not paths:
         raise InputError(f"{meta_path}: no rows")
+    if row_order == "file_name":
+        paths, captions = map(list, zip(*sorted(zip(paths, captions), key=lambda pc: pc[0])))
+    elif row_order != "metadata":
+        raise ValueError(f"row_order must be one of {ROW_ORDERS}, got {row_order!r}")
     return paths, captions
 
 
@@ -92,12 +106,13 @@ def load_training_data(
     image_column: str = "image",
     dataset_config_name: Optional[str] = None,
     cache_dir: Optional[str] = None,
+    row_order: str = "metadata",
 ):
     """A datasets.Dataset with columns ``image`` (decoded to PIL) and ``caption``, in curriculum order."""
     import datasets
 
     if train_data_dir is not None:
-        paths, captions = read_metadata(train_data_dir, caption_column)
+        paths, captions = read_metadata(train_data_dir, caption_column, row_order=row_order)
         ds = datasets.Dataset.from_dict({"image": paths, "caption": captions})
         return ds.cast_column("image", datasets.Image())
     try:

@@ -9,7 +9,7 @@ from typing import Callable, List
 import torch
 
 from . import curriculum as cur
-from .classifier import ConceptClassifier
+from .classifier import DEFAULT_PROCESSOR, ConceptClassifier
 from .clip_score import LOGIT_SCALE, ClipScorer
 from .data import read_prompts
 from .protocol import Criterion, ValidationConfig, run_individual, run_sequential
@@ -22,11 +22,11 @@ def data_config(args) -> DataConfig:
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name, caption_column=args.caption_column,
         image_column=args.image_column, dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
         resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
-        cache_latents=args.cache_latents,
+        cache_latents=args.cache_latents, row_order="file_name" if args.compat == "reference" else "metadata",
     )
 
 
-def train_config(args, num_processes: int = 1) -> TrainConfig:
+def train_config(args, num_processes: int = 1, compat_reference: bool = False) -> TrainConfig:
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
@@ -38,6 +38,7 @@ def train_config(args, num_processes: int = 1) -> TrainConfig:
         noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
         prediction_type=args.prediction_type, params=args.params, use_ema=args.use_ema, ema_decay=args.ema_decay,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        compat_reference=compat_reference,
     )
 
 
@@ -63,11 +64,16 @@ def clip_criterion(clip_model: str, threshold: float) -> Callable[[torch.device]
 def classifier_criterion(args, threshold: float) -> Callable[[torch.device], List[Criterion]]:
     """The classifier criterion (accuracy >= threshold)."""
 
+    # --compat reference: the published scripts' hard-coded image processor, whatever the classifier ships.
+    processor = args.classifier_processor
+    if args.compat == "reference" and not processor:
+        processor = DEFAULT_PROCESSOR
+
     def make(device):
-        clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index,
-                                args.classifier_processor, args.timm_arch)
+        clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index, processor, args.timm_arch)
         return [Criterion("classifier", threshold, clf.score,
-                          scale=f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept)")]
+                          scale=f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept; "
+                                f"input: {clf.processor_source})")]
 
     return make
 
@@ -77,7 +83,8 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol):
         model_path=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         requested_precision=args.mixed_precision, allow_tf32=args.allow_tf32, output_dir=args.output_dir,
         logging_dir=args.logging_dir, log_file=args.log_file, bounds=bounds, data=data_config(args),
-        train=train_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
+        train=train_config(args, int(os.environ.get("WORLD_SIZE", "1")),
+                           compat_reference=protocol == "individual" and args.compat == "reference"),
         horizon_epochs=horizon_epochs, validation=validation_config(args), make_criteria=make_criteria,
         config_record={"script": args.script, "protocol": protocol, "args": vars(args)},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -87,21 +88,95 @@ def evaluate_checkpoint(
     images = generate_images(pipe, texts, [image_seed(seed, k, j) for k, j in jobs], batch_size,
                              num_inference_steps, guidance_scale, resolution, progress=True,
                              desc=checkpoint_label(path))
-    # A fresh folder per checkpoint: a rerun never mixes in stale images.
+    # A fresh folder per checkpoint: a rerun never mixes in stale images. The metadata lets
+    # `eval_model.py --images` score the folder again later without the model.
     shutil.rmtree(image_dir, ignore_errors=True)
     os.makedirs(image_dir)
-    for (k, j), im in zip(jobs, images):
-        im.save(os.path.join(image_dir, f"p{k:03d}_{j:02d}.png"))
+    meta = []
+    for (k, j), im, text in zip(jobs, images, texts):
+        name = f"p{k:03d}_{j:02d}.png"
+        im.save(os.path.join(image_dir, name))
+        meta.append(json.dumps({"file_name": name, "prompt": text, "seed": image_seed(seed, k, j)}) + "\n")
+    atomic_write_text(os.path.join(image_dir, IMAGE_METADATA), "".join(meta))
+    del pipe
+    return score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
+
+
+def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_scorer, classifier,
+                 image_dir: str, t0: float) -> dict:
+    """The results row of a set of images: mean CLIP cosine with their prompts and classifier accuracy."""
     clip = clip_scorer.score(images, texts)
-    row = {"checkpoint": path, "label": checkpoint_label(path), "concept": concept, "images": len(images),
+    row = {"checkpoint": checkpoint, "label": label, "concept": concept, "images": len(images),
            "clip_cosine": sum(clip) / len(clip), "clip_logit_scale": LOGIT_SCALE * sum(clip) / len(clip),
            "image_dir": image_dir}
     if classifier is not None:
         pred = classifier.predict(images)
         row["classifier_accuracy"] = sum(pred) / len(pred)
     row["wall_s"] = round(time.perf_counter() - t0, 2)
-    del pipe
     return row
+
+
+IMAGE_METADATA = "metadata.jsonl"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_EVAL_NAME = re.compile(r"^p(\d+)_\d+\.png$")
+
+
+def image_folder_prompts(folder: str, prompts: Optional[Sequence[str]]) -> List[tuple]:
+    """(file path, prompt) of each image in a folder, in file-name order.
+
+    The prompt of an image comes from the folder's metadata.jsonl
+    (``file_name`` and ``prompt``, as eval_model.py writes it), else from
+    ``prompts`` (--prompt_file): line k for files named ``p{k}_{j}.png``, or
+    its only line for any file.
+    """
+    if not os.path.isdir(folder):
+        raise InputError(f"MODEL_PATHS: {folder}: no such directory")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise InputError(f"MODEL_PATHS: {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    meta_path = os.path.join(folder, IMAGE_METADATA)
+    if os.path.isfile(meta_path):
+        by_name = {}
+        with open(meta_path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        by_name[row["file_name"]] = row["prompt"]
+                    except (ValueError, KeyError, TypeError):
+                        raise InputError(f"{meta_path} line {line_no}: expected JSON with file_name and prompt") from None
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise InputError(f"{meta_path}: no prompt for {missing[0]} ({len(missing)} images without one)")
+        return [(os.path.join(folder, n), by_name[n]) for n in names]
+    if not prompts:
+        raise InputError(f"MODEL_PATHS: {folder}: no {IMAGE_METADATA} beside the images; give --prompt_file")
+    out = []
+    for n in names:
+        m = _EVAL_NAME.match(n)
+        if m and int(m.group(1)) < len(prompts):
+            out.append((os.path.join(folder, n), prompts[int(m.group(1))]))
+        elif len(prompts) == 1:
+            out.append((os.path.join(folder, n), prompts[0]))
+        else:
+            raise InputError(f"{folder}/{n}: which prompt? Name images p{{k}}_{{j}}.png (prompt line k), give a "
+                             f"{IMAGE_METADATA} with file_name and prompt, or a one-line --prompt_file")
+    return out
+
+
+def score_image_folder(folder: str, prompts: Optional[Sequence[str]], concept: str, clip_scorer,
+                       classifier) -> dict:
+    """Score images already on disk (no pipeline): the same row evaluate_checkpoint gives."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    pairs = image_folder_prompts(folder, prompts)
+    images = []
+    for path, _ in pairs:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    label = os.path.basename(os.path.normpath(folder))
+    return score_images(folder, label, images, [t for _, t in pairs], concept, clip_scorer, classifier, folder, t0)
 
 
 RESULT_FIELDS = ("label", "concept", "images", "clip_cosine", "clip_logit_scale", "classifier_accuracy",

@@ -135,8 +135,13 @@ class _Resumable:
         return hook
 
     def boundary(self, epoch: int) -> None:
-        """Between epochs (after validation): the cheap moment to honour a preemption."""
-        if self.checkpointer is not None:
+        """Between epochs (after validation): the cheap moment to honour a preemption.
+
+        Not while --compat reference holds accumulated gradients that await the
+        next epoch's micro-batch: a checkpoint does not store gradients, so the
+        preemption waits for the next update.
+        """
+        if self.checkpointer is not None and not self.trainer.pending_micro_batches:
             self.checkpointer.exit_if_preempted(lambda: self.state(epoch, 0, 0.0))
 
     def resume(self, path: Optional[str]) -> Optional[dict]:
@@ -177,9 +182,10 @@ def run_individual(
 ) -> List[ChunkOutcome]:
     """SPEC 4: per chunk, train from the unlearned weights until the criterion is met or the epoch cap passes.
 
-    ``compat_reference`` reproduces the reference's semantics: after epoch 0
-    every "epoch" is one update on the chunk's first batch, and optimizer, LR
-    schedule and EMA carry over between chunks. With a ``checkpointer`` the run
+    ``compat_reference`` reproduces the reference's semantics: optimizer, LR
+    schedule and EMA carry over between chunks and the epoch cap is checked on
+    validation epochs only (the trainer, configured alike, reproduces its
+    in-order, first-batch-only epochs). With a ``checkpointer`` the run
     can stop at any update and ``resume_path`` continues it where it stopped.
     """
     saved = read_checkpoint_state(resume_path)
@@ -209,17 +215,16 @@ def run_individual(
                 ckpt.boundary(0)  # after the reset, so a resume here starts the chunk afresh
         outcome = None
         for epoch in itertools.count(start_epoch):
-            # Phase 2: one pass over the chunk (the reference: one batch after epoch 0).
-            single = compat_reference and epoch > 0
-            stats = trainer.train_epoch(dataset, rows, i, epoch, max_updates=1 if single else None,
-                                        start_update=start_update, loss_before=loss_before,
+            # Phase 2: one pass over the chunk (the reference: in row order, then mostly its first batch).
+            stats = trainer.train_epoch(dataset, rows, i, epoch, start_update=start_update, loss_before=loss_before,
                                         on_update=ckpt.on_update(i, epoch, loss_before))
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]
             recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
             # Phase 3: validate every validation_epochs epochs; stop once revived.
-            if epoch % validation_epochs == 0:
+            validated = epoch % validation_epochs == 0
+            if validated:
                 t0 = time.perf_counter()
                 scores = validator(f"chunk{i}-epoch{epoch}")[criterion.name]
                 st = score_stats(scores)
@@ -237,8 +242,8 @@ def run_individual(
                     outcome = ChunkOutcome(i, rows, True, epoch, epoch + 1, p.steps, p.images, st["mean"])
                     break
                 p.last_mean = st["mean"]
-            # Phase 4: give up past the epoch budget.
-            if epoch > max_epoch:
+            # Phase 4: give up past the epoch budget (the reference checks it on validation epochs only).
+            if epoch > max_epoch and (validated or not compat_reference):
                 outcome = ChunkOutcome(i, rows, False, None, epoch + 1, p.steps, p.images, p.last_mean)
                 break
             ckpt.boundary(epoch + 1)

@@ -36,6 +36,7 @@ class DataConfig:
     center_crop: bool = False
     random_flip: bool = False
     cache_latents: bool = True  # encode each chunk once (needs center_crop)
+    row_order: str = "metadata"  # or "file_name": sorted image paths, as datasets 3.0.1 (--compat reference)
 
 
 @dataclass
@@ -97,7 +98,10 @@ def open_run(
     weight_dtype = weight_dtype_for(acc.mixed_precision)
     # Data before models: a bad dataset should not cost a model load.
     dataset = load_training_data(data.train_data_dir, data.dataset_name, data.caption_column, data.image_column,
-                                 data.dataset_config_name, data.cache_dir)
+                                 data.dataset_config_name, data.cache_dir, data.row_order)
+    if data.train_data_dir is not None:
+        recorder.log("row order: " + ("sorted image paths (datasets 3.0.1's imagefolder, as published)"
+                                      if data.row_order == "file_name" else "metadata.jsonl line order"))
     check_against_dataset(bounds, len(dataset))
     chunk_rows = dict(enumerate(chunk_ranges(bounds)))
     parts = load_sd_parts(model_path, revision, variant)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .curriculum import epoch_batches
+from .curriculum import epoch_batches, reference_schedule, updates_per_epoch
 from .faults import maybe_fail, maybe_poison
 
 
@@ -40,20 +40,24 @@ class TrainConfig:
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
     prediction_type: Optional[str] = None
-    params: str = "full"  # "full" or "xattn" (cross-attention only: modules named attn2)
+    params: str = "full"  # "full" or "xattn" (cross-attention keys and values: attn2.to_k, attn2.to_v)
     use_ema: bool = False
     ema_decay: float = 0.9999
     gradient_checkpointing: bool = False
     seed: int = 0
+    compat_reference: bool = False  # the published scripts' in-order, first-batch-only epochs (curriculum.reference_schedule)
+
+
+XATTN_PROJECTIONS = ("attn2.to_k", "attn2.to_v")  # what the published scripts' --params xattn trains
 
 
 def select_trainable(unet: torch.nn.Module, params: str) -> list:
-    """Mark the trained parameter set (full UNet or cross-attention only) and return it."""
+    """Mark the trained parameter set (full UNet, or the cross-attention key and value projections) and return it."""
     if params not in ("full", "xattn"):
         raise ValueError(f"params must be 'full' or 'xattn', got {params!r}")
     trainable = []
     for name, p in unet.named_parameters():
-        keep = params == "full" or "attn2" in name
+        keep = params == "full" or any(proj in name for proj in XATTN_PROJECTIONS)
         p.requires_grad_(keep)
         if keep:
             trainable.append(p)
@@ -174,6 +178,11 @@ class ChunkTrainer:
         self.lr_scheduler = None
         self.ema = None
         self.global_updates = 0
+        # --compat reference only: updates in this chunk and micro-batches whose gradients wait for an update,
+        # as they stood when the current epoch was planned (a resume re-plans the epoch from them).
+        self.chunk_updates = 0
+        self.pending_micro_batches = 0
+        self.epoch_start = (0, 0)
 
     @property
     def raw_optimizer(self) -> torch.optim.Optimizer:
@@ -204,10 +213,12 @@ class ChunkTrainer:
         with torch.no_grad():
             for p, p0 in zip(self.trainable, self.initial_state):
                 p.copy_(p0.to(p.device))
+        self.chunk_updates = 0  # the published loop counts updates per chunk
         first = self.lr_scheduler is None
         if first or not carry_state:
             self.raw_optimizer.state.clear()
             self.raw_optimizer.zero_grad(set_to_none=True)
+            self.pending_micro_batches = 0
             self._new_schedule()
             self._new_ema()
 
@@ -215,55 +226,78 @@ class ChunkTrainer:
         """EMA parameter copies (or None)."""
         return None if self.ema is None else self.ema.shadow_params
 
+    def plan_epoch(self, row_range, chunk: int, epoch: int) -> list:
+        """This process's micro-batches of one epoch, grouped by optimizer update: [(batches, ends_in_update)].
+
+        By default an epoch is a pass over the chunk shuffled by (seed, chunk,
+        epoch), every group of ``gradient_accumulation_steps`` micro-batches
+        ending in an update (the last may be shorter). Under
+        ``compat_reference`` it is the published loop (``reference_schedule``):
+        rows in order, a short last batch dropped as the published sampler does,
+        and after epoch 0 usually a single micro-batch.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        batches = list(epoch_batches(row_range, cfg.train_batch_size, acc.num_processes, acc.process_index,
+                                     cfg.seed, chunk, epoch, shuffle=not cfg.compat_reference))
+        accum = cfg.gradient_accumulation_steps
+        if not cfg.compat_reference:
+            return [(batches[i : i + accum], True) for i in range(0, len(batches), accum)]
+        full = [b for b in batches if b.global_size == cfg.train_batch_size * acc.num_processes]
+        limit = updates_per_epoch(row_range[1] - row_range[0], cfg.train_batch_size, accum, acc.num_processes)
+        pending, done = self.epoch_start
+        groups, _ = reference_schedule(len(full), accum, pending, done, limit)
+        return [([full[i] for i in idx], update) for idx, update in groups]
+
     def train_epoch(
         self,
         dataset,
         row_range,
         chunk: int,
         epoch: int,
-        max_updates: Optional[int] = None,
         start_update: int = 0,
         loss_before: float = 0.0,
         on_update: Optional[Callable[[int, torch.Tensor], None]] = None,
     ) -> dict:
-        """One pass over a chunk (or its first ``max_updates`` updates), from update ``start_update`` on.
+        """One epoch over a chunk (see ``plan_epoch``), from its update ``start_update`` on.
 
-        Returns updates, images (all processes) and mean loss of the epoch;
-        ``loss_before`` is the loss sum of updates done before a resume.
-        Gradients accumulate over ``gradient_accumulation_steps`` micro-batches;
-        the last group of a chunk may be shorter. Each process's loss is
-        weighted by its share of the global batch so that the all-reduced
-        gradient equals the gradient of the global-batch mean, even for a short
-        last batch split unevenly across processes. ``on_update(n, loss_sum)``
-        runs after each update (checkpoints, signals); it is the only place a
-        host sync may happen.
+        Returns updates, images (all processes) and mean loss per group of the
+        epoch; ``loss_before`` is the loss sum of updates done before a resume.
+        Each process's loss is weighted by its share of the global batch so
+        that the all-reduced gradient equals the gradient of the update's
+        global-batch mean, even for a short last batch split unevenly across
+        processes (under ``compat_reference``: each micro-batch's mean divided
+        by the accumulation steps, as accelerate does in the published loop).
+        ``on_update(n, loss_sum)`` runs after each update (checkpoints,
+        signals); it is the only place a host sync may happen.
         """
         cfg, acc = self.cfg, self.accelerator
         self.encoder.prepare(dataset, row_range)
-        batches = list(epoch_batches(row_range, cfg.train_batch_size, acc.num_processes, acc.process_index,
-                                     cfg.seed, chunk, epoch))
+        if start_update == 0:
+            self.epoch_start = (self.pending_micro_batches, self.chunk_updates)
+        groups = self.plan_epoch(row_range, chunk, epoch)
         accum = cfg.gradient_accumulation_steps
-        groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
-        if max_updates is not None:
-            groups = groups[:max_updates]
         loss_sum = torch.zeros((), device=acc.device)
-        images = sum(b.global_size for g in groups[:start_update] for b in g)
+        images = sum(b.global_size for g, _ in groups[:start_update] for b in g)
         for u in range(start_update, len(groups)):
-            group = groups[u]
+            group, ends_in_update = groups[u]
             group_rows = sum(b.global_size for b in group)
+            divisor = accum * cfg.train_batch_size * acc.num_processes if cfg.compat_reference else group_rows
             images += group_rows
             draws = draw_batch(step_generator(cfg.seed, chunk, epoch, u), group_rows, self.encoder.latent_shape,
                                self.parts.noise_scheduler.config.num_train_timesteps, cfg.noise_offset,
                                cfg.input_perturbation)
             offset = 0
             for j, batch in enumerate(group):
-                sync = contextlib.nullcontext() if j == len(group) - 1 else acc.no_sync(self.unet)
+                last = ends_in_update and j == len(group) - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(self.unet)
                 mine = slice(offset + batch.offset, offset + batch.offset + len(batch.rows))
                 with sync:
-                    loss = maybe_poison(self._micro_step(dataset, batch.rows, draws, mine, group_rows, row_range[0]))
+                    loss = maybe_poison(self._micro_step(dataset, batch.rows, draws, mine, divisor, row_range[0]))
                     acc.backward(loss)
                 loss_sum += loss.detach()
                 offset += batch.global_size
+            if not ends_in_update:  # --compat reference: these gradients wait for the next epoch's micro-batch
+                continue
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             self.optimizer.step()
@@ -275,14 +309,19 @@ class ChunkTrainer:
             maybe_fail("update")  # tests: a crash inside an epoch
             if on_update is not None:
                 on_update(u + 1, loss_sum)
+        updates = sum(1 for _, ends_in_update in groups if ends_in_update)
+        if cfg.compat_reference:
+            tail = groups[-1] if groups and not groups[-1][1] else ([], True)
+            self.pending_micro_batches = len(tail[0])
+            self.chunk_updates = self.epoch_start[1] + updates
         # One host sync per epoch. Each process's losses sum to num_processes x
         # its share of each group mean, hence the division.
         total = float(acc.reduce(loss_sum, reduction="sum")) / acc.num_processes + loss_before
         check_finite(total, chunk, epoch, self.global_updates)
-        return {"updates": len(groups), "images": images, "loss": total / max(1, len(groups)), "loss_sum": total}
+        return {"updates": updates, "images": images, "loss": total / max(1, len(groups)), "loss_sum": total}
 
-    def _micro_step(self, dataset, rows, draws: dict, mine: slice, group_rows: int, first_row: int) -> torch.Tensor:
-        """Loss of this process's rows, scaled so summing over processes and micro-batches gives the group mean."""
+    def _micro_step(self, dataset, rows, draws: dict, mine: slice, divisor: int, first_row: int) -> torch.Tensor:
+        """Loss of this process's rows, scaled so summing over processes and micro-batches gives sum / ``divisor``."""
         acc = self.accelerator
         real = len(rows)
         if real == 0:
@@ -297,8 +336,9 @@ class ChunkTrainer:
                                      draws["applied_noise"][mine].to(dev), timesteps)
         with acc.autocast():
             pred = self.unet(noisy, timesteps, text_embeds, return_dict=False)[0]
-        # DDP averages gradients over num_processes, so a weight of P / group_rows
-        # per sample makes the sum over processes and micro-batches the group mean.
-        weight = (acc.num_processes / group_rows) if real else 0.0
+        # DDP averages gradients over num_processes, so a weight of P / divisor per
+        # sample makes the sum over processes and micro-batches sum / divisor
+        # (divisor = the group's rows: the group mean).
+        weight = (acc.num_processes / divisor) if real else 0.0
         weights = torch.full((latents.shape[0],), weight, device=dev)
         return diffusion_loss(pred, target, timesteps, self.parts.noise_scheduler, self.cfg.snr_gamma, weights)

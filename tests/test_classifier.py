@@ -61,3 +61,40 @@ def test_nudenet_missing_and_theme_mismatches(assets, tmp_path):
         check_classifier(assets["timm"], "")
     with pytest.raises(InputError, match="no such directory"):
         check_classifier(str(tmp_path / "nothing"), "")
+
+
+def test_style_classifier_sees_the_published_transform(assets):
+    """What the style classifier receives: a 224 x 224 bilinear resize, no crop, (x - 0.5) / 0.5."""
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    image = Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))  # not square: a crop would show
+    clf = ConceptClassifier(assets["timm"], theme="VanGogh", timm_arch="vit_tiny_patch16_224")
+    seen = []
+    clf.model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    clf.predict([image])
+    want = np.asarray(image.resize((224, 224), Image.BILINEAR), dtype=np.float32) / 255.0
+    want = torch.from_numpy((want - 0.5) / 0.5).permute(2, 0, 1)
+    assert seen[0].shape == (1, 3, 224, 224)
+    torch.testing.assert_close(seen[0][0], want, atol=1e-6, rtol=0)
+
+
+def test_compat_reference_uses_the_published_processor(assets, tmp_path, monkeypatch):
+    """Default: the classifier's own preprocessor_config.json; --compat reference: the published hub id."""
+    import finetuning_individual_Classifier as script
+    from conftest import seed_flags
+    from transformers import ViTImageProcessor
+
+    from common import entry
+
+    monkeypatch.chdir(tmp_path)  # the hub id resolves to a local directory of that name
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained("google/vit-large-patch16-224-in21k")
+    sizes = {}
+    for compat in ("none", "reference"):
+        args = script.parse_args(seed_flags(assets, str(tmp_path / compat), **{
+            "--clip_threshold": False, "--model_path": assets["classifier"], "--compat": compat}))
+        (criterion,) = entry.classifier_criterion(args, 0.3)("cpu")
+        clf = criterion.score_images.__self__
+        sizes[compat] = clf.processor.size["height"]
+        assert f"input: {clf.processor_source}" in criterion.scale
+    assert sizes == {"none": 32, "reference": 16}

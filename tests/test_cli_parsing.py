@@ -54,3 +54,16 @@ def test_model_directory_missing_a_part(assets, tmp_path, capsys):
         clip_script.parse_args(seed_flags(assets, str(tmp_path / "o"),
                                           **{"--pretrained_model_name_or_path": str(broken)}))
     assert "missing subfolder(s) vae" in capsys.readouterr().err
+
+
+def test_published_defaults_per_script(assets, tmp_path):
+    """The classifier script validates every epoch and the CLIP script every 2nd, as published; 2 checkpoints kept."""
+    clf_script = importlib.import_module("finetuning_individual_Classifier")
+    seq_script = importlib.import_module("finetuning_sequential")
+    clip_args = clip_script.parse_args(seed_flags(assets, str(tmp_path / "a")))
+    clf_args = clf_script.parse_args(seed_flags(assets, str(tmp_path / "b"), **{
+        "--clip_threshold": False, "--model_path": assets["classifier"]}))
+    seq_args = seq_script.parse_args(seed_flags(assets, str(tmp_path / "c")))
+    assert (clip_args.validation_epochs, clf_args.validation_epochs) == (2, 1)
+    assert clip_args.checkpoints_total_limit == clf_args.checkpoints_total_limit == seq_args.checkpoints_total_limit == 2
+    assert clip_args.params == "full"

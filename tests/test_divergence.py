@@ -1,4 +1,4 @@
-"""A non-finite loss (SPEC 12): exit 3, the last good checkpoint kept and loadable, a resume refused until asked."""
+"""A non-finite loss: exit 3, the last good checkpoint kept and loadable, a resume refused until asked."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""eval_model.py's numbers, recomputed by hand from the images it saved (SPEC 7).
+"""eval_model.py's numbers, recomputed by hand from the images it saved.
 
 The classifier must say yes to some images and no to others, or an inverted
 class index would pass: the tiny red-circle classifier says no to everything
@@ -34,7 +34,7 @@ def _evaluate(assets, classifier, out):
 def _saved_images(row):
     """(prompt index, image) for each PNG in the row's folder, in file-name order."""
     out = []
-    for name in sorted(os.listdir(row["image_dir"])):
+    for name in sorted(n for n in os.listdir(row["image_dir"]) if n.endswith(".png")):
         k = int(re.match(r"p(\d+)_\d+\.png$", name).group(1))
         out.append((k, Image.open(os.path.join(row["image_dir"], name)).convert("RGB")))
     return out
@@ -105,3 +105,49 @@ def test_eval_model_scores_equal_a_recount_from_its_saved_images(assets, tmp_pat
     # Scoring each image against another prompt would give another mean: the pairing is what is checked.
     shifted = texts[IMAGES_PER_PROMPT:] + texts[:IMAGES_PER_PROMPT]
     assert abs(float(np.mean(_hand_clip(assets["clip"], images, shifted))) - want_clip) > 1e-4
+
+
+def test_images_mode_scores_a_saved_folder_as_when_it_was_generated(assets, tmp_path, capsys):
+    import shutil
+
+    row = _evaluate(assets, assets["classifier"], str(tmp_path / "gen"))
+    argv = [row["image_dir"], assets["classifier"], "red circle", "--images", "--output_dir", str(tmp_path / "img"),
+            "--clip_model", assets["clip"]]
+    (again,) = eval_model.main(eval_model.parse_args(argv))
+    # metadata.jsonl beside the images gives each its prompt: the same images, the same numbers, no pipeline.
+    assert again["images"] == row["images"]
+    assert (again["clip_cosine"], again["classifier_accuracy"]) == (row["clip_cosine"], row["classifier_accuracy"])
+    assert json.loads(open(tmp_path / "img" / "results.jsonl").readline())["clip_cosine"] == row["clip_cosine"]
+    # Without metadata, p{k}_{j}.png names and --prompt_file give the same pairing.
+    bare = tmp_path / "bare"
+    shutil.copytree(row["image_dir"], bare, ignore=shutil.ignore_patterns("metadata.jsonl"))
+    (third,) = eval_model.main(eval_model.parse_args([str(bare), assets["classifier"], "red circle", "--images",
+                                                      "--prompt_file", assets["prompts"], "--output_dir",
+                                                      str(tmp_path / "bare_out"), "--clip_model", assets["clip"]]))
+    assert third["clip_cosine"] == row["clip_cosine"]
+    # Neither: one clear line, exit 2, before any model loads.
+    with pytest.raises(SystemExit) as exc:
+        eval_model.parse_args([str(bare), assets["classifier"], "red circle", "--images"])
+    assert exc.value.code == 2 and "give --prompt_file" in capsys.readouterr().err
+
+
+def test_eval_model_samples_with_50_steps_by_default(assets, tmp_path, monkeypatch):
+    """The published evaluation calls the pipeline with its default, 50 steps; the default reaches the pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    seen = []
+    original = StableDiffusionPipeline.__call__
+
+    def spy(self, *a, **kw):
+        seen.append(kw["num_inference_steps"])
+        out = original(self, *a, **kw)
+        seen.append(len(self.scheduler.timesteps))
+        return out
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    args = eval_model.parse_args([assets["sd"], "none", "red circle", f"--prompt_file={assets['prompts']}",
+                                  "--images_per_prompt", "1", "--output_dir", str(tmp_path / "e"),
+                                  "--resolution", "32", "--clip_model", assets["clip"]])
+    assert args.num_inference_steps == 50
+    eval_model.main(args)
+    assert seen == [50, 50]

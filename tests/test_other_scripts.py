@@ -102,8 +102,10 @@ def test_eval_model_on_curriculum_folders_is_repeatable(assets, classifier_run, 
     proc, first = _eval(assets, classifier_run, out)
     assert [r["label"] for r in first] == ["run/curriculum-0", "run/curriculum-1"]
     for r in first:
-        pngs = sorted(os.listdir(r["image_dir"]))
+        pngs = sorted(n for n in os.listdir(r["image_dir"]) if n.endswith(".png"))
         assert len(pngs) == 3 * 2 and r["images"] == 6
+        meta = [json.loads(line) for line in open(os.path.join(r["image_dir"], "metadata.jsonl"))]
+        assert [m["file_name"] for m in meta] == pngs and meta[2]["prompt"] == "a blue square"
         assert r["clip_logit_scale"] == pytest.approx(100 * r["clip_cosine"])
         assert 0 <= r["classifier_accuracy"] <= 1
     assert "CLIP cosine (0..1)" in proc.stdout and "run/curriculum-1" in proc.stdout

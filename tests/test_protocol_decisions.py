@@ -1,4 +1,4 @@
-"""The protocols' decisions (SPEC 4 and 5) with a scripted trainer and validator: no model, exact numbers.
+"""The protocols' decisions (README: The protocols) with a scripted trainer and validator: no model, exact numbers.
 
 The fake trainer counts what it is asked to do; the fake validator returns set
 scores per call. Scores are chosen exactly representable in binary floating
@@ -20,17 +20,17 @@ class FakeTrainer:
     def __init__(self, batch=10):
         self.batch = batch
         self.global_updates = 0
-        self.calls = []  # ("reset", chunk, carry) and ("epoch", chunk, epoch, max_updates)
+        self.calls = []  # ("reset", chunk, carry) and ("epoch", chunk, epoch)
 
     def reset_chunk(self, chunk, carry_state=False):
         self.calls.append(("reset", chunk, carry_state))
 
-    def train_epoch(self, dataset, rows, chunk, epoch, max_updates=None, start_update=0, loss_before=0.0,
-                    on_update=None):
-        self.calls.append(("epoch", chunk, epoch, max_updates))
+    pending_micro_batches = 0
+
+    def train_epoch(self, dataset, rows, chunk, epoch, start_update=0, loss_before=0.0, on_update=None):
+        self.calls.append(("epoch", chunk, epoch))
         size = rows[1] - rows[0]
-        updates = -(-size // self.batch) if max_updates is None else max_updates
-        images = size if max_updates is None else min(size, max_updates * self.batch)
+        updates, images = -(-size // self.batch), size
         self.global_updates += updates
         return {"updates": updates, "images": images, "loss": 0.125, "loss_sum": 0.125 * updates}
 
@@ -151,13 +151,18 @@ def test_individual_validation_epochs_one_validates_every_epoch(tmp_path):
     assert [r["epoch"] for r in recs] == [0, 1, 2] and trainer.epochs() == [0, 1, 2]
 
 
-def test_individual_compat_reference_carries_state_and_takes_single_update_epochs(tmp_path):
+def test_individual_compat_reference_carries_state_and_caps_on_validation_epochs_only(tmp_path):
+    # The published CLIP script checks `epoch > clip_epoch` inside its validation branch: with validation every
+    # 2nd epoch and an even cap of 2, epoch 3 is past the cap but not validated, so epoch 4 is trained too.
     outcomes, trainer, _, recs = _individual(tmp_path, [{"clip": [0.0]}], _criterion("clip", 0.5),
-                                             validation_epochs=1, max_epoch=1, compat_reference=True)
+                                             validation_epochs=2, max_epoch=2, compat_reference=True)
     assert [c for c in trainer.calls if c[0] == "reset"] == [("reset", 0, True), ("reset", 1, True)]
-    assert [c[3] for c in trainer.calls if c[0] == "epoch" and c[1] == 0] == [None, 1, 1]
-    assert [(r["chunk"], r["optimizer_steps"], r["images_seen"]) for r in recs] == [
-        (0, 5, 50), (0, 6, 60), (0, 7, 70), (1, 5, 50), (1, 6, 60), (1, 7, 70)]
+    assert trainer.epochs(0) == [0, 1, 2, 3, 4] and [r["epoch"] for r in recs if r["chunk"] == 0] == [0, 2, 4]
+    assert outcomes[0].epochs_trained == 5
+    # The default stops at the first epoch past the cap, validated or not.
+    _, trainer, _, _ = _individual(tmp_path / "b", [{"clip": [0.0]}], _criterion("clip", 0.5), chunks=[0],
+                                   validation_epochs=2, max_epoch=2)
+    assert trainer.epochs(0) == [0, 1, 2, 3]
 
 
 # --- sequential protocol: Revival Points -----------------------------------------------------------------------
