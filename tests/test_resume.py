@@ -60,12 +60,17 @@ def _assert_same_run(out, ref, weights=(("curriculum-0", "unet"), ("curriculum-1
             np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=f"{pipe}/{sub}/{k}")
 
 
-@pytest.fixture(scope="module")
-def reference_run(assets, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ref") / "run")
-    proc = launch(SCRIPT, _flags(assets, out), cwd=assets["root"])
+def _uninterrupted(script, flags, assets, tmp_path_factory, name):
+    """Output directory of a run never interrupted: the reference a resumed run must equal."""
+    out = str(tmp_path_factory.mktemp(name) / "run")
+    proc = launch(script, flags(assets, out), cwd=assets["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    return _uninterrupted(SCRIPT, _flags, assets, tmp_path_factory, "ref")
 
 
 # update:18 dies inside chunk 1 (resumed from checkpoint-16, chunk 1's second update); the others inside chunk 0.
@@ -128,10 +133,7 @@ def _seq_flags(assets, out, **over):
 
 @pytest.fixture(scope="module")
 def sequential_reference(assets, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("seqref") / "run")
-    proc = launch(SEQ, _seq_flags(assets, out), cwd=assets["root"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return _uninterrupted(SEQ, _seq_flags, assets, tmp_path_factory, "seqref")
 
 
 @pytest.mark.parametrize("where, every, fault, resumed_from", [
