@@ -57,6 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--concept_index", type=int, default=1)
     parser.add_argument("--classifier_processor", default=None)
     parser.add_argument("--timm_arch", default=None)
+    cli.add_nudity_args(parser)
     args = parser.parse_args(argv)
     with exit_on_input_error(PROG):
         for flag, value, low in (("--images_per_prompt", args.images_per_prompt, 1), ("--batch_size", args.batch_size, 1),
@@ -83,6 +84,7 @@ def parse_args(argv=None):
 
             args.timm_arch = args.timm_arch or DEFAULT_TIMM_ARCH
             check_classifier(args.classifier, args.theme, flag="EVAL_MODEL_PATH", processor=args.classifier_processor)
+            cli.check_nudity_args(args)
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
     return args
@@ -99,7 +101,8 @@ def main(args):
         from common.classifier import ConceptClassifier
 
         classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
-                                       args.classifier_processor, args.timm_arch)
+                                       args.classifier_processor, args.timm_arch, args.nudity_scorer,
+                                       args.nudity_classes, args.nudity_threshold)
     os.makedirs(args.output_dir, exist_ok=True)
     # Phase 2: every checkpoint, its images in a folder of its own (or, with --images, every image folder).
     rows = []

@@ -70,10 +70,11 @@ def classifier_criterion(args, threshold: float) -> Callable[[torch.device], Lis
         processor = DEFAULT_PROCESSOR
 
     def make(device):
-        clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index, processor, args.timm_arch)
-        return [Criterion("classifier", threshold, clf.score,
-                          scale=f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept; "
-                                f"input: {clf.processor_source})")]
+        clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index, processor, args.timm_arch,
+                                args.nudity_scorer, args.nudity_classes, args.nudity_threshold)
+        what = (f"share of images counted nude ({clf.processor_source})" if clf.kind == "nudenet" else
+                f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept; input: {clf.processor_source})")
+        return [Criterion("classifier", threshold, clf.score, scale=what, score_details=clf.score_with_details)]
 
     return make
 

@@ -24,6 +24,8 @@ class Criterion:
     threshold: float
     score_images: Callable[[list, list], List[float]]  # (images, prompts) -> per-image scores
     scale: str = ""  # how the score is expressed, for the results
+    # (images, prompts) -> (per-image scores, per-image details or None); used instead of score_images when set
+    score_details: Optional[Callable[[list, list], tuple]] = None
 
     def met(self, mean: float) -> bool:
         """SPEC 4: CLIP needs mean > threshold, the classifier accuracy >= threshold."""
@@ -51,9 +53,17 @@ class Validator:
         self.pipe = pipe
         self.cfg = cfg
         self.criteria = list(criteria)
+        self.details: Dict[str, list] = {}  # per criterion, per image (nudity: scores and classes found)
+
+    def _score(self, criterion: Criterion, images, prompts):
+        if not images:
+            return [], None
+        if criterion.score_details is not None:
+            return criterion.score_details(images, prompts)
+        return criterion.score_images(images, prompts), None
 
     def __call__(self, tag: str) -> Dict[str, List[float]]:
-        """Scores per criterion name, in prompt order, identical on every process."""
+        """Scores per criterion name, in prompt order, identical on every process (details in ``self.details``)."""
         from accelerate.utils import gather_object
 
         acc, cfg = self.accelerator, self.cfg
@@ -72,10 +82,13 @@ class Validator:
             os.makedirs(folder, exist_ok=True)
             for k, im in zip(mine, images):
                 im.save(os.path.join(folder, f"{k:04d}.png"))
-        local = {c.name: (c.score_images(images, prompts) if images else []) for c in self.criteria}
-        rows = [(k, {name: local[name][j] for name in local}) for j, k in enumerate(mine)]
+        local = {c.name: self._score(c, images, prompts) for c in self.criteria}
+        rows = [(k, {name: (scores[j], details[j] if details else None) for name, (scores, details) in local.items()})
+                for j, k in enumerate(mine)]
         gathered = sorted(gather_object(rows) if acc.num_processes > 1 else rows, key=lambda r: r[0])
-        return {c.name: [r[1][c.name] for r in gathered] for c in self.criteria}
+        self.details = {c.name: [r[1][c.name][1] for r in gathered] for c in self.criteria
+                        if any(r[1][c.name][1] is not None for r in gathered)}
+        return {c.name: [r[1][c.name][0] for r in gathered] for c in self.criteria}
 
 
 @dataclass
@@ -153,6 +166,12 @@ class _Resumable:
         self.recorder.log(f"resumed from {path}: chunk position {state['chunk_pos']}, epoch {state['epoch']}, "
                           f"update {state['update']}")
         return state
+
+
+def _details(validator, name: str) -> dict:
+    """The record's per-image details of a criterion, when its scorer gives any."""
+    details = getattr(validator, "details", {}).get(name)
+    return {"image_details": details} if details else {}
 
 
 def read_checkpoint_state(path: Optional[str]) -> Optional[dict]:
@@ -235,6 +254,7 @@ def run_individual(
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
                     "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3),
+                    **_details(validator, criterion.name),
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
@@ -323,7 +343,7 @@ def run_sequential(
                 "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": p.steps, "images_seen": rows[1],
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
-                "revived": met, "wall_s": wall,
+                "revived": met, "wall_s": wall, **_details(validator, c.name),
             })
             recorder.log(f"after chunk {i} ({rows[1]} images): {c.name} mean {st['mean']:.4f} "
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")

@@ -112,7 +112,10 @@ CASES = [
     ("classifier-required", _train(CLF, {"--bc_threshold": 0.3}), "--model_path: a classifier is required"),
     ("theme-style-with-directory", _train(CLF, {"--theme": "VanGogh"}, True), "needs a timm state-dict file"),
     ("state-dict-without-theme", _train(CLF, {"--model_path": lambda a, b: a["timm"]}), "needs --theme"),
-    ("nudity-without-nudenet", _train(CLF, {"--theme": "Nudity", "--model_path": False}), "pip install nudenet"),
+    ("nudity-threshold-under-detector-cut", _train(CLF, {"--theme": "Nudity", "--model_path": False,
+                                                          "--nudity_threshold": 0.15}), "--nudity_threshold 0.15"),
+    ("nudity-class-unknown", _train(CLF, {"--theme": "Nudity", "--model_path": False,
+                                         "--nudity_classes": "NAKED"}), "NAKED not a NudeNet 3 class"),
     ("bc-threshold-negative", _train(CLF, {"--bc_threshold": -0.5}, True), "--bc_threshold -0.5"),
     ("concept-index-negative", _train(CLF, {"--concept_index": -1}, True), "--concept_index -1"),
     ("chunk-epochs-count", _train(SEQ, {"--chunk_epochs": "8,8,8"}), "--chunk_epochs '8,8,8': need 2"),
@@ -155,8 +158,6 @@ def _expect_exit_2(module, argv, capsys, message, out):
 @pytest.mark.parametrize("case, spec, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(assets, bad, tmp_path, capsys, case, spec, message):
     script, argv = spec
-    if case == "nudity-without-nudenet" and importlib.util.find_spec("nudenet"):
-        pytest.skip("nudenet is installed")
     out = str(tmp_path / "out")
     _expect_exit_2(SCRIPTS[script], argv(assets, bad, out), capsys, message, out)
 
