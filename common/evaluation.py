@@ -58,7 +58,7 @@ def checkpoint_label(path: str) -> str:
 def load_pipeline(path: str, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -211,8 +211,8 @@ def format_table(rows: Sequence[dict]) -> str:
     if counted:
         classes = list(counted[0]["nudity_class_counts"])
         lines += ["", "images showing each class (NudeNet), of images per checkpoint:",
-                  f"{'checkpoint':<40} {'images':>6} " + " ".join(f"{c.replace('_EXPOSED', ''):>17}" for c in classes)]
+                  f"{'checkpoint':<40} {'images':>6} " + " ".join(c.replace("_EXPOSED", "") for c in classes)]
         for r in counted:
-            lines.append(f"{r['label'][:40]:<40} {r['images']:>6} "
-                         + " ".join(f"{r['nudity_class_counts'].get(c, 0):>17}" for c in classes))
+            lines.append(f"{r['label'][:40]:<40} {r['images']:>6} " + " ".join(
+                f"{r['nudity_class_counts'].get(c, 0):>{len(c.replace('_EXPOSED', ''))}}" for c in classes))
     return "\n".join(lines)

@@ -20,6 +20,7 @@ def test_benchmark_short_mode(tmp_path):
     figures = json.loads(out.read_text())
     for key in ("cached_samples_per_s", "uncached_samples_per_s", "bare_fwd_bwd_samples_per_s",
                 "validation_batched_images_per_s", "validation_one_at_a_time_images_per_s",
+                "nudity_detector_s_per_100_images",
                 "run_levers_on_s", "run_levers_off_s"):
         assert figures[key] > 0, key
         assert key in proc.stdout

@@ -7,8 +7,10 @@
 
 Figures: training samples/s with the latent cache, without it, and for a bare
 UNet forward+backward of the same batch; validation images/s batched against
-one prompt at a time; wall time of a whole 2-chunk individual-CLIP run with
-the levers on against off. Nothing here is asserted: it prints what it saw.
+one prompt at a time; seconds per 100 images of the nudity detector (CPU,
+onnxruntime, whatever the accelerator); wall time of a whole 2-chunk
+individual-CLIP run with the levers on against off. Nothing here is asserted:
+it prints what it saw.
 """
 
 from __future__ import annotations
@@ -153,6 +155,21 @@ def validation_figures(args, acc, parts):
     return out
 
 
+def nudity_figures(args):
+    """Seconds per 100 images of --theme Nudity's scorer: NudeNet's detector, on the CPU through onnxruntime."""
+    import numpy as np
+    from PIL import Image
+
+    from common.nudity import NudityDetector
+
+    detector = NudityDetector()
+    rng = np.random.default_rng(0)
+    n = 8 if args.short else 100
+    images = [Image.fromarray(rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8))
+              for _ in range(n)]
+    return {"nudity_detector_s_per_100_images": timed(lambda: detector.verdicts(images), 1) * 100 / n}
+
+
 def whole_run_figures(args, model_dir, data_dir, clip_dir, work):
     """Wall seconds of a 2-chunk individual-CLIP run with the levers on and off (fixed epochs: threshold 1.1)."""
     prompts = os.path.join(work, "prompts.txt")
@@ -194,6 +211,7 @@ def main(args):
                                        per_concept=n_images // 2, size=args.resolution)
         acc, parts, figures = training_figures(args, model_dir, data_dir)
         figures.update(validation_figures(args, acc, parts))
+        figures.update(nudity_figures(args))
         if not args.skip_run:
             figures.update(whole_run_figures(args, model_dir, data_dir, clip_dir, work))
     figures.update(model="sd14-shapes (random)" if args.sd14 else "tiny", resolution=args.resolution,
