@@ -134,6 +134,9 @@ def add_individual_args(p: argparse.ArgumentParser, validation_epochs: int) -> N
                         "script: the CLIP script validates every 2nd epoch, the classifier script every epoch)")
     g.add_argument("--clip_epoch", type=int, default=89,
                    help="epoch budget: a chunk stops after the first epoch e > clip_epoch")
+    g.add_argument("--no_early_stop", action="store_true",
+                   help="train every chunk to the epoch budget even once revived; records still say when the "
+                        "criterion was first met (the chunk's revival epoch)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -216,9 +219,24 @@ def finish(parser: Parser, args: argparse.Namespace, checks: Iterable) -> argpar
 
 
 def check_threshold(value: float, flag: str, low: float) -> None:
-    """Thresholds must be finite and not below the score's range; above it means 'never revived'."""
+    """Thresholds must lie in the score's range: a value no score can reach is a typo, not a request.
+
+    A CLIP threshold above 1 is most likely the 100 x cosine ("logit") scale the
+    published evaluation printed; a run with it would train every chunk to the
+    epoch cap and report "not revived". --no_early_stop is the way to train to
+    the cap on purpose.
+    """
     _require(math.isfinite(value), f"{flag} {value}: must be a finite number")
     _require(value >= low, f"{flag} {value}: must be >= {low} (scores cannot be lower)")
+    if value > 1 and flag == "--clip_threshold":
+        raise InputError(f"{flag} {value}: CLIP scores are cosines (at most 1); {value:g} looks like the 100 x "
+                         f"cosine logit scale, which is {value / 100:g} on the cosine scale (the paper uses 0.31). "
+                         f"{NO_EARLY_STOP_HINT}")
+    _require(value <= 1, f"{flag} {value}: an accuracy is a share of images, at most 1. {NO_EARLY_STOP_HINT}")
+
+
+NO_EARLY_STOP_HINT = ("To train past revival on purpose: --no_early_stop (individual scripts; the sequential script "
+                      "stops early only with --stop_at_revival)")
 
 
 def add_classifier_args(p: argparse.ArgumentParser, required: bool) -> None:

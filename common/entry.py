@@ -143,7 +143,7 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
                 max_epoch=args.clip_epoch, compat_reference=args.compat == "reference", save_chunk=save,
                 summary_extra={"script": args.script, "compat": args.compat,
                                "num_processes": run.accelerator.num_processes},
-                checkpointer=checkpointer, resume_path=resume,
+                checkpointer=checkpointer, resume_path=resume, early_stop=not args.no_early_stop,
             )
         for o in outcomes:
             run.recorder.log(f"chunk {o.chunk}: " + (f"revived at epoch {o.revival_epoch}" if o.revived

@@ -198,6 +198,7 @@ def run_individual(
     summary_extra: Optional[dict] = None,
     checkpointer=None,
     resume_path: Optional[str] = None,
+    early_stop: bool = True,
 ) -> List[ChunkOutcome]:
     """SPEC 4: per chunk, train from the unlearned weights until the criterion is met or the epoch cap passes.
 
@@ -206,11 +207,14 @@ def run_individual(
     validation epochs only (the trainer, configured alike, reproduces its
     in-order, first-batch-only epochs). With a ``checkpointer`` the run
     can stop at any update and ``resume_path`` continues it where it stopped.
+    Without ``early_stop`` every chunk trains to the cap; its outcome still
+    names the first epoch the criterion was met.
     """
     saved = read_checkpoint_state(resume_path)
-    p = _Progress(chunk_pos=0, steps=0, images=0, last_mean=None, outcomes=[])
+    p = _Progress(chunk_pos=0, steps=0, images=0, last_mean=None, first_revival=None, outcomes=[])
     if saved:
-        p = _Progress(**{k: saved[k] for k in ("chunk_pos", "steps", "images", "last_mean", "outcomes")})
+        p = _Progress(**{k: saved.get(k) for k in ("chunk_pos", "steps", "images", "last_mean", "first_revival",
+                                                   "outcomes")})
     ckpt = _Resumable(trainer, checkpointer, recorder, p)
     p_first = p.chunk_pos
 
@@ -229,7 +233,7 @@ def run_individual(
             start_epoch, start_update, loss_before = saved["epoch"], saved["update"], saved["loss_sum"]
         else:
             p.steps = p.images = 0
-            p.last_mean = None
+            p.last_mean = p.first_revival = None
             if pos > p_first:
                 ckpt.boundary(0)  # after the reset, so a resume here starts the chunk afresh
         outcome = None
@@ -258,13 +262,16 @@ def run_individual(
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
-                if revived:
+                if revived and p.first_revival is None:
+                    p.first_revival = epoch
+                if revived and early_stop:
                     outcome = ChunkOutcome(i, rows, True, epoch, epoch + 1, p.steps, p.images, st["mean"])
                     break
                 p.last_mean = st["mean"]
             # Phase 4: give up past the epoch budget (the reference checks it on validation epochs only).
             if epoch > max_epoch and (validated or not compat_reference):
-                outcome = ChunkOutcome(i, rows, False, None, epoch + 1, p.steps, p.images, p.last_mean)
+                outcome = ChunkOutcome(i, rows, p.first_revival is not None, p.first_revival, epoch + 1, p.steps,
+                                       p.images, p.last_mean)
                 break
             ckpt.boundary(epoch + 1)
         # Phase 5: keep the chunk's model and the results so far.

@@ -39,13 +39,24 @@ def assets(tmp_path_factory):
             "classifier": vit, "timm": timm_sd}
 
 
-def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, env_extra=None):
-    """Run a top-level script through `accelerate launch` on CPU; return the CompletedProcess."""
+def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, env_extra=None,
+           accelerate: bool | None = None):
+    """Run a top-level script on CPU; return the CompletedProcess.
+
+    Through `accelerate launch` with several processes, or when ``accelerate``
+    is set (each script has tests that launch it so, as users do); otherwise
+    a single process runs under plain python, which is the same run without
+    the launcher's second interpreter start (~2 s a run on this machine).
+    """
     env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(ROOT), **(env_extra or {}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-    if num_processes > 1:
-        cmd.append("--multi_gpu")
+    if accelerate is None:
+        accelerate = num_processes > 1
+    cmd = [sys.executable]
+    if accelerate:
+        cmd += ["-m", "accelerate.commands.launch", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+        if num_processes > 1:
+            cmd.append("--multi_gpu")
     cmd += [str(ROOT / script), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

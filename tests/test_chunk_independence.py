@@ -22,7 +22,7 @@ def _flags(assets, out, **over):
     # 20-row chunks at batch 10: 2 updates per epoch; epochs 0 and 1 (clip_epoch 0), each validated, never revived.
     # A cosine schedule with warm-up and EMA, so that a schedule or EMA carried from chunk 0 would show (a 2-update
     # warm-up would not: over a 4-update horizon the cosine continued past its end repeats the fresh schedule).
-    base = {"--curriculum": "20,40", "--clip_threshold": 1.1, "--clip_epoch": 0, "--validation_epochs": 1,
+    base = {"--curriculum": "20,40", "--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
             "--learning_rate": "1e-4", "--lr_scheduler": "cosine", "--lr_warmup_steps": 3, "--log_file": False}
     return seed_flags(assets, out, **{**base, **over})
 

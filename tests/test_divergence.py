@@ -16,7 +16,7 @@ SCRIPT = "finetuning_individual_CLIP.py"
 
 def _run(assets, out, fault=None, **over):
     # Plain python: accelerate's launcher turns a child's exit status into its own.
-    flags = seed_flags(assets, out, **{"--clip_threshold": 1.1, "--clip_epoch": 0, "--validation_epochs": 1,
+    flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
                                        "--start_CL": 1, "--checkpointing_steps": 2, "--save_model": "False",
                                        "--log_file": False, **over})
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -27,7 +27,7 @@ def _ok(proc):
 
 def test_threshold_minus_one_revives_every_chunk_at_epoch_0(assets, tmp_path):
     out = str(tmp_path / "run")
-    proc = launch(SCRIPT, seed_flags(assets, out, **{"--clip_threshold": -1}), cwd=assets["root"])
+    proc = launch(SCRIPT, seed_flags(assets, out, **{"--clip_threshold": -1}), cwd=assets["root"], accelerate=True)
     _ok(proc)
     # The seed README's fp16 on a CPU: one warning, then full precision.
     assert proc.stderr.count("--mixed_precision fp16 needs CUDA") == 1
@@ -63,23 +63,24 @@ def test_threshold_minus_one_revives_every_chunk_at_epoch_0(assets, tmp_path):
     assert not np.allclose(w[0][key], base[key]) and not np.allclose(w[0][key], w[1][key])
 
 
-def test_threshold_above_one_runs_to_the_epoch_cap(assets, tmp_path):
+def test_no_early_stop_trains_to_the_epoch_cap_and_names_the_first_revival(assets, tmp_path):
     out = str(tmp_path / "run")
-    flags = seed_flags(assets, out, **{"--clip_threshold": 1.1, "--clip_epoch": 1, "--validation_epochs": 1,
-                                      "--start_CL": 1, "--end_CL": 2, "--save_model": "False"})
+    flags = seed_flags(assets, out, **{"--clip_threshold": -1, "--no_early_stop": None, "--clip_epoch": 1,
+                                      "--validation_epochs": 1, "--start_CL": 1, "--end_CL": 2, "--save_model": "False"})
     _ok(launch(SCRIPT, flags, cwd=assets["root"]))
     recs = _records(out)
-    # SPEC 4: stop after the first epoch e > clip_epoch, i.e. epochs 0, 1, 2, validated each (validation_epochs 1).
+    # Met at every validation, yet trained on: epochs 0, 1, 2 (stop after the first epoch e > clip_epoch).
     assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["revived"]) for r in recs] == [
-        (1, 0, 5, False), (1, 1, 10, False), (1, 2, 15, False)]
+        (1, 0, 5, True), (1, 1, 10, True), (1, 2, 15, True)]
     (chunk,) = _summary(out)["chunks"]
-    assert chunk["revived"] is False and chunk["epochs_trained"] == 3 and chunk["optimizer_steps"] == 15
+    assert (chunk["revived"], chunk["revival_epoch"], chunk["epochs_trained"], chunk["optimizer_steps"]) == (
+        True, 0, 3, 15)
     assert not any(name.startswith("curriculum-") for name in os.listdir(out))  # --save_model False
 
 
 def test_compat_reference_reproduces_single_step_epochs(assets, tmp_path):
     out = str(tmp_path / "run")
-    flags = seed_flags(assets, out, **{"--clip_threshold": 1.1, "--clip_epoch": 2, "--validation_epochs": 1,
+    flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 2, "--validation_epochs": 1,
                                       "--compat": "reference", "--save_model": "False"})
     _ok(launch(SCRIPT, flags, cwd=assets["root"]))
     steps = [(r["chunk"], r["epoch"], r["optimizer_steps"], r["images_seen"]) for r in _records(out)]

@@ -48,7 +48,7 @@ def test_individual_two_processes_match_one_with_uneven_batches_and_accumulation
     # second update's last batch is one row, which one process takes while the other has none. Chunk 1 has 23 rows:
     # its last batch of 5 splits 3 / 2.
     outs = _run_both(assets, tmp_path, "finetuning_individual_CLIP.py",
-                     {"--curriculum": "19,42", "--gradient_accumulation_steps": 2, "--clip_threshold": 1.1,
+                     {"--curriculum": "19,42", "--gradient_accumulation_steps": 2, "--clip_threshold": 1.0,
                       "--clip_epoch": 0, "--validation_epochs": 1, "--learning_rate": "1e-4"},
                      batches=((1, 6), (2, 3)))
     s1, s2 = _assert_same(outs)

@@ -88,7 +88,7 @@ def test_nudenet2_classifier_is_refused_clearly_when_absent():
 def test_sequential_and_eval_model_with_theme_nudity(assets, tmp_path):
     out = str(tmp_path / "seq")
     flags = seed_flags(assets, out, **{"--theme": "Nudity", "--num_train_epochs": 1, "--end_CL": 1,
-                                      "--clip_threshold": 1.1, "--bc_threshold": 0.3, "--nudity_threshold": 0.45,
+                                      "--clip_threshold": 1.0, "--bc_threshold": 0.3, "--nudity_threshold": 0.45,
                                       "--save_model": False, "--log_file": False})
     proc = launch("finetuning_sequential.py", flags, cwd=assets["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]

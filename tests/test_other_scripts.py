@@ -28,7 +28,7 @@ def classifier_run(assets, tmp_path_factory):
     """--bc_threshold 0: both chunks revive at the first validation; pipelines saved for eval_model."""
     out = str(tmp_path_factory.mktemp("clf") / "run")
     proc = launch("finetuning_individual_Classifier.py",
-                  _classifier_flags(assets, out, **{"--bc_threshold": 0}), cwd=assets["root"])
+                  _classifier_flags(assets, out, **{"--bc_threshold": 0}), cwd=assets["root"], accelerate=True)
     _ok(proc)
     return out
 
@@ -41,9 +41,10 @@ def test_classifier_threshold_zero_stops_after_first_validation(classifier_run):
     assert "accuracy" in recs[0]["scale"]
 
 
-def test_classifier_threshold_above_one_runs_to_the_cap(assets, tmp_path):
+def test_classifier_threshold_one_unmet_runs_to_the_cap(assets, tmp_path):
     out = str(tmp_path / "run")
-    flags = _classifier_flags(assets, out, **{"--bc_threshold": 1.5, "--clip_epoch": 0, "--validation_epochs": 1,
+    # The tiny classifier says no to the tiny model's images: accuracy 0 < 1.0 at every validation.
+    flags = _classifier_flags(assets, out, **{"--bc_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
                                               "--end_CL": 1, "--save_model": "False"})
     _ok(launch("finetuning_individual_Classifier.py", flags, cwd=assets["root"]))
     assert [(r["chunk"], r["epoch"], r["optimizer_steps"], r["revived"]) for r in _records(out)] == [
@@ -53,9 +54,9 @@ def test_classifier_threshold_above_one_runs_to_the_cap(assets, tmp_path):
 def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
     out = str(tmp_path / "seq")
     flags = seed_flags(assets, out, **{"--num_train_epochs": 1, "--curriculum_checkpoints": "0",
-                                      "--model_path": assets["classifier"], "--clip_threshold": 1.1,
+                                      "--model_path": assets["classifier"], "--clip_threshold": 1.0,
                                       "--bc_threshold": 0, "--save_model": False})
-    _ok(launch("finetuning_sequential.py", flags, cwd=assets["root"]))
+    _ok(launch("finetuning_sequential.py", flags, cwd=assets["root"], accelerate=True))
     recs = _records(out)
     assert [(r["chunk"], r["criterion"], r["optimizer_steps"], r["images_seen"]) for r in recs] == [
         (0, "clip", 5, 50), (0, "classifier", 5, 50), (1, "clip", 10, 100), (1, "classifier", 10, 100)]

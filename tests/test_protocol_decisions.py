@@ -145,6 +145,15 @@ def test_individual_epoch_cap_is_checked_every_epoch(tmp_path):
     assert outcomes[0].epochs_trained == 4
 
 
+def test_individual_without_early_stop_trains_to_the_cap_and_keeps_the_first_revival(tmp_path):
+    low, high = {"clip": [0.25]}, {"clip": [0.75]}
+    outcomes, trainer, _, recs = _individual(tmp_path, [low, high, low, high], _criterion("clip", 0.5), chunks=[0],
+                                             validation_epochs=1, max_epoch=2, early_stop=False)
+    assert trainer.epochs() == [0, 1, 2, 3] and [r["revived"] for r in recs] == [False, True, False, True]
+    (o,) = outcomes
+    assert (o.revived, o.revival_epoch, o.epochs_trained, o.last_mean) == (True, 1, 4, 0.75)
+
+
 def test_individual_validation_epochs_one_validates_every_epoch(tmp_path):
     _, trainer, validator, recs = _individual(tmp_path, [{"classifier": [0.0]}], _criterion("classifier", 0.5),
                                               chunks=[0], validation_epochs=1, max_epoch=1)

@@ -22,7 +22,7 @@ SCHEDULE = {"--lr_scheduler": "cosine", "--lr_warmup_steps": 3, "--learning_rate
 
 def _flags(assets, out, **over):
     # Two 50-row chunks at batch 10, epochs 0..2 each: updates 1-15 are chunk 0, 16-30 chunk 1.
-    base = {"--clip_threshold": 1.1, "--clip_epoch": 1, "--validation_epochs": 1, "--checkpointing_steps": 4,
+    base = {"--clip_threshold": 1.0, "--clip_epoch": 1, "--validation_epochs": 1, "--checkpointing_steps": 4,
             "--checkpoints_total_limit": 2, "--log_file": False, **SCHEDULE}
     return seed_flags(assets, out, **{**base, **over})
 
@@ -125,7 +125,7 @@ SEQ = "finetuning_sequential.py"
 
 def _seq_flags(assets, out, **over):
     # Two 50-row chunks, 2 epochs each at batch 10: updates 1-10 are chunk 0, 11-20 chunk 1.
-    base = {"--num_train_epochs": 2, "--model_path": assets["classifier"], "--clip_threshold": 1.1,
+    base = {"--num_train_epochs": 2, "--model_path": assets["classifier"], "--clip_threshold": 1.0,
             "--bc_threshold": 0, "--curriculum_checkpoints": "0", "--save_model": False, "--checkpointing_steps": 0,
             "--log_file": False, **SCHEDULE}
     return seed_flags(assets, out, **{**base, **over})

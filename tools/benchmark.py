@@ -171,7 +171,7 @@ def nudity_figures(args):
 
 
 def whole_run_figures(args, model_dir, data_dir, clip_dir, work):
-    """Wall seconds of a 2-chunk individual-CLIP run with the levers on and off (fixed epochs: threshold 1.1)."""
+    """Wall seconds of a 2-chunk individual-CLIP run with the levers on and off (fixed epochs: --no_early_stop)."""
     prompts = os.path.join(work, "prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(f"a red {s}" for s in (tiny.SHAPES * 2)[: args.prompts]) + "\n")
@@ -183,7 +183,7 @@ def whole_run_figures(args, model_dir, data_dir, clip_dir, work):
                "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no",
                os.path.join(ROOT, "finetuning_individual_CLIP.py"), f"--pretrained_model_name_or_path={model_dir}",
                f"--train_data_dir={data_dir}", "--curriculum=50,100", f"--resolution={args.resolution}",
-               "--center_crop", "--random_flip", "--train_batch_size=10", "--clip_threshold=1.1",
+               "--center_crop", "--random_flip", "--train_batch_size=10", "--no_early_stop",
                f"--clip_epoch={epochs - 2}" if epochs >= 2 else "--clip_epoch=0", "--validation_epochs=1",
                f"--validation_prompts={prompts}", f"--num_inference_steps={args.inference_steps}",
                f"--clip_model={clip_dir}", "--save_model=False", f"--output_dir={os.path.join(work, 'run-' + name)}",
