@@ -1,1 +1,1 @@
-"""Shared core of the concept-revival toolkit (see README and SPEC)."""
+"""Shared core of the concept-revival toolkit (see README.md)."""

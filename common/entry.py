@@ -104,28 +104,30 @@ def _checkpointing(args, run):
 
 
 DIVERGED_EXIT_CODE = 3
+LOCKED_EXIT_CODE = 2  # another run holds the output directory: bad input, like the other status-2 errors
 
 
-def _diverged_exits_3(fn):
-    """Decorator: a NonFiniteLoss becomes one line on stderr and exit status 3."""
+def _exit_codes(fn):
+    """Decorator: a diverged run exits 3, a locked output directory 2, each with one line on stderr."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        import sys
+
+        from .runlock import RunLocked
         from .training import NonFiniteLoss
 
         try:
             return fn(*a, **kw)
-        except NonFiniteLoss as err:
-            import sys
-
+        except (NonFiniteLoss, RunLocked) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(DIVERGED_EXIT_CODE) from None
+            raise SystemExit(DIVERGED_EXIT_CODE if isinstance(err, NonFiniteLoss) else LOCKED_EXIT_CODE) from None
 
     return wrapper
 
 
-@_diverged_exits_3
+@_exit_codes
 def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
     """Run SPEC 4's individual protocol with the given criterion."""
     bounds = cur.parse_curriculum(args.curriculum)
@@ -162,7 +164,7 @@ def sequential_epochs(args, chunks) -> dict:
     return {i: args.num_train_epochs for i in chunks}
 
 
-@_diverged_exits_3
+@_exit_codes
 def sequential(args: argparse.Namespace) -> dict:
     """Run SPEC 5's sequential protocol with CLIP and (when given) the classifier."""
     bounds = cur.parse_curriculum(args.curriculum)

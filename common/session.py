@@ -18,6 +18,7 @@ from .encoding import make_encoder
 from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
 from .protocol import Criterion, ValidationConfig, Validator
 from .results import RunRecorder
+from .runlock import lock_run_dir
 from .training import ChunkTrainer, TrainConfig
 from .validation import build_pipeline
 
@@ -94,6 +95,8 @@ def open_run(
 ) -> Run:
     """Build everything a protocol needs, in the order that fails fastest."""
     acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32)
+    # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
+    lock_run_dir(acc, output_dir)
     recorder = RunRecorder(output_dir, acc.is_main_process, log_file)
     weight_dtype = weight_dtype_for(acc.mixed_precision)
     # Data before models: a bad dataset should not cost a model load.

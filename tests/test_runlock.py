@@ -1,0 +1,73 @@
+"""One run per output directory: a second run on a live run's directory is refused; a dead run leaves no lock."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common import runlock
+from conftest import ROOT, launch, seed_flags
+
+SCRIPT = "finetuning_individual_CLIP.py"
+
+
+def test_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
+    d = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import runlock; "
+                               "assert runlock.acquire(sys.argv[1]) is None; print('held', flush=True); time.sleep(600)",
+                               d], env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = runlock.acquire(d)
+        assert who is not None and f"pid {holder.pid}" in who and "host " in who and "started " in who
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no clean-up at all: the kernel releases the lock
+        holder.wait()
+    assert runlock.acquire(d) is None  # not stale
+    while runlock._held:
+        runlock._held.pop().close()
+
+
+def _flags(assets, out, **over):
+    return seed_flags(assets, out, **{"--curriculum": "20", "--clip_threshold": 1.0, "--no_early_stop": None,
+                                      "--clip_epoch": 1000, "--validation_epochs": 1, "--save_model": "False",
+                                      "--log_file": False, **over})
+
+
+def test_second_run_on_a_live_runs_directory_is_refused_on_every_process(assets, tmp_path):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *_flags(assets, out)], cwd=assets["root"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        records = os.path.join(out, "validations.jsonl")
+        deadline = time.time() + 300
+        while not os.path.isfile(records) and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None
+        # The same command again (a requeue whose old job still runs): refused at once, one line, exit 2.
+        second = launch(SCRIPT, _flags(assets, out, **{"--resume_from_checkpoint": "latest"}), cwd=assets["root"],
+                        timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        (line,) = second.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"error: --output_dir {out}: another run is using it (host ")
+        assert f"pid {first.pid}" in line
+        # Two processes: both stop together (no hang), neither trains.
+        two = launch(SCRIPT, _flags(assets, out, **{"--resume_from_checkpoint": "latest", "--train_batch_size": 5}),
+                     cwd=assets["root"], num_processes=2, timeout=300)
+        assert two.returncode != 0 and "another run is using it" in two.stderr
+        assert first.poll() is None  # the first run never noticed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    recs = [json.loads(line) for line in open(records)]
+    epochs = [r["epoch"] for r in recs]
+    assert epochs == list(range(len(epochs)))  # one writer: no record twice, none interleaved
+    # The killed run left no lock: its directory can be resumed at once.
+    again = launch(SCRIPT, _flags(assets, out, **{"--resume_from_checkpoint": "latest", "--clip_epoch": 0}),
+                   cwd=assets["root"])
+    assert again.returncode == 0, again.stderr[-2000:]
