@@ -122,4 +122,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from common.results import WriteFailed
+
+    args = parse_args()
+    try:
+        main(args)
+    except WriteFailed as err:  # a full disk: one line, exit 4 (results written so far stay complete)
+        import sys
+
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(4) from None

@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from .errors import InputError
-from .faults import maybe_fail
-from .results import atomic_write_json
+from .faults import maybe_disk_full, maybe_fail
+from .results import WriteFailed, atomic_write_json, writing
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.json"
@@ -138,12 +138,26 @@ class Checkpointer:
         name = f"checkpoint-{tr.global_updates}"
         final = os.path.join(self.output_dir, name)
         tmp = os.path.join(self.output_dir, f".{name}.tmp")
+        try:
+            with writing("checkpoint", final, inject=False):
+                self._write(state, tmp, final)
+        except WriteFailed:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # never a partial checkpoint; older ones untouched
+            raise
+        acc.wait_for_everyone()
+        return final
+
+    def _write(self, state: dict, tmp: str, final: str) -> None:
+        """Write the checkpoint under ``tmp``, complete it with its marker, rename it to ``final``, prune."""
+        acc, tr = self.accelerator, self.trainer
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
         acc.save_state(tmp)
         if acc.is_main_process:
+            maybe_disk_full("checkpoint")  # tests: the disk fills up half-way through a checkpoint
             extras = {"lr_scheduler": tr.lr_scheduler.state_dict(), "global_updates": tr.global_updates,
                       "ema": None if tr.ema is None else tr.ema.state_dict(),
                       "chunk_updates": tr.chunk_updates, "pending_micro_batches": tr.pending_micro_batches,
@@ -157,8 +171,6 @@ class Checkpointer:
             os.replace(tmp, final)
             self._prune()
             self.log(f"saved {final}")
-        acc.wait_for_everyone()
-        return final
 
     def _check_weights_finite(self) -> None:
         """Raise NonFiniteLoss rather than save non-finite weights (one host sync per checkpoint)."""

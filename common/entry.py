@@ -105,24 +105,27 @@ def _checkpointing(args, run):
 
 DIVERGED_EXIT_CODE = 3
 LOCKED_EXIT_CODE = 2  # another run holds the output directory: bad input, like the other status-2 errors
+WRITE_FAILED_EXIT_CODE = 4  # a checkpoint, pipeline or results file could not be written (full disk)
 
 
 def _exit_codes(fn):
-    """Decorator: a diverged run exits 3, a locked output directory 2, each with one line on stderr."""
+    """Decorator: a diverged run exits 3, a locked output directory 2, a failed write 4; one line on stderr each."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         import sys
 
+        from .results import WriteFailed
         from .runlock import RunLocked
         from .training import NonFiniteLoss
 
+        codes = {NonFiniteLoss: DIVERGED_EXIT_CODE, RunLocked: LOCKED_EXIT_CODE, WriteFailed: WRITE_FAILED_EXIT_CODE}
         try:
             return fn(*a, **kw)
-        except (NonFiniteLoss, RunLocked) as err:
+        except tuple(codes) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(DIVERGED_EXIT_CODE if isinstance(err, NonFiniteLoss) else LOCKED_EXIT_CODE) from None
+            raise SystemExit(codes[type(err)]) from None
 
     return wrapper
 

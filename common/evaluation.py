@@ -16,7 +16,7 @@ import torch
 from .clip_score import LOGIT_SCALE
 from .errors import InputError
 from .models import resolve_model_path
-from .results import atomic_write_text
+from .results import atomic_write_text, writing
 from .validation import generate_images, image_seed
 
 CURRICULUM_DIR = re.compile(r"^curriculum-(\d+)$")
@@ -91,13 +91,14 @@ def evaluate_checkpoint(
     # A fresh folder per checkpoint: a rerun never mixes in stale images. The metadata lets
     # `eval_model.py --images` score the folder again later without the model.
     shutil.rmtree(image_dir, ignore_errors=True)
-    os.makedirs(image_dir)
-    meta = []
-    for (k, j), im, text in zip(jobs, images, texts):
-        name = f"p{k:03d}_{j:02d}.png"
-        im.save(os.path.join(image_dir, name))
-        meta.append(json.dumps({"file_name": name, "prompt": text, "seed": image_seed(seed, k, j)}) + "\n")
-    atomic_write_text(os.path.join(image_dir, IMAGE_METADATA), "".join(meta))
+    with writing("images", image_dir):
+        os.makedirs(image_dir)
+        meta = []
+        for (k, j), im, text in zip(jobs, images, texts):
+            name = f"p{k:03d}_{j:02d}.png"
+            im.save(os.path.join(image_dir, name))
+            meta.append(json.dumps({"file_name": name, "prompt": text, "seed": image_seed(seed, k, j)}) + "\n")
+        atomic_write_text(os.path.join(image_dir, IMAGE_METADATA), "".join(meta))
     del pipe
     return score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
 
@@ -188,15 +189,14 @@ RESULT_FIELDS = ("label", "concept", "images", "clip_cosine", "clip_logit_scale"
 
 def write_results(output_dir: str, rows: Sequence[dict]) -> None:
     """results.jsonl and results.csv for this evaluation (rewritten whole, atomically)."""
-    import json
-
-    atomic_write_text(os.path.join(output_dir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
-    atomic_write_text(os.path.join(output_dir, "results.csv"), buf.getvalue())
+    with writing("results", output_dir):
+        atomic_write_text(os.path.join(output_dir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(os.path.join(output_dir, "results.csv"), buf.getvalue())
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -1,9 +1,11 @@
 """Deterministic fault injection for the kill-and-resume tests.
 
 ``REVIVAL_FAULT=point:n`` makes the process SIGKILL itself the n-th time it
-reaches ``point`` ("update", "validation" or "checkpoint"), or, for
-``nan:n``, turns the n-th micro-batch loss into NaN (a diverging run); unset,
-each is a no-op costing one dictionary lookup.
+reaches ``point`` ("update", "validation" or "checkpoint"); for ``nan:n`` it
+turns the n-th micro-batch loss into NaN (a diverging run); for
+``enospc_<what>:n`` the n-th write of that kind (checkpoint, pipeline,
+results, images) fails as on a full disk. Unset, each is a no-op costing one
+dictionary lookup.
 """
 
 from __future__ import annotations
@@ -35,3 +37,11 @@ def maybe_fail(point: str) -> None:
 def maybe_poison(loss):
     """The loss, or NaN times it at the configured ``nan:n`` micro-batch (so its gradients are NaN too)."""
     return loss * float("nan") if _due("nan") else loss
+
+
+def maybe_disk_full(what: str) -> None:
+    """Raise ENOSPC at the configured ``enospc_<what>:n`` write."""
+    if _due(f"enospc_{what}"):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")

@@ -7,6 +7,7 @@ JSON lines are appended and flushed to disk one line at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,44 @@ def library_versions(names: Iterable[str] = LIBRARIES) -> dict:
 def slug(text: str, sep: str = "_", max_len: int = 40) -> str:
     """A file-system-safe name: lowercase letters and digits, other runs of characters replaced by ``sep``."""
     return re.sub(r"[^a-z0-9]+", sep, text.lower()).strip(sep)[:max_len] or "x"
+
+
+class WriteFailed(RuntimeError):
+    """A file could not be written (a full disk, or any OSError); says what, where and how much space is free."""
+
+
+def _free_space(path: str) -> str:
+    import shutil
+
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        free = shutil.disk_usage(probe or "/").free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if free < 1024 or unit == "TB":
+            return f"{free:.1f} {unit} free there" if unit != "B" else f"{free} B free there"
+        free /= 1024
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str, inject: bool = True):
+    """Turn an OSError while writing ``what`` to ``path`` into WriteFailed (exit status 4 in the scripts).
+
+    ``inject``: the test fault ``enospc_<what>`` strikes here (False where the
+    writer calls ``faults.maybe_disk_full`` itself, in the middle of its work).
+    """
+    from .faults import maybe_disk_full
+
+    try:
+        if inject:
+            maybe_disk_full(what)
+        yield
+    except OSError as err:
+        raise WriteFailed(f"could not write the {what} to {path}: {err.strerror or err} "
+                          f"({_free_space(path)})") from err
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -117,15 +156,18 @@ class RunRecorder:
 
     def write_config(self, config: dict) -> None:
         if self.is_main:
-            atomic_write_json(os.path.join(self.output_dir, CONFIG_FILE),
-                              {**config, "library_versions": library_versions()})
+            path = os.path.join(self.output_dir, CONFIG_FILE)
+            with writing("results", path):
+                atomic_write_json(path, {**config, "library_versions": library_versions()})
 
     validations_written = 0  # counted on every process, so any of them can describe a checkpoint
 
     def validation(self, record: dict) -> None:
         self.validations_written += 1
         if self.is_main:
-            append_jsonl(os.path.join(self.output_dir, VALIDATIONS_FILE), record)
+            path = os.path.join(self.output_dir, VALIDATIONS_FILE)
+            with writing("results", path):
+                append_jsonl(path, record)
 
     def keep_validations(self, count: int) -> None:
         """On resume: keep the first ``count`` records (those the checkpoint knew), drop any later ones."""
@@ -137,7 +179,9 @@ class RunRecorder:
 
     def summary(self, summary: dict) -> None:
         if self.is_main:
-            atomic_write_json(os.path.join(self.output_dir, SUMMARY_FILE), summary)
+            path = os.path.join(self.output_dir, SUMMARY_FILE)
+            with writing("results", path):
+                atomic_write_json(path, summary)
 
     def close(self) -> None:
         for h in list(self.logger.handlers):

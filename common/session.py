@@ -55,10 +55,13 @@ class Run:
         """Save the current UNet (and EMA copy) as a full pipeline; main process only, others wait."""
         from .models import save_pipeline
 
+        from .results import writing
+
         acc = self.accelerator
         if acc.is_main_process:
-            save_pipeline(self.parts, acc.unwrap_model(self.trainer.unet), path, ema=self.trainer.ema,
-                          trainable=self.trainer.trainable, ema_as_unet=ema_as_unet)
+            with writing("pipeline", path):  # atomic: a failed save leaves no partial pipeline
+                save_pipeline(self.parts, acc.unwrap_model(self.trainer.unet), path, ema=self.trainer.ema,
+                              trainable=self.trainer.trainable, ema_as_unet=ema_as_unet)
         acc.wait_for_everyone()
 
 
