@@ -72,12 +72,15 @@ def test_failed_write_keeps_the_last_checkpoint_and_resumes_to_the_same_results(
     _same_results(out, reference)
 
 
-def test_failed_results_write_exits_4_and_leaves_readable_records(assets, tmp_path):
+def test_failed_results_write_exits_4_and_leaves_readable_records(assets, reference, tmp_path):
     out = str(tmp_path / "run")
-    proc = _run(assets, out, fault="enospc_results:3", **{"--save_model": "False"})  # config, record 1, record 2
+    proc = _run(assets, out, fault="enospc_results:3")  # the 3rd results write: config, record 1, then record 2
     _failed_with_one_line(proc, "results", os.path.join(out, "validations.jsonl"))
     recs = [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
     assert [(r["chunk"], r["epoch"]) for r in recs] == [(0, 0)]
+    resumed = _run(assets, out, **{"--resume_from_checkpoint": "latest"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same_results(out, reference)
 
 
 def _eval(assets, out, fault=None):

@@ -32,6 +32,20 @@ def test_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
         runlock._held.pop().close()
 
 
+def test_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    said = []
+    assert runlock.acquire(str(tmp_path / "nfs"), log=said.append) is None
+    assert len(said) == 1 and "does not support file locks (No locks available)" in said[0]
+    assert not runlock._held
+
+
 def _flags(assets, out, **over):
     return seed_flags(assets, out, **{"--curriculum": "20", "--clip_threshold": 1.0, "--no_early_stop": None,
                                       "--clip_epoch": 1000, "--validation_epochs": 1, "--save_model": "False",
