@@ -76,13 +76,3 @@ def test_no_early_stop_trains_to_the_epoch_cap_and_names_the_first_revival(asset
     assert (chunk["revived"], chunk["revival_epoch"], chunk["epochs_trained"], chunk["optimizer_steps"]) == (
         True, 0, 3, 15)
     assert not any(name.startswith("curriculum-") for name in os.listdir(out))  # --save_model False
-
-
-def test_compat_reference_reproduces_single_step_epochs(assets, tmp_path):
-    out = str(tmp_path / "run")
-    flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 2, "--validation_epochs": 1,
-                                      "--compat": "reference", "--save_model": "False"})
-    _ok(launch(SCRIPT, flags, cwd=assets["root"]))
-    steps = [(r["chunk"], r["epoch"], r["optimizer_steps"], r["images_seen"]) for r in _records(out)]
-    # 50 images, batch 10: 5 updates in epoch 0, then one update (the first batch) per epoch.
-    assert steps == [(c, e, s, n) for c in (0, 1) for e, s, n in [(0, 5, 50), (1, 6, 60), (2, 7, 70), (3, 8, 80)]]
