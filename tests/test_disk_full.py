@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, seed_flags
+from conftest import ROOT, launch, seed_flags
 
 SCRIPT = "finetuning_individual_CLIP.py"
 pytestmark = pytest.mark.slow
@@ -20,12 +20,7 @@ def _run(assets, out, fault=None, **over):
     flags = seed_flags(assets, out, **{"--curriculum": "20,40", "--clip_threshold": 1.0, "--clip_epoch": 0,
                                        "--validation_epochs": 1, "--checkpointing_steps": 2, "--log_file": False,
                                        **over})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("REVIVAL_FAULT", None)
-    if fault:
-        env["REVIVAL_FAULT"] = fault
-    return subprocess.run([sys.executable, str(ROOT / SCRIPT), *flags], cwd=assets["root"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return launch(SCRIPT, flags, cwd=assets["root"], env_extra={"REVIVAL_FAULT": fault} if fault else None)
 
 
 def _same_results(out, ref):

@@ -3,28 +3,21 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, seed_flags
+from conftest import launch, seed_flags
 
 SCRIPT = "finetuning_individual_CLIP.py"
 
 
 def _run(assets, out, fault=None, **over):
-    # Plain python: accelerate's launcher turns a child's exit status into its own.
+    # One process: plain python (accelerate's launcher would turn the exit status into its own).
     flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
                                        "--start_CL": 1, "--checkpointing_steps": 2, "--save_model": "False",
                                        "--log_file": False, **over})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("REVIVAL_FAULT", None)
-    if fault:
-        env["REVIVAL_FAULT"] = fault
-    return subprocess.run([sys.executable, str(ROOT / SCRIPT), *flags], cwd=assets["root"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return launch(SCRIPT, flags, cwd=assets["root"], env_extra={"REVIVAL_FAULT": fault} if fault else None)
 
 
 def test_diverged_run_exits_3_keeps_its_last_good_checkpoint_and_refuses_a_blind_resume(assets, tmp_path):

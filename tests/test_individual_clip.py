@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch, seed_flags
+from conftest import launch, seed_flags
 
 SCRIPT = "finetuning_individual_CLIP.py"
 

@@ -8,8 +8,6 @@ point (0.25, 0.5, 0.75), so "a mean exactly at the threshold" really is equal.
 import json
 import os
 
-import pytest
-
 from common.protocol import Criterion, run_individual, run_sequential
 from common.results import RunRecorder
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from common import runlock
 from conftest import ROOT, launch, seed_flags
 
