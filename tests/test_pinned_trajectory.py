@@ -26,9 +26,11 @@ ATOL = 1e-6  # for scores near zero
 
 
 def _flags(assets, out):
-    # One 20-row chunk at batch 10: 2 updates per epoch, epochs 0 and 1, each validated; lr 1e-3 so that the
-    # trained and EMA weights differ enough to tell apart; guidance 7.5 (default) with 3 sampling steps.
+    # One 20-row chunk, 2 micro-batches of 5 per update: 2 updates per epoch, epochs 0 and 1, each validated (the
+    # accumulation makes each micro-batch's share of the update's draws matter); lr 1e-3 so that the trained and
+    # EMA weights differ enough to tell apart; guidance 7.5 (default) with 3 sampling steps.
     return seed_flags(assets, out, **{
+        "--train_batch_size": 5, "--gradient_accumulation_steps": 2,
         "--curriculum": "20,40", "--end_CL": 1, "--clip_threshold": 1.0, "--clip_epoch": 0,
         "--validation_epochs": 1, "--learning_rate": "1e-3", "--lr_scheduler": "cosine", "--lr_warmup_steps": 1,
         "--num_inference_steps": 3, "--seed": 11, "--save_model": "False", "--log_file": False})
