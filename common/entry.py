@@ -125,7 +125,7 @@ def _exit_codes(fn):
             return fn(*a, **kw)
         except tuple(codes) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(codes[type(err)]) from None
+            raise SystemExit(next(code for cls, code in codes.items() if isinstance(err, cls))) from None
 
     return wrapper
 

@@ -226,8 +226,9 @@ class ChunkTrainer:
         """EMA parameter copies (or None)."""
         return None if self.ema is None else self.ema.shadow_params
 
-    def plan_epoch(self, row_range, chunk: int, epoch: int) -> list:
-        """This process's micro-batches of one epoch, grouped by optimizer update: [(batches, ends_in_update)].
+    def plan_epoch(self, row_range, chunk: int, epoch: int) -> tuple:
+        """This process's micro-batches of one epoch grouped by optimizer update, [(batches, ends_in_update)],
+        and how many micro-batches' gradients still wait for an update after it.
 
         By default an epoch is a pass over the chunk shuffled by (seed, chunk,
         epoch), every group of ``gradient_accumulation_steps`` micro-batches
@@ -241,12 +242,12 @@ class ChunkTrainer:
                                      cfg.seed, chunk, epoch, shuffle=not cfg.compat_reference))
         accum = cfg.gradient_accumulation_steps
         if not cfg.compat_reference:
-            return [(batches[i : i + accum], True) for i in range(0, len(batches), accum)]
+            return [(batches[i : i + accum], True) for i in range(0, len(batches), accum)], 0
         full = [b for b in batches if b.global_size == cfg.train_batch_size * acc.num_processes]
         limit = updates_per_epoch(row_range[1] - row_range[0], cfg.train_batch_size, accum, acc.num_processes)
         pending, done = self.epoch_start
-        groups, _ = reference_schedule(len(full), accum, pending, done, limit)
-        return [([full[i] for i in idx], update) for idx, update in groups]
+        groups, pending_after = reference_schedule(len(full), accum, pending, done, limit)
+        return [([full[i] for i in idx], update) for idx, update in groups], pending_after
 
     def train_epoch(
         self,
@@ -274,7 +275,7 @@ class ChunkTrainer:
         self.encoder.prepare(dataset, row_range)
         if start_update == 0:
             self.epoch_start = (self.pending_micro_batches, self.chunk_updates)
-        groups = self.plan_epoch(row_range, chunk, epoch)
+        groups, pending_after = self.plan_epoch(row_range, chunk, epoch)
         accum = cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
         images = sum(b.global_size for g, _ in groups[:start_update] for b in g)
@@ -310,10 +311,8 @@ class ChunkTrainer:
             if on_update is not None:
                 on_update(u + 1, loss_sum)
         updates = sum(1 for _, ends_in_update in groups if ends_in_update)
-        if cfg.compat_reference:
-            tail = groups[-1] if groups and not groups[-1][1] else ([], True)
-            self.pending_micro_batches = len(tail[0])
-            self.chunk_updates = self.epoch_start[1] + updates
+        self.pending_micro_batches = pending_after
+        self.chunk_updates = self.epoch_start[1] + updates
         # One host sync per epoch. Each process's losses sum to num_processes x
         # its share of each group mean, hence the division.
         total = float(acc.reduce(loss_sum, reduction="sum")) / acc.num_processes + loss_before

@@ -31,6 +31,15 @@ def test_reference_schedule_with_accumulation_updates_every_second_epoch():
     assert reference_schedule(5, 2, 1, 3, 3) == ([([0], True)], 0)
 
 
+def test_reference_schedule_pending_micro_batches_carry_over_several_epochs():
+    # Accumulation 3, 50 rows: limit ceil(50 / 30) = 2, reached in epoch 0 (batches 0-2, then 3-4 at the loader's end).
+    assert reference_schedule(5, 3, 0, 0, 2) == ([([0, 1, 2], True), ([3, 4], True)], 0)
+    # Then each epoch adds one micro-batch to the pending update: 1, 2, and the third updates.
+    assert reference_schedule(5, 3, 0, 2, 2) == ([([0], False)], 1)
+    assert reference_schedule(5, 3, 1, 2, 2) == ([([0], False)], 2)
+    assert reference_schedule(5, 3, 2, 2, 2) == ([([0], True)], 0)
+
+
 def test_reference_schedule_short_chunk_can_take_a_full_later_epoch():
     # 23 rows, batch 10: the published sampler drops the short last batch (2 batches); limit ceil(23 / 20) = 2.
     assert reference_schedule(2, 2, 0, 0, 2) == ([([0, 1], True)], 0)
@@ -99,6 +108,13 @@ def test_compat_trains_rows_in_order_then_the_first_batch_with_accumulation(part
     assert trainer.pending_micro_batches == 1
     assert _epoch(trainer, enc, ds, chunk, 2) == ([_span(50, 60)], 1, True)
     assert trainer.pending_micro_batches == 0 and trainer.global_updates == 4
+
+
+def test_compat_trainer_carries_pending_micro_batches_across_epochs(parts_and_data):
+    assets, ds = parts_and_data
+    trainer, enc = _trainer(assets, compat=True, accumulation=3)
+    updates = [_epoch(trainer, enc, ds, (50, 100), e)[1] for e in range(4)]
+    assert updates == [2, 0, 0, 1]  # epochs 1 and 2 each add a micro-batch; epoch 3's third one updates
 
 
 def test_compat_drops_a_short_last_batch_as_the_published_sampler(parts_and_data):
