@@ -109,7 +109,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compat", default="none", choices=("none", "reference"),
-                   help="'reference': the published scripts' training semantics (README, Differences)")
+                   help="'reference': the published scripts' semantics (README, Differences): row order = sorted "
+                        "image paths and the published classifier processor in every script; the individual "
+                        "scripts also follow the published training loop (the sequential one keeps ours)")
 
 
 def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
@@ -143,7 +145,9 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="sd-model-finetuned")
     g.add_argument("--log_file", default=None, help="text log (default OUTPUT_DIR/log.txt)")
-    g.add_argument("--save_model", type=str2bool, default=True, help="save OUTPUT_DIR/curriculum-{i} (True/False)")
+    g.add_argument("--save_model", type=str2bool, default=True,
+                   help="save pipelines (True/False): curriculum-{i} (individual: every chunk; sequential: the "
+                        "--curriculum_checkpoints chunks) and the sequential script's final model in OUTPUT_DIR")
     g.add_argument("--logging_dir", default="logs")
     g = p.add_argument_group("checkpoints and resume")
     g.add_argument("--resume_from_checkpoint", default=None,

@@ -189,14 +189,18 @@ def sequential(args: argparse.Namespace) -> dict:
                 trainer=run.trainer, dataset=run.dataset, chunk_rows=run.chunk_rows, chunks=chunks,
                 epochs_per_chunk=epochs, criteria=run.validator.criteria, validator=run.validator,
                 recorder=run.recorder, checkpoint_chunks=checkpoints,
-                save_chunk=lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}")),
+                save_chunk=(lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}")))
+                if args.save_model else None,
                 stop_at_revival=args.stop_at_revival,
                 summary_extra={"script": args.script, "num_processes": run.accelerator.num_processes,
                                "epochs_per_chunk": epochs, "classifier": with_classifier},
                 checkpointer=checkpointer, resume_path=resume,
             )
         # The final pipeline (EMA weights under --use_ema) in the output directory itself.
-        run.save_pipeline(args.output_dir, ema_as_unet=args.use_ema)
+        if args.save_model:
+            run.save_pipeline(args.output_dir, ema_as_unet=args.use_ema)
+        else:
+            run.recorder.log("--save_model False: no pipeline saved (neither curriculum-{i} nor the final model)")
         for name, point in summary["revival_point"].items():
             run.recorder.log(f"Revival Point ({name}): " + (f"chunk {point['chunk']}, {point['images_seen']} images"
                                                            if point else "not reached"))

@@ -325,6 +325,7 @@ def run_sequential(
     for pos in range(p.chunk_pos, len(chunks)):
         i, rows = chunks[pos], chunk_rows[chunks[pos]]
         p.chunk_pos = pos
+        last_loss = None
         # Phase 2: num_train_epochs passes over chunk i, no reset.
         for epoch in range(start_epoch, epochs_per_chunk[i]):
             stats = trainer.train_epoch(dataset, rows, i, epoch, start_update=start_update, loss_before=loss_before,
@@ -332,6 +333,7 @@ def run_sequential(
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]
+            last_loss = stats["loss"]
             recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
             if epoch + 1 < epochs_per_chunk[i]:
                 ckpt.boundary(epoch + 1)
@@ -350,7 +352,7 @@ def run_sequential(
                 "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": p.steps, "images_seen": rows[1],
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
-                "revived": met, "wall_s": wall, **_details(validator, c.name),
+                "revived": met, "loss": last_loss, "wall_s": wall, **_details(validator, c.name),
             })
             recorder.log(f"after chunk {i} ({rows[1]} images): {c.name} mean {st['mean']:.4f} "
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")

@@ -60,6 +60,10 @@ def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
     recs = _records(out)
     assert [(r["chunk"], r["criterion"], r["optimizer_steps"], r["images_seen"]) for r in recs] == [
         (0, "clip", 5, 50), (0, "classifier", 5, 50), (1, "clip", 10, 100), (1, "classifier", 10, 100)]
+    # Each record carries its chunk's last-epoch loss, the one the log prints for that epoch.
+    log = open(os.path.join(out, "train.log")).read()
+    for r in recs:
+        assert f"chunk {r['chunk']} epoch 0: 5 updates, loss {r['loss']:.5f}" in log
     summary = json.load(open(os.path.join(out, "summary.json")))
     # Revival Points agree with the per-chunk decisions: the first chunk whose score met the criterion.
     for name in ("clip", "classifier"):
@@ -80,10 +84,14 @@ def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
 def test_sequential_without_classifier_runs_clip_only(assets, tmp_path):
     out = str(tmp_path / "seq")
     flags = seed_flags(assets, out, **{"--num_train_epochs": 1, "--end_CL": 1, "--clip_threshold": -1,
-                                      "--save_model": False})
+                                      "--save_model": "False", "--curriculum_checkpoints": "0"})
     proc = launch("finetuning_sequential.py", flags, cwd=assets["root"])
     _ok(proc)
     assert "CLIP criterion only" in proc.stdout
+    # --save_model False: no pipeline at all, not even the requested curriculum checkpoint or the final model.
+    assert not any(d.startswith("curriculum-") for d in os.listdir(out))
+    assert not os.path.exists(os.path.join(out, "model_index.json"))
+    assert "no pipeline saved" in proc.stdout
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["revival_point"] == {"clip": {"chunk": 0, "images_seen": 50}}
 
