@@ -24,7 +24,7 @@ from common.clip_score import DEFAULT_CLIP, ClipScorer, check_clip_spec
 from common.data import read_prompts
 from common.errors import InputError, exit_on_input_error
 from common.evaluation import (checkpoint_label, evaluate_checkpoint, find_checkpoints, format_table,
-                               image_folder_prompts, score_image_folder, write_results)
+                               generation_dtype, image_folder_prompts, score_image_folder, write_results)
 
 PROG = "eval_model.py"
 
@@ -54,6 +54,13 @@ def parse_args(argv=None):
                              "evaluation used; the training scripts validate with 20)")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--weights", default="trained", choices=("trained", "ema"),
+                        help="which UNet of a run's pipeline to evaluate when it saved two (--use_ema): 'trained' "
+                             "(default; the weights the run validated and its Revival Points describe) or 'ema'. "
+                             "The table's weights column says which was used ('single': the folder has one UNet)")
+    parser.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                        help="generation precision (default: fp16 on CUDA, fp32 on the CPU; fp16 without CUDA "
+                             "falls back to fp32 with a warning)")
     parser.add_argument("--concept_index", type=int, default=1)
     parser.add_argument("--classifier_processor", default=None)
     parser.add_argument("--timm_arch", default=None)
@@ -94,7 +101,7 @@ def main(args):
     # Phase 1: device and scorers, loaded once for every checkpoint.
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{args.gpu}" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    dtype = generation_dtype(args.mixed_precision, cuda)
     clip = ClipScorer(args.clip_model, device)
     classifier = None
     if args.classifier or args.theme.lower() == "nudity":
@@ -114,7 +121,7 @@ def main(args):
         image_dir = os.path.join(args.output_dir, "images", f"{n:03d}-" + checkpoint_label(path).replace("/", "__"))
         rows.append(evaluate_checkpoint(
             path, args.prompts, args.concept, clip, classifier, args.images_per_prompt, args.seed, args.batch_size,
-            args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype))
+            args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype, args.weights))
         write_results(args.output_dir, rows)  # partial results survive an interruption
     # Phase 3: the table.
     print(format_table(rows))

@@ -55,11 +55,39 @@ def checkpoint_label(path: str) -> str:
     return f"{os.path.basename(os.path.dirname(path))}/{base}" if CURRICULUM_DIR.match(base) else base
 
 
-def load_pipeline(path: str, device: torch.device, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+WEIGHTS = ("trained", "ema")
 
+
+def unet_folder(path: str, weights: str) -> tuple:
+    """(subfolder, what it holds) for the requested UNet weights of a saved pipeline.
+
+    Our runs save with --use_ema either ``unet/`` (trained) + ``unet_ema/``
+    (curriculum-{i} folders) or ``unet/`` (EMA) + ``unet_trained/`` (the
+    sequential script's final model). A pipeline with one UNet gives it for
+    either choice, labelled 'single'.
+    """
+    if os.path.isdir(os.path.join(path, "unet_trained")):
+        return ("unet_trained", "trained") if weights == "trained" else ("unet", "ema")
+    if os.path.isdir(os.path.join(path, "unet_ema")):
+        return ("unet_ema", "ema") if weights == "ema" else ("unet", "trained")
+    return "unet", "single"
+
+
+def generation_dtype(requested: Optional[str], cuda: bool) -> torch.dtype:
+    """eval_model.py's precision: --mixed_precision, by default fp16 on CUDA and fp32 on the CPU (fp16 needs CUDA)."""
+    from .models import effective_mixed_precision, weight_dtype_for
+
+    return weight_dtype_for(effective_mixed_precision(requested or ("fp16" if cuda else "no"), cuda))
+
+
+def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: str = "trained"):
+    """The pipeline at ``path`` with the requested UNet weights (see ``unet_folder``)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    sub, _ = unet_folder(path, weights)
+    extra = {} if sub == "unet" else {"unet": UNet2DConditionModel.from_pretrained(path, subfolder=sub, dtype=dtype)}
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -79,10 +107,11 @@ def evaluate_checkpoint(
     image_dir: str,
     device: torch.device,
     dtype: torch.dtype,
+    weights: str = "trained",
 ) -> dict:
     """Generate, save and score one checkpoint's images; return its results row."""
     t0 = time.perf_counter()
-    pipe = load_pipeline(path, device, dtype)
+    pipe = load_pipeline(path, device, dtype, weights)
     jobs = [(k, j) for k in range(len(prompts)) for j in range(images_per_prompt)]
     texts = [prompts[k] for k, _ in jobs]
     images = generate_images(pipe, texts, [image_seed(seed, k, j) for k, j in jobs], batch_size,
@@ -100,7 +129,8 @@ def evaluate_checkpoint(
             meta.append(json.dumps({"file_name": name, "prompt": text, "seed": image_seed(seed, k, j)}) + "\n")
         atomic_write_text(os.path.join(image_dir, IMAGE_METADATA), "".join(meta))
     del pipe
-    return score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
+    row = score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
+    return {**row, "weights": unet_folder(path, weights)[1], "dtype": str(dtype).replace("torch.", "")}
 
 
 def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_scorer, classifier,
@@ -183,8 +213,8 @@ def score_image_folder(folder: str, prompts: Optional[Sequence[str]], concept: s
     return score_images(folder, label, images, [t for _, t in pairs], concept, clip_scorer, classifier, folder, t0)
 
 
-RESULT_FIELDS = ("label", "concept", "images", "clip_cosine", "clip_logit_scale", "classifier_accuracy",
-                 "checkpoint", "image_dir", "wall_s")
+RESULT_FIELDS = ("label", "weights", "concept", "images", "clip_cosine", "clip_logit_scale",
+                 "classifier_accuracy", "checkpoint", "image_dir", "dtype", "wall_s")
 
 
 def write_results(output_dir: str, rows: Sequence[dict]) -> None:
@@ -201,12 +231,13 @@ def write_results(output_dir: str, rows: Sequence[dict]) -> None:
 
 def format_table(rows: Sequence[dict]) -> str:
     """Plain-text table with the CLIP scale labelled."""
-    head = f"{'checkpoint':<40} {'CLIP cosine (0..1)':>18} {'CLIP x100 (logit)':>18} {'classifier acc':>15}"
+    head = (f"{'checkpoint':<40} {'weights':>8} {'CLIP cosine (0..1)':>18} {'CLIP x100 (logit)':>18} "
+            f"{'classifier acc':>15}")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = r.get("classifier_accuracy")
-        lines.append(f"{r['label'][:40]:<40} {r['clip_cosine']:>18.4f} {r['clip_logit_scale']:>18.2f} "
-                     f"{'n/a' if acc is None else f'{acc:.3f}':>15}")
+        lines.append(f"{r['label'][:40]:<40} {r.get('weights', 'images'):>8} {r['clip_cosine']:>18.4f} "
+                     f"{r['clip_logit_scale']:>18.2f} {'n/a' if acc is None else f'{acc:.3f}':>15}")
     counted = [r for r in rows if r.get("nudity_class_counts")]
     if counted:
         classes = list(counted[0]["nudity_class_counts"])

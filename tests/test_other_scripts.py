@@ -79,6 +79,22 @@ def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
     for path in (out, os.path.join(out, "curriculum-0")):
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
         assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    # eval_model.py's --weights: the final folder holds EMA in unet/ and the trained UNet in unet_trained/,
+    # a curriculum folder the trained UNet in unet/ and EMA in unet_ema/; each choice loads the right one.
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from common.evaluation import load_pipeline
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    for path, trained, ema in ((out, "unet_trained", "unet"), (os.path.join(out, "curriculum-0"), "unet", "unet_ema")):
+        want = {w: UNet2DConditionModel.from_pretrained(path, subfolder=sub) for w, sub in (("trained", trained),
+                                                                                            ("ema", ema))}
+        assert not same(want["trained"], want["ema"])  # EMA (decay 0.9999) lags the trained weights
+        for weights in ("trained", "ema"):
+            assert same(load_pipeline(path, torch.device("cpu"), torch.float32, weights).unet, want[weights])
 
 
 def test_sequential_without_classifier_runs_clip_only(assets, tmp_path):
@@ -110,6 +126,8 @@ def test_eval_model_on_curriculum_folders_is_repeatable(assets, classifier_run, 
     out = str(tmp_path / "eval")
     proc, first = _eval(assets, classifier_run, out)
     assert [r["label"] for r in first] == ["run/curriculum-0", "run/curriculum-1"]
+    assert [(r["weights"], r["dtype"]) for r in first] == [("trained", "float32")] * 2  # unet_ema/ saved beside
+    assert proc.stdout.splitlines()[0].split()[:2] == ["checkpoint", "weights"]
     for r in first:
         pngs = sorted(n for n in os.listdir(r["image_dir"]) if n.endswith(".png"))
         assert len(pngs) == 3 * 2 and r["images"] == 6
@@ -119,7 +137,7 @@ def test_eval_model_on_curriculum_folders_is_repeatable(assets, classifier_run, 
         assert 0 <= r["classifier_accuracy"] <= 1
     assert "CLIP cosine (0..1)" in proc.stdout and "run/curriculum-1" in proc.stdout
     csv_lines = open(os.path.join(out, "results.csv")).read().splitlines()
-    assert len(csv_lines) == 3 and csv_lines[0].startswith("label,concept")
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("label,weights,concept")
     # A stale image left in a checkpoint's folder is neither kept nor counted by a rerun.
     open(os.path.join(first[0]["image_dir"], "stale.png"), "wb").write(b"junk")
     _, second = _eval(assets, classifier_run, out)

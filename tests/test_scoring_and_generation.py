@@ -76,3 +76,17 @@ def test_open_clip_models_are_selectable_and_score_by_hand(tmp_path):
 
     with pytest.raises(InputError, match="does not exist"):
         check_clip_spec("open_clip:ViT-B-32:/nonexistent/weights.bin")
+
+
+def test_eval_generation_precision_follows_mixed_precision(capsys):
+    import torch
+
+    from common.evaluation import generation_dtype
+
+    assert generation_dtype(None, cuda=True) == torch.float16  # the published evaluation's fp16 on a GPU
+    assert generation_dtype(None, cuda=False) == torch.float32
+    assert generation_dtype("no", cuda=True) == torch.float32
+    assert generation_dtype("bf16", cuda=True) == torch.bfloat16
+    assert capsys.readouterr().err == ""
+    assert generation_dtype("fp16", cuda=False) == torch.float32  # fp16 needs CUDA: fp32, with one warning
+    assert "needs CUDA" in capsys.readouterr().err
