@@ -64,7 +64,11 @@ def check_classifier(model_path: Optional[str], theme: Optional[str], flag: str 
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise InputError(f"{flag} {model_path}: no config.json (not a transformers classifier directory)")
     if processor:
-        local_dir(processor, "--classifier_processor")
+        local_dir(processor, "--classifier_processor", "preprocessor_config.json")
+    elif not os.path.isfile(os.path.join(local, "preprocessor_config.json")):
+        # No processor of its own: the published id is the fallback, so it must be at hand.
+        local_dir(DEFAULT_PROCESSOR, f"{flag} {model_path} has no preprocessor_config.json; its fallback processor",
+                  "preprocessor_config.json")
 
 
 def load_state_dict(path: str) -> dict:

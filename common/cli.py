@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional
 
 from . import curriculum as cur
 from . import nudity
-from .classifier import DEFAULT_TIMM_ARCH, check_classifier
+from .classifier import DEFAULT_PROCESSOR, DEFAULT_TIMM_ARCH, check_classifier
 from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
 from .errors import InputError
@@ -196,7 +196,7 @@ def validate_common(args: argparse.Namespace) -> int:
     _require(args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
              f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
     check_output_dir(args.output_dir, args.script, args.resume_from_checkpoint)
-    check_pipeline_dir(args.pretrained_model_name_or_path)
+    check_pipeline_dir(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
     read_prompts(args.validation_prompts)
     if getattr(args, "clip_model", None):
         check_clip_spec(args.clip_model)
@@ -280,7 +280,9 @@ def validate_classifier(args: argparse.Namespace, required: bool) -> None:
         _require(not required, "--model_path: a classifier is required for this script")
         _require(not args.theme, f"--theme {args.theme!r} needs --model_path (the style classifier)")
         return
-    check_classifier(args.model_path, args.theme, processor=args.classifier_processor)
+    # --compat reference uses the published processor id whatever the classifier ships: it must be at hand.
+    processor = args.classifier_processor or (DEFAULT_PROCESSOR if args.compat == "reference" else None)
+    check_classifier(args.model_path, args.theme, processor=processor)
     check_nudity_args(args)
 
 

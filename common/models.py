@@ -32,30 +32,72 @@ def looks_local(name_or_path: str) -> bool:
     return os.path.isabs(p) or p.startswith(".") or os.sep * 2 in p or p.count("/") > 1 or os.path.exists(p)
 
 
-def local_dir(path: str, flag: str) -> Optional[str]:
-    """The local directory ``path`` names, or None for a hub id; InputError when a path names no directory.
+def local_dir(path: str, flag: str, probe: str = "config.json", cache_dir: Optional[str] = None) -> Optional[str]:
+    """The local directory ``path`` names, or None for a usable hub id; InputError when it names neither.
 
-    Hub ids are not checked here: their loading errors are reported when they are fetched.
+    A hub id must be in the Hugging Face cache (its ``probe`` file) or, when
+    HF_HUB_OFFLINE is not set, known to a reachable hub: an offline node learns
+    it now, in one line, not from a retrying download after the data loaded.
     """
     local = resolve_model_path(path)
     if os.path.isdir(local):
         return local
     if looks_local(path):
         raise InputError(f"{flag} {path}: no such directory")
+    check_hub_id(path, flag, probe, cache_dir)
     return None
 
 
-def check_diffusers_dir(path: str, flag: str = "--pretrained_model_name_or_path") -> Optional[str]:
+OFFLINE_HINT = ("pass a local directory instead (a directory named like the id in the working directory also "
+                "works); see README, Offline use")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub itself read it (at its import)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_hub_id(repo_id: str, flag: str, probe: str = "config.json", cache_dir: Optional[str] = None) -> None:
+    """InputError unless the hub id is cached, or (online) the hub answers for it."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, probe, cache_dir=cache_dir), str):
+            return
+    except ValueError:  # not a valid repo id: the hub would refuse it too
+        raise InputError(f"{flag} {repo_id}: no such directory, and not a valid hub id") from None
+    if hub_offline():
+        raise InputError(f"{flag} {repo_id}: no local directory of that name and not in the Hugging Face cache "
+                         f"(HF_HUB_OFFLINE is set); {OFFLINE_HINT}")
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # exists; the download uses the user's token
+    except RepositoryNotFoundError:
+        raise InputError(f"{flag} {repo_id}: no local directory of that name and no such model on the hub") from None
+    except HfHubHTTPError:
+        return  # the hub answered: the download reports its own error
+    except Exception as err:  # noqa: BLE001 - any failure to reach the hub
+        raise InputError(f"{flag} {repo_id}: no local directory of that name, not in the Hugging Face cache, and "
+                         f"the hub cannot be reached ({type(err).__name__}); {OFFLINE_HINT}") from None
+
+
+def check_diffusers_dir(path: str, flag: str = "--pretrained_model_name_or_path",
+                        cache_dir: Optional[str] = None) -> Optional[str]:
     """The local directory of a diffusers pipeline (None for a hub id); InputError without model_index.json."""
-    local = local_dir(path, flag)
+    local = local_dir(path, flag, "model_index.json", cache_dir)
     if local is not None and not os.path.isfile(os.path.join(local, "model_index.json")):
         raise InputError(f"{flag} {path}: no model_index.json (not a diffusers pipeline directory)")
     return local
 
 
-def check_pipeline_dir(path: str, flag: str = "--pretrained_model_name_or_path") -> None:
+def check_pipeline_dir(path: str, flag: str = "--pretrained_model_name_or_path",
+                       cache_dir: Optional[str] = None) -> None:
     """Raise InputError unless ``path`` is a diffusers SD directory with every part we load."""
-    local = check_diffusers_dir(path, flag)
+    local = check_diffusers_dir(path, flag, cache_dir)
     if local is None:
         return
     missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(local, p))]

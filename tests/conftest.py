@@ -80,3 +80,9 @@ def seed_flags(assets, out_dir, **over):
             continue
         out.append(k if v is None else f"{k}={v}")
     return out
+
+
+@pytest.fixture
+def in_assets_root(assets, monkeypatch):
+    """Run in the assets' directory, where hub-style ids (openai/clip-vit-base-patch32) are local folders."""
+    monkeypatch.chdir(assets["root"])

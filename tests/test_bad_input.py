@@ -10,6 +10,8 @@ import pytest
 
 from conftest import seed_flags
 
+pytestmark = pytest.mark.usefixtures("in_assets_root")  # hub-style ids are local folders there
+
 SCRIPTS = {name: importlib.import_module(name) for name in (
     "finetuning_individual_CLIP", "finetuning_individual_Classifier", "finetuning_sequential", "eval_model")}
 

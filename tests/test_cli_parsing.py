@@ -7,6 +7,8 @@ import pytest
 
 from conftest import seed_flags
 
+pytestmark = pytest.mark.usefixtures("in_assets_root")  # hub-style ids are local folders there
+
 clip_script = importlib.import_module("finetuning_individual_CLIP")
 
 
@@ -67,3 +69,27 @@ def test_published_defaults_per_script(assets, tmp_path):
     assert (clip_args.validation_epochs, clf_args.validation_epochs) == (2, 1)
     assert clip_args.checkpoints_total_limit == clf_args.checkpoints_total_limit == seq_args.checkpoints_total_limit == 2
     assert clip_args.params == "full"
+
+
+@pytest.mark.parametrize("offline, message", [
+    ("1", "not in the Hugging Face cache (HF_HUB_OFFLINE is set)"),
+    ("0", "the hub cannot be reached (ConnectError)"),
+])
+def test_hub_id_neither_local_nor_cached_is_one_line_before_loading(assets, tmp_path, capsys, monkeypatch,
+                                                                     offline, message):
+    """A hub-style id with no local folder: offline it must be cached; online the hub must answer (here a closed
+    port stands in for a node without network)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        clip_script.parse_args(seed_flags(assets, str(out), **{"--clip_model": "nobody/some-clip"}))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("finetuning_individual_CLIP.py: error: --clip_model nobody/some-clip: no local directory")
+    assert message in err, err
+    assert "pass a local directory" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -155,7 +155,7 @@ def test_compat_row_order_is_the_sorted_file_names_default_the_metadata_lines(tm
     assert ds["caption"] == captions and ds[0]["image"].getpixel((0, 0)) == (60, 0, 0)  # image and caption agree
 
 
-def test_compat_flag_reaches_row_order_and_trainer(assets, tmp_path):
+def test_compat_flag_reaches_row_order_and_trainer(assets, tmp_path, in_assets_root):
     import finetuning_individual_CLIP as clip_script
     import finetuning_sequential as seq_script
     from common import entry

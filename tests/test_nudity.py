@@ -111,7 +111,7 @@ def test_sequential_and_eval_model_with_theme_nudity(assets, tmp_path):
     assert "images showing each class (NudeNet)" in proc.stdout
 
 
-def test_threshold_under_the_detector_cut_exits_2_before_loading(assets, tmp_path, capsys):
+def test_threshold_under_the_detector_cut_exits_2_before_loading(assets, tmp_path, capsys, in_assets_root):
     import finetuning_sequential as script
 
     with pytest.raises(SystemExit) as exc:
