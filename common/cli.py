@@ -149,6 +149,9 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
                    help="save pipelines (True/False): curriculum-{i} (individual: every chunk; sequential: the "
                         "--curriculum_checkpoints chunks) and the sequential script's final model in OUTPUT_DIR")
     g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label kept in config.json's tags (repeatable); tools/report.py names a run's method, "
+                        "concept and data from the tags method=, concept=, data= (tools/grid.py sets them)")
     g = p.add_argument_group("checkpoints and resume")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (newest complete checkpoint in OUTPUT_DIR; none yet: start afresh) or a checkpoint path")
@@ -165,8 +168,19 @@ def _require(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
+def parse_tags(items: Iterable[str]) -> dict:
+    """--tag KEY=VALUE items as a dict (InputError for an item without '=' or with an empty key)."""
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        _require(bool(sep) and bool(key.strip()), f"--tag {item!r}: expected KEY=VALUE")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
 def validate_common(args: argparse.Namespace) -> int:
     """Check the shared flags and input files; return the dataset size (rows) when known."""
+    parse_tags(args.tag)
     # Numbers first: cheap and independent of files.
     _require(args.resolution > 0 and args.resolution % 8 == 0, f"--resolution {args.resolution}: must be a positive multiple of 8")
     _require(args.train_batch_size >= 1, f"--train_batch_size {args.train_batch_size}: must be at least 1")

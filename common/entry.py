@@ -8,6 +8,7 @@ from typing import Callable, List
 
 import torch
 
+from . import cli
 from . import curriculum as cur
 from .classifier import DEFAULT_PROCESSOR, ConceptClassifier
 from .clip_score import LOGIT_SCALE, ClipScorer
@@ -87,7 +88,8 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol):
         train=train_config(args, int(os.environ.get("WORLD_SIZE", "1")),
                            compat_reference=protocol == "individual" and args.compat == "reference"),
         horizon_epochs=horizon_epochs, validation=validation_config(args), make_criteria=make_criteria,
-        config_record={"script": args.script, "protocol": protocol, "args": vars(args)},
+        config_record={"script": args.script, "protocol": protocol, "args": vars(args),
+                       "tags": cli.parse_tags(args.tag)},
     )
 
 

@@ -112,5 +112,8 @@ def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) 
     cmd += ["--num_processes", str(num_processes), "--num_machines", str(num_machines), run.script]
     for flag, value in run.flags:
         cmd += [flag] if value is None else [f"{flag}={value}"]
+    if os.path.basename(run.script).startswith("finetuning_"):
+        # The run's names, so tools/report.py labels it from its config.json, whatever the paths are called.
+        cmd += [f"--tag=method={run.method}", f"--tag=concept={run.concept}", f"--tag=data={run.dataset}"]
     cmd += [f"--output_dir={run.output_dir}", "--resume_from_checkpoint=latest"]
     return shlex.join(cmd)

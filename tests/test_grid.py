@@ -27,10 +27,11 @@ def test_example_grid_renders_the_cross_product():
     assert cmd[:8] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "--num_machines", "1",
                        "finetuning_sequential.py"]
     flags = cmd[8:]
-    assert "--pretrained_model_name_or_path=models/uce/golf_ball" in flags
+    assert "--pretrained_model_name_or_path=models/golf_ball/uce" in flags
     assert "--train_data_dir=data/golf_ball/unrelated" in flags
     assert "--curriculum=50,100,150,200,250,300,350,400,450,500" in flags
     assert "--use_ema" in flags  # "on": a bare flag
+    assert flags[-5:-2] == ["--tag=method=uce", "--tag=concept=golf ball", "--tag=data=unrelated"]
     assert flags[-2:] == ["--output_dir=runs/finetuning_sequential/uce/golf_ball/unrelated",
                           "--resume_from_checkpoint=latest"]
     # The rendered command line is accepted by the script's own parser (paths aside).
@@ -38,7 +39,7 @@ def test_example_grid_renders_the_cross_product():
 
     with pytest.raises(SystemExit) as err:
         finetuning_sequential.parse_args(flags)
-    assert err.value.code == 2  # models/uce/golf_ball does not exist here: one clear error, not a parse failure
+    assert err.value.code == 2  # models/golf_ball/uce does not exist here: one clear error, not a parse failure
 
 
 def test_grid_placeholders_bare_flags_and_errors(tmp_path):

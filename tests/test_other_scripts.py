@@ -100,7 +100,8 @@ def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
 def test_sequential_without_classifier_runs_clip_only(assets, tmp_path):
     out = str(tmp_path / "seq")
     flags = seed_flags(assets, out, **{"--num_train_epochs": 1, "--end_CL": 1, "--clip_threshold": -1,
-                                      "--save_model": "False", "--curriculum_checkpoints": "0"})
+                                      "--save_model": "False", "--curriculum_checkpoints": "0",
+                                      "--tag": "method=tiny esd"})
     proc = launch("finetuning_sequential.py", flags, cwd=assets["root"])
     _ok(proc)
     assert "CLIP criterion only" in proc.stdout
@@ -108,6 +109,7 @@ def test_sequential_without_classifier_runs_clip_only(assets, tmp_path):
     assert not any(d.startswith("curriculum-") for d in os.listdir(out))
     assert not os.path.exists(os.path.join(out, "model_index.json"))
     assert "no pipeline saved" in proc.stdout
+    assert json.load(open(os.path.join(out, "config.json")))["tags"] == {"method": "tiny esd"}
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["revival_point"] == {"clip": {"chunk": 0, "images_seen": 50}}
 

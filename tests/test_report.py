@@ -62,3 +62,32 @@ def test_missing_files_is_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.parse_args([str(tmp_path)])
     assert exc.value.code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_example_grid_runs_are_named_by_their_tags_and_plots_do_not_collide(tmp_path):
+    """The grid's rendered commands carry --tag method/concept/data; report.py names runs from config.json's
+    tags, so 2 methods x 2 concepts x 2 datasets give 8 distinct rows and 8 distinct plots."""
+    import shlex
+
+    from common import cli, grid
+
+    run_dirs = []
+    for run in grid.read_grid(str(ROOT / "slurm" / "example_grid.csv"), str(tmp_path / "runs")):
+        argv = shlex.split(grid.launch_command(run))
+        flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        tags = cli.parse_tags(a.split("=", 1)[1] for a in argv if a.startswith("--tag="))
+        run_dirs.append(_run(run.output_dir, {"args": flags, "tags": tags},
+                             {"protocol": "sequential", "criteria": {"clip": 0.31},
+                              "revival_point": {"clip": None}, "chunks": []},
+                             [{"criterion": "clip", "images_seen": 50, "mean": 0.2}]))
+    header, rows, plots = report.main(report.parse_args([*run_dirs, "--out", str(tmp_path / "report")]))
+    assert [tuple(r[:3]) for r in rows] == [(m, c, d) for m in ("esd-x", "uce") for c in ("golf ball", "church")
+                                            for d in ("related", "unrelated")]
+    assert len(set(plots)) == 8 and all(os.path.isfile(p) for p in plots)
+    # Without tags the names come from the paths: the example grid's model folders end in the method.
+    untagged = _run(tmp_path / "untagged", {"args": {"pretrained_model_name_or_path": "models/church/uce",
+                                                     "validation_prompts": "prompts/church.txt",
+                                                     "train_data_dir": "data/church/related"}},
+                    {"protocol": "sequential", "criteria": {}, "revival_point": {}, "chunks": []}, [])
+    r = report.load_run(untagged)
+    assert (r["method"], r["concept"], r["data"]) == ("uce", "church", "related")

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="report", help="folder for tables and plots")
     p.add_argument("--title", default="Concept revival")
     p.add_argument("--concept", default=None,
-                   help="concept name for every run (default: each run's validation prompt file name)")
+                   help="concept name for every run (default: the run's concept tag, else its validation prompt "
+                        "file name)")
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
         for run in args.runs:
@@ -47,19 +48,29 @@ def _stem(path) -> str:
 
 
 def load_run(run: str) -> dict:
-    """A run's config, summary and validation records, with method/concept/data names inferred from its flags.
+    """A run's config, summary and validation records, with its method, concept and data names.
 
-    Method: the model directory's name; concept: the validation prompt file's name (underscores read as
-    spaces); data: the training data directory's name.
+    Each name comes from the run's config.json tags (``--tag method=...``,
+    ``concept=``, ``data=``; tools/grid.py sets them) when present, else from
+    its flags' paths: method = the model directory's name, concept = the
+    validation prompt file's name (underscores read as spaces), data = the
+    training data directory's name.
     """
     with open(os.path.join(run, CONFIG_FILE)) as f:
         config = json.load(f)
     with open(os.path.join(run, SUMMARY_FILE)) as f:
         summary = json.load(f)
-    a = config.get("args", {})
+    a, tags = config.get("args", {}), config.get("tags") or {}
     return {"dir": run, "config": config, "summary": summary, "records": read_jsonl(os.path.join(run, VALIDATIONS_FILE)),
-            "method": _stem(a.get("pretrained_model_name_or_path")), "concept": _stem(a.get("validation_prompts")).replace("_", " "),
-            "data": _stem(a.get("train_data_dir") or a.get("dataset_name")), "protocol": summary.get("protocol")}
+            "method": tags.get("method") or _stem(a.get("pretrained_model_name_or_path")),
+            "concept": tags.get("concept") or _stem(a.get("validation_prompts")).replace("_", " "),
+            "data": tags.get("data") or _stem(a.get("train_data_dir") or a.get("dataset_name")),
+            "protocol": summary.get("protocol")}
+
+
+def _slug(*names) -> str:
+    """A file-name part from run names: 'esd-x', 'golf ball', 'related' -> 'esd-x_golf_ball_related'."""
+    return "_".join("".join(c if c.isalnum() or c in "-." else "_" for c in str(n)) for n in names)
 
 
 def table_rows(runs) -> tuple:
@@ -120,9 +131,10 @@ def plot(runs, out: str, title: str) -> list:
             ax.plot([x["epoch"] for x in recs], [x["mean"] for x in recs], marker="o", ms=3, label=f"chunk {chunk}")
         ax.axhline(r["summary"]["threshold"], color="k", ls="--", lw=1, label="threshold")
         ax.set(xlabel="epoch", ylabel=_ylabel(r["summary"]["criterion"]),
-               title=f"{title}: {r['method']} / {r['data']}")
+               title=f"{title}: {r['method']} / {r['concept']} / {r['data']}")
         ax.legend(fontsize=7, ncol=2)
-        written.append(_save(fig, out, f"score_vs_epoch_{r['method']}_{r['data']}_{r['summary']['criterion']}.png"))
+        name = _slug(r["method"], r["concept"], r["data"], r["summary"]["criterion"])
+        written.append(_save(fig, out, f"score_vs_epoch_{name}.png"))
     if individual:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in individual:
@@ -145,9 +157,10 @@ def plot(runs, out: str, title: str) -> list:
             recs = [x for x in r["records"] if x["criterion"] == name]
             ax.plot([x["images_seen"] for x in recs], [x["mean"] for x in recs], marker="o")
             ax.axhline(threshold, color="k", ls="--", lw=1, label="threshold")
-            ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name), title=f"{r['method']} / {r['data']}: {name}")
+            ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
+                   title=f"{r['method']} / {r['concept']} / {r['data']}: {name}")
             ax.legend(fontsize=7)
-        written.append(_save(fig, out, f"sequential_{r['method']}_{r['data']}.png"))
+        written.append(_save(fig, out, f"sequential_{_slug(r['method'], r['concept'], r['data'])}.png"))
     return written
 
 
