@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate checkpoints on an erased concept (SPEC 7): CLIP score and classifier accuracy.
+"""Evaluate checkpoints on an erased concept: CLIP score and classifier accuracy.
 
     python eval_model.py RUN_DIR,OTHER_MODEL CLASSIFIER_DIR "golf ball" --prompt_file prompts.txt --curr
 
@@ -29,7 +29,8 @@ from common.evaluation import (checkpoint_label, evaluate_checkpoint, find_check
 PROG = "eval_model.py"
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     parser = cli.Parser(description=__doc__.split("\n\n")[0], prog=PROG)
     parser.add_argument("model_paths", help="comma-separated diffusers pipeline directories (run directories with "
                                             "--curr; image folders with --images)")
@@ -41,18 +42,21 @@ def parse_args(argv=None):
                         help="MODEL_PATHS are folders of existing images: score them, load no pipeline. Each image's "
                              "prompt: the folder's metadata.jsonl (file_name, prompt), else --prompt_file line k for "
                              "p{k}_{j}.png, else a one-line --prompt_file")
-    parser.add_argument("--theme", nargs="?", const="style", default="")
+    parser.add_argument("--theme", nargs="?", const="style", default="",
+                        help="'' objects/celebrities (transformers classifier); a style name or bare --theme: timm "
+                             "style classifier; Nudity: NudeNet")
     parser.add_argument("--curr", action="store_true", help="also evaluate each path's curriculum-* subfolders")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is absent)")
-    parser.add_argument("--images_per_prompt", type=int, default=5)
-    parser.add_argument("--output_dir", default="eval_results")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clip_model", default=DEFAULT_CLIP)
+    parser.add_argument("--images_per_prompt", type=int, default=5, help="images generated per prompt (the paper: 5)")
+    parser.add_argument("--output_dir", default="eval_results", help="results.jsonl, results.csv and images/")
+    parser.add_argument("--seed", type=int, default=0, help="image j of prompt k is drawn with seed (seed, k, j)")
+    parser.add_argument("--clip_model", default=DEFAULT_CLIP,
+                        help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
     parser.add_argument("--batch_size", type=int, default=10, help="images per generation batch")
     parser.add_argument("--num_inference_steps", type=int, default=50,
                         help="sampling steps per image (default 50: the pipeline default the published "
                              "evaluation used; the training scripts validate with 20)")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     parser.add_argument("--weights", default="trained", choices=("trained", "ema"),
                         help="which UNet of a run's pipeline to evaluate when it saved two (--use_ema): 'trained' "
@@ -61,10 +65,18 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                         help="generation precision (default: fp16 on CUDA, fp32 on the CPU; fp16 without CUDA "
                              "falls back to fp32 with a warning)")
-    parser.add_argument("--concept_index", type=int, default=1)
-    parser.add_argument("--classifier_processor", default=None)
-    parser.add_argument("--timm_arch", default=None)
+    parser.add_argument("--concept_index", type=int, default=1, help="class index of the concept (default 1)")
+    parser.add_argument("--classifier_processor", default=None,
+                        help="image processor directory/id (default: the classifier's own, else "
+                             "google/vit-large-patch16-224-in21k)")
+    parser.add_argument("--timm_arch", default=None,
+                        help="timm architecture of a style classifier (default vit_large_patch16_224.augreg_in21k)")
     cli.add_nudity_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     with exit_on_input_error(PROG):
         for flag, value, low in (("--images_per_prompt", args.images_per_prompt, 1), ("--batch_size", args.batch_size, 1),

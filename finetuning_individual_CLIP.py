@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Individual protocol with the CLIP criterion (SPEC 4).
+"""Individual protocol with the CLIP criterion.
 
 For each curriculum chunk, fine-tune the unlearned UNet from scratch and count
 the epochs until the mean CLIP cosine similarity of the validation images
@@ -12,11 +12,17 @@ exceeds --clip_threshold (the concept has revived).
 from common import cli, entry
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     parser = cli.training_parser("finetuning_individual_CLIP.py", __doc__)
     cli.add_individual_args(parser, validation_epochs=2)
     parser.add_argument("--clip_threshold", type=float, default=0.31,
                         help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.script = "finetuning_individual_CLIP.py"
     return cli.finish(parser, args, [

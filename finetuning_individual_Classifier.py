@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Individual protocol with the classifier criterion (SPEC 4).
+"""Individual protocol with the classifier criterion.
 
 Same protocol as finetuning_individual_CLIP.py; a chunk has revived when the
 share of validation images the concept classifier puts in the concept class
@@ -13,12 +13,18 @@ reaches --bc_threshold.
 from common import cli, entry
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     parser = cli.training_parser("finetuning_individual_Classifier.py", __doc__, clip=False)
     cli.add_individual_args(parser, validation_epochs=1)
     cli.add_classifier_args(parser, required=True)
     parser.add_argument("--bc_threshold", type=float, default=0.3,
                         help="revived when classifier accuracy >= this (0..1); the paper uses 0.3")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.script = "finetuning_individual_Classifier.py"
     return cli.finish(parser, args, [

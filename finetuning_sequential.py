@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sequential protocol: Revival Points under CLIP and the classifier (SPEC 5).
+"""Sequential protocol: Revival Points under CLIP and the classifier.
 
 Fine-tune the unlearned UNet on chunk 0, then chunk 1, ... with no reset,
 --num_train_epochs epochs each; after every chunk score the validation images
@@ -15,7 +15,8 @@ from common import cli, entry
 from common.errors import InputError
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     parser = cli.training_parser("finetuning_sequential.py", __doc__)
     cli.add_classifier_args(parser, required=False)
     g = parser.add_argument_group("sequential protocol")
@@ -25,6 +26,11 @@ def parse_args(argv=None):
     g.add_argument("--clip_threshold", type=float, default=0.31, help="CLIP cosine (0..1) criterion: mean > this")
     g.add_argument("--bc_threshold", type=float, default=0.3, help="classifier criterion: accuracy >= this")
     g.add_argument("--stop_at_revival", action="store_true", help="stop once every criterion has revived")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.script = "finetuning_sequential.py"
     return cli.finish(parser, args, [

@@ -56,9 +56,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="the unlearned model: a diffusers Stable Diffusion directory (or hub id)")
-    g.add_argument("--revision", default=None)
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
     g.add_argument("--variant", default=None, help="weights variant such as fp16")
-    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--cache_dir", default=None, help="Hugging Face cache directory for hub ids and datasets")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -66,12 +66,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train_data_dir", default=None,
                    help="imagefolder directory whose metadata.jsonl lines give the row order and captions")
     g.add_argument("--dataset_name", default=None, help="a datasets dataset instead of --train_data_dir")
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--image_column", default="image")
+    g.add_argument("--dataset_config_name", default=None, help="configuration of --dataset_name")
+    g.add_argument("--image_column", default="image", help="image field of the dataset")
     g.add_argument("--caption_column", default="prompt", help="caption field (the paper's data uses 'prompt')")
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--resolution", type=int, default=512,
+                   help="training and validation image size in pixels (a multiple of 8; SD-1.x: 512)")
     g.add_argument("--center_crop", action="store_true", help="centre crop (default: random crop)")
-    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--random_flip", action="store_true", help="flip training images horizontally at random")
     g.add_argument("--cache_latents", type=str2bool, default=True,
                    help="encode each chunk's images and captions once with the frozen VAE/text encoder "
                         "(True/False; needs --center_crop; False saves memory)")
@@ -83,31 +84,44 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--train_batch_size", type=int, default=10, help="per process")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer update (global batch = batch x this x processes)")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass: less memory, one more forward pass of compute")
+    g.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate (the paper: 1e-5)")
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply the learning rate by batch x accumulation x processes")
-    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS,
+                   help="diffusers' get_scheduler; restarted with every chunk of the individual protocol")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="in optimizer updates")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW (decoupled) weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="clip the gradient's global norm to this (0: no clipping)")
     g.add_argument("--use_ema", action="store_true", help="keep an EMA of the UNet; saved as unet_ema/")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended)")
-    g.add_argument("--noise_offset", type=float, default=0.0)
-    g.add_argument("--input_perturbation", type=float, default=0.0)
-    g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"))
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per optimizer update (--use_ema)")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting with this gamma (Hang et al., 2023; 5.0 recommended); default: "
+                        "plain MSE, as the paper")
+    g.add_argument("--noise_offset", type=float, default=0.0,
+                   help="add this x a per-channel Gaussian offset to the training noise (0: off, as the paper)")
+    g.add_argument("--input_perturbation", type=float, default=0.0,
+                   help="perturb the noise that makes the noisy input by this x Gaussian noise (Ning et al., "
+                        "2023; 0: off)")
+    g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
+                   help="training target (default: the model's scheduler config; SD-1.x: epsilon)")
     g.add_argument("--params", default="full", choices=("full", "xattn"),
                    help="trained parameters: the whole UNet, or the cross-attention key and value projections "
                         "(attn2.to_k, attn2.to_v), as the published scripts")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config; fp16 without CUDA falls back to fp32")
-    g.add_argument("--allow_tf32", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--allow_tf32", action="store_true",
+                   help="TF32 matrix multiplies on Ampere or newer GPUs (faster, slightly less exact)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds shuffles, noise, timesteps, flips and every validation image; runs with the same "
+                        "seed and settings repeat each other")
     g.add_argument("--compat", default="none", choices=("none", "reference"),
                    help="'reference': the published scripts' semantics (README, Differences): row order = sorted "
                         "image paths and the published classifier processor in every script; the individual "
@@ -117,8 +131,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompts", required=True, help="text file, one prompt per non-empty line")
-    g.add_argument("--num_inference_steps", type=int, default=20)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--num_inference_steps", type=int, default=20, help="sampling steps per validation image")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation images")
     g.add_argument("--validation_batch_size", type=int, default=0,
                    help="prompts per generation batch (0: all of a process's prompts at once)")
     g.add_argument("--save_validation_images", action="store_true",
@@ -143,12 +157,13 @@ def add_individual_args(p: argparse.ArgumentParser, validation_epochs: int) -> N
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs")
-    g.add_argument("--output_dir", default="sd-model-finetuned")
+    g.add_argument("--output_dir", default="sd-model-finetuned",
+                   help="results, logs, checkpoints and pipelines (one run per directory)")
     g.add_argument("--log_file", default=None, help="text log (default OUTPUT_DIR/log.txt)")
     g.add_argument("--save_model", type=str2bool, default=True,
                    help="save pipelines (True/False): curriculum-{i} (individual: every chunk; sequential: the "
                         "--curriculum_checkpoints chunks) and the sequential script's final model in OUTPUT_DIR")
-    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, under OUTPUT_DIR")
     g.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept in config.json's tags (repeatable); tools/report.py names a run's method, "
                         "concept and data from the tags method=, concept=, data= (tools/grid.py sets them)")
@@ -156,7 +171,8 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (newest complete checkpoint in OUTPUT_DIR; none yet: start afresh) or a checkpoint path")
     g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help="save OUTPUT_DIR/checkpoint-{update} every N optimizer updates (0: only on SIGTERM/SIGUSR1)")
+                   help="save OUTPUT_DIR/checkpoint-{update} every N optimizer updates (0: only on SIGTERM/SIGUSR1, "
+                        "so a killed run restarts from the beginning)")
     g.add_argument("--checkpoints_total_limit", type=int, default=2,
                    help="keep at most this many checkpoints (default 2; a resume needs only the newest). At SD-1.x "
                         "size one checkpoint is about 10 GB (fp32 UNet 3.4 GB + Adam moments 6.9 GB), "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measure the performance levers of SPEC 11 on one model, in one run, and print ratios.
+"""Measure the performance levers (README, Performance) on one model, in one run, and print ratios.
 
     python tools/benchmark.py            # tiny model on this machine
     python tools/benchmark.py --short    # seconds, for CI (figures are noisy)

@@ -30,7 +30,8 @@ from common.models import check_diffusers_dir  # noqa: E402
 PROG = "generate_training_data.py"
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     p = Parser(description=__doc__.split("\n\n")[0], prog=PROG)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers text-to-image directory (or hub id)")
     p.add_argument("--concepts", required=True,
@@ -39,17 +40,22 @@ def parse_args(argv=None):
     p.add_argument("--template", action="append", default=None,
                    help="prompt template with {concept} for concepts without their own prompts (repeatable; "
                         f"default {datagen.DEFAULT_TEMPLATES[0]!r})")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="the imagefolder written (images and metadata.jsonl)")
     p.add_argument("--images_per_concept", type=int, default=50, help="the paper: 50")
     p.add_argument("--batch_size", type=int, default=8, help="images per generation batch (per process)")
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_inference_steps", type=int, default=50, help="sampling steps per image")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's own")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image j of concept i is drawn with seed (seed, i, j)")
     p.add_argument("--mixed_precision", default="fp16", choices=("no", "fp16", "bf16"),
                    help="weights dtype on GPU (CPU always runs fp32)")
     p.add_argument("--caption_column", default="prompt", help="metadata column holding the prompt")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier dataset with other settings first")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
         for flag, value in (("--images_per_concept", args.images_per_concept), ("--batch_size", args.batch_size),

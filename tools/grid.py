@@ -22,14 +22,22 @@ from common.errors import InputError, exit_on_input_error  # noqa: E402
 PROG = "grid.py"
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     p = Parser(description=__doc__.split("\n\n")[0], prog=PROG)
-    p.add_argument("action", choices=("count", "list", "command", "output_dir"))
+    p.add_argument("action", choices=("count", "list", "command", "output_dir"),
+                   help="count: number of runs; list: index, name, output directory; command / output_dir: "
+                        "those of run --index")
     p.add_argument("grid", help="grid CSV file")
     p.add_argument("--out_root", default="runs", help="root of the runs' output directories ({out_root})")
     p.add_argument("--index", type=int, default=None, help="the run (0-based; SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) over all machines")
-    p.add_argument("--num_machines", type=int, default=1)
+    p.add_argument("--num_machines", type=int, default=1, help="machines (nodes) of the run")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
         args.runs = grid.read_grid(args.grid, args.out_root)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Revival tables and plots from run output directories (made from their machine-readable files, SPEC 8).
+"""Revival tables and plots from run output directories (made from their machine-readable files).
 
     python tools/report.py RUN_DIR [RUN_DIR ...] --out report/
 
@@ -26,14 +26,20 @@ from common.results import CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE, read_jso
 PROG = "report.py"
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=PROG)
     p.add_argument("runs", nargs="+", help="output directories of the fine-tuning scripts")
     p.add_argument("--out", default="report", help="folder for tables and plots")
-    p.add_argument("--title", default="Concept revival")
+    p.add_argument("--title", default="Concept revival", help="title prefix of the plots")
     p.add_argument("--concept", default=None,
                    help="concept name for every run (default: the run's concept tag, else its validation prompt "
                         "file name)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
         for run in args.runs:

@@ -32,7 +32,8 @@ PROG = "train_classifier.py"
 DEFAULT_BACKBONE = "google/vit-large-patch16-224-in21k"
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
     p = Parser(description=__doc__.split("\n\n")[0], prog=PROG)
     data = p.add_argument_group("data (either --train_dir, or --positive_dir and --negative_dir)")
     data.add_argument("--train_dir", default=None, help="imagefolder with two class folders (positive/, negative/)")
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     data.add_argument("--negative_dir", default=None, help="images without it")
     data.add_argument("--validation_split", type=float, default=0.2, help="held-out share of each class")
     p.add_argument("--concept", required=True, help="the concept's name (the label of class 1)")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="the classifier (transformers directory, or "
+                   "classifier.safetensors with --timm_arch) and metrics.json")
     model = p.add_argument_group("backbone")
     model.add_argument("--model_name_or_path", default=DEFAULT_BACKBONE,
                        help="transformers image-classification backbone (hub id or local directory)")
@@ -49,13 +51,20 @@ def parse_args(argv=None):
     model.add_argument("--timm_arch", default=None, help="train the timm style classifier of this architecture instead")
     model.add_argument("--init_weights", default=None, help="timm: starting state dict (.safetensors/.pt); the head is replaced")
     train = p.add_argument_group("training")
-    train.add_argument("--num_epochs", type=int, default=5)
-    train.add_argument("--batch_size", type=int, default=16)
-    train.add_argument("--learning_rate", type=float, default=2e-5)
-    train.add_argument("--weight_decay", type=float, default=0.05)
-    train.add_argument("--warmup_fraction", type=float, default=0.1)
-    train.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num_epochs", type=int, default=5, help="passes over the training images")
+    train.add_argument("--batch_size", type=int, default=16, help="images per step")
+    train.add_argument("--learning_rate", type=float, default=2e-5, help="AdamW peak learning rate")
+    train.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
+    train.add_argument("--warmup_fraction", type=float, default=0.1,
+                       help="share of the steps with linear warm-up, then cosine decay")
+    train.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+                       help="autocast precision on CUDA")
+    train.add_argument("--seed", type=int, default=0, help="seeds the split, augmentation and the new head")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
         if args.train_dir and (args.positive_dir or args.negative_dir):

@@ -48,7 +48,7 @@ def build_parser() -> Parser:
                    required=True, help="the base model: a diffusers Stable Diffusion directory")
     p.add_argument("--output_dir", required=True, help="where the unlearned pipeline directory is written")
     p.add_argument("--concept", default=None, help="the concept to erase, as a prompt (ESD: required)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the method's sampling and noise (ESD)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

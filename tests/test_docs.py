@@ -1,0 +1,29 @@
+"""The documentation that is generated or quoted from the code stays current."""
+
+import importlib.util
+
+from conftest import ROOT
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flags_reference_is_generated_from_the_parsers():
+    flags = _tool("flags_reference")
+    text = flags.render()
+    assert text == (ROOT / "docs" / "flags.md").read_text(), \
+        "docs/flags.md is not current: run .venv/bin/python tools/flags_reference.py and commit it"
+    # Every flag of every program is in it, with its default (a renamed or new flag changes the file).
+    for program in flags.PROGRAMS:
+        for action in flags.load_parser(program)._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert f"`{option}`" in text, (program, option)
+    section = text.split("## `finetuning_sequential.py`")[1].split("## `eval_model.py`")[0]
+    assert "| `--seed` | `0` |" in section and "| `--output_dir` | `sd-model-finetuned` |" in section
+    assert "| `--params` {full,xattn} | `full` |" in section
+    assert "|  |" not in text  # no flag without an explanation
