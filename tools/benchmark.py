@@ -31,20 +31,26 @@ import torch  # noqa: E402
 from common import tiny  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    """The command line's flags (docs/flags.md is generated from this)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="benchmark.py")
     p.add_argument("--sd14", action="store_true", help="random model of Stable Diffusion 1.4's shapes (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default 32 (tiny) or 512 (--sd14)")
-    p.add_argument("--batch_size", type=int, default=10)
-    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--batch_size", type=int, default=10, help="training batch")
+    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+                   help="precision of the timed paths (fp16 needs CUDA)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
     p.add_argument("--prompts", type=int, default=10, help="validation prompts")
-    p.add_argument("--inference_steps", type=int, default=20)
+    p.add_argument("--inference_steps", type=int, default=20, help="sampling steps per validation image")
     p.add_argument("--skip_run", action="store_true", help="skip the whole-run comparison")
     p.add_argument("--short", action="store_true", help="tiny counts for CI")
     p.add_argument("--json", default=None, help="also write the figures to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.resolution = args.resolution or (512 if args.sd14 else 32)
     if args.short:
         args.steps, args.prompts, args.inference_steps = 2, 4, 2
