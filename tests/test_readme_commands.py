@@ -89,6 +89,7 @@ def test_every_readme_command_line_parses_with_its_program_s_parser():
     seen = {program for program, _, _ in calls}
     # The four scripts and the tools the README walks through all appear (the extraction itself works).
     assert {"finetuning_individual_CLIP.py", "finetuning_sequential.py", "eval_model.py", "tools/unlearn.py",
+            "tools/import_model.py",
             "tools/generate_training_data.py", "tools/train_classifier.py", "tools/grid.py", "tools/report.py",
             "tools/benchmark.py"} <= seen, seen
     assert len(calls) >= 18

@@ -39,7 +39,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=10, help="training batch")
     p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
                    help="precision of the timed paths (fp16 needs CUDA)")
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="time the training paths with it")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
     p.add_argument("--prompts", type=int, default=10, help="validation prompts")
     p.add_argument("--inference_steps", type=int, default=20, help="sampling steps per validation image")

@@ -23,7 +23,7 @@ OUTPUT = os.path.join(ROOT, "docs", "flags.md")
 # The programs a user runs, in the order the README introduces them.
 PROGRAMS = (
     "finetuning_individual_CLIP.py", "finetuning_individual_Classifier.py", "finetuning_sequential.py",
-    "eval_model.py", "tools/unlearn.py", "tools/generate_training_data.py", "tools/train_classifier.py",
+    "eval_model.py", "tools/import_model.py", "tools/unlearn.py", "tools/generate_training_data.py", "tools/train_classifier.py",
     "tools/grid.py", "tools/report.py", "tools/benchmark.py",
 )
 
