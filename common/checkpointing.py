@@ -210,7 +210,7 @@ class Checkpointer:
         tr.lr_scheduler.load_state_dict(extras["lr_scheduler"])
         if extras["ema"] is not None and tr.ema is not None:
             tr.ema.load_state_dict(extras["ema"])
-            tr.ema.to(self.accelerator.device)
+            tr.ema.to(tr.ema_device)
         tr.global_updates = extras["global_updates"]
         tr.chunk_updates = extras.get("chunk_updates", 0)
         tr.pending_micro_batches = extras.get("pending_micro_batches", 0)

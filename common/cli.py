@@ -17,7 +17,7 @@ from .classifier import DEFAULT_PROCESSOR, DEFAULT_TIMM_ARCH, check_classifier
 from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
 from .errors import InputError
-from .models import check_pipeline_dir
+from .models import check_pipeline_dir, resolve_model_path, unet_safetensors
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -101,6 +101,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient's global norm to this (0: no clipping)")
     g.add_argument("--use_ema", action="store_true", help="keep an EMA of the UNet; saved as unet_ema/")
+    g.add_argument("--offload_ema", action="store_true",
+                   help="with --use_ema: keep the EMA copy in (pinned) host memory, moved to the GPU only for its "
+                        "update (saves one UNet copy of GPU memory; same weights)")
+    g.add_argument("--restore_from_disk", action="store_true",
+                   help="restore the unlearned weights before each chunk from the model's own UNet safetensors "
+                        "(memory-mapped) instead of a copy in host memory (saves one UNet copy of RAM)")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes' 8-bit AdamW (CUDA; pip install -r requirements-gpu.txt): optimizer state "
+                        "2 bytes per parameter instead of 8")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per optimizer update (--use_ema)")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR loss weighting with this gamma (Hang et al., 2023; 5.0 recommended); default: "
@@ -206,6 +215,9 @@ def validate_common(args: argparse.Namespace) -> int:
     _require(args.lr_warmup_steps >= 0, f"--lr_warmup_steps {args.lr_warmup_steps}: must be >= 0")
     _require(args.max_grad_norm >= 0, f"--max_grad_norm {args.max_grad_norm}: must be >= 0 (0 disables clipping)")
     _require(0 < args.ema_decay < 1, f"--ema_decay {args.ema_decay}: must be in (0, 1)")
+    _require(args.use_ema or not args.offload_ema, "--offload_ema: needs --use_ema (there is no EMA copy to offload)")
+    if args.use_8bit_adam:
+        check_8bit_adam()
     _require(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma {args.snr_gamma}: must be positive")
     _require(args.noise_offset >= 0 and args.input_perturbation >= 0,
              "--noise_offset and --input_perturbation must be >= 0")
@@ -227,6 +239,10 @@ def validate_common(args: argparse.Namespace) -> int:
              f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
     check_output_dir(args.output_dir, args.script, args.resume_from_checkpoint)
     check_pipeline_dir(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
+    if args.restore_from_disk:
+        _require(os.path.isdir(resolve_model_path(args.pretrained_model_name_or_path)),
+                 "--restore_from_disk: needs a local model directory (a hub id has no file of its own to read)")
+        unet_safetensors(args.pretrained_model_name_or_path, args.variant)
     read_prompts(args.validation_prompts)
     if getattr(args, "clip_model", None):
         check_clip_spec(args.clip_model)
@@ -235,6 +251,19 @@ def validate_common(args: argparse.Namespace) -> int:
         size = len(read_metadata(args.train_data_dir, args.caption_column)[0])
         cur.check_against_dataset(bounds, size)
     return size
+
+
+def check_8bit_adam() -> None:
+    """--use_8bit_adam needs bitsandbytes and a CUDA device: refuse before anything loads, saying which is missing."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam: bitsandbytes is not installed (an optional dependency: "
+                         "pip install -r requirements-gpu.txt)")
+    if not torch.cuda.is_available():
+        raise InputError("--use_8bit_adam: bitsandbytes' 8-bit AdamW needs a CUDA GPU; none is available here")
 
 
 def validate_individual(args: argparse.Namespace) -> None:

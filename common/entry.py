@@ -13,6 +13,7 @@ from . import curriculum as cur
 from .classifier import DEFAULT_PROCESSOR, ConceptClassifier
 from .clip_score import LOGIT_SCALE, ClipScorer
 from .data import read_prompts
+from .models import unet_safetensors
 from .protocol import Criterion, ValidationConfig, run_individual, run_sequential
 from .session import DataConfig, open_run
 from .training import TrainConfig
@@ -39,7 +40,9 @@ def train_config(args, num_processes: int = 1, compat_reference: bool = False) -
         noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
         prediction_type=args.prediction_type, params=args.params, use_ema=args.use_ema, ema_decay=args.ema_decay,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        compat_reference=compat_reference,
+        compat_reference=compat_reference, offload_ema=args.offload_ema, use_8bit_adam=args.use_8bit_adam,
+        restore_from_disk=(unet_safetensors(args.pretrained_model_name_or_path, args.variant)
+                           if args.restore_from_disk else None),
     )
 
 

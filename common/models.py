@@ -109,6 +109,20 @@ def check_pipeline_dir(path: str, flag: str = "--pretrained_model_name_or_path",
             raise InputError(f"{flag} {path}: {part}/{config} is missing")
 
 
+def unet_safetensors(model_dir: str, variant: Optional[str] = None) -> str:
+    """The safetensors file (or shard index) of a local pipeline's UNet; InputError when it has none."""
+    import glob
+
+    folder = os.path.join(resolve_model_path(model_dir), "unet")
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*")))
+    raise InputError(f"--restore_from_disk: {folder} has no {stem}.safetensors (found: {', '.join(found) or 'nothing'}); "
+                     "the restore reads the model's own safetensors")
+
+
 def effective_mixed_precision(requested: str, cuda_available: Optional[bool] = None, warn: bool = True) -> str:
     """The mixed-precision mode we actually run: fp16 without CUDA falls back to 'no' with one warning."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available

@@ -168,6 +168,22 @@ class _Resumable:
         return state
 
 
+def _peak(trainer) -> dict:
+    """The chunk's CUDA memory peak so far (nothing on the CPU or for a scripted trainer)."""
+    from .memory import peak_record
+
+    acc = getattr(trainer, "accelerator", None)
+    return (peak_record(acc.device) or {}) if acc is not None else {}
+
+
+def _reset_peak(trainer) -> None:
+    from .memory import reset_peak
+
+    acc = getattr(trainer, "accelerator", None)
+    if acc is not None:
+        reset_peak(acc.device)
+
+
 def _details(validator, name: str) -> dict:
     """The record's per-image details of a criterion, when its scorer gives any."""
     details = getattr(validator, "details", {}).get(name)
@@ -227,6 +243,7 @@ def run_individual(
         p.chunk_pos = pos
         # Phase 1: back to the unlearned model; fresh optimizer, LR schedule, EMA.
         trainer.reset_chunk(i, carry_state=compat_reference)
+        _reset_peak(trainer)
         start_epoch, start_update, loss_before = 0, 0, 0.0
         if saved and pos == saved["chunk_pos"]:
             ckpt.resume(resume_path)
@@ -258,7 +275,7 @@ def run_individual(
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
                     "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3),
-                    **_details(validator, criterion.name),
+                    **_details(validator, criterion.name), **_peak(trainer),
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
@@ -326,6 +343,7 @@ def run_sequential(
         i, rows = chunks[pos], chunk_rows[chunks[pos]]
         p.chunk_pos = pos
         last_loss = None
+        _reset_peak(trainer)
         # Phase 2: num_train_epochs passes over chunk i, no reset.
         for epoch in range(start_epoch, epochs_per_chunk[i]):
             stats = trainer.train_epoch(dataset, rows, i, epoch, start_update=start_update, loss_before=loss_before,
@@ -352,7 +370,7 @@ def run_sequential(
                 "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": p.steps, "images_seen": rows[1],
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
-                "revived": met, "loss": last_loss, "wall_s": wall, **_details(validator, c.name),
+                "revived": met, "loss": last_loss, "wall_s": wall, **_details(validator, c.name), **_peak(trainer),
             })
             recorder.log(f"after chunk {i} ({rows[1]} images): {c.name} mean {st['mean']:.4f} "
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")

@@ -15,6 +15,7 @@ import torch
 from .curriculum import check_against_dataset, chunk_ranges
 from .data import ImageTransform, load_training_data
 from .encoding import make_encoder
+from .memory import budget_lines, memory_budget
 from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
 from .protocol import Criterion, ValidationConfig, Validator
 from .results import RunRecorder
@@ -122,7 +123,11 @@ def open_run(
     trainer = ChunkTrainer(acc, parts, encoder, train, horizon_updates=per_epoch * horizon_epochs)
     pipe = build_pipeline(parts, acc.unwrap_model(trainer.unet))
     validator = Validator(acc, pipe, validation, make_criteria(acc.device))
+    # Where the memory goes, from the run's own tensors (activations: the per-chunk CUDA peak in the records).
+    budget = memory_budget(trainer, parts)
+    for line in budget_lines(budget):
+        recorder.log(line)
     recorder.write_config({**config_record, "num_processes": acc.num_processes,
                            "mixed_precision": acc.mixed_precision, "device": str(acc.device),
-                           "scored_weights": "trained UNet (not EMA)"})
+                           "scored_weights": "trained UNet (not EMA)", "memory_budget": budget})
     return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder, weight_dtype)

@@ -46,6 +46,58 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     compat_reference: bool = False  # the published scripts' in-order, first-batch-only epochs (curriculum.reference_schedule)
+    offload_ema: bool = False  # the EMA copy in host memory, moved to the device only for its update
+    restore_from_disk: Optional[str] = None  # the model's unet/ folder: restore from its safetensors, memory-mapped
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA)
+
+
+class HostRestore:
+    """The unlearned weights of the trained tensors, kept in host memory (touched once per chunk)."""
+
+    def __init__(self, trainable):
+        self.copies = [p.detach().to("cpu", copy=True) for p in trainable]
+
+    def restore(self, trainable) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(trainable, self.copies):
+                p.copy_(p0.to(p.device))
+
+    def budget(self) -> dict:
+        from .memory import nbytes
+
+        return {"bytes": nbytes(self.copies), "device": "cpu"}
+
+
+class DiskRestore:
+    """The unlearned weights read back from the model's own safetensors (memory-mapped) at each restore."""
+
+    def __init__(self, weights_file: str, names):
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        self.names = list(names)
+        if weights_file.endswith(".index.json"):  # sharded: the index names each tensor's file
+            with open(weights_file) as f:
+                folder = os.path.dirname(weights_file)
+                self.file_of = {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+        else:
+            self.file_of = {k: weights_file for k in self.names}
+        self._open = lambda path: safe_open(path, framework="pt", device="cpu")
+
+    def restore(self, trainable) -> None:
+        by_file = {}
+        for name, p in zip(self.names, trainable):
+            by_file.setdefault(self.file_of[name], []).append((name, p))
+        with torch.no_grad():
+            for path, items in by_file.items():
+                with self._open(path) as f:
+                    for name, p in items:
+                        p.copy_(f.get_tensor(name).to(p.device))
+
+    def budget(self) -> dict:
+        return {"bytes": 0, "device": "disk"}
 
 
 XATTN_PROJECTIONS = ("attn2.to_k", "attn2.to_v")  # what the published scripts' --params xattn trains
@@ -164,9 +216,15 @@ class ChunkTrainer:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.trainable = select_trainable(unet, cfg.params)
-        # The unlearned weights, kept on the host to restore before each chunk.
-        self.initial_state = [p.detach().to("cpu", copy=True) for p in self.trainable]
-        optimizer = torch.optim.AdamW(
+        # The unlearned weights, to restore before each chunk: in host memory, or read back from the model's files.
+        names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        self.restore = DiskRestore(cfg.restore_from_disk, names) if cfg.restore_from_disk else HostRestore(self.trainable)
+        optimizer_class = torch.optim.AdamW
+        if cfg.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer_class = bnb.optim.AdamW8bit
+        optimizer = optimizer_class(
             self.trainable,
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -207,12 +265,30 @@ class ChunkTrainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.trainable, decay=self.cfg.ema_decay)
+            if self.cfg.offload_ema:
+                self.ema.to(self.ema_device)
+                if torch.cuda.is_available():
+                    self.ema.pin_memory()  # faster copies to and from the GPU
+
+    @property
+    def ema_device(self) -> torch.device:
+        """Where the EMA copy lives between updates: host memory with --offload_ema, else the device."""
+        return torch.device("cpu") if self.cfg.offload_ema else self.accelerator.device
+
+    def _ema_step(self) -> None:
+        """One EMA update; an offloaded copy visits the device for it, as diffusers' train_text_to_image.py does."""
+        device = self.accelerator.device
+        if self.cfg.offload_ema and device.type != "cpu":
+            self.ema.to(device, non_blocking=True)
+            self.ema.step(self.trainable)
+            self.ema.to("cpu")  # blocking: a checkpoint may read the copy right after
+            self.ema.pin_memory()
+        else:
+            self.ema.step(self.trainable)
 
     def reset_chunk(self, chunk: int, carry_state: bool = False) -> None:
         """Restore the unlearned UNet weights; unless ``carry_state``, fresh optimizer, LR schedule and EMA."""
-        with torch.no_grad():
-            for p, p0 in zip(self.trainable, self.initial_state):
-                p.copy_(p0.to(p.device))
+        self.restore.restore(self.trainable)
         self.chunk_updates = 0  # the published loop counts updates per chunk
         first = self.lr_scheduler is None
         if first or not carry_state:
@@ -221,10 +297,6 @@ class ChunkTrainer:
             self.pending_micro_batches = 0
             self._new_schedule()
             self._new_ema()
-
-    def ema_state(self):
-        """EMA parameter copies (or None)."""
-        return None if self.ema is None else self.ema.shadow_params
 
     def plan_epoch(self, row_range, chunk: int, epoch: int) -> tuple:
         """This process's micro-batches of one epoch grouped by optimizer update, [(batches, ends_in_update)],
@@ -305,7 +377,7 @@ class ChunkTrainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
-                self.ema.step(self.trainable)
+                self._ema_step()
             self.global_updates += 1
             maybe_fail("update")  # tests: a crash inside an epoch
             if on_update is not None:

@@ -33,7 +33,7 @@ def trained(assets):
 
 def _train_one_epoch(trainer, ds, chunk=0):
     trainer.train_epoch(ds, (0, 50), chunk, 0)
-    assert not torch.equal(_flat(trainer.trainable), _flat(trainer.initial_state))
+    assert not torch.equal(_flat(trainer.trainable), _flat(trainer.restore.copies))
 
 
 def test_reset_restores_weights_and_starts_optimizer_schedule_and_ema_afresh(trained):

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from conftest import launch, seed_flags
+from test_memory import assert_same_run
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,15 @@ def test_individual_two_processes_match_one_with_uneven_batches_and_accumulation
         diff = [(w1[k] - w2[k]).abs() for k in w1]
         assert max(float(d.max()) for d in diff) < 4e-4
         assert sum(float(d.sum()) for d in diff) / sum(d.numel() for d in diff) < 1e-7  # seen: 3.6e-5 and 1.3e-8
+    # The memory levers on 2 processes: the same records and weights as without them, bit for bit.
+    levers = str(tmp_path / "p2-levers")
+    flags = {"--curriculum": "19,42", "--gradient_accumulation_steps": 2, "--clip_threshold": 1.0, "--clip_epoch": 0,
+             "--validation_epochs": 1, "--learning_rate": "1e-4", "--train_batch_size": 3, "--offload_ema": None,
+             "--restore_from_disk": None}
+    proc = launch("finetuning_individual_CLIP.py", seed_flags(assets, levers, **flags), cwd=assets["root"],
+                  num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(outs[2], levers)
 
 
 def test_sequential_two_processes_match_one(assets, tmp_path):
