@@ -48,3 +48,4 @@ $ACC finetuning_sequential.py --pretrained_model_name_or_path "$E/uce" --train_d
 
 # 5. Report.
 python tools/report.py "$E/run" --out "$E/report"
+echo "worked_example.sh: done in ${SECONDS} s"
