@@ -28,3 +28,29 @@ def test_benchmark_short_mode(tmp_path):
     # The ratios printed are the ratios of the figures printed.
     assert figures["cache_speedup"] == pytest.approx(figures["cached_samples_per_s"] / figures["uncached_samples_per_s"])
     assert figures["run_speedup"] == pytest.approx(figures["run_levers_off_s"] / figures["run_levers_on_s"])
+    assert figures["cached_peak_rss_gb"] > 0 and figures["uncached_peak_rss_gb"] > 0
+    assert figures["budget_accelerator_gb_before_activations"] >= 0  # on the CPU everything is host memory
+
+
+def test_benchmark_memory_mode_budget_per_lever_combination(tmp_path):
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--memory", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f = json.loads(out.read_text())
+    # Each combination is the components it keeps on the GPU plus batch x activations per sample (bytes, exact).
+    static = sum(f[f"component_{k}_bytes"] for k in ("trainable_parameters", "frozen_unet_parameters", "gradients",
+                                                      "text_encoder", "vae"))
+    lean = static + f["optimizer_state_8bit_bytes"] + f["activations_per_pass_checkpointed_bytes"] \
+        + 10 * f["activations_per_sample_checkpointed_bytes"]
+    assert f["gpu_budget_bytes[+ --use_8bit_adam (leanest)]"] == lean
+    default = static + f["component_optimizer_state_bytes"] + f["component_ema_bytes"] \
+        + f["activations_per_pass_bytes"] + 10 * f["activations_per_sample_bytes"]
+    # Checkpointing keeps less per sample; activations grow with the batch.
+    assert 0 < f["activations_per_sample_checkpointed_bytes"] < f["activations_per_sample_bytes"]
+    assert f["gpu_budget_bytes[default (--use_ema)]"] == default
+    # fp32 AdamW: two moments per trainable value; 8-bit: two bytes per value plus a scale per 256.
+    n = f["component_trainable_parameters_bytes"] // 4
+    assert f["component_optimizer_state_bytes"] == 8 * n
+    assert 2 * n < f["optimizer_state_8bit_bytes"] < 8 * n / 3
+    assert "gpu_budget_gb[default (--use_ema)]" in proc.stdout

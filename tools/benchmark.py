@@ -46,6 +46,10 @@ def build_parser():
     p.add_argument("--skip_run", action="store_true", help="skip the whole-run comparison")
     p.add_argument("--short", action="store_true", help="tiny counts for CI")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of speed: the memory budget of each combination of memory levers at --resolution "
+                        "and --batch_size (fp16 frozen parts; activations measured for one sample on this "
+                        "machine, see README, Memory)")
     return p
 
 
@@ -76,6 +80,40 @@ def build_sd14(out_dir: str) -> str:
     StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
     return out_dir
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms; psutil)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.done = psutil.Process(), 0, threading.Event()
+        self.peak = self.proc.memory_info().rss
+
+        def sample():
+            while not self.done.wait(0.02):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.gb = self.peak / 1024 ** 3
+
+
+def release(accelerator) -> None:
+    """Free what the caller dropped (a trainer's optimizer state and restore copy) before the next is built.
+
+    accelerate keeps a reference to every prepared model and optimizer; free_memory() drops them and collects.
+    """
+    accelerator.free_memory()
 
 
 def sync():
@@ -114,17 +152,30 @@ def training_figures(args, model_dir, data_dir):
     parts.text_encoder.to(acc.device, dtype=dtype)
     out["unet_params_M"] = round(sum(p.numel() for p in parts.unet.parameters()) / 1e6, 2)
     transform = ImageTransform(args.resolution, center_crop=True, random_flip=True)
+    from common.memory import GB, memory_budget
+
+    trainer = enc = None
     for name, cache in (("cached", True), ("uncached", False)):
-        enc = make_encoder(parts, transform, acc.device, dtype, cache)
-        trainer = ChunkTrainer(acc, parts, enc, cfg, horizon_updates=10 * args.steps)
-        trainer.reset_chunk(0)
-        t0 = time.perf_counter()
-        enc.prepare(ds, (0, n))
-        sync()
-        out[f"{name}_prepare_s"] = round(time.perf_counter() - t0, 3)
-        epoch = iter(range(1000))
-        sec = timed(lambda: trainer.train_epoch(ds, (0, n), 0, next(epoch)), 1) / args.steps
+        trainer = enc = None  # one trainer alive at a time: the previous one's memory goes first
+        release(acc)
+        with PeakRSS() as rss:
+            enc = make_encoder(parts, transform, acc.device, dtype, cache)
+            trainer = ChunkTrainer(acc, parts, enc, cfg, horizon_updates=10 * args.steps)
+            trainer.reset_chunk(0)
+            t0 = time.perf_counter()
+            enc.prepare(ds, (0, n))
+            sync()
+            out[f"{name}_prepare_s"] = round(time.perf_counter() - t0, 3)
+            epoch = iter(range(1000))
+            sec = timed(lambda: trainer.train_epoch(ds, (0, n), 0, next(epoch)), 1) / args.steps
         out[f"{name}_samples_per_s"] = args.batch_size / sec
+        out[f"{name}_peak_rss_gb"] = round(rss.gb, 2)
+        if torch.cuda.is_available():
+            out[f"{name}_peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
+            torch.cuda.reset_peak_memory_stats()
+    budget = memory_budget(trainer, parts)
+    out["budget_accelerator_gb_before_activations"] = round(budget["accelerator_bytes_before_activations"] / GB, 3)
+    out["budget_host_gb"] = round(budget["host_bytes"] / GB, 3)
     # Bare UNet forward+backward on one ready batch (the floor a training step can reach).
     unet = trainer.unet
     from common.training import draw_batch
@@ -203,8 +254,118 @@ def whole_run_figures(args, model_dir, data_dir, clip_dir, work):
     return out
 
 
+def activation_bytes(parts, resolution: int, checkpointing: bool, batch: int) -> int:
+    """Bytes a training forward pass of ``batch`` samples keeps for the backward, counted tensor by tensor.
+
+    Every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks) is counted once by storage; the
+    trainable weights themselves are not (they are in the budget), their bf16 autocast copies are. With
+    gradient checkpointing, what stays is the tensors saved outside the checkpointed units, each unit's inputs,
+    and during the backward the largest unit's own tensors while it is recomputed. bf16 autocast on the CPU
+    stands in for a GPU's fp16 (both 2 bytes per value); attention is counted as PyTorch's CPU kernels save it.
+    """
+    import torch.utils.checkpoint as checkpoint
+    from torch.autograd.graph import saved_tensors_hooks
+
+    unet = parts.unet
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+
+    def counter():
+        seen, total = set(), [0]
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total[0] += storage.nbytes()
+            return t
+        return pack, total
+
+    units = {"inputs": 0, "largest": 0}
+
+    def measured_unit(module, *args):
+        pack, total = counter()
+        with saved_tensors_hooks(pack, lambda t: t):
+            module(*args)  # once without checkpointing, to count the tensors its recomputation will hold
+        units["largest"] = max(units["largest"], total[0])
+        units["inputs"] += sum(a.untyped_storage().nbytes() for a in args if torch.is_tensor(a))
+        return checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    unet.train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=measured_unit)
+    size = resolution // 8
+    latents = torch.randn(batch, unet.config.in_channels, size, size)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim)
+    pack, total = counter()
+    with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(latents, torch.full((batch,), 500), text, return_dict=False)[0]
+    del out
+    unet.disable_gradient_checkpointing()
+    return total[0] + (units["inputs"] + units["largest"] if checkpointing else 0)
+
+
+LEVER_COMBINATIONS = (  # (name, gradient checkpointing, EMA on the GPU, 8-bit Adam)
+    ("default (--use_ema)", False, True, False),
+    ("+ --gradient_checkpointing", True, True, False),
+    ("+ --offload_ema", True, False, False),
+    ("+ --use_8bit_adam (leanest)", True, False, True),
+)
+
+
+def memory_figures(args, model_dir):
+    """Budget per lever combination: the run's components from real tensors + batch x measured activations."""
+    from accelerate import Accelerator
+
+    from common.encoding import make_encoder
+    from common.data import ImageTransform
+    from common.memory import GB, memory_budget, optimizer_state_bytes
+    from common.models import load_sd_parts
+    from common.training import ChunkTrainer, TrainConfig
+
+    parts = load_sd_parts(model_dir)
+    parts.vae.to(dtype=torch.float16)  # the frozen parts in the run's fp16
+    parts.text_encoder.to(dtype=torch.float16)
+    acc = Accelerator(cpu=True)
+    enc = make_encoder(parts, ImageTransform(args.resolution, center_crop=True, random_flip=False), acc.device,
+                       torch.float16, False)
+    trainer = ChunkTrainer(acc, parts, enc, TrainConfig(use_ema=True), horizon_updates=1)
+    c = memory_budget(trainer, parts)["components"]
+    eight_bit = optimizer_state_bytes(trainer.raw_optimizer, trainer.trainable, eight_bit=True)
+    trainer = None
+    release(acc)
+    # Measured at batch 1 and 2: per sample = the difference; the rest (autocast's half-precision copies of the
+    # weights, made once per pass) is fixed.
+    act, fixed = {}, {}
+    for gc in (False, True):
+        one, two = (activation_bytes(parts, args.resolution, gc, b) for b in (1, 2))
+        act[gc], fixed[gc] = two - one, 2 * one - two
+    out = {f"component_{k}_bytes": v["bytes"] for k, v in c.items()}
+    out["optimizer_state_8bit_bytes"] = eight_bit
+    out["activations_per_sample_bytes"] = act[False]
+    out["activations_per_pass_bytes"] = fixed[False]
+    out["activations_per_sample_checkpointed_bytes"] = act[True]
+    out["activations_per_pass_checkpointed_bytes"] = fixed[True]
+    static = c["trainable_parameters"]["bytes"] + c["frozen_unet_parameters"]["bytes"] + c["gradients"]["bytes"] \
+        + c["text_encoder"]["bytes"] + c["vae"]["bytes"]
+    for name, gc, ema_on_gpu, adam8 in LEVER_COMBINATIONS:
+        total = static + (eight_bit if adam8 else c["optimizer_state"]["bytes"]) \
+            + (c["ema"]["bytes"] if ema_on_gpu else 0) + fixed[gc] + args.batch_size * act[gc]
+        out[f"gpu_budget_bytes[{name}]"] = total
+    out["host_restore_copy_bytes"] = c["restore_copy"]["bytes"]
+    return out
+
+
 def main(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory:
+        with tempfile.TemporaryDirectory() as work, PeakRSS() as rss:
+            tok = tiny.write_clip_tokenizer(os.path.join(work, "tokenizer"))
+            model_dir = (build_sd14(os.path.join(work, "sd14")) if args.sd14 else
+                         tiny.build_tiny_sd(os.path.join(work, "sd"), resolution=args.resolution, tokenizer=tok))
+            figures = memory_figures(args, model_dir)
+        figures.update(model="sd14-shapes (random)" if args.sd14 else "tiny", resolution=args.resolution,
+                       batch_size=args.batch_size, peak_rss_gb=round(rss.gb, 2), date=time.strftime("%Y-%m-%d"))
+        return report(figures, args.json)
     with tempfile.TemporaryDirectory() as work:
         tok = tiny.write_clip_tokenizer(os.path.join(work, "tokenizer"))
         if args.sd14:
@@ -225,11 +386,21 @@ def main(args):
                    inference_steps=args.inference_steps, prompts=args.prompts,
                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                    date=time.strftime("%Y-%m-%d"), cpu_threads=torch.get_num_threads())
+    return report(figures, args.json)
+
+
+def report(figures: dict, json_path=None) -> dict:
+    """Print the figures one per line (and write them as JSON)."""
+    from common.memory import GB
+
     width = max(map(len, figures))
     for k, v in figures.items():
-        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
+        if "_bytes" in k:  # memory figures: bytes in the JSON, GB (GiB) on screen
+            print(f"{k.replace('_bytes', '_gb'):<{width}}  {v / GB:.3f}")
+        else:
+            print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(figures, f, indent=2)
     return figures
 
