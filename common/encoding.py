@@ -9,6 +9,8 @@ parameters reproduce the online path exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .data import ImageTransform, tokenize_captions
@@ -64,6 +66,13 @@ class CachedEncoder(OnlineEncoder):
             raise ValueError("the latent cache needs --center_crop (random crops differ every step)")
         self.encode_batch_size = encode_batch_size
         self.row_range = None
+
+    def cache_bytes(self, rows: int) -> int:
+        """Bytes the cache of a chunk of ``rows`` images holds: posterior mean and std per orientation, captions."""
+        flips = 2 if self.transform.random_flip else 1
+        elem = torch.empty((), dtype=self.weight_dtype).element_size()
+        text = self.parts.tokenizer.model_max_length * self.parts.text_encoder.config.hidden_size
+        return rows * elem * (2 * flips * math.prod(self.latent_shape) + text)
 
     @torch.no_grad()
     def prepare(self, dataset, row_range) -> None:

@@ -53,8 +53,13 @@ def _ema(trainer) -> dict:
     return {"bytes": 0, "device": "-"}
 
 
-def memory_budget(trainer, parts) -> Dict[str, dict]:
-    """Bytes and device of each component of a ChunkTrainer's run, plus the total on the accelerator."""
+def memory_budget(trainer, parts, largest_chunk: int = 0) -> Dict[str, dict]:
+    """Bytes and device of each component of a ChunkTrainer's run, plus the total on the accelerator.
+
+    ``largest_chunk`` (rows) sizes the latent cache, which holds one chunk at a time.
+    """
+    encoder = trainer.encoder
+    cache = encoder.cache_bytes(largest_chunk) if hasattr(encoder, "cache_bytes") else 0
     trainable = trainer.trainable
     frozen = [p for p in parts.unet.parameters() if not p.requires_grad]
     budget = {
@@ -68,6 +73,7 @@ def memory_budget(trainer, parts) -> Dict[str, dict]:
         "text_encoder": {"bytes": nbytes(_module_tensors(parts.text_encoder)),
                          "device": _device(_module_tensors(parts.text_encoder))},
         "vae": {"bytes": nbytes(_module_tensors(parts.vae)), "device": _device(_module_tensors(parts.vae))},
+        "latent_cache": {"bytes": cache, "device": str(encoder.device) if cache else "-"},
     }
     on_accelerator = sum(c["bytes"] for c in budget.values() if c["device"] not in ("cpu", "-", "disk"))
     host = sum(c["bytes"] for c in budget.values() if c["device"] == "cpu")

@@ -124,7 +124,7 @@ def open_run(
     pipe = build_pipeline(parts, acc.unwrap_model(trainer.unet))
     validator = Validator(acc, pipe, validation, make_criteria(acc.device))
     # Where the memory goes, from the run's own tensors (activations: the per-chunk CUDA peak in the records).
-    budget = memory_budget(trainer, parts)
+    budget = memory_budget(trainer, parts, largest_chunk=largest)
     for line in budget_lines(budget):
         recorder.log(line)
     recorder.write_config({**config_record, "num_processes": acc.num_processes,

@@ -35,7 +35,8 @@ def test_budget_equals_the_real_tensors(trainer):
     from common.memory import memory_budget
 
     tr, parts, ds = trainer
-    before = memory_budget(tr, parts)["components"]  # no EMA, gradients or optimizer state exist yet
+    before = memory_budget(tr, parts)["components"]
+    assert before["latent_cache"]["bytes"] == 0  # no chunk size given  # no EMA, gradients or optimizer state exist yet
     tr.reset_chunk(0)
     n_train = _bytes(tr.trainable)
     assert before["trainable_parameters"]["bytes"] == n_train > 0
@@ -57,6 +58,9 @@ def test_budget_equals_the_real_tensors(trainer):
     assert seen["grads"] == before["gradients"]["bytes"]
     state = [t for s in tr.raw_optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     assert _bytes(state) == before["optimizer_state"]["bytes"] == 2 * n_train
+    # The latent cache: sized for a chunk before it exists, equal to the real cache once encoded.
+    assert memory_budget(tr, parts, largest_chunk=10)["components"]["latent_cache"]["bytes"] == _bytes(
+        [tr.encoder.mean, tr.encoder.std, tr.encoder.text]) > 0
     after = memory_budget(tr, parts)["components"]
     assert after["optimizer_state"]["bytes"] >= before["optimizer_state"]["bytes"]  # now the real state (+ step)
 
