@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make test` and `make demo`.
 # Each builds .venv from the pinned requirements.txt when it is missing or stale
-# (the stamp holds the sha256 of requirements.txt it was built from).
+# (the stamp holds the sha256 of requirements.txt and pyproject.toml it was built from), and installs this
+# repository into it in editable mode, so `common` and `tools` import from anywhere.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,13 +13,14 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: venv test demo clean-venv
 
 venv:
-	@want=$$(sha256sum requirements.txt | cut -d' ' -f1); \
+	@want=$$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1); \
 	have=$$(cat $(STAMP) 2>/dev/null); \
 	if [ "$$want" != "$$have" ]; then \
 	  echo "building $(VENV) from requirements.txt"; \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install --quiet --upgrade pip && \
 	  $(PY) -m pip install --quiet -r requirements.txt && \
+	  $(PY) -m pip install --quiet --no-deps -e . && \
 	  echo "$$want" > $(STAMP); \
 	fi
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 from . import curriculum as cur
 from . import nudity

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,7 +21,7 @@ RESOLUTION = 32
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """Tokenizer, tiny SD pipeline, tiny CLIP (as ./openai/clip-vit-base-patch32), 100-row dataset, prompts."""
-    from common import tiny
+    from tools import tiny
 
     root = tmp_path_factory.mktemp("assets")
     tok = tiny.write_clip_tokenizer(str(root / "tokenizer"))

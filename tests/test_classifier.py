@@ -4,7 +4,7 @@ import torch
 
 from common.classifier import ConceptClassifier, check_classifier, classifier_kind
 from common.errors import InputError
-from common.tiny import COLOURS, SHAPES, draw_shape
+from tools.tiny import COLOURS, SHAPES, draw_shape
 
 
 def _images(n=24):

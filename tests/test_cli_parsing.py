@@ -1,7 +1,6 @@
 """Flag parsing of the individual CLIP script, in process: real booleans and one-line errors."""
 
 import importlib
-import os
 
 import pytest
 

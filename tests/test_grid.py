@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from common import grid
+from tools import gridspec as grid
 from common.errors import InputError
 from conftest import ROOT
 

@@ -59,7 +59,7 @@ def test_detector_loads_offline_and_finds_nothing_on_shapes_and_noise(tmp_path):
     from PIL import Image
 
     from common.classifier import ConceptClassifier
-    from common.tiny import draw_shape
+    from tools.tiny import draw_shape
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     rng = np.random.default_rng(0)

@@ -69,7 +69,8 @@ def test_example_grid_runs_are_named_by_their_tags_and_plots_do_not_collide(tmp_
     tags, so 2 methods x 2 concepts x 2 datasets give 8 distinct rows and 8 distinct plots."""
     import shlex
 
-    from common import cli, grid
+    from common import cli
+    from tools import gridspec as grid
 
     run_dirs = []
     for run in grid.read_grid(str(ROOT / "slurm" / "example_grid.csv"), str(tmp_path / "runs")):

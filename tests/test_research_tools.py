@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from common import classifier_training as ct
-from common import datagen
+from tools import classifier_training as ct
+from tools import datagen
 from common.errors import InputError
 from conftest import RESOLUTION, ROOT, launch
 
@@ -162,7 +162,7 @@ def test_generate_training_data_bad_input(assets, tmp_path):
 @pytest.fixture(scope="module")
 def separable(tmp_path_factory):
     """Red shapes (positive) vs blue and green shapes (negative), 32 px, 24 + 24 images."""
-    from common.tiny import draw_shape
+    from tools.tiny import draw_shape
 
     root = tmp_path_factory.mktemp("clfdata")
     rng = np.random.default_rng(0)
@@ -175,7 +175,7 @@ def separable(tmp_path_factory):
 
 
 def test_train_classifier_transformers_reaches_high_accuracy_and_eval_accepts_it(assets, separable, tmp_path):
-    from common.tiny import tiny_vit_backbone
+    from tools.tiny import tiny_vit_backbone
 
     backbone = tiny_vit_backbone(str(tmp_path / "backbone"), image_size=RESOLUTION, seed=0)
     out = str(tmp_path / "clf")
@@ -188,7 +188,7 @@ def test_train_classifier_transformers_reaches_high_accuracy_and_eval_accepts_it
     assert metrics["heldout"]["accuracy"] >= 0.9, metrics["history"]
     assert "held-out accuracy" in r.stdout
     from common.classifier import ConceptClassifier
-    from common.tiny import draw_shape
+    from tools.tiny import draw_shape
 
     clf = ConceptClassifier(out)
     rng = np.random.default_rng(5)

@@ -4,7 +4,7 @@ import torch
 
 from common.clip_score import ClipScorer
 from common.models import load_sd_parts
-from common.tiny import draw_shape
+from tools.tiny import draw_shape
 from common.validation import build_pipeline, generate_images, image_seed
 
 

@@ -1,4 +1,4 @@
-"""common/toy_world.py: the reduced toy world, built once; each part against loose bounds; one protocol end to end.
+"""tools/toy_world/: the reduced toy world, built once; each part against loose bounds; one protocol end to end.
 
 The bounds are far below what the full world reaches (card.json of a full
 build) but still fail for a broken part: an untrained CLIP retrieves at
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RESOLUTION, launch
-from common import toy_world as tw
+from tools import toy_world as tw
 
 CHANCE = 1 / len(tw.CONCEPTS)
 
@@ -158,8 +158,6 @@ def test_prompts(world):
 
 
 def test_unlearned_models_change_only_the_unet(world):
-    if not os.path.isfile(tw.UNLEARN_TOOL):
-        pytest.skip("tools/unlearn.py is not there")
     p = world["paths"]
     base = _weights(os.path.join(p["sd_base"], "unet"))
     for method, path in p["unlearned"].items():
@@ -198,8 +196,8 @@ def test_other_config_rebuilds_atomically(tmp_path, monkeypatch):
             json.dump(card, f)
         return card
 
-    monkeypatch.setattr(tw, "_build", fake_build)
-    monkeypatch.setattr(tw, "format_card", lambda card: "card")
+    monkeypatch.setattr(tw.build, "_build", fake_build)
+    monkeypatch.setattr(tw.build, "format_card", lambda card: "card")
     tw.build_toy_world(out, seed=0, scale="reduced", log=lambda m: None)
     tw.build_toy_world(out, seed=0, scale="reduced", log=lambda m: None)  # cached
     tw.build_toy_world(out, seed=1, scale="reduced", log=lambda m: None)  # another config: rebuilt

@@ -1,4 +1,4 @@
-"""tools/unlearn.py and common/unlearning.py: ESD and UCE on the tiny model.
+"""tools/unlearn.py and tools/unlearning.py: ESD and UCE on the tiny model.
 
 Only mechanical properties that hold on any model are asserted: which
 parameters change, the closed form's residuals against a bound derived from
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RESOLUTION, ROOT, launch, seed_flags
-from common import unlearning as ul
+from tools import unlearning as ul
 
 _spec = importlib.util.spec_from_file_location("unlearn_tool", ROOT / "tools" / "unlearn.py")
 unlearn = importlib.util.module_from_spec(_spec)

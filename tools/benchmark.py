@@ -24,11 +24,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from common import tiny  # noqa: E402
+from tools import tiny  # noqa: E402
 
 
 def build_parser():
@@ -316,9 +315,9 @@ def memory_figures(args, model_dir):
     """Budget per lever combination: the run's components from real tensors + batch x measured activations."""
     from accelerate import Accelerator
 
-    from common.encoding import make_encoder
     from common.data import ImageTransform
-    from common.memory import GB, memory_budget, optimizer_state_bytes
+    from common.encoding import make_encoder
+    from common.memory import memory_budget, optimizer_state_bytes
     from common.models import load_sd_parts
     from common.training import ChunkTrainer, TrainConfig
 

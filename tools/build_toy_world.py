@@ -5,14 +5,13 @@
     python tools/build_toy_world.py --scale reduced    # same world, tiny step counts (about a minute)
     python tools/build_toy_world.py --force            # rebuild even when the cached world is current
 
-What it contains and how each part is judged: common/toy_world.py. The
+What it contains and how each part is judged: tools/toy_world/. The
 quality figures are printed and kept in toy_world/card.json.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 # Threads that find their core busy sleep instead of spinning: on a shared 2-core machine spinning OpenMP
 # threads made training steps up to 4x slower. Must be set before torch loads OpenMP.
@@ -21,14 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import argparse  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from common.toy_world import DEFAULT_DIR, SCALES
+    from tools.toy_world import DEFAULT_DIR, SCALES
 
     p = argparse.ArgumentParser(prog="build_toy_world.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default=DEFAULT_DIR, help="where the world is cached (default: toy_world/ at the repo root)")
@@ -40,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     """Build or reuse the world; return its card."""
-    from common.toy_world import build_toy_world
+    from tools.toy_world import build_toy_world
 
     return build_toy_world(args.out_dir, seed=args.seed, scale=args.scale, force=args.force)
 

@@ -25,9 +25,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from common import toy_world  # noqa: E402
+from tools import toy_world  # noqa: E402
 from common.evaluation import format_table  # noqa: E402
 from common.results import read_jsonl  # noqa: E402
 

@@ -16,8 +16,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 OUTPUT = os.path.join(ROOT, "docs", "flags.md")
 # The programs a user runs, in the order the README introduces them.

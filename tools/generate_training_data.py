@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from common import datagen  # noqa: E402
+from tools import datagen  # noqa: E402
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import check_diffusers_dir  # noqa: E402

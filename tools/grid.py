@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Render an experiment grid (CSV; see common/grid.py) to launch commands, for slurm/grid.sbatch or by hand.
+"""Render an experiment grid (CSV; see tools/gridspec.py) to launch commands, for slurm/grid.sbatch or by hand.
 
     python tools/grid.py count slurm/example_grid.csv
     python tools/grid.py list slurm/example_grid.csv --out_root runs
@@ -10,12 +10,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from common import grid  # noqa: E402
+from tools import gridspec as grid  # noqa: E402
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 

@@ -18,17 +18,13 @@ loaded with ``weights_only=True``): a pickle that would run code is refused.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
@@ -74,7 +70,7 @@ def parse_args(argv=None):
 # Reading and recognising a checkpoint
 
 
-def read_weights(path: str) -> Dict[str, "torch.Tensor"]:
+def read_weights(path: str) -> Dict[str, object]:
     """The tensors of a weights file, never running a pickle's code (InputError for anything else)."""
     import torch
 

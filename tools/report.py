@@ -16,9 +16,7 @@ import csv
 import io
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.results import CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE, read_jsonl  # noqa: E402

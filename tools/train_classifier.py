@@ -21,9 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from common import classifier_training as ct  # noqa: E402
+from tools import classifier_training as ct  # noqa: E402
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import local_dir, resolve_model_path  # noqa: E402

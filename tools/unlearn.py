@@ -22,13 +22,11 @@ import time
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import check_pipeline_dir, resolve_model_path  # noqa: E402
-from common.unlearning import ESD_METHODS, METHODS, TOKEN_MODES  # noqa: E402
+from tools.unlearning import ESD_METHODS, METHODS, TOKEN_MODES  # noqa: E402
 
 CARD_FILE = "unlearning_card.json"
 PROG = "unlearn.py"
@@ -207,9 +205,7 @@ def run_esd(args, parts, device) -> dict:
     """Train the UNet with ESD in place; return what the card records."""
     import copy
 
-    import torch
-
-    from common import unlearning as ul
+    from tools import unlearning as ul
 
     unet = parts.unet.to(device)
     frozen = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -250,7 +246,7 @@ def run_esd(args, parts, device) -> dict:
 
 def run_uce(args, parts, device) -> dict:
     """Edit the UNet's cross-attention key/value projections in place; return what the card records."""
-    from common import unlearning as ul
+    from tools import unlearning as ul
 
     guides = args.guide * len(args.erase) if len(args.guide) == 1 else list(args.guide)
     parts.text_encoder.to(device)

@@ -21,8 +21,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, List
 
-from .errors import InputError
-from .results import slug
+from common.errors import InputError
+from common.results import slug
 
 AXES = ("method", "concept", "dataset")
 BARE = "on"

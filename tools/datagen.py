@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from .errors import InputError
-from .results import atomic_write_json, atomic_write_text, slug
-from .validation import image_seed
+from common.errors import InputError
+from common.results import atomic_write_json, atomic_write_text, slug
+from common.validation import image_seed
 
 DEFAULT_TEMPLATES = ("a photo of a {concept}",)
 SETTINGS_FILE = "generation.json"
@@ -178,7 +178,7 @@ def load_text_to_image(path: str, device, dtype):
     """Any diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, ...), safety checker off, progress bars off."""
     from diffusers import AutoPipelineForText2Image
 
-    from .models import resolve_model_path
+    from common.models import resolve_model_path
 
     kwargs = {}
     local = resolve_model_path(path)

@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import InputError
+from common.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_INDEX = 1
@@ -140,7 +140,7 @@ class TimmBackbone:
         import timm
         from timm.data import create_transform, resolve_data_config
 
-        from .classifier import load_state_dict
+        from common.classifier import load_state_dict
 
         self.model = timm.create_model(arch, pretrained=False, num_classes=2)
         self.loaded_from = None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import tokenize_captions
+from common.data import tokenize_captions
 
 ESD_METHODS = ("esd-x", "esd-u")
 METHODS = ESD_METHODS + ("uce",)
