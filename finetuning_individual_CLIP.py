@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    return entry.individual(args, entry.clip_criterion(args.clip_model, args.clip_threshold))
+    return entry.individual(args, entry.one_criterion(args, "clip"))
 
 
 if __name__ == "__main__":

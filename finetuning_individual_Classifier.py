@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    return entry.individual(args, entry.classifier_criterion(args, args.bc_threshold))
+    return entry.individual(args, entry.one_criterion(args, "classifier"))
 
 
 if __name__ == "__main__":

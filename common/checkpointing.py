@@ -1,4 +1,4 @@
-"""Resumable checkpoints and preemption (SPEC 12).
+"""Resumable checkpoints and preemption (docs/protocols.md: robustness).
 
 A checkpoint is ``OUTPUT_DIR/checkpoint-{update}/``: accelerate's saved state
 (UNet, optimizer, RNG states), our extras (LR schedule, EMA) and the protocol's

@@ -1,4 +1,4 @@
-"""Binary concept classifiers, one interface for three kinds (SPEC 6).
+"""Binary concept classifiers, one interface for three kinds (docs/protocols.md: criteria).
 
 - a transformers image-classification directory (the paper's ViT-L/16
   fine-tuned concept vs not-concept), concept class index configurable;

@@ -1,4 +1,4 @@
-"""Command-line flags shared by the scripts, and their validation before any model loads (SPEC 12).
+"""Flags shared by the scripts, validated before any model loads (docs/protocols.md: robustness).
 
 Flag names follow the reference scripts and diffusers' train_text_to_image.py,
 so the seed README's command lines work as written.

@@ -1,4 +1,4 @@
-"""The toolkit's one CLIP score (SPEC 6).
+"""The toolkit's one CLIP score (docs/protocols.md: criteria).
 
 Per image: the cosine similarity of the CLIP image embedding and the text
 embedding of its prompt, on the 0..1 scale the thresholds use (the paper's

@@ -1,4 +1,4 @@
-"""Curriculum parsing and chunk/batch sampling (SPEC section 3).
+"""Curriculum parsing and chunk/batch sampling (docs/protocols.md: inputs).
 
 A curriculum "c1,c2,...,cn" lists cumulative row boundaries of the training
 data: chunk i is rows [c(i-1), c(i)) with c(-1) = 0. Rows are taken in
@@ -14,7 +14,7 @@ import numpy as np
 
 
 class CurriculumError(ValueError):
-    """A curriculum string or chunk selection that breaks SPEC section 3."""
+    """A curriculum string or chunk selection that breaks the curriculum's rules (docs/protocols.md: inputs)."""
 
 
 def parse_curriculum(text: str) -> List[int]:
@@ -80,7 +80,7 @@ def parse_chunk_list(text: str | None, num_chunks: int, flag: str) -> List[int]:
 
 
 def updates_per_epoch(chunk_size: int, batch_size: int, accumulation: int, processes: int) -> int:
-    """Optimizer updates in one pass over a chunk (SPEC 4)."""
+    """Optimizer updates in one pass over a chunk (docs/protocols.md: individual protocol)."""
     return math.ceil(chunk_size / (batch_size * accumulation * processes))
 
 

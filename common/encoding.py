@@ -51,7 +51,7 @@ class OnlineEncoder:
 
 
 class CachedEncoder(OnlineEncoder):
-    """Encode a chunk's images and captions once; per step only draw the latent sample (SPEC 11).
+    """Encode a chunk's images and captions once; per step only draw the latent sample (docs/protocols.md: performance).
 
     Keeps the VAE posterior (mean and std) of every image of the current chunk,
     in both orientations when random flips are on, and the caption embeddings.

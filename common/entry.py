@@ -8,10 +8,8 @@ from typing import Callable, List
 
 import torch
 
-from . import cli
+from . import cli, criteria
 from . import curriculum as cur
-from .classifier import DEFAULT_PROCESSOR, ConceptClassifier
-from .clip_score import LOGIT_SCALE, ClipScorer
 from .data import read_prompts
 from .models import unet_safetensors
 from .protocol import Criterion, ValidationConfig, run_individual, run_sequential
@@ -55,32 +53,9 @@ def validation_config(args) -> ValidationConfig:
     )
 
 
-def clip_criterion(clip_model: str, threshold: float) -> Callable[[torch.device], List[Criterion]]:
-    """The CLIP criterion (mean cosine > threshold), its model loaded on the run's device."""
-
-    def make(device):
-        scorer = ClipScorer(clip_model, device)
-        return [Criterion("clip", threshold, scorer.score, scale=f"cosine (0..1); x{LOGIT_SCALE:g} = logit scale")]
-
-    return make
-
-
-def classifier_criterion(args, threshold: float) -> Callable[[torch.device], List[Criterion]]:
-    """The classifier criterion (accuracy >= threshold)."""
-
-    # --compat reference: the published scripts' hard-coded image processor, whatever the classifier ships.
-    processor = args.classifier_processor
-    if args.compat == "reference" and not processor:
-        processor = DEFAULT_PROCESSOR
-
-    def make(device):
-        clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index, processor, args.timm_arch,
-                                args.nudity_scorer, args.nudity_classes, args.nudity_threshold)
-        what = (f"share of images counted nude ({clf.processor_source})" if clf.kind == "nudenet" else
-                f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept; input: {clf.processor_source})")
-        return [Criterion("classifier", threshold, clf.score, scale=what, score_details=clf.score_with_details)]
-
-    return make
+def one_criterion(args, name: str) -> Callable[[torch.device], List[Criterion]]:
+    """The registered criterion ``name`` (common.criteria), built on the run's device: an individual script's one."""
+    return lambda device: [criteria.CRITERIA[name].build(args, device)]
 
 
 def _open(args, bounds, horizon_epochs, make_criteria, protocol):
@@ -137,7 +112,7 @@ def _exit_codes(fn):
 
 @_exit_codes
 def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device], List[Criterion]]) -> list:
-    """Run SPEC 4's individual protocol with the given criterion."""
+    """Run the individual protocol (docs/protocols.md) with the given criterion."""
     bounds = cur.parse_curriculum(args.curriculum)
     chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
     run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual")
@@ -174,17 +149,14 @@ def sequential_epochs(args, chunks) -> dict:
 
 @_exit_codes
 def sequential(args: argparse.Namespace) -> dict:
-    """Run SPEC 5's sequential protocol with CLIP and (when given) the classifier."""
+    """Run the sequential protocol (docs/protocols.md) with CLIP and (when given) the classifier."""
     bounds = cur.parse_curriculum(args.curriculum)
     chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
     epochs = sequential_epochs(args, chunks)
     checkpoints = cur.parse_chunk_list(args.curriculum_checkpoints, len(bounds), "--curriculum_checkpoints")
-    makers = [clip_criterion(args.clip_model, args.clip_threshold)]
-    with_classifier = args.model_path is not None or (args.theme or "").lower() == "nudity"
-    if with_classifier:
-        makers.append(classifier_criterion(args, args.bc_threshold))
-    run = _open(args, bounds, sum(epochs.values()),
-                lambda device: [c for make in makers for c in make(device)], "sequential")
+    with_classifier = criteria.uses_classifier(args)
+    # Every registered criterion the run's flags ask for (CLIP always; the classifier with --model_path).
+    run = _open(args, bounds, sum(epochs.values()), lambda device: criteria.build_all(args, device), "sequential")
     checkpointer, resume = _checkpointing(args, run)
     if not with_classifier:
         run.recorder.log("no --model_path given: running with the CLIP criterion only")

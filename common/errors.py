@@ -1,4 +1,4 @@
-"""The one error type for bad user input, and how scripts report it (SPEC 12)."""
+"""The one error type for bad user input, and how scripts report it (docs/protocols.md: robustness)."""
 
 from __future__ import annotations
 

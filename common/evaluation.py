@@ -1,4 +1,4 @@
-"""eval_model.py's work (SPEC 7): generate N images per prompt per checkpoint, CLIP score and classifier accuracy."""
+"""eval_model.py's work (docs/protocols.md: evaluation): N images per prompt per checkpoint, CLIP and classifier."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loading the Stable Diffusion parts and the dtype policy (SPEC 2, 10).
+"""Loading the Stable Diffusion parts and the dtype policy (docs/protocols.md: inputs; models and precision).
 
 Policy: the frozen VAE and text encoder are held in the weight dtype (fp16/bf16
 under mixed precision, else fp32); the trainable UNet stays fp32 and the

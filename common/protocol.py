@@ -1,4 +1,4 @@
-"""The revival protocols (SPEC 4 and 5), written as their algorithm boxes."""
+"""The revival protocols (docs/protocols.md), written as their algorithm boxes."""
 
 from __future__ import annotations
 
@@ -20,16 +20,20 @@ from .validation import generate_images, image_seed, shard
 class Criterion:
     """A revival test on per-image scores: CLIP (mean cosine > threshold) or classifier (accuracy >= threshold)."""
 
-    name: str  # "clip" or "classifier"
+    name: str  # a kind in common.criteria.CRITERIA ("clip", "classifier", ...)
     threshold: float
     score_images: Callable[[list, list], List[float]]  # (images, prompts) -> per-image scores
     scale: str = ""  # how the score is expressed, for the results
     # (images, prompts) -> (per-image scores, per-image details or None); used instead of score_images when set
     score_details: Optional[Callable[[list, list], tuple]] = None
+    strict: Optional[bool] = None  # None: the registered kind's comparison
 
     def met(self, mean: float) -> bool:
-        """SPEC 4: CLIP needs mean > threshold, the classifier accuracy >= threshold."""
-        return mean > self.threshold if self.name == "clip" else mean >= self.threshold
+        """Criteria (docs/protocols.md): a strict kind (CLIP) needs mean > threshold, others mean >= threshold."""
+        from .criteria import CRITERIA
+
+        strict = self.strict if self.strict is not None else CRITERIA[self.name].strict
+        return mean > self.threshold if strict else mean >= self.threshold
 
 
 @dataclass
@@ -216,7 +220,7 @@ def run_individual(
     resume_path: Optional[str] = None,
     early_stop: bool = True,
 ) -> List[ChunkOutcome]:
-    """SPEC 4: per chunk, train from the unlearned weights until the criterion is met or the epoch cap passes.
+    """The individual protocol (docs/protocols.md): per chunk, train from the unlearned weights until revival or the cap.
 
     ``compat_reference`` reproduces the reference's semantics: optimizer, LR
     schedule and EMA carry over between chunks and the epoch cap is checked on
@@ -316,7 +320,7 @@ def run_sequential(
     checkpointer=None,
     resume_path: Optional[str] = None,
 ) -> dict:
-    """SPEC 5: train chunk after chunk with no reset; after each, score under every criterion.
+    """The sequential protocol (docs/protocols.md): chunk after chunk, no reset; after each, score every criterion.
 
     A criterion's Revival Point is the first chunk after which it is met,
     reported as chunk index and as images seen (the chunk's cumulative

@@ -1,4 +1,4 @@
-"""Run outputs (SPEC 8): resolved config, one JSON line per validation, summary, log.
+"""Run outputs (docs/protocols.md: outputs): resolved config, one JSON line per validation, summary, log.
 
 Only the main process writes. Whole files are written under a temporary name
 and renamed, so a crash never leaves a half-written JSON a later reader trusts;

@@ -1,4 +1,4 @@
-"""Validation image generation: one routine for the whole toolkit (SPEC 6).
+"""Validation image generation: one routine for the whole toolkit (docs/protocols.md: criteria).
 
 Image j of prompt k is drawn from its own CPU generator seeded by
 (seed, k, j), so it does not depend on batch size, order or the number of

@@ -1,4 +1,4 @@
-"""Tiny seeded models and data, built once per test session (SPEC 10)."""
+"""Tiny seeded models and data, built once per test session (docs/protocols.md: models and precision)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Bad input across the four scripts: one clear line naming the flag or file, exit status 2, no traceback,
-no model loaded and the output directory left as it was (SPEC 12)."""
+no model loaded and the output directory left as it was (docs/protocols.md: robustness)."""
 
 import importlib
 import json

@@ -87,7 +87,7 @@ def test_compat_reference_uses_the_published_processor(assets, tmp_path, monkeyp
     for compat in ("none", "reference"):
         args = script.parse_args(seed_flags(assets, str(tmp_path / compat), **{
             "--clip_threshold": False, "--model_path": assets["classifier"], "--compat": compat}))
-        (criterion,) = entry.classifier_criterion(args, 0.3)("cpu")
+        (criterion,) = entry.one_criterion(args, "classifier")("cpu")
         clf = criterion.score_images.__self__
         sizes[compat] = clf.processor.size["height"]
         assert f"input: {clf.processor_source}" in criterion.scale

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) agree with one process at the same global batch (SPEC 6, issue 4)."""
+"""Two CPU processes (gloo) agree with one process at the same global batch (docs/protocols.md: criteria)."""
 
 import json
 import os

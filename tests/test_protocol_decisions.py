@@ -221,3 +221,38 @@ def test_sequential_saves_only_the_requested_curriculum_checkpoints(tmp_path):
     _sequential(tmp_path, [_both([0.0], [0.0])], [_criterion("clip", 0.5), _criterion("classifier", 0.5)],
                 checkpoint_chunks=[0, 2], save_chunk=saved.append)
     assert saved == [0, 2]
+
+
+def test_a_third_criterion_through_the_registry_alone(assets, tmp_path, in_assets_root):
+    """One scorer function and one registry entry: the sequential script scores it, records it and finds its
+    Revival Point, with no other change (here: mean image brightness, met when >= 0, so at chunk 0)."""
+    import json
+    import os
+
+    import numpy as np
+
+    import finetuning_sequential as script
+    from common import criteria
+    from common.protocol import Criterion
+    from conftest import seed_flags
+
+    def brightness(images, prompts):
+        return [float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images]
+
+    criteria.register(criteria.CriterionKind(
+        "brightness", strict=False, label="mean brightness (0..1)",
+        build=lambda args, device: Criterion("brightness", 0.0, brightness, scale="mean pixel / 255")))
+    try:
+        out = str(tmp_path / "seq")
+        script.main(script.parse_args(seed_flags(assets, out, **{
+            "--num_train_epochs": 1, "--end_CL": 1, "--clip_threshold": 1.0, "--save_model": "False",
+            "--log_file": False})))
+    finally:
+        criteria.CRITERIA.pop("brightness")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["criteria"] == {"clip": 1.0, "brightness": 0.0}
+    assert summary["revival_point"] == {"clip": None, "brightness": {"chunk": 0, "images_seen": 50}}
+    recs = [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
+    (rec,) = [r for r in recs if r["criterion"] == "brightness"]
+    assert rec["revived"] and 0 < rec["mean"] < 1 and len(rec["scores"]) == 3
+    assert criteria.label("brightness") == "brightness"  # gone again once unregistered

@@ -1,4 +1,4 @@
-"""Kill-and-resume and preemption: a resumed run ends with the results of an uninterrupted one (SPEC 12)."""
+"""Kill-and-resume and preemption: a resumed run ends as an uninterrupted one (docs/protocols.md: robustness)."""
 
 import json
 import os

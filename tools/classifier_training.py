@@ -252,7 +252,7 @@ def train_classifier(backbone, split: Split, epochs: int, batch_size: int, learn
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            losses.append(loss.detach())  # summed once per epoch: no host sync per step (SPEC 11)
+            losses.append(loss.detach())  # summed once per epoch: no host sync per step (docs/protocols.md: performance)
         unwrapped = accelerator.unwrap_model(model)
         metrics = {"epoch": epoch + 1, "train_loss": torch.stack(losses).mean().item()}
         if split.heldout:

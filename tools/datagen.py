@@ -1,7 +1,7 @@
 """Fine-tuning data generation: N images per concept, in curriculum order (tools/generate_training_data.py).
 
 The paper fine-tunes on 50 generated images per concept, one concept per
-curriculum chunk, general concepts first and close ones last (SPEC 2). A
+curriculum chunk, general concepts first and close ones last (docs/protocols.md: inputs). A
 concepts file lists the chunks in order; image j of concept i is generated
 from prompt ``prompts[j % len(prompts)]`` with seed ``image_seed(seed, i, j)``,
 so every image is a pure function of the settings: a rerun generates only the

@@ -18,6 +18,7 @@ import json
 import os
 
 
+from common import criteria  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.results import CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE, read_jsonl  # noqa: E402
 
@@ -169,7 +170,7 @@ def plot(runs, out: str, title: str) -> list:
 
 
 def _ylabel(criterion: str) -> str:
-    return "mean CLIP cosine (0..1)" if criterion == "clip" else "classifier accuracy"
+    return criteria.label(criterion)
 
 
 def _save(fig, out, name) -> str:

@@ -1,4 +1,4 @@
-"""Tiny models and data the project builds itself, for tests and the demo (SPEC 10).
+"""Tiny models and data the project builds itself, for tests and tools (docs/protocols.md: models and precision).
 
 No weights can be downloaded here, so every code path runs on these: a real
 CLIP BPE tokenizer built from the vocabulary open_clip_torch ships, a

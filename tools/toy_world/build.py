@@ -1,6 +1,6 @@
 """A deterministic "toy world" in which the paper's pipeline runs for real on 2 CPU cores.
 
-Everything is trained here, from a seed, in minutes (SPEC 10): drawn concept
+Everything is trained here, from a seed, in minutes (docs/protocols.md: models and precision): drawn concept
 images (colour x shape at 32 px) with captions, a toy CLIP trained
 contrastively on them, a toy Stable Diffusion (its text encoder is the toy
 CLIP's text tower, a small VAE and a ~1M-parameter UNet trained with the DDPM

@@ -1,0 +1,79 @@
+"""The criteria a run can be scored by, in one registry (docs/protocols.md: criteria).
+
+A criterion kind says how its score compares with its threshold (``strict``:
+mean > threshold, else mean >= threshold), how reports label it, and how a
+run builds it from its flags (``build(args, device)`` returns a Criterion, or
+None when the run does not use it). The sequential script scores every kind
+that builds; adding a criterion is one scorer and one ``register`` call.
+This is the one module besides entry.py that reads the parsed flags: a kind's
+flags are its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+
+@dataclass(frozen=True)
+class CriterionKind:
+    name: str
+    strict: bool  # met when mean > threshold (True) or mean >= threshold (False)
+    label: str  # what the score is, for tables and plot axes
+    build: Optional[Callable] = None  # (args, device) -> Criterion, or None when the run does not use it
+
+
+CRITERIA: Dict[str, CriterionKind] = {}
+
+
+def register(kind: CriterionKind) -> CriterionKind:
+    """Add (or replace) a criterion kind."""
+    CRITERIA[kind.name] = kind
+    return kind
+
+
+def label(name: str) -> str:
+    """How reports name a criterion's score."""
+    return CRITERIA[name].label if name in CRITERIA else name
+
+
+def build_all(args, device) -> List:
+    """Every registered criterion this run uses, in registration order."""
+    built = (kind.build(args, device) for kind in CRITERIA.values() if kind.build is not None)
+    return [c for c in built if c is not None]
+
+
+def _clip(args, device):
+    """CLIP: mean cosine of each image with its prompt (0..1), met when > --clip_threshold."""
+    from .clip_score import LOGIT_SCALE, ClipScorer
+    from .protocol import Criterion
+
+    scorer = ClipScorer(args.clip_model, device)
+    return Criterion("clip", args.clip_threshold, scorer.score, scale=f"cosine (0..1); x{LOGIT_SCALE:g} = logit scale")
+
+
+def uses_classifier(args) -> bool:
+    """A run has a classifier criterion with --model_path, or with --theme Nudity (NudeNet needs no path)."""
+    return getattr(args, "model_path", None) is not None or (getattr(args, "theme", "") or "").lower() == "nudity"
+
+
+def _classifier(args, device):
+    """The concept classifier: share of images of the concept, met when >= --bc_threshold."""
+    if not uses_classifier(args) or getattr(args, "bc_threshold", None) is None:
+        return None
+    from .classifier import DEFAULT_PROCESSOR, ConceptClassifier
+    from .protocol import Criterion
+
+    # --compat reference: the published scripts' hard-coded image processor, whatever the classifier ships.
+    processor = args.classifier_processor
+    if args.compat == "reference" and not processor:
+        processor = DEFAULT_PROCESSOR
+    clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index, processor, args.timm_arch,
+                            args.nudity_scorer, args.nudity_classes, args.nudity_threshold)
+    what = (f"share of images counted nude ({clf.processor_source})" if clf.kind == "nudenet" else
+            f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept; input: {clf.processor_source})")
+    return Criterion("classifier", args.bc_threshold, clf.score, scale=what, score_details=clf.score_with_details)
+
+
+register(CriterionKind("clip", strict=True, label="mean CLIP cosine (0..1)", build=_clip))
+register(CriterionKind("classifier", strict=False, label="classifier accuracy", build=_classifier))
