@@ -37,6 +37,7 @@ from .results import WriteFailed, atomic_write_json, writing
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.json"
+RUN_CONFIG_FILE = "run_config.json"  # the run's resolved configuration (config.json's content) at save time
 EXTRAS_FILE = "trainer_extras.pt"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 PREEMPTED_MARKER = "PREEMPTED"  # written beside the checkpoints on a preemption exit, removed on the next start
@@ -115,7 +116,8 @@ class Checkpointer:
     """Saves and restores the trainer plus a protocol position; keeps at most ``total_limit`` checkpoints."""
 
     def __init__(self, accelerator, trainer, output_dir: str, every_updates: Optional[int],
-                 total_limit: Optional[int], log=print):
+                 total_limit: Optional[int], log=print, run_config: Optional[dict] = None):
+        self.run_config = run_config  # written into every checkpoint: how it was made
         self.accelerator = accelerator
         self.trainer = trainer
         self.output_dir = output_dir
@@ -165,6 +167,8 @@ class Checkpointer:
             torch.save(extras, os.path.join(tmp, EXTRAS_FILE))
             maybe_fail("checkpoint")  # tests: a crash in the middle of a save
             atomic_write_json(os.path.join(tmp, STATE_FILE), state)
+            if self.run_config is not None:
+                atomic_write_json(os.path.join(tmp, RUN_CONFIG_FILE), self.run_config)
             with open(os.path.join(tmp, MARKER), "w") as f:
                 f.write("ok\n")
             shutil.rmtree(final, ignore_errors=True)

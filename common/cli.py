@@ -12,7 +12,7 @@ import os
 from typing import Iterable, Optional
 
 from . import curriculum as cur
-from . import nudity
+from . import nudity, tracking
 from .classifier import DEFAULT_PROCESSOR, DEFAULT_TIMM_ARCH, check_classifier
 from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
@@ -172,7 +172,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_model", type=str2bool, default=True,
                    help="save pipelines (True/False): curriculum-{i} (individual: every chunk; sequential: the "
                         "--curriculum_checkpoints chunks) and the sequential script's final model in OUTPUT_DIR")
-    g.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, under OUTPUT_DIR")
+    g.add_argument("--logging_dir", default="logs", help="the trackers' folder, under OUTPUT_DIR")
+    g.add_argument("--report_to", default="tensorboard", choices=tracking.REPORT_TO,
+                   help="trackers for per-update loss and learning rate, validation scores and image grids, Revival "
+                        "Points and the resolved configuration (wandb: optional, pip install wandb)")
     g.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept in config.json's tags (repeatable); tools/report.py names a run's method, "
                         "concept and data from the tags method=, concept=, data= (tools/grid.py sets them)")
@@ -206,6 +209,7 @@ def parse_tags(items: Iterable[str]) -> dict:
 def validate_common(args: argparse.Namespace) -> int:
     """Check the shared flags and input files; return the dataset size (rows) when known."""
     parse_tags(args.tag)
+    tracking.check_report_to(args.report_to)
     # Numbers first: cheap and independent of files.
     _require(args.resolution > 0 and args.resolution % 8 == 0, f"--resolution {args.resolution}: must be a positive multiple of 8")
     _require(args.train_batch_size >= 1, f"--train_batch_size {args.train_batch_size}: must be at least 1")

@@ -58,7 +58,13 @@ def one_criterion(args, name: str) -> Callable[[torch.device], List[Criterion]]:
     return lambda device: [criteria.CRITERIA[name].build(args, device)]
 
 
-def _open(args, bounds, horizon_epochs, make_criteria, protocol):
+def total_updates(bounds, chunks, epochs_per_chunk: dict, batch: int, accumulation: int, processes: int) -> int:
+    """Optimizer updates of a whole run (the progress bar's total): per chunk, updates per epoch x its epochs."""
+    sizes = dict(enumerate(b - a for a, b in cur.chunk_ranges(bounds)))
+    return sum(cur.updates_per_epoch(sizes[i], batch, accumulation, processes) * epochs_per_chunk[i] for i in chunks)
+
+
+def _open(args, bounds, horizon_epochs, make_criteria, protocol, progress_total=0):
     return open_run(
         model_path=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         requested_precision=args.mixed_precision, allow_tf32=args.allow_tf32, output_dir=args.output_dir,
@@ -68,6 +74,7 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol):
         horizon_epochs=horizon_epochs, validation=validation_config(args), make_criteria=make_criteria,
         config_record={"script": args.script, "protocol": protocol, "args": vars(args),
                        "tags": cli.parse_tags(args.tag)},
+        report_to=args.report_to, progress_total=progress_total,
     )
 
 
@@ -76,7 +83,7 @@ def _checkpointing(args, run):
     from .checkpointing import Checkpointer, resolve_resume
 
     checkpointer = Checkpointer(run.accelerator, run.trainer, args.output_dir, args.checkpointing_steps,
-                                args.checkpoints_total_limit, log=run.recorder.log)
+                                args.checkpoints_total_limit, log=run.recorder.log, run_config=run.recorder.run_config)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume is None:
         run.recorder.keep_validations(0)  # a fresh start: results of a run that never checkpointed are void
@@ -115,7 +122,10 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
     """Run the individual protocol (docs/protocols.md) with the given criterion."""
     bounds = cur.parse_curriculum(args.curriculum)
     chunks = cur.select_chunks(len(bounds), args.start_CL, args.end_CL)
-    run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    cap = total_updates(bounds, chunks, {i: args.clip_epoch + 2 for i in chunks}, args.train_batch_size,
+                        args.gradient_accumulation_steps, processes)
+    run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual", progress_total=cap)
     checkpointer, resume = _checkpointing(args, run)
     criterion = run.validator.criteria[0]
     save = (lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}"))) if args.save_model else None
@@ -156,7 +166,10 @@ def sequential(args: argparse.Namespace) -> dict:
     checkpoints = cur.parse_chunk_list(args.curriculum_checkpoints, len(bounds), "--curriculum_checkpoints")
     with_classifier = criteria.uses_classifier(args)
     # Every registered criterion the run's flags ask for (CLIP always; the classifier with --model_path).
-    run = _open(args, bounds, sum(epochs.values()), lambda device: criteria.build_all(args, device), "sequential")
+    total = total_updates(bounds, chunks, epochs, args.train_batch_size, args.gradient_accumulation_steps,
+                          int(os.environ.get("WORLD_SIZE", "1")))
+    run = _open(args, bounds, sum(epochs.values()), lambda device: criteria.build_all(args, device), "sequential",
+                progress_total=total)
     checkpointer, resume = _checkpointing(args, run)
     if not with_classifier:
         run.recorder.log("no --model_path given: running with the CLIP criterion only")

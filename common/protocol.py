@@ -86,6 +86,7 @@ class Validator:
             os.makedirs(folder, exist_ok=True)
             for k, im in zip(mine, images):
                 im.save(os.path.join(folder, f"{k:04d}.png"))
+        self.last_images = images  # this process's share, for the trackers' image grid
         local = {c.name: self._score(c, images, prompts) for c in self.criteria}
         rows = [(k, {name: (scores[j], details[j] if details else None) for name, (scores, details) in local.items()})
                 for j, k in enumerate(mine)]
@@ -166,6 +167,8 @@ class _Resumable:
         if not path:
             return None
         state = self.checkpointer.load(path)
+        if getattr(self.trainer, "progress", None) is not None:
+            self.trainer.progress.n = self.trainer.global_updates  # the bar continues where the run stopped
         self.recorder.keep_validations(state["validations_written"])
         self.recorder.log(f"resumed from {path}: chunk position {state['chunk_pos']}, epoch {state['epoch']}, "
                           f"update {state['update']}")
@@ -186,6 +189,21 @@ def _reset_peak(trainer) -> None:
     acc = getattr(trainer, "accelerator", None)
     if acc is not None:
         reset_peak(acc.device)
+
+
+class _NoTracking:
+    def __getattr__(self, name):
+        return lambda *a, **kw: None
+
+
+def _track(recorder):
+    """The run's trackers (common.tracking), or a stand-in that does nothing (scripted tests, no trackers)."""
+    return getattr(recorder, "tracking", None) or _NoTracking()
+
+
+def _track_epoch(recorder, trainer, stats) -> None:
+    if "update_losses" in stats:
+        _track(recorder).updates(trainer.global_updates, stats["update_losses"], stats["lrs"])
 
 
 def _details(validator, name: str) -> dict:
@@ -265,6 +283,7 @@ def run_individual(
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]
+            _track_epoch(recorder, trainer, stats)
             recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
             # Phase 3: validate every validation_epochs epochs; stop once revived.
             validated = epoch % validation_epochs == 0
@@ -283,6 +302,9 @@ def run_individual(
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
+                step = getattr(trainer, "global_updates", p.steps)
+                _track(recorder).validation(step, criterion.name, st["mean"], criterion.threshold, i)
+                _track(recorder).images(step, getattr(validator, "last_images", []))
                 if revived and p.first_revival is None:
                     p.first_revival = epoch
                 if revived and early_stop:
@@ -356,6 +378,7 @@ def run_sequential(
             p.steps += stats["updates"]
             p.images += stats["images"]
             last_loss = stats["loss"]
+            _track_epoch(recorder, trainer, stats)
             recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
             if epoch + 1 < epochs_per_chunk[i]:
                 ckpt.boundary(epoch + 1)
@@ -365,11 +388,15 @@ def run_sequential(
         scores = validator(f"chunk{i}")
         wall = round(time.perf_counter() - t0, 3)
         entry = {"chunk": i, "images_seen": rows[1], "training_images": p.images, "optimizer_steps": p.steps}
+        step = getattr(trainer, "global_updates", p.steps)
+        _track(recorder).images(step, getattr(validator, "last_images", []))
         for c in criteria:
             st = score_stats(scores[c.name])
             met = c.met(st["mean"])
+            _track(recorder).validation(step, c.name, st["mean"], c.threshold, i)
             if met and p.revival[c.name] is None:
                 p.revival[c.name] = {"chunk": i, "images_seen": rows[1]}
+                _track(recorder).revival(step, c.name, i, rows[1])
             recorder.validation({
                 "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": p.steps, "images_seen": rows[1],
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],

@@ -161,6 +161,8 @@ class RunRecorder:
                 atomic_write_json(path, {**config, "library_versions": library_versions()})
 
     validations_written = 0  # counted on every process, so any of them can describe a checkpoint
+    tracking = None  # common.tracking.Tracking, set by the session
+    run_config = None  # config.json's content, also written into every checkpoint
 
     def validation(self, record: dict) -> None:
         self.validations_written += 1

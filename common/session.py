@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .curriculum import check_against_dataset, chunk_ranges
 from .data import ImageTransform, load_training_data
@@ -20,6 +21,7 @@ from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dt
 from .protocol import Criterion, ValidationConfig, Validator
 from .results import RunRecorder
 from .runlock import lock_run_dir
+from .tracking import Tracking, log_with
 from .training import ChunkTrainer, TrainConfig
 from .validation import build_pipeline
 
@@ -66,8 +68,9 @@ class Run:
         acc.wait_for_everyone()
 
 
-def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False):
-    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once)."""
+def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False,
+                     log_with: Optional[str] = None):
+    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once) and the run's trackers."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -76,7 +79,8 @@ def make_accelerator(requested_precision: Optional[str], output_dir: str, loggin
     if allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, logging_dir))
-    return Accelerator(mixed_precision=mixed, project_config=project, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed, project_config=project, cpu=not torch.cuda.is_available(),
+                       log_with=log_with)
 
 
 def open_run(
@@ -96,9 +100,11 @@ def open_run(
     validation: ValidationConfig,
     make_criteria: Callable[[torch.device], List[Criterion]],
     config_record: dict,
+    report_to: str = "none",
+    progress_total: int = 0,
 ) -> Run:
     """Build everything a protocol needs, in the order that fails fastest."""
-    acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32)
+    acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32, log_with(report_to))
     # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
     lock_run_dir(acc, output_dir)
     recorder = RunRecorder(output_dir, acc.is_main_process, log_file)
@@ -127,7 +133,18 @@ def open_run(
     budget = memory_budget(trainer, parts, largest_chunk=largest)
     for line in budget_lines(budget):
         recorder.log(line)
-    recorder.write_config({**config_record, "num_processes": acc.num_processes,
-                           "mixed_precision": acc.mixed_precision, "device": str(acc.device),
-                           "scored_weights": "trained UNet (not EMA)", "memory_budget": budget})
+    config = {**config_record, "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+              "device": str(acc.device), "scored_weights": "trained UNet (not EMA)", "memory_budget": budget,
+              "resolved": {"learning_rate": train.learning_rate, "num_processes": acc.num_processes,
+                           "mixed_precision": acc.mixed_precision,
+                           "global_batch": train.train_batch_size * train.gradient_accumulation_steps
+                           * acc.num_processes}}
+    recorder.write_config(config)
+    hparams = {**config_record.get("args", {}), **{f"resolved_{k}": v for k, v in config["resolved"].items()}}
+    recorder.tracking = Tracking(acc, config_record.get("script", "run").replace(".py", ""), hparams,
+                                 enabled=log_with(report_to) is not None)
+    recorder.run_config = config
+    if acc.is_main_process and progress_total:
+        # One bar over the run's optimizer updates (for the individual protocol, up to its epoch cap).
+        trainer.progress = tqdm(total=progress_total, desc="updates", unit="update", dynamic_ncols=True)
     return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder, weight_dtype)

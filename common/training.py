@@ -241,6 +241,7 @@ class ChunkTrainer:
         self.chunk_updates = 0
         self.pending_micro_batches = 0
         self.epoch_start = (0, 0)
+        self.progress = None  # a tqdm bar over the run's updates (set by the session on the main process)
 
     @property
     def raw_optimizer(self) -> torch.optim.Optimizer:
@@ -350,6 +351,7 @@ class ChunkTrainer:
         groups, pending_after = self.plan_epoch(row_range, chunk, epoch)
         accum = cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
+        update_losses, lrs = [], []  # per optimizer update, for the trackers (synced once, at the epoch's end)
         images = sum(b.global_size for g, _ in groups[:start_update] for b in g)
         for u in range(start_update, len(groups)):
             group, ends_in_update = groups[u]
@@ -360,6 +362,7 @@ class ChunkTrainer:
                                self.parts.noise_scheduler.config.num_train_timesteps, cfg.noise_offset,
                                cfg.input_perturbation)
             offset = 0
+            group_loss = torch.zeros((), device=acc.device)
             for j, batch in enumerate(group):
                 last = ends_in_update and j == len(group) - 1
                 sync = contextlib.nullcontext() if last else acc.no_sync(self.unet)
@@ -368,17 +371,22 @@ class ChunkTrainer:
                     loss = maybe_poison(self._micro_step(dataset, batch.rows, draws, mine, divisor, row_range[0]))
                     acc.backward(loss)
                 loss_sum += loss.detach()
+                group_loss += loss.detach()
                 offset += batch.global_size
             if not ends_in_update:  # --compat reference: these gradients wait for the next epoch's micro-batch
                 continue
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            lrs.append(self.lr_scheduler.get_last_lr()[0])  # the rate this update uses
+            update_losses.append(group_loss)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self._ema_step()
             self.global_updates += 1
+            if self.progress is not None:
+                self.progress.update(1)
             maybe_fail("update")  # tests: a crash inside an epoch
             if on_update is not None:
                 on_update(u + 1, loss_sum)
@@ -387,9 +395,14 @@ class ChunkTrainer:
         self.chunk_updates = self.epoch_start[1] + updates
         # One host sync per epoch. Each process's losses sum to num_processes x
         # its share of each group mean, hence the division.
-        total = float(acc.reduce(loss_sum, reduction="sum")) / acc.num_processes + loss_before
+        # The per-update losses ride on the same sync: one reduce of [epoch sum, update 1, update 2, ...].
+        reduced = acc.reduce(torch.stack([loss_sum, *update_losses]), reduction="sum").tolist()
+        total = reduced[0] / acc.num_processes + loss_before
         check_finite(total, chunk, epoch, self.global_updates)
-        return {"updates": updates, "images": images, "loss": total / max(1, len(groups)), "loss_sum": total}
+        if self.progress is not None:
+            self.progress.set_postfix(chunk=chunk, epoch=epoch, loss=f"{total / max(1, len(groups)):.4f}")
+        return {"updates": updates, "images": images, "loss": total / max(1, len(groups)), "loss_sum": total,
+                "update_losses": [v / acc.num_processes for v in reduced[1:]], "lrs": lrs}
 
     def _micro_step(self, dataset, rows, draws: dict, mine: slice, divisor: int, first_row: int) -> torch.Tensor:
         """Loss of this process's rows, scaled so summing over processes and micro-batches gives sum / ``divisor``."""

@@ -34,6 +34,7 @@ def test_seed_readme_flags_parse(assets, tmp_path):
     ({"--resolution": 30}, "--resolution 30"),
     ({"--caption_column": "text"}, "--caption_column 'text'"),
     ({"--clip_model": "./nowhere/clip"}, "--clip_model ./nowhere/clip: no such directory"),
+    ({"--report_to": "wandb"}, "--report_to wandb: wandb is not installed"),
 ])
 def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, over, message):
     out = tmp_path / "o"

@@ -44,6 +44,25 @@ def test_threshold_minus_one_revives_every_chunk_at_epoch_0(assets, tmp_path):
     assert config["library_versions"]["diffusers"] and config["mixed_precision"] == "no"
     assert config["args"]["save_model"] is True
     assert "chunk 1 epoch 0" in open(os.path.join(out, "train.log")).read()
+    assert config["resolved"] == {"learning_rate": 1e-05, "num_processes": 1, "mixed_precision": "no",
+                                  "global_batch": 10}
+    # The default tracker, tensorboard, in OUTPUT_DIR/logs: per-update loss and learning rate, the validation
+    # means against their thresholds, and one image grid per validation.
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(out, "logs", "finetuning_individual_CLIP", "events.out.tfevents.*"))
+    ea = EventAccumulator(os.path.dirname(events), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"train/loss", "train/learning_rate", "validation/clip_mean", "validation/clip_threshold"} <= set(
+        tags["scalars"])
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 11))  # 5 updates per chunk, 2 chunks
+    assert all(e.value == pytest.approx(1e-5) for e in ea.Scalars("train/learning_rate"))
+    assert [round(e.value, 5) for e in ea.Scalars("validation/clip_mean")] == [round(r["mean"], 5) for r in recs]
+    (grid,) = [t for t in tags["images"] if t.startswith("validation/images")]
+    assert len(ea.Images(grid)) == 2 and ea.Images(grid)[0].width == 3 * 32  # 3 prompts side by side
     # Each chunk's pipeline loads and generates; EMA weights sit beside it.
     from diffusers import StableDiffusionPipeline
 

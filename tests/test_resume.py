@@ -88,6 +88,10 @@ def test_killed_run_resumes_to_the_same_results(assets, reference_run, tmp_path,
     _assert_same_run(out, reference_run, [(f"curriculum-{i}", sub) for i in (0, 1) for sub in ("unet", "unet_ema")])
     ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
     assert len(ckpts) <= 2  # --checkpoints_total_limit
+    # Each checkpoint says how it was made: the run's resolved configuration, as in config.json.
+    made = json.load(open(os.path.join(out, ckpts[-1], "run_config.json")))
+    assert made["resolved"] == json.load(open(os.path.join(out, "config.json")))["resolved"]
+    assert made["args"]["learning_rate"] == made["resolved"]["learning_rate"]  # no --scale_lr here
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(assets, reference_run, tmp_path):
