@@ -144,6 +144,8 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
             run.recorder.log(f"chunk {o.chunk}: " + (f"revived at epoch {o.revival_epoch}" if o.revived
                              else f"not revived within {o.epochs_trained} epochs"))
     finally:
+        if run.trainer.progress is not None:
+            run.trainer.progress.close()  # ends the bar's line: an error message then starts a line of its own
         run.accelerator.end_training()
         run.recorder.close()
     return outcomes
@@ -195,6 +197,8 @@ def sequential(args: argparse.Namespace) -> dict:
             run.recorder.log(f"Revival Point ({name}): " + (f"chunk {point['chunk']}, {point['images_seen']} images"
                                                            if point else "not reached"))
     finally:
+        if run.trainer.progress is not None:
+            run.trainer.progress.close()  # ends the bar's line: an error message then starts a line of its own
         run.accelerator.end_training()
         run.recorder.close()
     return summary
