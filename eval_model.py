@@ -83,8 +83,7 @@ def parse_args(argv=None):
                                  ("--num_inference_steps", args.num_inference_steps, 1), ("--gpu", args.gpu, 0)):
             if value < low:
                 raise InputError(f"{flag} {value}: must be >= {low}")
-        if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-            raise InputError(f"--resolution {args.resolution}: must be a positive multiple of 8")
+        cli.check_resolution(args.resolution)
         paths = [p for p in args.model_paths.split(",") if p.strip()]
         if args.images:
             args.prompts = read_prompts(args.prompt_file, "--prompt_file") if args.prompt_file else None

@@ -12,7 +12,6 @@ its Revival Point (chunk index and images seen).
 """
 
 from common import cli, entry
-from common.errors import InputError
 
 
 def build_parser():
@@ -45,16 +44,8 @@ def parse_args(argv=None):
 def _check_epochs(args) -> None:
     from common import curriculum as cur
 
-    if args.num_train_epochs < 1:
-        raise InputError(f"--num_train_epochs {args.num_train_epochs}: must be at least 1")
     n = len(cur.parse_curriculum(args.curriculum))
-    if args.chunk_epochs:
-        try:
-            values = [int(v) for v in args.chunk_epochs.split(",")]
-        except ValueError:
-            raise InputError(f"--chunk_epochs {args.chunk_epochs!r}: expected comma-separated integers") from None
-        if len(values) != n or min(values) < 1:
-            raise InputError(f"--chunk_epochs {args.chunk_epochs!r}: need {n} positive integers, one per chunk")
+    cur.epochs_per_chunk(args.chunk_epochs, args.num_train_epochs, n)
     cur.parse_chunk_list(args.curriculum_checkpoints, n, "--curriculum_checkpoints")
 
 

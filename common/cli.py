@@ -196,6 +196,11 @@ def _require(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
+def check_resolution(value: Optional[int], flag: str = "--resolution") -> None:
+    """Image sizes are positive multiples of 8 (SD's VAE downsamples by 8); None means the model's own."""
+    _require(value is None or (value > 0 and value % 8 == 0), f"{flag} {value}: must be a positive multiple of 8")
+
+
 def parse_tags(items: Iterable[str]) -> dict:
     """--tag KEY=VALUE items as a dict (InputError for an item without '=' or with an empty key)."""
     tags = {}
@@ -211,7 +216,7 @@ def validate_common(args: argparse.Namespace) -> int:
     parse_tags(args.tag)
     tracking.check_report_to(args.report_to)
     # Numbers first: cheap and independent of files.
-    _require(args.resolution > 0 and args.resolution % 8 == 0, f"--resolution {args.resolution}: must be a positive multiple of 8")
+    check_resolution(args.resolution)
     _require(args.train_batch_size >= 1, f"--train_batch_size {args.train_batch_size}: must be at least 1")
     _require(args.gradient_accumulation_steps >= 1,
              f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be at least 1")

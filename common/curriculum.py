@@ -8,7 +8,7 @@ dataset order (metadata.jsonl line order); nothing reorders them across chunks.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,6 +61,22 @@ def select_chunks(num_chunks: int, start: int | None, end: int | None) -> List[i
     if not start < end <= num_chunks:
         raise CurriculumError(f"--end_CL {end} must be in {start + 1}..{num_chunks} (chunks [start, end))")
     return list(range(start, end))
+
+
+def epochs_per_chunk(chunk_epochs: Optional[str], num_train_epochs: int, num_chunks: int) -> List[int]:
+    """Epochs of every curriculum chunk: --chunk_epochs "8,8,4,..." (one positive integer per chunk), else
+    --num_train_epochs for each (CurriculumError for a malformed list)."""
+    if num_train_epochs < 1:
+        raise CurriculumError(f"--num_train_epochs {num_train_epochs}: must be at least 1")
+    if not chunk_epochs:
+        return [num_train_epochs] * num_chunks
+    try:
+        values = [int(v) for v in chunk_epochs.split(",")]
+    except ValueError:
+        raise CurriculumError(f"--chunk_epochs {chunk_epochs!r}: expected comma-separated integers") from None
+    if len(values) != num_chunks or min(values) < 1:
+        raise CurriculumError(f"--chunk_epochs {chunk_epochs!r}: need {num_chunks} positive integers, one per chunk")
+    return values
 
 
 def parse_chunk_list(text: str | None, num_chunks: int, flag: str) -> List[int]:

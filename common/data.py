@@ -175,6 +175,17 @@ def tokenize_captions(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None, batch_size: int = 0) -> torch.Tensor:
+    """Last hidden states [n, max_length, d]: what a pipeline feeds the UNet's cross-attention (in batches)."""
+    step = batch_size or max(1, len(prompts))
+    out = []
+    for b in range(0, len(prompts), step):
+        ids = tokenize_captions(tokenizer, prompts[b:b + step])
+        out.append(text_encoder(ids.to(device) if device is not None else ids, return_dict=False)[0])
+    return torch.cat(out)
+
+
 def read_prompts(path: str, flag: str = "--validation_prompts") -> List[str]:
     """Validation prompts: one per non-empty line of a UTF-8 text file."""
     if not path:

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from .data import ImageTransform, tokenize_captions
+from .data import ImageTransform, encode_prompts
+from .models import vae_scale_factor
 
 
 class OnlineEncoder:
@@ -25,14 +26,12 @@ class OnlineEncoder:
         self.device = device
         self.weight_dtype = weight_dtype
         self.scaling_factor = parts.vae.config.scaling_factor
-        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(parts.vae.config)
         self.latent_shape = (parts.vae.config.latent_channels, transform.resolution // factor,
                              transform.resolution // factor)
 
-    @torch.no_grad()
     def encode_text(self, captions) -> torch.Tensor:
-        ids = tokenize_captions(self.parts.tokenizer, captions).to(self.device)
-        return self.parts.text_encoder(ids, return_dict=False)[0]
+        return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, captions, self.device)
 
     def prepare(self, dataset, row_range) -> None:
         """Nothing to precompute: every micro-batch is encoded as it comes."""

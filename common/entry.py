@@ -153,10 +153,9 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
 
 def sequential_epochs(args, chunks) -> dict:
     """Epochs per chunk: --chunk_epochs "8,8,4,..." (one per curriculum chunk) or --num_train_epochs for all."""
-    if args.chunk_epochs:
-        values = [int(v) for v in args.chunk_epochs.split(",")]
-        return {i: values[i] for i in chunks}
-    return {i: args.num_train_epochs for i in chunks}
+    values = cur.epochs_per_chunk(args.chunk_epochs, args.num_train_epochs,
+                                  len(cur.parse_curriculum(args.curriculum)))
+    return {i: values[i] for i in chunks}
 
 
 @_exit_codes

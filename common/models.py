@@ -109,6 +109,20 @@ def check_pipeline_dir(path: str, flag: str = "--pretrained_model_name_or_path",
             raise InputError(f"{flag} {path}: {part}/{config} is missing")
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent cell: 2 per VAE down block after the first (SD-1.x: 8)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline from its parts, without safety checker: the toolkit's one way to build one."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def unet_safetensors(model_dir: str, variant: Optional[str] = None) -> str:
     """The safetensors file (or shard index) of a local pipeline's UNet; InputError when it has none."""
     import glob

@@ -52,7 +52,6 @@ class Run:
     trainer: ChunkTrainer
     validator: Validator
     recorder: RunRecorder
-    weight_dtype: torch.dtype
 
     def save_pipeline(self, path: str, ema_as_unet: bool = False) -> None:
         """Save the current UNet (and EMA copy) as a full pipeline; main process only, others wait."""
@@ -147,4 +146,4 @@ def open_run(
     if acc.is_main_process and progress_total:
         # One bar over the run's optimizer updates (for the individual protocol, up to its epoch cap).
         trainer.progress = tqdm(total=progress_total, desc="updates", unit="update", dynamic_ncols=True)
-    return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder, weight_dtype)
+    return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder)

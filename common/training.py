@@ -103,13 +103,19 @@ class DiskRestore:
 XATTN_PROJECTIONS = ("attn2.to_k", "attn2.to_v")  # what the published scripts' --params xattn trains
 
 
-def select_trainable(unet: torch.nn.Module, params: str) -> list:
-    """Mark the trained parameter set (full UNet, or the cross-attention key and value projections) and return it."""
-    if params not in ("full", "xattn"):
-        raise ValueError(f"params must be 'full' or 'xattn', got {params!r}")
+def select_trainable(unet: torch.nn.Module, params) -> list:
+    """Mark the trained parameters and return them in ``named_parameters`` order; freeze the rest.
+
+    ``params``: "full" (the whole UNet), "xattn" (the cross-attention key and value projections) or an explicit
+    collection of parameter names (tools/unlearn.py's ESD variants).
+    """
+    if isinstance(params, str) and params not in ("full", "xattn"):
+        raise ValueError(f"params must be 'full', 'xattn' or parameter names, got {params!r}")
+    names = None if isinstance(params, str) else set(params)
     trainable = []
     for name, p in unet.named_parameters():
-        keep = params == "full" or any(proj in name for proj in XATTN_PROJECTIONS)
+        keep = (name in names) if names is not None else (
+            params == "full" or any(proj in name for proj in XATTN_PROJECTIONS))
         p.requires_grad_(keep)
         if keep:
             trainable.append(p)

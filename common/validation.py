@@ -28,18 +28,9 @@ def shard(items: Sequence, num_processes: int, process_index: int) -> list:
 
 def build_pipeline(parts, unet):
     """A StableDiffusionPipeline around the (trained) UNet and the frozen parts, no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    from .models import assemble_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=parts.inference_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet, parts.inference_scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from common.models import assemble_pipeline  # noqa: E402
 from tools import tiny  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def parse_args(argv=None):
 
 def build_sd14(out_dir: str) -> str:
     """Save a randomly initialised model with SD 1.4's shapes (UNet 860M, CLIP-L text encoder, 512 px)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = tiny.write_clip_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -76,8 +77,7 @@ def build_sd14(out_dir: str) -> str:
                         sample_size=512)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
+    assemble_pipeline(vae, text, tok, unet, sched).save_pretrained(out_dir)
     return out_dir
 
 

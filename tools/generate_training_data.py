@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from tools import datagen  # noqa: E402
-from common.cli import Parser  # noqa: E402
+from common.cli import Parser, check_resolution  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import check_diffusers_dir  # noqa: E402
 
@@ -60,8 +60,7 @@ def parse_args(argv=None):
                             ("--num_inference_steps", args.num_inference_steps)):
             if value < 1:
                 raise InputError(f"{flag} {value}: must be >= 1")
-        if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-            raise InputError(f"--resolution {args.resolution}: must be a positive multiple of 8")
+        check_resolution(args.resolution)
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
         check_diffusers_dir(args.pretrained_model_name_or_path)  # any pipeline, not only SD's parts

@@ -88,7 +88,9 @@ def build_tiny_sd(
     prediction_type: str = "epsilon",
 ) -> str:
     """Save a randomly initialised (seeded) tiny Stable Diffusion pipeline in diffusers format."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from common.models import assemble_pipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -130,17 +132,7 @@ def build_tiny_sd(
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir)
+    assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(out_dir)
     return out_dir
 
 

@@ -20,12 +20,14 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common.cli import Parser  # noqa: E402
+from common.cli import Parser, check_resolution  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
-from common.models import check_pipeline_dir, resolve_model_path  # noqa: E402
+from common.models import check_pipeline_dir, resolve_model_path, vae_scale_factor  # noqa: E402
+from common.training import select_trainable  # noqa: E402
 from tools.unlearning import ESD_METHODS, METHODS, TOKEN_MODES  # noqa: E402
 
 CARD_FILE = "unlearning_card.json"
@@ -149,9 +151,7 @@ def validate(args: argparse.Namespace) -> None:
         _require(args.ddim_steps >= 1, f"--ddim_steps {args.ddim_steps}: must be at least 1")
         _finite(args.sample_guidance, "--sample_guidance", 0, strict=False)
         _require(args.probe_samples >= 0, f"--probe_samples {args.probe_samples}: must be >= 0")
-        if args.resolution is not None:
-            _require(args.resolution > 0 and args.resolution % 8 == 0,
-                     f"--resolution {args.resolution}: must be a positive multiple of 8")
+        check_resolution(args.resolution)
     else:
         for c in args.erase:
             _check_text(c, "--erase")
@@ -175,7 +175,8 @@ def validate(args: argparse.Namespace) -> None:
                  f"--output_dir {args.output_dir}: is the base model's directory; write the unlearned copy elsewhere")
         if args.method in ESD_METHODS:
             blocks = _config_value(model_dir, "vae/config.json", "block_out_channels")
-            factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+            factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
+                else None
             if args.resolution is not None and factor:
                 _require(args.resolution % factor == 0,
                          f"--resolution {args.resolution}: must be a multiple of the VAE's scale factor {factor}")
@@ -212,7 +213,7 @@ def run_esd(args, parts, device) -> dict:
     parts.text_encoder.to(device)
     cond, uncond = ul.encode_prompts(parts.tokenizer, parts.text_encoder, [args.concept, ""], device).chunk(2)
     parts.text_encoder.to("cpu")
-    factor = ul.vae_scale_factor(parts.vae.config)
+    factor = vae_scale_factor(parts.vae.config)
     resolution = args.resolution or unet.config.sample_size * factor
     args.resolution = resolution
     latent_shape = (1, unet.config.in_channels, resolution // factor, resolution // factor)
@@ -221,7 +222,7 @@ def run_esd(args, parts, device) -> dict:
         unet.enable_gradient_checkpointing()
 
     names = ul.esd_trainable_names(unet, args.method)
-    params = ul.select_trainable(unet, names)
+    params = select_trainable(unet, names)
     # Held-out: their own seed stream, fixed before training (the frozen model makes them).
     probes = ul.esd_probe_set(frozen, scheduler, cond, uncond, args.probe_samples, latent_shape, args.seed + 1,
                               args.sample_guidance, args.eta, device)

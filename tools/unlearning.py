@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data import tokenize_captions
+from common.data import encode_prompts
 
 ESD_METHODS = ("esd-x", "esd-u")
 METHODS = ESD_METHODS + ("uce",)
@@ -29,20 +29,6 @@ TOKEN_MODES = ("all", "last")
 
 
 # ---- shared -------------------------------------------------------------------
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device) -> torch.Tensor:
-    """Last hidden states [n, max_length, d] of ``prompts``: what the pipeline feeds the UNet's cross-attention."""
-    ids = tokenize_captions(tokenizer, prompts).to(device)
-    return text_encoder(ids)[0]
-
-
-def vae_scale_factor(vae_config) -> int:
-    """Pixels per latent cell: 2 ** (number of VAE down blocks - 1), as StableDiffusionPipeline computes it."""
-    return 2 ** (len(vae_config.block_out_channels) - 1)
-
-
-# ---- ESD ----------------------------------------------------------------------
 
 def esd_trainable_names(unet: torch.nn.Module, method: str) -> List[str]:
     """UNet parameter names ESD trains: ESD-x only cross-attention ('attn2'), ESD-u everything else.
@@ -57,17 +43,6 @@ def esd_trainable_names(unet: torch.nn.Module, method: str) -> List[str]:
     if method == "esd-x":
         return [n for n in names if "attn2" in n]
     return [n for n in names if "attn2" not in n]
-
-
-def select_trainable(unet: torch.nn.Module, names: Sequence[str]) -> List[torch.nn.Parameter]:
-    """Freeze every UNet parameter except ``names``; return those, in ``named_parameters`` order."""
-    wanted = set(names)
-    params = []
-    for n, p in unet.named_parameters():
-        p.requires_grad_(n in wanted)
-        if n in wanted:
-            params.append(p)
-    return params
 
 
 def esd_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, eta: float) -> torch.Tensor:

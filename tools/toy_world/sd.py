@@ -94,12 +94,9 @@ def noise_schedule_config() -> dict:
 
 def encode_texts(tokenizer, text_encoder, texts: Sequence[str], batch: int = 128) -> torch.Tensor:
     """last_hidden_state [n, 77, d] of each text, padded to the tokenizer's length as the pipeline does."""
-    from common.data import tokenize_captions
+    from common.data import encode_prompts
 
-    out = []
-    for b in range(0, len(texts), batch):
-        out.append(text_encoder(tokenize_captions(tokenizer, texts[b : b + batch]))[0])
-    return torch.cat(out)
+    return encode_prompts(tokenizer, text_encoder, list(texts), batch_size=batch)
 
 
 def train_unet(unet, lat_mean: torch.Tensor, lat_std: torch.Tensor, scaling_factor: float, labels: Sequence[int],
@@ -153,12 +150,11 @@ def train_unet(unet, lat_mean: torch.Tensor, lat_std: torch.Tensor, scaling_fact
 
 def save_sd(out_dir: str, tokenizer, text_encoder, vae, unet) -> str:
     """Save the toy pipeline in diffusers format with a DDIM inference scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
+
+    from common.models import assemble_pipeline
 
     scheduler = DDIMScheduler(**noise_schedule_config(), clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type="epsilon")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out_dir)
+    assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(out_dir)
     return out_dir
