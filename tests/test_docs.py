@@ -1,19 +1,12 @@
 """The documentation that is generated or quoted from the code stays current."""
 
-import importlib.util
 
 from conftest import ROOT
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flags_reference_is_generated_from_the_parsers():
-    flags = _tool("flags_reference")
+    from tools import flags_reference as flags
+
     text = flags.render()
     assert text == (ROOT / "docs" / "flags.md").read_text(), \
         "docs/flags.md is not current: run .venv/bin/python tools/flags_reference.py and commit it"

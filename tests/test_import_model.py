@@ -3,7 +3,6 @@ weight for weight; bad inputs refused in one line with nothing written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,9 +13,7 @@ import torch
 
 from conftest import ROOT
 
-spec = importlib.util.spec_from_file_location("import_model", ROOT / "tools" / "import_model.py")
-im = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(im)
+from tools import import_model as im  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ run for real, and no link to a file outside the repository."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -19,14 +18,7 @@ from conftest import ROOT, seed_flags
 README = (ROOT / "README.md").read_text()
 
 
-def _flags_tool():
-    spec = importlib.util.spec_from_file_location("flags_reference", ROOT / "tools" / "flags_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FLAGS = _flags_tool()
+from tools import flags_reference as FLAGS  # noqa: E402
 PROGRAMS = {os.path.basename(p): p for p in FLAGS.PROGRAMS}
 
 

@@ -1,14 +1,11 @@
 """tools/report.py on hand-made run directories: exact tables, real PNGs."""
 
-import importlib.util
 import json
 import os
 
 from conftest import ROOT
 
-spec = importlib.util.spec_from_file_location("report", ROOT / "tools" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+from tools import report  # noqa: E402
 
 
 def _run(path, config, summary, records):

@@ -238,13 +238,7 @@ def test_individual_clip_protocol_runs_on_the_toy_world(world, tmp_path):
 
 def test_demo_threshold_rule():
     """tools/demo.py's calibration, against hand-computed values."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from tools import demo
     card = {"figures": {"models": {"base": {"clip_score_target": 0.9, "classifier_acc_target": 1.0},
                                    "esd-x": {"clip_score_target": 0.4, "classifier_acc_target": 0.1},
                                    "uce": {"clip_score_target": 0.5, "classifier_acc_target": 0.2}}}}

@@ -7,7 +7,6 @@ output is a pipeline the fine-tuning scripts run on.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,9 +19,7 @@ from safetensors.torch import load_file
 from conftest import RESOLUTION, ROOT, launch, seed_flags
 from tools import unlearning as ul
 
-_spec = importlib.util.spec_from_file_location("unlearn_tool", ROOT / "tools" / "unlearn.py")
-unlearn = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(unlearn)
+from tools import unlearn  # noqa: E402
 
 ERASE, PRESERVE = "red circle", "blue square"  # no shared first word: see test_uce_residuals_within_lambda_bound
 LAMB = 0.5

@@ -28,10 +28,14 @@ PROGRAMS = (
 
 def load_parser(relpath: str) -> argparse.ArgumentParser:
     """The parser of one program, built by its ``build_parser()`` (the module is imported, not run)."""
-    name = "_flags_" + os.path.splitext(relpath)[0].replace("/", "_")
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if relpath.startswith("tools/"):
+        module = importlib.import_module("tools." + os.path.splitext(os.path.basename(relpath))[0])
+    else:  # a top-level script: imported from its file, registered as a module first (dataclasses need that)
+        name = "_flags_" + os.path.splitext(relpath)[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     return module.build_parser()
 
 

@@ -19,8 +19,10 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +30,7 @@ from common.cli import Parser, check_resolution  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import check_pipeline_dir, resolve_model_path, vae_scale_factor  # noqa: E402
 from common.training import select_trainable  # noqa: E402
-from tools.unlearning import ESD_METHODS, METHODS, TOKEN_MODES  # noqa: E402
+from tools.unlearning import METHODS, TOKEN_MODES  # noqa: E402
 
 CARD_FILE = "unlearning_card.json"
 PROG = "unlearn.py"
@@ -89,15 +91,12 @@ def _flag(name: str) -> str:
     return "--" + name
 
 
-def _fill_method_defaults(args: argparse.Namespace) -> None:
-    """Reject the other method's flags, then fill this method's defaults."""
-    esd = args.method in ESD_METHODS
-    own, other = (ESD_DEFAULTS, UCE_DEFAULTS) if esd else (UCE_DEFAULTS, ESD_DEFAULTS)
-    stray = [_flag(k) for k in other if getattr(args, k) is not None]
+def _settings(args: argparse.Namespace, method) -> dict:
+    """This method's own flags with their defaults filled in; the other methods' flags are refused."""
+    stray = sorted({f"--{k}" for m in METHODS_BY_NAME.values() if m is not method for k in m.defaults
+                    if k not in method.defaults and getattr(args, k, None) is not None})
     _require(not stray, f"{', '.join(stray)}: not used by --method {args.method}")
-    for k, v in own.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    return {k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in method.defaults.items()}
 
 
 def _check_text(value: str, flag: str) -> str:
@@ -138,71 +137,90 @@ def _config_value(model_dir: str, rel_path: str, key: str):
         return None
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Every check that needs no model weights: flags, then the model and output directories."""
-    _fill_method_defaults(args)
+def _check_esd(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
+    """ESD's flags, and against the model's own configuration when it is local."""
+    _require(concept is not None, "--concept: required for ESD")
+    _finite(settings["eta"], "--eta", 0, strict=False)
+    _require(settings["iterations"] >= 1, f"--iterations {settings['iterations']}: must be at least 1")
+    _finite(settings["learning_rate"], "--learning_rate", 0, strict=True)
+    _require(settings["ddim_steps"] >= 1, f"--ddim_steps {settings['ddim_steps']}: must be at least 1")
+    _finite(settings["sample_guidance"], "--sample_guidance", 0, strict=False)
+    _require(settings["probe_samples"] >= 0, f"--probe_samples {settings['probe_samples']}: must be >= 0")
+    check_resolution(settings["resolution"])
+    if model_dir is not None:
+        blocks = _config_value(model_dir, "vae/config.json", "block_out_channels")
+        factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
+            else None
+        if settings["resolution"] is not None and factor:
+            _require(settings["resolution"] % factor == 0,
+                     f"--resolution {settings['resolution']}: must be a multiple of the VAE's scale factor {factor}")
+        train_steps = _config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
+        _require(settings["ddim_steps"] <= train_steps,
+                 f"--ddim_steps {settings['ddim_steps']}: at most the model's {train_steps} training timesteps")
+    return {**settings, "concept": concept}
+
+
+def _check_uce(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
+    """UCE's flags: what to erase (--erase and --concept), guides, what to preserve, the scales."""
+    for c in settings["erase"]:
+        _check_text(c, "--erase")
+    erase = list(settings["erase"]) + ([concept] if concept is not None else [])
+    _require(erase, "--erase (or --concept): give at least one concept to erase")
+    _require(len(settings["guide"]) in (1, len(erase)),
+             f"--guide: give one guide, or one per erased concept ({len(erase)}), not {len(settings['guide'])}")
+    for c in settings["preserve"]:
+        _check_text(c, "--preserve")
+        _require(c not in erase, f"--preserve {c!r}: also erased; a concept cannot be both")
+    _finite(settings["lamb"], "--lamb", 0, strict=True)
+    _finite(settings["erase_scale"], "--erase_scale", 0, strict=True)
+    _finite(settings["preserve_scale"], "--preserve_scale", 0, strict=True)
+    return {**settings, "erase": erase, "concept": concept}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated unlearning request; parse_args builds it and never changes the parsed flags."""
+
+    method: str
+    settings: dict  # the method's own flags with defaults filled, plus the concept(s)
+    model: str
+    output_dir: str
+    device: str
+    seed: int
+    quiet: bool
+    argv: tuple  # the command line, for the card
+
+
+def validate(args: argparse.Namespace, argv) -> Request:
+    """Every check that needs no model weights: the method's flags, then the model and output directories."""
+    method = METHODS_BY_NAME[args.method]
     if args.concept is not None:
         _check_text(args.concept, "--concept")
-    if args.method in ESD_METHODS:
-        _require(args.concept is not None, f"--concept: required for --method {args.method}")
-        _finite(args.eta, "--eta", 0, strict=False)
-        _require(args.iterations >= 1, f"--iterations {args.iterations}: must be at least 1")
-        _finite(args.learning_rate, "--learning_rate", 0, strict=True)
-        _require(args.ddim_steps >= 1, f"--ddim_steps {args.ddim_steps}: must be at least 1")
-        _finite(args.sample_guidance, "--sample_guidance", 0, strict=False)
-        _require(args.probe_samples >= 0, f"--probe_samples {args.probe_samples}: must be >= 0")
-        check_resolution(args.resolution)
-    else:
-        for c in args.erase:
-            _check_text(c, "--erase")
-        args.erase = list(args.erase) + ([args.concept] if args.concept is not None else [])
-        _require(args.erase, "--erase (or --concept): give at least one concept to erase")
-        _require(len(args.guide) in (1, len(args.erase)),
-                 f"--guide: give one guide, or one per erased concept ({len(args.erase)}), not {len(args.guide)}")
-        for c in args.preserve:
-            _check_text(c, "--preserve")
-            _require(c not in args.erase, f"--preserve {c!r}: also erased; a concept cannot be both")
-        _finite(args.lamb, "--lamb", 0, strict=True)
-        _finite(args.erase_scale, "--erase_scale", 0, strict=True)
-        _finite(args.preserve_scale, "--preserve_scale", 0, strict=True)
-    args.device = resolve_device(args.device)
-    # Then files, still before any model loads.
+    device = resolve_device(args.device)
+    # Files, still before any model loads.
     check_pipeline_dir(args.pretrained_model_name_or_path)
     model_dir = resolve_model_path(args.pretrained_model_name_or_path)
     _require(not os.path.isfile(args.output_dir), f"--output_dir {args.output_dir}: is a file")
-    if os.path.isdir(model_dir):
+    local = os.path.isdir(model_dir)
+    if local:
         _require(os.path.realpath(args.output_dir) != os.path.realpath(model_dir),
                  f"--output_dir {args.output_dir}: is the base model's directory; write the unlearned copy elsewhere")
-        if args.method in ESD_METHODS:
-            blocks = _config_value(model_dir, "vae/config.json", "block_out_channels")
-            factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
-                else None
-            if args.resolution is not None and factor:
-                _require(args.resolution % factor == 0,
-                         f"--resolution {args.resolution}: must be a multiple of the VAE's scale factor {factor}")
-            train_steps = _config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
-            _require(args.ddim_steps <= train_steps,
-                     f"--ddim_steps {args.ddim_steps}: at most the model's {train_steps} training timesteps")
+    settings = method.check(_settings(args, method), args.concept, model_dir if local else None)
+    return Request(args.method, settings, args.pretrained_model_name_or_path, args.output_dir, device, args.seed,
+                   args.quiet, tuple(argv))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> Request:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the card
     with exit_on_input_error(parser.prog):
-        validate(args)
-    return args
+        return validate(args, argv)
 
 
 # ---- running ------------------------------------------------------------------
 
-def hyperparameters(args: argparse.Namespace) -> dict:
-    """The method's settings as the card records them."""
-    keys = ESD_DEFAULTS if args.method in ESD_METHODS else UCE_DEFAULTS
-    return {k: getattr(args, k) for k in keys if k not in ("erase", "guide", "preserve")}
-
-
-def run_esd(args, parts, device) -> dict:
+def run_esd(settings: dict, parts, device, seed: int, quiet: bool) -> dict:
     """Train the UNet with ESD in place; return what the card records."""
     import copy
 
@@ -211,27 +229,26 @@ def run_esd(args, parts, device) -> dict:
     unet = parts.unet.to(device)
     frozen = copy.deepcopy(unet).requires_grad_(False).eval()
     parts.text_encoder.to(device)
-    cond, uncond = ul.encode_prompts(parts.tokenizer, parts.text_encoder, [args.concept, ""], device).chunk(2)
+    cond, uncond = ul.encode_prompts(parts.tokenizer, parts.text_encoder, [settings["concept"], ""], device).chunk(2)
     parts.text_encoder.to("cpu")
     factor = vae_scale_factor(parts.vae.config)
-    resolution = args.resolution or unet.config.sample_size * factor
-    args.resolution = resolution
+    resolution = settings["resolution"] or unet.config.sample_size * factor
     latent_shape = (1, unet.config.in_channels, resolution // factor, resolution // factor)
-    scheduler = ul.make_ddim(parts.inference_scheduler.config, args.ddim_steps)
-    if args.gradient_checkpointing:
+    scheduler = ul.make_ddim(parts.inference_scheduler.config, settings["ddim_steps"])
+    if settings["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
 
-    names = ul.esd_trainable_names(unet, args.method)
+    names = ul.esd_trainable_names(unet, settings["variant"])
     params = select_trainable(unet, names)
     # Held-out: their own seed stream, fixed before training (the frozen model makes them).
-    probes = ul.esd_probe_set(frozen, scheduler, cond, uncond, args.probe_samples, latent_shape, args.seed + 1,
-                              args.sample_guidance, args.eta, device)
+    probes = ul.esd_probe_set(frozen, scheduler, cond, uncond, settings["probe_samples"], latent_shape, seed + 1,
+                              settings["sample_guidance"], settings["eta"], device)
     before = ul.esd_objective(unet, probes, cond)
-    losses = ul.train_esd(unet, frozen, scheduler, cond, uncond, params, iterations=args.iterations,
-                          learning_rate=args.learning_rate, eta=args.eta, guidance=args.sample_guidance,
-                          latent_shape=latent_shape, seed=args.seed, device=device, progress=not args.quiet)
+    losses = ul.train_esd(unet, frozen, scheduler, cond, uncond, params, iterations=settings["iterations"],
+                          learning_rate=settings["learning_rate"], eta=settings["eta"], guidance=settings["sample_guidance"],
+                          latent_shape=latent_shape, seed=seed, device=device, progress=not quiet)
     after = ul.esd_objective(unet, probes, cond)
-    if args.gradient_checkpointing:
+    if settings["gradient_checkpointing"]:
         unet.disable_gradient_checkpointing()
     del frozen
     unet.requires_grad_(False).to("cpu")
@@ -239,22 +256,23 @@ def run_esd(args, parts, device) -> dict:
     return {
         "trained_parameters": {"tensors": len(params), "numel": sum(p.numel() for p in params)},
         "loss": {"first": losses[0], "last": losses[-1], "mean_last_10pct": sum(tail) / len(tail)},
-        "objective_on_probes": {"samples": args.probe_samples, "before": before if probes else None,
+        "objective_on_probes": {"samples": settings["probe_samples"], "before": before if probes else None,
                                 "after": after if probes else None},
         "latent_shape": list(latent_shape),
+        "resolution": resolution,  # the card's hyperparameter, resolved from the model when not given
     }
 
 
-def run_uce(args, parts, device) -> dict:
+def run_uce(settings: dict, parts, device, seed: int, quiet: bool) -> dict:
     """Edit the UNet's cross-attention key/value projections in place; return what the card records."""
     from tools import unlearning as ul
 
-    guides = args.guide * len(args.erase) if len(args.guide) == 1 else list(args.guide)
+    guides = settings["guide"] * len(settings["erase"]) if len(settings["guide"]) == 1 else list(settings["guide"])
     parts.text_encoder.to(device)
-    E, G, P = ul.uce_embeddings(parts.tokenizer, parts.text_encoder, args.erase, guides, args.preserve,
-                                args.token_positions, device)
+    E, G, P = ul.uce_embeddings(parts.tokenizer, parts.text_encoder, settings["erase"], guides, settings["preserve"],
+                                settings["token_positions"], device)
     parts.text_encoder.to("cpu")
-    M = ul.uce_transform(E, G, P, args.lamb, args.erase_scale, args.preserve_scale)
+    M = ul.uce_transform(E, G, P, settings["lamb"], settings["erase_scale"], settings["preserve_scale"])
     old = ul.apply_uce(parts.unet, M)
     weights = dict(parts.unet.named_parameters())
     per_layer = {name: ul.uce_residuals(w, weights[name], E, G, P) for name, w in old.items()}
@@ -273,10 +291,30 @@ def run_uce(args, parts, device) -> dict:
     }
 
 
+
+
+@dataclass(frozen=True)
+class Method:
+    """One unlearning method: its own flags and their defaults, their checks, the edit itself, what it erased."""
+
+    name: str
+    defaults: Dict[str, object]  # only this method's flags; another method's flag is refused, not ignored
+    check: Callable[[dict, Optional[str], Optional[str]], dict]  # (settings, --concept, local model dir) -> settings
+    run: Callable  # (settings, parts, device, seed, quiet) -> results for the card; edits parts.unet in place
+    erased: Callable[[dict], List[str]]
+
+
+METHODS_BY_NAME: Dict[str, Method] = {m.name: m for m in (
+    Method("esd-x", {**ESD_DEFAULTS, "variant": "esd-x"}, _check_esd, run_esd, lambda s: [s["concept"]]),
+    Method("esd-u", {**ESD_DEFAULTS, "variant": "esd-u"}, _check_esd, run_esd, lambda s: [s["concept"]]),
+    Method("uce", UCE_DEFAULTS, _check_uce, run_uce, lambda s: s["erase"]),
+)}
+
+
 def write_readme(path: str, card: dict) -> None:
     from common.results import atomic_write_text
 
-    what = card["concept"] if card["method"] in ESD_METHODS else ", ".join(card["erase"])
+    what = ", ".join(card["erase"])
     text = (f"# Unlearned model: {card['method']}, erased {what!r}\n\n"
             f"Made by `tools/unlearn.py` from `{card['base_model']}` on {card['created']}; "
             f"every setting is in `{CARD_FILE}`. Only the UNet differs from the base model.\n\n"
@@ -285,7 +323,7 @@ def write_readme(path: str, card: dict) -> None:
     atomic_write_text(os.path.join(path, "README.md"), text)
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(request: Request) -> dict:
     """Load, unlearn, save the pipeline and its card; return the card."""
     start = time.time()
     import torch
@@ -293,33 +331,37 @@ def main(args: argparse.Namespace) -> dict:
     from common.models import load_sd_parts, save_pipeline
     from common.results import atomic_write_json, library_versions
 
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    base = resolve_model_path(args.pretrained_model_name_or_path)
+    method, settings = METHODS_BY_NAME[request.method], request.settings
+    torch.manual_seed(request.seed)
+    device = torch.device(request.device)
+    base = resolve_model_path(request.model)
     print(f"{PROG}: loading {base}", flush=True)
     parts = load_sd_parts(base)
-    results = run_esd(args, parts, device) if args.method in ESD_METHODS else run_uce(args, parts, device)
-    save_pipeline(parts, parts.unet, args.output_dir)
+    results = method.run(settings, parts, device, request.seed, request.quiet)
+    save_pipeline(parts, parts.unet, request.output_dir)
+    hyper = {k: settings[k] for k in method.defaults if k not in ("erase", "guide", "preserve", "variant")}
+    if "resolution" in results:
+        hyper["resolution"] = results.pop("resolution")
     card = {
-        "method": args.method,
-        "concept": args.concept,
-        "erase": args.erase if args.method == "uce" else [args.concept],
+        "method": request.method,
+        "concept": settings["concept"],
+        "erase": method.erased(settings),
         "guide": results.pop("guides", None),
-        "preserve": args.preserve if args.method == "uce" else None,
-        "hyperparameters": hyperparameters(args),
+        "preserve": settings.get("preserve"),
+        "hyperparameters": hyper,
         "base_model": os.path.abspath(base) if os.path.isdir(base) else base,
-        "output_dir": os.path.abspath(args.output_dir),
-        "seed": args.seed,
+        "output_dir": os.path.abspath(request.output_dir),
+        "seed": request.seed,
         "device": str(device),
         "results": results,
         "library_versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": ["tools/unlearn.py"] + args.argv,
+        "command": ["tools/unlearn.py", *request.argv],
     }
     card["wall_seconds"] = round(time.time() - start, 3)
-    atomic_write_json(os.path.join(args.output_dir, CARD_FILE), card)
-    write_readme(args.output_dir, card)
-    print(f"{PROG}: wrote {args.output_dir} ({args.method}, {card['wall_seconds']:.1f} s)", flush=True)
+    atomic_write_json(os.path.join(request.output_dir, CARD_FILE), card)
+    write_readme(request.output_dir, card)
+    print(f"{PROG}: wrote {request.output_dir} ({request.method}, {card['wall_seconds']:.1f} s)", flush=True)
     return card
 
 
