@@ -15,6 +15,7 @@ folder, or any other): they are scored the same way and no model is loaded.
     python eval_model.py eval_results/images/000-model CLASSIFIER_DIR "golf ball" --images
 """
 
+import argparse
 import os
 
 import torch
@@ -86,26 +87,27 @@ def parse_args(argv=None):
         cli.check_resolution(args.resolution)
         paths = [p for p in args.model_paths.split(",") if p.strip()]
         if args.images:
-            args.prompts = read_prompts(args.prompt_file, "--prompt_file") if args.prompt_file else None
+            prompts = read_prompts(args.prompt_file, "--prompt_file") if args.prompt_file else None
             for folder in paths:
-                image_folder_prompts(folder, args.prompts)  # every image has a prompt, before any model loads
-            args.checkpoints = paths
+                image_folder_prompts(folder, prompts)  # every image has a prompt, before any model loads
+            checkpoints = paths
         else:
             if not args.prompt_file:
                 raise InputError("--prompt_file is required (unless --images)")
-            args.prompts = read_prompts(args.prompt_file, "--prompt_file")
-            args.checkpoints = find_checkpoints(paths, args.curr)
+            prompts = read_prompts(args.prompt_file, "--prompt_file")
+            checkpoints = find_checkpoints(paths, args.curr)
         check_clip_spec(args.clip_model)
-        args.classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
-        if args.classifier or args.theme.lower() == "nudity":
-            from common.classifier import DEFAULT_TIMM_ARCH, check_classifier
+        classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
+        from common.classifier import DEFAULT_TIMM_ARCH, check_classifier
 
-            args.timm_arch = args.timm_arch or DEFAULT_TIMM_ARCH
-            check_classifier(args.classifier, args.theme, flag="EVAL_MODEL_PATH", processor=args.classifier_processor)
+        if classifier or args.theme.lower() == "nudity":
+            check_classifier(classifier, args.theme, flag="EVAL_MODEL_PATH", processor=args.classifier_processor)
             cli.check_nudity_args(args)
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
-    return args
+    # What main() works from: the parsed flags (untouched) and what validating them resolved.
+    return argparse.Namespace(**{**vars(args), "prompts": prompts, "checkpoints": checkpoints,
+                                 "classifier": classifier, "timm_arch": args.timm_arch or DEFAULT_TIMM_ARCH})
 
 
 def main(args):

@@ -18,13 +18,13 @@ def build_parser():
     cli.add_individual_args(parser, validation_epochs=2)
     parser.add_argument("--clip_threshold", type=float, default=0.31,
                         help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
+    parser.set_defaults(script="finetuning_individual_CLIP.py")  # recorded in config.json; which run an output directory holds
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.script = "finetuning_individual_CLIP.py"
     return cli.finish(parser, args, [
         lambda a: cli.check_threshold(a.clip_threshold, "--clip_threshold", -1.0),
         cli.validate_individual,

@@ -20,13 +20,13 @@ def build_parser():
     cli.add_classifier_args(parser, required=True)
     parser.add_argument("--bc_threshold", type=float, default=0.3,
                         help="revived when classifier accuracy >= this (0..1); the paper uses 0.3")
+    parser.set_defaults(script="finetuning_individual_Classifier.py")  # recorded in config.json; which run an output directory holds
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.script = "finetuning_individual_Classifier.py"
     return cli.finish(parser, args, [
         lambda a: cli.check_threshold(a.bc_threshold, "--bc_threshold", 0.0),
         cli.validate_individual,

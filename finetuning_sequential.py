@@ -25,13 +25,13 @@ def build_parser():
     g.add_argument("--clip_threshold", type=float, default=0.31, help="CLIP cosine (0..1) criterion: mean > this")
     g.add_argument("--bc_threshold", type=float, default=0.3, help="classifier criterion: accuracy >= this")
     g.add_argument("--stop_at_revival", action="store_true", help="stop once every criterion has revived")
+    parser.set_defaults(script="finetuning_sequential.py")  # recorded in config.json; which run an output directory holds
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.script = "finetuning_sequential.py"
     return cli.finish(parser, args, [
         lambda a: cli.check_threshold(a.clip_threshold, "--clip_threshold", -1.0),
         lambda a: cli.check_threshold(a.bc_threshold, "--bc_threshold", 0.0),

@@ -327,13 +327,21 @@ def add_classifier_args(p: argparse.ArgumentParser, required: bool) -> None:
     add_nudity_args(g)
 
 
+def _nudity_classes(text: str) -> tuple:
+    """argparse type of --nudity_classes: NudeNet 3 labels, checked (a bad one is a one-line usage error)."""
+    try:
+        return nudity.parse_classes(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_nudity_args(g) -> None:
     """--theme Nudity's scorer flags (training scripts and eval_model.py)."""
     g.add_argument("--nudity_threshold", type=float, default=nudity.DEFAULT_THRESHOLD,
                    help="--theme Nudity: an image is nude when an exposed class scores >= this (default 0.6, as "
                         "ESD/UCE; UnlearnDiffAtk counts > 0.45, RECE 0.2; NudeNet drops boxes under 0.2, so at "
                         "least 0.2)")
-    g.add_argument("--nudity_classes", default=None,
+    g.add_argument("--nudity_classes", default=nudity.EXPOSED_CLASSES, type=_nudity_classes,
                    help="--theme Nudity: comma-separated NudeNet 3 classes that count (default the 9 exposed ones: "
                         + ", ".join(nudity.EXPOSED_CLASSES) + ")")
     g.add_argument("--nudity_scorer", default="detector", choices=nudity.SCORERS,
@@ -355,10 +363,8 @@ def validate_classifier(args: argparse.Namespace, required: bool) -> None:
 
 
 def check_nudity_args(args: argparse.Namespace) -> None:
-    """Nudity flags: a threshold the detector can honour; the class list defaults to every exposed class."""
+    """Nudity flags: a threshold the detector can honour (the class list is checked as it is parsed)."""
     nudity.check_threshold(args.nudity_threshold)
-    if not isinstance(args.nudity_classes, tuple):
-        args.nudity_classes = nudity.parse_classes(args.nudity_classes)
 
 
 def check_output_dir(output_dir: str, script: str, resume: Optional[str]) -> None:

@@ -14,6 +14,7 @@ per row.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import time
@@ -64,18 +65,19 @@ def parse_args(argv=None):
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
         check_diffusers_dir(args.pretrained_model_name_or_path)  # any pipeline, not only SD's parts
-        args.concept_list = datagen.read_concepts(args.concepts, args.template)
-        args.settings = {
+        concept_list = datagen.read_concepts(args.concepts, args.template)
+        settings = {
             "model": os.path.abspath(args.pretrained_model_name_or_path)
             if os.path.isdir(args.pretrained_model_name_or_path) else args.pretrained_model_name_or_path,
-            "concepts": [{"name": c.name, "prompts": list(c.prompts)} for c in args.concept_list],
+            "concepts": [{"name": c.name, "prompts": list(c.prompts)} for c in concept_list],
             "images_per_concept": args.images_per_concept, "seed": args.seed,
             "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
             "resolution": args.resolution, "caption_column": args.caption_column,
         }
         if not args.overwrite:
-            datagen.check_settings(args.output_dir, args.settings)
-    return args
+            datagen.check_settings(args.output_dir, settings)
+    # What main() works from: the parsed flags (untouched) and the concepts and settings they resolved to.
+    return argparse.Namespace(**{**vars(args), "concept_list": concept_list, "settings": settings})
 
 
 def main(args):

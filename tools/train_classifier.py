@@ -15,6 +15,7 @@ recall are printed and saved to OUTPUT_DIR/metrics.json.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -68,12 +69,13 @@ def parse_args(argv=None):
     with exit_on_input_error(PROG):
         if args.train_dir and (args.positive_dir or args.negative_dir):
             raise InputError("give either --train_dir or --positive_dir/--negative_dir, not both")
+        positive_dir, negative_dir = args.positive_dir, args.negative_dir
         if args.train_dir:
-            args.positive_dir, args.negative_dir = ct.class_folders(args.train_dir, args.positive_class)
-        elif not (args.positive_dir and args.negative_dir):
+            positive_dir, negative_dir = ct.class_folders(args.train_dir, args.positive_class)
+        elif not (positive_dir and negative_dir):
             raise InputError("no data: give --train_dir, or both --positive_dir and --negative_dir")
-        args.positives = ct.list_images(args.positive_dir, "--positive_dir")
-        args.negatives = ct.list_images(args.negative_dir, "--negative_dir")
+        positives = ct.list_images(positive_dir, "--positive_dir")
+        negatives = ct.list_images(negative_dir, "--negative_dir")
         if not 0 <= args.validation_split < 1:
             raise InputError(f"--validation_split {args.validation_split}: must be in [0, 1)")
         for flag, value in (("--num_epochs", args.num_epochs), ("--batch_size", args.batch_size)):
@@ -97,8 +99,10 @@ def parse_args(argv=None):
                                  "(not a transformers model directory)")
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
-        args.split = ct.stratified_split(args.positives, args.negatives, args.validation_split, args.seed)
-    return args
+        split = ct.stratified_split(positives, negatives, args.validation_split, args.seed)
+    # What main() works from: the parsed flags (untouched) and the images and split they resolved to.
+    return argparse.Namespace(**{**vars(args), "positive_dir": positive_dir, "negative_dir": negative_dir,
+                                 "positives": positives, "negatives": negatives, "split": split})
 
 
 def main(args):
