@@ -55,10 +55,10 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    args.resolution = args.resolution or (512 if args.sd14 else 32)
-    if args.short:
-        args.steps, args.prompts, args.inference_steps = 2, 4, 2
-    return args
+    resolved = {"resolution": args.resolution or (512 if args.sd14 else 32)}
+    if args.short:  # CI: tiny counts
+        resolved.update(steps=2, prompts=4, inference_steps=2)
+    return argparse.Namespace(**{**vars(args), **resolved})
 
 
 def build_sd14(out_dir: str) -> str:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,15 +39,15 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
-        args.runs = grid.read_grid(args.grid, args.out_root)
+        runs = grid.read_grid(args.grid, args.out_root)
         if args.action in ("command", "output_dir"):
             if args.index is None:
                 raise InputError(f"{args.action} needs --index")
-            if not 0 <= args.index < len(args.runs):
-                raise InputError(f"--index {args.index}: the grid has runs 0..{len(args.runs) - 1}")
+            if not 0 <= args.index < len(runs):
+                raise InputError(f"--index {args.index}: the grid has runs 0..{len(runs) - 1}")
         if args.num_processes < 1 or args.num_machines < 1:
             raise InputError("--num_processes and --num_machines must be >= 1")
-    return args
+    return argparse.Namespace(**{**vars(args), "runs": runs})  # the parsed flags stay as parsed
 
 
 def main(args):
