@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from conftest import ROOT
 
 from tools import report  # noqa: E402
@@ -89,3 +91,55 @@ def test_example_grid_runs_are_named_by_their_tags_and_plots_do_not_collide(tmp_
                     {"protocol": "sequential", "criteria": {}, "revival_point": {}, "chunks": []}, [])
     r = report.load_run(untagged)
     assert (r["method"], r["concept"], r["data"]) == ("uce", "church", "related")
+
+
+def _individual(path, revived_chunks, records):
+    chunks = [{"chunk": c, "revived": c in revived_chunks, "revival_epoch": 2 if c in revived_chunks else None,
+               "epochs_trained": 3 if c in revived_chunks else 7} for c in (0, 1)]
+    return report.load_run(_run(path, {"args": {"pretrained_model_name_or_path": "/m/esd-x",
+                                                "validation_prompts": "/p/t.txt", "train_data_dir": "/d/rel"}},
+                                {"protocol": "individual", "criterion": "clip", "threshold": 0.8, "chunks": chunks},
+                                records))
+
+
+def test_epochs_to_revival_figure_shows_something_when_nothing_revived(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    recs = [{"chunk": c, "epoch": e, "mean": 0.3 + 0.1 * c + 0.01 * e} for c in (0, 1) for e in range(7)]
+    none = _individual(tmp_path / "none", set(), recs)
+    fig = report.epochs_to_revival_figure([none], "t")
+    left, right = fig.axes
+    # Left: no revival line with points, one 'not revived' marker per chunk at the last epoch trained.
+    (revived, missed) = left.get_lines()
+    assert len(revived.get_xdata()) == 0 and list(missed.get_xdata()) == [0, 1] and list(missed.get_ydata()) == [6, 6]
+    assert "not revived by epoch 6" in missed.get_label()
+    # Right: each chunk's best score against the threshold line.
+    best, threshold = right.get_lines()
+    assert list(best.get_ydata()) == pytest.approx([0.36, 0.46]) and list(threshold.get_ydata()) == [0.8, 0.8]
+    # A run where chunk 1 revived: its epoch is on the left, chunk 0 stays a 'not revived' marker.
+    some = _individual(tmp_path / "some", {1}, recs)
+    left, _ = report.epochs_to_revival_figure([some], "t").axes
+    (revived, missed) = left.get_lines()
+    assert (list(revived.get_xdata()), list(revived.get_ydata())) == ([1], [2]) and list(missed.get_xdata()) == [0]
+
+
+def test_sequential_figure_marks_threshold_and_revival_point(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    base = {"args": {"pretrained_model_name_or_path": "/m/uce", "validation_prompts": "/p/t.txt",
+                     "train_data_dir": "/d/rel"}}
+    recs = [{"criterion": "clip", "images_seen": n, "mean": m} for n, m in ((50, 0.2), (100, 0.4))]
+    for name, point in (("none", None), ("some", {"chunk": 1, "images_seen": 100})):
+        r = report.load_run(_run(tmp_path / name, base, {"protocol": "sequential", "criteria": {"clip": 0.31},
+                                                         "revival_point": {"clip": point}, "chunks": []}, recs))
+        (ax,) = report.sequential_figure(r).axes
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels[:2] == ["score after chunk", "threshold 0.31"]
+        if point:
+            (marker,) = [line for line in ax.get_lines() if line.get_label().startswith("Revival Point")]
+            assert list(marker.get_xdata()) == [100, 100] and "chunk 1 (100 images)" in marker.get_label()
+        else:
+            assert "Revival Point: not reached" in labels
+        assert ax.get_ylabel() == "mean CLIP cosine (0..1)"

@@ -119,6 +119,62 @@ def to_latex(header, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def epochs_to_revival_figure(individual, title: str):
+    """Individual runs, per chunk: epochs to revival (left) and the best validation score against the threshold
+    (right), so a run in which nothing revived still shows how close each chunk came."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, r in enumerate(individual):
+        colour = f"C{k}"
+        name = f"{r['method']} / {r['data']} ({r['summary']['criterion']})"
+        chunks = r["summary"]["chunks"]
+        revived = [c for c in chunks if c["revived"]]
+        missed = [c for c in chunks if not c["revived"]]
+        left.plot([c["chunk"] for c in revived], [c["revival_epoch"] for c in revived], "o-", color=colour,
+                  label=f"{name}: revived" if revived else "_none revived")
+        if missed:  # side by side when several runs missed the same chunk
+            left.plot([c["chunk"] + 0.1 * k for c in missed], [c["epochs_trained"] - 1 for c in missed], "x",
+                      color=colour, ls="none",
+                      label=f"{name}: not revived by epoch {max(c['epochs_trained'] for c in missed) - 1}")
+        best = {}
+        for x in r["records"]:
+            best[x["chunk"]] = max(best.get(x["chunk"], float("-inf")), x["mean"])
+        xs = sorted(best)
+        right.plot(xs, [best[c] for c in xs], "o-", color=colour, label=f"{name}: best score")
+        right.axhline(r["summary"]["threshold"], color=colour, ls="--", lw=1, label=f"{name}: threshold")
+    cap = max((c["epochs_trained"] for r in individual for c in r["summary"]["chunks"]), default=1)
+    left.set(xlabel="curriculum chunk", ylabel="epochs to revival", title=f"{title}: epochs to revival",
+             ylim=(-0.5, cap + 0.5))
+    right.set(xlabel="curriculum chunk", ylabel="best validation score in the chunk",
+              title=f"{title}: how close each chunk came")
+    for ax in (left, right):
+        ax.legend(fontsize=6)
+    return fig
+
+
+def sequential_figure(r):
+    """A sequential run: the score after each chunk per criterion, its threshold and its Revival Point."""
+    import matplotlib.pyplot as plt
+
+    criteria_ = r["summary"]["criteria"]
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
+    for ax, (name, threshold) in zip(axes[0], criteria_.items()):
+        recs = [x for x in r["records"] if x["criterion"] == name]
+        ax.plot([x["images_seen"] for x in recs], [x["mean"] for x in recs], marker="o", label="score after chunk")
+        ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        point = r["summary"]["revival_point"].get(name)
+        if point:
+            ax.axvline(point["images_seen"], color="C3", lw=1.5,
+                       label=f"Revival Point: chunk {point['chunk']} ({point['images_seen']} images)")
+        else:
+            ax.plot([], [], " ", label="Revival Point: not reached")
+        ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
+               title=f"{r['method']} / {r['concept']} / {r['data']}: {name}")
+        ax.legend(fontsize=7)
+    return fig
+
+
 def plot(runs, out: str, title: str) -> list:
     """Write the PNG plots; return their paths."""
     import matplotlib
@@ -141,31 +197,9 @@ def plot(runs, out: str, title: str) -> list:
         name = _slug(r["method"], r["concept"], r["data"], r["summary"]["criterion"])
         written.append(_save(fig, out, f"score_vs_epoch_{name}.png"))
     if individual:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in individual:
-            chunks = r["summary"]["chunks"]
-            ax.plot([c["chunk"] for c in chunks],
-                    [c["revival_epoch"] if c["revived"] else float("nan") for c in chunks], marker="o",
-                    label=f"{r['method']} / {r['data']} ({r['summary']['criterion']})")
-            missed = [c["chunk"] for c in chunks if not c["revived"]]
-            if missed:
-                ax.scatter(missed, [max(c["epochs_trained"] for c in chunks) - 1] * len(missed), marker="x",
-                           color="grey")
-        ax.set(xlabel="curriculum chunk", ylabel="epochs to revival (x: not revived within budget)",
-               title=f"{title}: epochs to revival")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out, "epochs_to_revival.png"))
+        written.append(_save(epochs_to_revival_figure(individual, title), out, "epochs_to_revival.png"))
     for r in sequential:
-        fig, axes = plt.subplots(1, len(r["summary"]["criteria"]), figsize=(5 * len(r["summary"]["criteria"]), 4),
-                                 squeeze=False)
-        for ax, (name, threshold) in zip(axes[0], r["summary"]["criteria"].items()):
-            recs = [x for x in r["records"] if x["criterion"] == name]
-            ax.plot([x["images_seen"] for x in recs], [x["mean"] for x in recs], marker="o")
-            ax.axhline(threshold, color="k", ls="--", lw=1, label="threshold")
-            ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
-                   title=f"{r['method']} / {r['concept']} / {r['data']}: {name}")
-            ax.legend(fontsize=7)
-        written.append(_save(fig, out, f"sequential_{_slug(r['method'], r['concept'], r['data'])}.png"))
+        written.append(_save(sequential_figure(r), out, f"sequential_{_slug(r['method'], r['concept'], r['data'])}.png"))
     return written
 
 
