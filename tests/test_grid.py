@@ -145,3 +145,20 @@ def test_run_one_job_passes_flags_and_output_dir(tmp_path):
     assert (out / "started").read_text() == "latest\n"
     r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out)], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_seed_is_a_grid_axis(tmp_path):
+    g = tmp_path / "g.csv"
+    g.write_text("script,method,concept,dataset,seed,--curriculum\n"
+                 "finetuning_sequential.py,uce,golf ball,related,0;1;2,\"50,100\"\n")
+    runs = grid.read_grid(str(g), "R")
+    assert [r.seed for r in runs] == ["0", "1", "2"]
+    assert [r.output_dir for r in runs] == [f"R/finetuning_sequential/uce/golf_ball/related/seed{i}" for i in range(3)]
+    cmd = shlex.split(grid.launch_command(runs[2]))
+    assert "--seed=2" in cmd and "--tag=seed=2" in cmd
+    g.write_text("script,method,concept,dataset,seed,--seed\nx,a,b,c,1,2\n")
+    with pytest.raises(InputError, match="seed axis and a --seed column"):
+        grid.read_grid(str(g), "R")
+    g.write_text("script,method,concept,dataset,seed\nx,a,b,c,one\n")
+    with pytest.raises(InputError, match="seed must list integers"):
+        grid.read_grid(str(g), "R")

@@ -143,3 +143,32 @@ def test_sequential_figure_marks_threshold_and_revival_point(tmp_path):
         else:
             assert "Revival Point: not reached" in labels
         assert ax.get_ylabel() == "mean CLIP cosine (0..1)"
+
+
+def test_bootstrap_interval_on_known_answers():
+    # All seeds agree: the interval collapses onto the value.
+    assert report.bootstrap_median_ci([4, 4, 4, 4]) == (4.0, 4.0, 4.0)
+    # Two seeds, 1 and 9: a resample's lower median is 1 with probability 3/4 and 9 with 1/4, so the 2.5% and
+    # 97.5% quantiles are 1 and 9.
+    assert report.bootstrap_median_ci([1, 9]) == (1.0, 1.0, 9.0)
+    # Five seeds, 2..6: median 4; the interval is fixed by the bootstrap seed and lies within the data.
+    med, low, high = report.bootstrap_median_ci([2, 3, 4, 5, 6])
+    assert med == 4 and 2 <= low < 4 < high <= 6
+    assert report.bootstrap_median_ci([2, 3, 4, 5, 6]) == (med, low, high)
+    # Not revived counts as past the budget: with most seeds censored the median is not reached.
+    assert report.bootstrap_median_ci([2, float("inf"), float("inf")])[0] == float("inf")
+
+
+def test_runs_that_differ_only_in_seed_are_aggregated(tmp_path):
+    args = {"pretrained_model_name_or_path": "/m/uce", "validation_prompts": "/p/t.txt", "train_data_dir": "/d/rel"}
+    runs = []
+    for seed, point in ((0, 4), (1, 4), (2, 4), (3, None)):
+        rp = {"chunk": point, "images_seen": 50 * (point + 1)} if point is not None else None
+        runs.append(_run(tmp_path / f"s{seed}", {"args": {**args, "seed": seed}},
+                         {"protocol": "sequential", "criteria": {"classifier": 0.6},
+                          "revival_point": {"classifier": rp}, "chunks": []}, []))
+    header, rows = report.seed_rows([report.load_run(r) for r in runs])
+    assert rows == [["uce", "t", "rel", "classifier", 4, "chunk 4 [4, not reached], 3/4 revived"]]
+    out = tmp_path / "report"
+    report.main(report.parse_args([*runs, "--out", str(out)]))
+    assert "3/4 revived" in (out / "revival_table_seeds.md").read_text()

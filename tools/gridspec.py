@@ -10,6 +10,11 @@ whose name starts with ``--`` is passed as that flag; its cell may use
 (``--use_ema``). Without an ``--output_dir`` column a run writes to
 ``{out_root}/{script}/{method}/{concept_slug}/{dataset}``. Every run gets
 ``--resume_from_checkpoint latest``, so the same command starts and restarts it.
+
+An optional ``seed`` column is a fourth axis (``0;1;2``): each seed is its own
+run with ``--seed``, a ``{seed}`` placeholder, and ``seed{N}`` appended to the
+default output directory; tools/report.py aggregates runs that differ only in
+their seed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import itertools
 import os
 import shlex
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from common.errors import InputError
 from common.results import slug
@@ -37,10 +42,12 @@ class GridRun:
     script: str
     flags: tuple  # ((flag, value or None), ...) in column order
     output_dir: str
+    seed: Optional[str] = None  # the seed axis' value, when the grid has one
 
     @property
     def name(self) -> str:
-        return f"{os.path.splitext(os.path.basename(self.script))[0]}/{self.method}/{slug(self.concept)}/{self.dataset}"
+        name = f"{os.path.splitext(os.path.basename(self.script))[0]}/{self.method}/{slug(self.concept)}/{self.dataset}"
+        return name if self.seed is None else f"{name}/seed{self.seed}"
 
 
 def _fill(template: str, values: Dict[str, str], where: str) -> str:
@@ -48,7 +55,7 @@ def _fill(template: str, values: Dict[str, str], where: str) -> str:
         return template.format(**values)
     except (KeyError, IndexError, ValueError) as err:
         raise InputError(f"{where}: cannot fill {template!r} ({err}); placeholders are "
-                         "{method} {concept} {concept_slug} {dataset} {out_root}") from None
+                         "{method} {concept} {concept_slug} {dataset} {out_root} {seed}") from None
 
 
 def read_grid(path: str, out_root: str) -> List[GridRun]:
@@ -63,7 +70,10 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
     missing = [c for c in ("script", *AXES) if c not in columns]
     if missing:
         raise InputError(f"GRID {path}: missing column(s) {', '.join(missing)}")
-    unknown = [c for c in columns if c not in ("script", *AXES) and not c.startswith("--")]
+    has_seed = "seed" in columns
+    if has_seed and "--seed" in columns:
+        raise InputError(f"GRID {path}: a seed axis and a --seed column; keep one")
+    unknown = [c for c in columns if c not in ("script", "seed", *AXES) and not c.startswith("--")]
     if unknown:
         raise InputError(f"GRID {path}: column(s) {', '.join(unknown)} are neither axes nor --flags")
     runs: List[GridRun] = []
@@ -81,9 +91,12 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
         script = row["script"].strip()
         if not script:
             raise InputError(f"{where}: empty script")
-        for method, concept, dataset in itertools.product(*axes):
+        seeds = [v.strip() for v in row["seed"].split(";") if v.strip()] if has_seed else [None]
+        if has_seed and (not seeds or not all(v.lstrip("-").isdigit() for v in seeds)):
+            raise InputError(f"{where}: seed must list integers separated by ';'")
+        for method, concept, dataset, seed in itertools.product(*axes, seeds):
             values = {"method": method, "concept": concept, "concept_slug": slug(concept), "dataset": dataset,
-                      "out_root": out_root}
+                      "out_root": out_root, "seed": seed if seed is not None else ""}
             flags = []
             output_dir = None
             for col in columns:
@@ -96,11 +109,14 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
                 elif col != "--resume_from_checkpoint":
                     flags.append((col, value))
             stem = os.path.splitext(os.path.basename(script))[0]
-            output_dir = output_dir or os.path.join(out_root, stem, method, slug(concept), dataset)
+            output_dir = output_dir or os.path.join(out_root, stem, method, slug(concept), dataset,
+                                                    *([f"seed{seed}"] if seed is not None else []))
             if output_dir in seen:
                 raise InputError(f"{where}: output directory {output_dir} is also used by run {seen[output_dir]}")
             seen[output_dir] = len(runs)
-            runs.append(GridRun(len(runs), method, concept, dataset, script, tuple(flags), output_dir))
+            if seed is not None:
+                flags.append(("--seed", seed))
+            runs.append(GridRun(len(runs), method, concept, dataset, script, tuple(flags), output_dir, seed))
     return runs
 
 
@@ -115,5 +131,7 @@ def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) 
     if os.path.basename(run.script).startswith("finetuning_"):
         # The run's names, so tools/report.py labels it from its config.json, whatever the paths are called.
         cmd += [f"--tag=method={run.method}", f"--tag=concept={run.concept}", f"--tag=data={run.dataset}"]
+        if run.seed is not None:
+            cmd += [f"--tag=seed={run.seed}"]
     cmd += [f"--output_dir={run.output_dir}", "--resume_from_checkpoint=latest"]
     return shlex.join(cmd)

@@ -98,6 +98,69 @@ def table_rows(runs) -> tuple:
     return header, rows
 
 
+BOOTSTRAP_RESAMPLES = 10_000  # resamples of the seeds' values per interval
+BOOTSTRAP_SEED = 0  # the intervals are reproducible: the same runs give the same table
+
+
+def bootstrap_median_ci(values, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> tuple:
+    """Median of ``values`` and its percentile-bootstrap interval (Efron & Tibshirani 1993, ch. 13).
+
+    A value of ``inf`` stands for "not revived" (censored past the budget): it sorts last, so the median and
+    the bounds are ``inf`` when enough seeds did not revive.
+    """
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.sort(x[rng.integers(0, len(x), size=(resamples, len(x)))], axis=1)
+    # The lower median, so that a resample with an inf in the middle does not average it into a finite number.
+    medians = medians[:, (len(x) - 1) // 2]
+    low, high = np.quantile(medians, [(1 - level) / 2, 1 - (1 - level) / 2], method="inverted_cdf")
+    return float(np.sort(x)[(len(x) - 1) // 2]), float(low), float(high)
+
+
+def _fmt_point(v: float, unit: str, cap_label: str) -> str:
+    return cap_label if v == float("inf") else f"{unit}{v:g}"
+
+
+def seed_rows(runs) -> tuple:
+    """Runs that differ only in --seed, aggregated: per criterion the median Revival Point (sequential) or per
+    chunk the median epochs to revival (individual), a 95% bootstrap interval, and how many seeds revived."""
+    groups = {}
+    for r in runs:
+        key = (r["method"], r["concept"], r["data"], r["protocol"])
+        groups.setdefault(key, []).append(r)
+    header = ["method", "concept", "data", "criterion", "seeds", "result (median [95% CI], seeds revived)"]
+    rows = []
+    for (method, concept, data, protocol), members in groups.items():
+        seeds = sorted({m["config"].get("args", {}).get("seed") for m in members}, key=str)
+        if len(members) < 2:
+            continue
+        if protocol == "sequential":
+            for name in members[0]["summary"]["criteria"]:
+                points = [m["summary"]["revival_point"].get(name) for m in members]
+                values = [p["chunk"] if p else float("inf") for p in points]
+                med, low, high = bootstrap_median_ci(values)
+                text = (f"{_fmt_point(med, 'chunk ', 'not reached')} [{_fmt_point(low, '', 'not reached')}, "
+                        f"{_fmt_point(high, '', 'not reached')}], {sum(p is not None for p in points)}/"
+                        f"{len(points)} revived")
+                rows.append([method, concept, data, name, len(seeds), text])
+        else:
+            criterion = members[0]["summary"]["criterion"]
+            chunks = sorted({c["chunk"] for m in members for c in m["summary"]["chunks"]})
+            for chunk in chunks:
+                outcomes = [next((c for c in m["summary"]["chunks"] if c["chunk"] == chunk), None) for m in members]
+                outcomes = [o for o in outcomes if o is not None]
+                values = [o["revival_epoch"] if o["revived"] else float("inf") for o in outcomes]
+                med, low, high = bootstrap_median_ci(values)
+                text = (f"chunk {chunk}: {_fmt_point(med, 'epoch ', 'not revived')} [{_fmt_point(low, '', '-')}, "
+                        f"{_fmt_point(high, '', '-')}], {sum(o['revived'] for o in outcomes)}/{len(outcomes)} "
+                        "revived")
+                rows.append([method, concept, data, f"{criterion} (individual)", len(seeds), text])
+    return header, rows
+
+
 def to_markdown(header, rows) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
@@ -226,8 +289,15 @@ def main(args):
     for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
         with open(os.path.join(args.out, f"revival_table.{ext}"), "w") as f:
             f.write(fmt(header, rows))
+    seed_header, seed_table = seed_rows(runs)
+    if seed_table:  # runs that differ only in their seed: one aggregated row each
+        with open(os.path.join(args.out, "revival_table_seeds.md"), "w") as f:
+            f.write(to_markdown(seed_header, seed_table))
     plots = plot(runs, args.out, args.title)
     print(to_markdown(header, rows))
+    if seed_table:
+        print(f"over seeds (median, {BOOTSTRAP_RESAMPLES} bootstrap resamples, bootstrap seed {BOOTSTRAP_SEED}):")
+        print(to_markdown(seed_header, seed_table))
     print("plots:", *plots, sep="\n  ")
     return header, rows, plots
 
