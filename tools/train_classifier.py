@@ -108,8 +108,12 @@ def parse_args(argv=None):
 def main(args):
     from common.results import atomic_write_json
 
+    import torch
+
     t0 = time.time()
-    # Phase 1: backbone with a fresh two-class head.
+    # Phase 1: backbone with a fresh two-class head, initialised from --seed (so is a --timm_arch model without
+    # --init_weights): the same command trains the same classifier.
+    torch.manual_seed(args.seed)
     if args.timm_arch:
         backbone = ct.TimmBackbone(args.timm_arch, args.init_weights)
         if not args.init_weights:
