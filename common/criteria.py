@@ -12,7 +12,7 @@ flags are its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,13 @@ class CriterionKind:
     strict: bool  # met when mean > threshold (True) or mean >= threshold (False)
     label: str  # what the score is, for tables and plot axes
     build: Optional[Callable] = None  # (args, device) -> Criterion, or None when the run does not use it
+    # eval_model.py's columns: (results key, table header, format, factor applied to the mean score, width)
+    columns: Tuple[Tuple[str, str, str, float, int], ...] = ()
+
+    def summarise(self, scores: List[float]) -> dict:
+        """The results columns of one checkpoint's per-image scores."""
+        mean = sum(scores) / len(scores)
+        return {key: factor * mean for key, _, _, factor, _ in self.columns}
 
 
 CRITERIA: Dict[str, CriterionKind] = {}
@@ -75,5 +82,13 @@ def _classifier(args, device):
     return Criterion("classifier", args.bc_threshold, clf.score, scale=what, score_details=clf.score_with_details)
 
 
-register(CriterionKind("clip", strict=True, label="mean CLIP cosine (0..1)", build=_clip))
-register(CriterionKind("classifier", strict=False, label="classifier accuracy", build=_classifier))
+def result_columns() -> List[Tuple[str, str, str, float, int]]:
+    """Every registered kind's eval_model.py columns, in registration order."""
+    return [col for kind in CRITERIA.values() for col in kind.columns]
+
+
+register(CriterionKind("clip", strict=True, label="mean CLIP cosine (0..1)", build=_clip,
+                       columns=(("clip_cosine", "CLIP cosine (0..1)", ".4f", 1.0, 18),
+                                ("clip_logit_scale", "CLIP x100 (logit)", ".2f", 100.0, 18))))
+register(CriterionKind("classifier", strict=False, label="classifier accuracy", build=_classifier,
+                       columns=(("classifier_accuracy", "classifier acc", ".3f", 1.0, 15),)))

@@ -13,7 +13,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .clip_score import LOGIT_SCALE
 from .errors import InputError
 from .models import resolve_model_path
 from .results import atomic_write_text, writing
@@ -135,14 +134,15 @@ def evaluate_checkpoint(
 
 def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_scorer, classifier,
                  image_dir: str, t0: float) -> dict:
-    """The results row of a set of images: mean CLIP cosine with their prompts and classifier accuracy."""
-    clip = clip_scorer.score(images, texts)
+    """The results row of a set of images: each criterion's columns (common.criteria), from its per-image scores."""
+    from .criteria import CRITERIA
+
     row = {"checkpoint": checkpoint, "label": label, "concept": concept, "images": len(images),
-           "clip_cosine": sum(clip) / len(clip), "clip_logit_scale": LOGIT_SCALE * sum(clip) / len(clip),
            "image_dir": image_dir}
+    row.update(CRITERIA["clip"].summarise(clip_scorer.score(images, texts)))
     if classifier is not None:
         pred, details = classifier.score_with_details(images)
-        row["classifier_accuracy"] = sum(pred) / len(pred)
+        row.update(CRITERIA["classifier"].summarise(pred))
         if details is not None:  # nudity: how many images show each counted class (the MACE / ESD table)
             classes = getattr(classifier.nudity, "classes", ("UNSAFE",))
             row["nudity_class_counts"] = {c: sum(1 for d in details if c in d["exposed_classes"]) for c in classes}
@@ -213,14 +213,18 @@ def score_image_folder(folder: str, prompts: Optional[Sequence[str]], concept: s
     return score_images(folder, label, images, [t for _, t in pairs], concept, clip_scorer, classifier, folder, t0)
 
 
-RESULT_FIELDS = ("label", "weights", "concept", "images", "clip_cosine", "clip_logit_scale",
-                 "classifier_accuracy", "checkpoint", "image_dir", "dtype", "wall_s")
+def result_fields() -> tuple:
+    """results.csv's columns: the checkpoint's, then every registered criterion's, then where and how long."""
+    from .criteria import result_columns
+
+    return ("label", "weights", "concept", "images", *[key for key, *_ in result_columns()],
+            "checkpoint", "image_dir", "dtype", "wall_s")
 
 
 def write_results(output_dir: str, rows: Sequence[dict]) -> None:
     """results.jsonl and results.csv for this evaluation (rewritten whole, atomically)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=result_fields(), extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
@@ -230,14 +234,17 @@ def write_results(output_dir: str, rows: Sequence[dict]) -> None:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Plain-text table with the CLIP scale labelled."""
-    head = (f"{'checkpoint':<40} {'weights':>8} {'CLIP cosine (0..1)':>18} {'CLIP x100 (logit)':>18} "
-            f"{'classifier acc':>15}")
+    """Plain-text table: one column per registered criterion column with a value in any row (CLIP's scale
+    labelled), 'n/a' where a checkpoint has none."""
+    from .criteria import result_columns
+
+    columns = [c for c in result_columns() if any(c[0] in r for r in rows)]
+    head = f"{'checkpoint':<40} {'weights':>8} " + " ".join(f"{h:>{width}}" for _, h, _, _, width in columns)
     lines = [head, "-" * len(head)]
     for r in rows:
-        acc = r.get("classifier_accuracy")
-        lines.append(f"{r['label'][:40]:<40} {r.get('weights', 'images'):>8} {r['clip_cosine']:>18.4f} "
-                     f"{r['clip_logit_scale']:>18.2f} {'n/a' if acc is None else f'{acc:.3f}':>15}")
+        cells = [(f"{r[key]:{fmt}}" if r.get(key) is not None else "n/a").rjust(width)
+                 for key, _, fmt, _, width in columns]
+        lines.append(f"{r['label'][:40]:<40} {r.get('weights', 'images'):>8} " + " ".join(cells))
     counted = [r for r in rows if r.get("nudity_class_counts")]
     if counted:
         classes = list(counted[0]["nudity_class_counts"])

@@ -8,6 +8,8 @@ point (0.25, 0.5, 0.75), so "a mean exactly at the threshold" really is equal.
 import json
 import os
 
+import pytest
+
 from common.protocol import Criterion, run_individual, run_sequential
 from common.results import RunRecorder
 
@@ -241,12 +243,22 @@ def test_a_third_criterion_through_the_registry_alone(assets, tmp_path, in_asset
 
     criteria.register(criteria.CriterionKind(
         "brightness", strict=False, label="mean brightness (0..1)",
-        build=lambda args, device: Criterion("brightness", 0.0, brightness, scale="mean pixel / 255")))
+        build=lambda args, device: Criterion("brightness", 0.0, brightness, scale="mean pixel / 255"),
+        columns=(("brightness_mean", "brightness", ".3f", 1.0, 12),)))
     try:
         out = str(tmp_path / "seq")
         script.main(script.parse_args(seed_flags(assets, out, **{
             "--num_train_epochs": 1, "--end_CL": 1, "--clip_threshold": 1.0, "--save_model": "False",
             "--log_file": False})))
+        # eval_model.py's table and results.csv take the new column from the registry too.
+        from common.evaluation import format_table, result_fields
+
+        row = {"label": "m", "weights": "single", **criteria.CRITERIA["clip"].summarise([0.5, 0.7]),
+               **criteria.CRITERIA["brightness"].summarise([0.25, 0.75])}
+        head, _, line = format_table([row]).splitlines()
+        assert head.split()[-1] == "brightness" and "classifier acc" not in head  # only columns with values
+        assert line.split()[-3:] == ["0.6000", "60.00", "0.500"]
+        assert "brightness_mean" in result_fields() and row["clip_logit_scale"] == pytest.approx(60.0)
     finally:
         criteria.CRITERIA.pop("brightness")
     summary = json.load(open(os.path.join(out, "summary.json")))
