@@ -172,3 +172,23 @@ def test_runs_that_differ_only_in_seed_are_aggregated(tmp_path):
     out = tmp_path / "report"
     report.main(report.parse_args([*runs, "--out", str(out)]))
     assert "3/4 revived" in (out / "revival_table_seeds.md").read_text()
+
+
+def test_base_score_is_a_reference_line(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    base = {"args": {"pretrained_model_name_or_path": "/m/uce", "validation_prompts": "/p/t.txt",
+                     "train_data_dir": "/d/rel"}}
+    run = _run(tmp_path / "seq", base, {"protocol": "sequential", "criteria": {"clip": 0.31, "classifier": 0.3},
+                                        "revival_point": {"clip": None, "classifier": None}, "chunks": []},
+               [{"criterion": c, "images_seen": 50, "mean": 0.2} for c in ("clip", "classifier")])
+    args = report.parse_args([run, "--out", str(tmp_path / "r"), "--base_score", "clip=0.93"])
+    assert report.base_scores(args.base_score) == {"clip": 0.93}
+    clip_ax, clf_ax = report.sequential_figure(report.load_run(run), {"clip": 0.93}).axes
+    (ref,) = [line for line in clip_ax.get_lines() if line.get_label() == "base model 0.93"]
+    assert list(ref.get_ydata()) == [0.93, 0.93]
+    assert not [line for line in clf_ax.get_lines() if line.get_label().startswith("base model")]  # not known
+    with pytest.raises(SystemExit) as exc:
+        report.parse_args([run, "--base_score", "clip"])
+    assert exc.value.code == 2 and "CRITERION=NUMBER" in capsys.readouterr().err

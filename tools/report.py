@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+from typing import Optional
 
 
 from common import criteria  # noqa: E402
@@ -31,6 +32,9 @@ def build_parser():
     p.add_argument("runs", nargs="+", help="output directories of the fine-tuning scripts")
     p.add_argument("--out", default="report", help="folder for tables and plots")
     p.add_argument("--title", default="Concept revival", help="title prefix of the plots")
+    p.add_argument("--base_score", action="append", default=[], metavar="CRITERION=VALUE",
+                   help="the original (not unlearned) model's score, drawn as a reference line on every plot of "
+                        "that criterion, e.g. clip=0.93 (repeatable; from eval_model.py on the base model)")
     p.add_argument("--concept", default=None,
                    help="concept name for every run (default: the run's concept tag, else its validation prompt "
                         "file name)")
@@ -41,11 +45,32 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     with exit_on_input_error(PROG):
+        base_scores(args.base_score)
         for run in args.runs:
             for name in (CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE):
                 if not os.path.isfile(os.path.join(run, name)):
                     raise InputError(f"{run}: no {name} (not a finished or running fine-tuning output directory)")
     return args
+
+
+def base_scores(items) -> dict:
+    """--base_score CRITERION=VALUE items as {criterion: value} (InputError when malformed)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--base_score {item!r}: expected CRITERION=NUMBER, e.g. clip=0.93") from None
+        if not sep or not name.strip():
+            raise InputError(f"--base_score {item!r}: expected CRITERION=NUMBER, e.g. clip=0.93")
+    return out
+
+
+def _base_line(ax, base: dict, criterion: str) -> None:
+    """The original model's score, when known, as a dotted reference line."""
+    if criterion in base:
+        ax.axhline(base[criterion], color="grey", ls=":", lw=1.2, label=f"base model {base[criterion]:g}")
 
 
 def _stem(path) -> str:
@@ -216,8 +241,9 @@ def epochs_to_revival_figure(individual, title: str):
     return fig
 
 
-def sequential_figure(r):
-    """A sequential run: the score after each chunk per criterion, its threshold and its Revival Point."""
+def sequential_figure(r, base: Optional[dict] = None):
+    """A sequential run: the score after each chunk per criterion, its threshold, its Revival Point and (when
+    known) the base model's score."""
     import matplotlib.pyplot as plt
 
     criteria_ = r["summary"]["criteria"]
@@ -226,6 +252,7 @@ def sequential_figure(r):
         recs = [x for x in r["records"] if x["criterion"] == name]
         ax.plot([x["images_seen"] for x in recs], [x["mean"] for x in recs], marker="o", label="score after chunk")
         ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        _base_line(ax, base or {}, name)
         point = r["summary"]["revival_point"].get(name)
         if point:
             ax.axvline(point["images_seen"], color="C3", lw=1.5,
@@ -238,7 +265,7 @@ def sequential_figure(r):
     return fig
 
 
-def plot(runs, out: str, title: str) -> list:
+def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
     """Write the PNG plots; return their paths."""
     import matplotlib
 
@@ -254,6 +281,7 @@ def plot(runs, out: str, title: str) -> list:
             recs = [x for x in r["records"] if x["chunk"] == chunk]
             ax.plot([x["epoch"] for x in recs], [x["mean"] for x in recs], marker="o", ms=3, label=f"chunk {chunk}")
         ax.axhline(r["summary"]["threshold"], color="k", ls="--", lw=1, label="threshold")
+        _base_line(ax, base or {}, r["summary"]["criterion"])
         ax.set(xlabel="epoch", ylabel=_ylabel(r["summary"]["criterion"]),
                title=f"{title}: {r['method']} / {r['concept']} / {r['data']}")
         ax.legend(fontsize=7, ncol=2)
@@ -262,7 +290,8 @@ def plot(runs, out: str, title: str) -> list:
     if individual:
         written.append(_save(epochs_to_revival_figure(individual, title), out, "epochs_to_revival.png"))
     for r in sequential:
-        written.append(_save(sequential_figure(r), out, f"sequential_{_slug(r['method'], r['concept'], r['data'])}.png"))
+        name = _slug(r["method"], r["concept"], r["data"])
+        written.append(_save(sequential_figure(r, base), out, f"sequential_{name}.png"))
     return written
 
 
@@ -293,7 +322,7 @@ def main(args):
     if seed_table:  # runs that differ only in their seed: one aggregated row each
         with open(os.path.join(args.out, "revival_table_seeds.md"), "w") as f:
             f.write(to_markdown(seed_header, seed_table))
-    plots = plot(runs, args.out, args.title)
+    plots = plot(runs, args.out, args.title, base_scores(args.base_score))
     print(to_markdown(header, rows))
     if seed_table:
         print(f"over seeds (median, {BOOTSTRAP_RESAMPLES} bootstrap resamples, bootstrap seed {BOOTSTRAP_SEED}):")
