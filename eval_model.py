@@ -43,9 +43,6 @@ def build_parser():
                         help="MODEL_PATHS are folders of existing images: score them, load no pipeline. Each image's "
                              "prompt: the folder's metadata.jsonl (file_name, prompt), else --prompt_file line k for "
                              "p{k}_{j}.png, else a one-line --prompt_file")
-    parser.add_argument("--theme", nargs="?", const="style", default="",
-                        help="'' objects/celebrities (transformers classifier); a style name or bare --theme: timm "
-                             "style classifier; Nudity: NudeNet")
     parser.add_argument("--curr", action="store_true", help="also evaluate each path's curriculum-* subfolders")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is absent)")
     parser.add_argument("--images_per_prompt", type=int, default=5, help="images generated per prompt (the paper: 5)")
@@ -66,13 +63,7 @@ def build_parser():
     parser.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                         help="generation precision (default: fp16 on CUDA, fp32 on the CPU; fp16 without CUDA "
                              "falls back to fp32 with a warning)")
-    parser.add_argument("--concept_index", type=int, default=1, help="class index of the concept (default 1)")
-    parser.add_argument("--classifier_processor", default=None,
-                        help="image processor directory/id (default: the classifier's own, else "
-                             "google/vit-large-patch16-224-in21k)")
-    parser.add_argument("--timm_arch", default=None,
-                        help="timm architecture of a style classifier (default vit_large_patch16_224.augreg_in21k)")
-    cli.add_nudity_args(parser)
+    cli.add_classifier_options(parser.add_argument_group("concept classifier"), compat=False)
     return parser
 
 
@@ -98,7 +89,7 @@ def parse_args(argv=None):
             checkpoints = find_checkpoints(paths, args.curr)
         check_clip_spec(args.clip_model)
         classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
-        from common.classifier import DEFAULT_TIMM_ARCH, check_classifier
+        from common.classifier import check_classifier
 
         if classifier or args.theme.lower() == "nudity":
             check_classifier(classifier, args.theme, flag="EVAL_MODEL_PATH", processor=args.classifier_processor)
@@ -107,7 +98,7 @@ def parse_args(argv=None):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
     # What main() works from: the parsed flags (untouched) and what validating them resolved.
     return argparse.Namespace(**{**vars(args), "prompts": prompts, "checkpoints": checkpoints,
-                                 "classifier": classifier, "timm_arch": args.timm_arch or DEFAULT_TIMM_ARCH})
+                                 "classifier": classifier})
 
 
 def main(args):

@@ -316,13 +316,19 @@ def add_classifier_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--model_path", required=False, default=None,
                    help="transformers image-classification directory, or a timm state dict with --theme <style>"
                    + ("" if required else " (omit to run CLIP only)"))
+    add_classifier_options(g, compat=True)
+
+
+def add_classifier_options(g, compat: bool) -> None:
+    """How a classifier is read (kind, concept class, input, timm architecture, nudity): training and evaluation."""
     g.add_argument("--theme", nargs="?", const="style", default="",
                    help="'' objects/celebrities (transformers classifier); a style name or bare --theme: timm "
                         "style classifier; Nudity: NudeNet")
     g.add_argument("--concept_index", type=int, default=1, help="class index of the concept (default 1)")
     g.add_argument("--classifier_processor", default=None,
                    help="image processor directory/id (default: the classifier's own, else the published id "
-                        "google/vit-large-patch16-224-in21k; under --compat reference always the published id)")
+                        "google/vit-large-patch16-224-in21k"
+                        + ("; under --compat reference always the published id)" if compat else ")"))
     g.add_argument("--timm_arch", default=DEFAULT_TIMM_ARCH, help="timm architecture of a style classifier")
     add_nudity_args(g)
 

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .errors import InputError
-from .models import resolve_model_path
+from .models import EMA_UNET, TRAINED_UNET, resolve_model_path
 from .results import atomic_write_text, writing
 from .validation import generate_images, image_seed
 
@@ -65,10 +65,10 @@ def unet_folder(path: str, weights: str) -> tuple:
     sequential script's final model). A pipeline with one UNet gives it for
     either choice, labelled 'single'.
     """
-    if os.path.isdir(os.path.join(path, "unet_trained")):
-        return ("unet_trained", "trained") if weights == "trained" else ("unet", "ema")
-    if os.path.isdir(os.path.join(path, "unet_ema")):
-        return ("unet_ema", "ema") if weights == "ema" else ("unet", "trained")
+    if os.path.isdir(os.path.join(path, TRAINED_UNET)):
+        return (TRAINED_UNET, "trained") if weights == "trained" else ("unet", "ema")
+    if os.path.isdir(os.path.join(path, EMA_UNET)):
+        return (EMA_UNET, "ema") if weights == "ema" else ("unet", "trained")
     return "unet", "single"
 
 

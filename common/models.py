@@ -18,6 +18,9 @@ import torch
 from .errors import InputError
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# With --use_ema a saved pipeline holds a second UNet: the EMA copy beside the trained one (curriculum-{i}), or the
+# trained one beside the EMA copy that is the pipeline's unet/ (the sequential script's final model).
+EMA_UNET, TRAINED_UNET = "unet_ema", "unet_trained"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -211,11 +214,11 @@ def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, tr
         build_pipeline(parts, unet).save_pretrained(tmp)
         if ema is not None:
             if ema_as_unet:
-                os.replace(os.path.join(tmp, "unet"), os.path.join(tmp, "unet_trained"))
+                os.replace(os.path.join(tmp, "unet"), os.path.join(tmp, TRAINED_UNET))
             ema.store(trainable)
             ema.copy_to(trainable)
             try:
-                unet.save_pretrained(os.path.join(tmp, "unet" if ema_as_unet else "unet_ema"))
+                unet.save_pretrained(os.path.join(tmp, "unet" if ema_as_unet else EMA_UNET))
             finally:
                 ema.restore(trainable)
         if not os.path.exists(path):

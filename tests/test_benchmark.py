@@ -12,12 +12,17 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_benchmark_short_mode(tmp_path):
+def _benchmark(tmp_path, *flags):
+    """Run tools/benchmark.py with ``flags``; its stdout and the figures it wrote as JSON."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--short", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *flags, "--json", str(out)],
                           capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_benchmark_short_mode(tmp_path):
+    proc, figures = _benchmark(tmp_path, "--short")
     for key in ("cached_samples_per_s", "uncached_samples_per_s", "bare_fwd_bwd_samples_per_s",
                 "validation_batched_images_per_s", "validation_one_at_a_time_images_per_s",
                 "nudity_detector_s_per_100_images",
@@ -33,11 +38,7 @@ def test_benchmark_short_mode(tmp_path):
 
 
 def test_benchmark_memory_mode_budget_per_lever_combination(tmp_path):
-    out = tmp_path / "mem.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--memory", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    f = json.loads(out.read_text())
+    proc, f = _benchmark(tmp_path, "--memory")
     # Each combination is the components it keeps on the GPU plus batch x activations per sample (bytes, exact).
     static = sum(f[f"component_{k}_bytes"] for k in ("trainable_parameters", "frozen_unet_parameters", "gradients",
                                                       "text_encoder", "vae"))

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
-from common.models import check_pipeline_dir, resolve_model_path  # noqa: E402
+from common.models import EMA_UNET, TRAINED_UNET, check_pipeline_dir, resolve_model_path  # noqa: E402
 
 PROG = "import_model.py"
 CARD_FILE = "import_card.json"
@@ -261,7 +261,7 @@ def main(args) -> dict:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(args.output_dir)}.tmp-", dir=parent)
     try:
         shutil.rmtree(tmp)
-        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("unet_ema", "unet_trained", CARD_FILE))
+        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns(EMA_UNET, TRAINED_UNET, CARD_FILE))
         for component in changed:
             shutil.rmtree(os.path.join(tmp, component))
             getattr(pipe, component).save_pretrained(os.path.join(tmp, component))
