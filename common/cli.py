@@ -146,9 +146,15 @@ def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
                    help="prompts per generation batch (0: all of a process's prompts at once)")
     g.add_argument("--save_validation_images", action="store_true",
                    help="keep every validation image under OUTPUT_DIR/validation_images/")
-    if clip:
-        g.add_argument("--clip_model", default=DEFAULT_CLIP,
-                       help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
+    g.add_argument("--retention_prompts", default=None,
+                   help="text file of prompts whose concepts must survive (neighbours of the erased concept, "
+                        "unrelated ones), one per line: at every validation each is generated too (one more "
+                        "generation batch per validation) and scored by CLIP against its own prompt; the records "
+                        "gain retention_mean and retention_scores")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP,
+                   help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]"
+                        + ("" if clip else " (here only for --retention_prompts: this script's criterion is the "
+                                           "classifier)"))
 
 
 def add_individual_args(p: argparse.ArgumentParser, validation_epochs: int) -> None:
@@ -253,7 +259,9 @@ def validate_common(args: argparse.Namespace) -> int:
                  "--restore_from_disk: needs a local model directory (a hub id has no file of its own to read)")
         unet_safetensors(args.pretrained_model_name_or_path, args.variant)
     read_prompts(args.validation_prompts)
-    if getattr(args, "clip_model", None):
+    if args.retention_prompts:
+        read_prompts(args.retention_prompts, flag="--retention_prompts")
+    if hasattr(args, "clip_threshold") or args.retention_prompts:  # the runs that load CLIP
         check_clip_spec(args.clip_model)
     size = None
     if args.train_data_dir is not None:

@@ -50,6 +50,7 @@ def validation_config(args) -> ValidationConfig:
         prompts=read_prompts(args.validation_prompts), seed=args.seed,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         batch_size=args.validation_batch_size, resolution=args.resolution, image_dir=image_dir,
+        retention_prompts=read_prompts(args.retention_prompts) if args.retention_prompts else (),
     )
 
 
@@ -74,7 +75,7 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol, progress_total=
         horizon_epochs=horizon_epochs, validation=validation_config(args), make_criteria=make_criteria,
         config_record={"script": args.script, "protocol": protocol, "args": vars(args),
                        "tags": cli.parse_tags(args.tag)},
-        report_to=args.report_to, progress_total=progress_total,
+        report_to=args.report_to, progress_total=progress_total, retention_clip=args.clip_model,
     )
 
 

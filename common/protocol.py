@@ -13,7 +13,7 @@ from .checkpointing import STATE_FILE
 from .faults import maybe_fail
 from .results import RunRecorder, score_stats
 from .training import check_finite
-from .validation import generate_images, image_seed, shard
+from .validation import RETENTION_STREAM, generate_images, image_seed, shard
 
 
 @dataclass
@@ -47,17 +47,25 @@ class ValidationConfig:
     batch_size: int = 0  # 0: all of this process's prompts in one batch
     resolution: Optional[int] = None
     image_dir: Optional[str] = None  # save PNGs here when set
+    # Concepts that must survive (--retention_prompts): generated at every validation, scored by CLIP with their
+    # own prompt. One more batch per validation; their own noise stream (validation.RETENTION_STREAM).
+    retention_prompts: Sequence[str] = ()
 
 
 class Validator:
     """Generate one image per validation prompt (sharded across processes) and score it under each criterion."""
 
-    def __init__(self, accelerator, pipe, cfg: ValidationConfig, criteria: Sequence[Criterion]):
+    def __init__(self, accelerator, pipe, cfg: ValidationConfig, criteria: Sequence[Criterion],
+                 retention_score: Optional[Callable[[list, list], List[float]]] = None):
         self.accelerator = accelerator
         self.pipe = pipe
         self.cfg = cfg
         self.criteria = list(criteria)
         self.details: Dict[str, list] = {}  # per criterion, per image (nudity: scores and classes found)
+        if cfg.retention_prompts and retention_score is None:
+            raise ValueError("retention prompts need a CLIP scorer (retention_score)")
+        self.retention_score = retention_score  # (images, prompts) -> per-image CLIP cosine
+        self.retention: Optional[List[float]] = None  # per retention prompt, after each call when there are any
 
     def _score(self, criterion: Criterion, images, prompts):
         if not images:
@@ -65,6 +73,38 @@ class Validator:
         if criterion.score_details is not None:
             return criterion.score_details(images, prompts)
         return criterion.score_images(images, prompts), None
+
+    def _generate(self, prompts, indices, stream: int, desc: str) -> list:
+        """This process's images of ``prompts`` (prompt k seeded by (seed, k) in its stream), one batch setting."""
+        acc, cfg = self.accelerator, self.cfg
+        if not prompts:
+            return []
+        return generate_images(
+            self.pipe, prompts, [image_seed(cfg.seed, k, 0, stream) for k in indices],
+            batch_size=cfg.batch_size or max(1, len(prompts)),
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+            resolution=cfg.resolution, autocast=acc.autocast, progress=acc.is_local_main_process, desc=desc,
+        )
+
+    def _save(self, images, indices, tag: str) -> None:
+        if self.cfg.image_dir:
+            folder = os.path.join(self.cfg.image_dir, tag)
+            os.makedirs(folder, exist_ok=True)
+            for k, im in zip(indices, images):
+                im.save(os.path.join(folder, f"{k:04d}.png"))
+
+    def _retention(self, tag: str) -> List[float]:
+        """Per retention prompt (in file order, on every process): CLIP cosine of its image with its own prompt."""
+        from accelerate.utils import gather_object
+
+        acc, cfg = self.accelerator, self.cfg
+        mine = shard(range(len(cfg.retention_prompts)), acc.num_processes, acc.process_index)
+        prompts = [cfg.retention_prompts[k] for k in mine]
+        images = self._generate(prompts, mine, RETENTION_STREAM, f"retention {tag}")
+        self._save(images, mine, os.path.join("retention", tag))
+        rows = list(zip(mine, self.retention_score(images, prompts) if images else []))
+        gathered = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
+        return [score for _, score in gathered]
 
     def __call__(self, tag: str) -> Dict[str, List[float]]:
         """Scores per criterion name, in prompt order, identical on every process (details in ``self.details``)."""
@@ -74,19 +114,11 @@ class Validator:
         maybe_fail("validation")  # tests: a crash during validation
         mine = shard(range(len(cfg.prompts)), acc.num_processes, acc.process_index)
         prompts = [cfg.prompts[k] for k in mine]
-        images = generate_images(
-            self.pipe, prompts, [image_seed(cfg.seed, k) for k in mine],
-            batch_size=cfg.batch_size or max(1, len(prompts)),
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            resolution=cfg.resolution, autocast=acc.autocast, progress=acc.is_local_main_process,
-            desc=f"validation {tag}",
-        ) if prompts else []
-        if cfg.image_dir:
-            folder = os.path.join(cfg.image_dir, tag)
-            os.makedirs(folder, exist_ok=True)
-            for k, im in zip(mine, images):
-                im.save(os.path.join(folder, f"{k:04d}.png"))
+        images = self._generate(prompts, mine, 0, f"validation {tag}")
+        self._save(images, mine, tag)
         self.last_images = images  # this process's share, for the trackers' image grid
+        if cfg.retention_prompts:
+            self.retention = self._retention(tag)
         local = {c.name: self._score(c, images, prompts) for c in self.criteria}
         rows = [(k, {name: (scores[j], details[j] if details else None) for name, (scores, details) in local.items()})
                 for j, k in enumerate(mine)]
@@ -206,6 +238,21 @@ def _track_epoch(recorder, trainer, stats) -> None:
         _track(recorder).updates(trainer.global_updates, stats["update_losses"], stats["lrs"])
 
 
+def _retention(validator) -> dict:
+    """The record's retention fields: per retention prompt its CLIP cosine, and their mean (when there are any)."""
+    scores = getattr(validator, "retention", None)
+    if not scores:
+        return {}
+    return {"retention_mean": sum(scores) / len(scores), "retention_scores": scores}
+
+
+def _log_retention(recorder, validator, where: str) -> None:
+    fields = _retention(validator)
+    if fields:
+        recorder.log(f"{where}: retention (CLIP, {len(fields['retention_scores'])} prompts) mean "
+                     f"{fields['retention_mean']:.4f}")
+
+
 def _details(validator, name: str) -> dict:
     """The record's per-image details of a criterion, when its scorer gives any."""
     details = getattr(validator, "details", {}).get(name)
@@ -298,12 +345,14 @@ def run_individual(
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
                     "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3),
-                    **_details(validator, criterion.name), **_peak(trainer),
+                    **_details(validator, criterion.name), **_retention(validator), **_peak(trainer),
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
+                _log_retention(recorder, validator, f"chunk {i} epoch {epoch}")
                 step = getattr(trainer, "global_updates", p.steps)
                 _track(recorder).validation(step, criterion.name, st["mean"], criterion.threshold, i)
+                _track(recorder).retention(step, _retention(validator).get("retention_mean"))
                 _track(recorder).images(step, getattr(validator, "last_images", []))
                 if revived and p.first_revival is None:
                     p.first_revival = epoch
@@ -349,15 +398,45 @@ def run_sequential(
     boundary c(i)).
     """
     saved = read_checkpoint_state(resume_path)
-    p = _Progress(chunk_pos=0, steps=0, images=0, per_chunk=[], revival={c.name: None for c in criteria})
+    p = _Progress(chunk_pos=0, steps=0, images=0, per_chunk=[], revival={c.name: None for c in criteria},
+                  before_training=None)
     if saved:
-        p = _Progress(**{k: saved[k] for k in ("chunk_pos", "steps", "images", "per_chunk", "revival")})
+        p = _Progress(**{k: saved.get(k) for k in ("chunk_pos", "steps", "images", "per_chunk", "revival",
+                                                   "before_training")})
     ckpt = _Resumable(trainer, checkpointer, recorder, p)
 
     def summary():
         return {**(summary_extra or {}), "protocol": "sequential",
                 "criteria": {c.name: c.threshold for c in criteria}, "revival_point": p.revival,
-                "chunks": p.per_chunk}
+                "before_training": p.before_training, "chunks": p.per_chunk}
+
+    def score(tag, entry, chunk, epoch, loss, t0):
+        """Generate once, score under every criterion, record; returns {criterion: met}."""
+        scores = validator(tag)
+        wall = round(time.perf_counter() - t0, 3)
+        step = getattr(trainer, "global_updates", p.steps)
+        _track(recorder).images(step, getattr(validator, "last_images", []))
+        _track(recorder).retention(step, _retention(validator).get("retention_mean"))
+        where = "before training" if chunk is None else f"after chunk {chunk} ({entry['images_seen']} images)"
+        met_by = {}
+        for c in criteria:
+            st = score_stats(scores[c.name])
+            met = met_by[c.name] = c.met(st["mean"])
+            _track(recorder).validation(step, c.name, st["mean"], c.threshold, -1 if chunk is None else chunk)
+            recorder.validation({
+                "chunk": chunk, "epoch": epoch, "optimizer_steps": p.steps, "images_seen": entry["images_seen"],
+                "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
+                "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
+                "revived": met, "loss": loss, "wall_s": wall, **_details(validator, c.name),
+                **_retention(validator), **_peak(trainer),
+            })
+            recorder.log(f"{where}: {c.name} mean {st['mean']:.4f} "
+                         f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
+            entry[c.name] = {"mean": st["mean"], "revived": met}
+        _log_retention(recorder, validator, where)
+        if "retention_mean" in _retention(validator):
+            entry["retention"] = _retention(validator)["retention_mean"]
+        return met_by
 
     # Phase 1: start from the unlearned UNet with a fresh optimizer, LR schedule and EMA, once.
     trainer.reset_chunk(chunks[0])
@@ -365,6 +444,15 @@ def run_sequential(
     if saved:
         ckpt.resume(resume_path)
         start_epoch, start_update, loss_before = saved["epoch"], saved["update"], saved["loss_sum"]
+    if not saved:  # a resumed run recorded it before its first checkpoint
+        # The unlearned model's own score (0 images): where every sequential plot starts. Not a Revival Point:
+        # a criterion already met here says the concept was not erased by that criterion's measure.
+        p.before_training = {"images_seen": 0}
+        met_by = score("before-training", p.before_training, None, None, None, time.perf_counter())
+        for name in [n for n, met in met_by.items() if met]:
+            recorder.log(f"warning: {name} is already met before any fine-tuning: the unlearned model was not "
+                         "unlearned by this criterion's measure; its Revival Point counts chunks only")
+        recorder.summary(summary())
     for pos in range(p.chunk_pos, len(chunks)):
         i, rows = chunks[pos], chunk_rows[chunks[pos]]
         p.chunk_pos = pos
@@ -384,28 +472,12 @@ def run_sequential(
                 ckpt.boundary(epoch + 1)
         start_epoch = 0
         # Phase 3: generate once, score under every criterion.
-        t0 = time.perf_counter()
-        scores = validator(f"chunk{i}")
-        wall = round(time.perf_counter() - t0, 3)
         entry = {"chunk": i, "images_seen": rows[1], "training_images": p.images, "optimizer_steps": p.steps}
-        step = getattr(trainer, "global_updates", p.steps)
-        _track(recorder).images(step, getattr(validator, "last_images", []))
-        for c in criteria:
-            st = score_stats(scores[c.name])
-            met = c.met(st["mean"])
-            _track(recorder).validation(step, c.name, st["mean"], c.threshold, i)
-            if met and p.revival[c.name] is None:
-                p.revival[c.name] = {"chunk": i, "images_seen": rows[1]}
-                _track(recorder).revival(step, c.name, i, rows[1])
-            recorder.validation({
-                "chunk": i, "epoch": epochs_per_chunk[i] - 1, "optimizer_steps": p.steps, "images_seen": rows[1],
-                "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
-                "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
-                "revived": met, "loss": last_loss, "wall_s": wall, **_details(validator, c.name), **_peak(trainer),
-            })
-            recorder.log(f"after chunk {i} ({rows[1]} images): {c.name} mean {st['mean']:.4f} "
-                         f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
-            entry[c.name] = {"mean": st["mean"], "revived": met}
+        met_by = score(f"chunk{i}", entry, i, epochs_per_chunk[i] - 1, last_loss, time.perf_counter())
+        for name, met in met_by.items():
+            if met and p.revival[name] is None:
+                p.revival[name] = {"chunk": i, "images_seen": rows[1]}
+                _track(recorder).revival(getattr(trainer, "global_updates", p.steps), name, i, rows[1])
         p.per_chunk.append(entry)
         # Phase 4: keep the requested curriculum checkpoints.
         if save_chunk is not None and i in checkpoint_chunks:

@@ -67,6 +67,17 @@ class Run:
         acc.wait_for_everyone()
 
 
+def retention_scorer(criteria: Sequence[Criterion], clip_model: Optional[str], device):
+    """CLIP cosine of each image with its own prompt for the retention prompts: the run's CLIP criterion's scorer
+    when it has one (one CLIP model in memory), else ``clip_model`` loaded for it."""
+    clip = next((c for c in criteria if c.name == "clip"), None)
+    if clip is not None:
+        return clip.score_images
+    from .clip_score import ClipScorer
+
+    return ClipScorer(clip_model, device).score
+
+
 def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False,
                      log_with: Optional[str] = None):
     """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once) and the run's trackers."""
@@ -101,6 +112,7 @@ def open_run(
     config_record: dict,
     report_to: str = "none",
     progress_total: int = 0,
+    retention_clip: Optional[str] = None,
 ) -> Run:
     """Build everything a protocol needs, in the order that fails fastest."""
     acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32, log_with(report_to))
@@ -127,7 +139,9 @@ def open_run(
     per_epoch = -(-largest // (train.train_batch_size * train.gradient_accumulation_steps * acc.num_processes))
     trainer = ChunkTrainer(acc, parts, encoder, train, horizon_updates=per_epoch * horizon_epochs)
     pipe = build_pipeline(parts, acc.unwrap_model(trainer.unet))
-    validator = Validator(acc, pipe, validation, make_criteria(acc.device))
+    criteria = make_criteria(acc.device)
+    validator = Validator(acc, pipe, validation, criteria,
+                          retention_scorer(criteria, retention_clip, acc.device) if validation.retention_prompts else None)
     # Where the memory goes, from the run's own tensors (activations: the per-chunk CUDA peak in the records).
     budget = memory_budget(trainer, parts, largest_chunk=largest)
     for line in budget_lines(budget):

@@ -54,6 +54,11 @@ class Tracking:
             self.acc.log({f"validation/{name}_mean": mean, f"validation/{name}_threshold": threshold,
                           "validation/chunk": chunk}, step=step)
 
+    def retention(self, step: int, mean: Optional[float]) -> None:
+        """The retention prompts' mean CLIP cosine, when the run has retention prompts."""
+        if self.enabled and mean is not None:
+            self.acc.log({"validation/retention_mean": mean}, step=step)
+
     def images(self, step: int, images: List) -> None:
         """The main process's validation images as one grid."""
         if not self.enabled or not images or not self.acc.is_main_process:

@@ -15,9 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 
-def image_seed(seed: int, prompt_index: int, image_index: int = 0) -> int:
-    """A 63-bit seed for image ``image_index`` of prompt ``prompt_index``, from the run seed."""
-    state = np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(2, dtype=np.uint32)
+RETENTION_STREAM = 1  # image_seed's stream of the retention prompts: their noise differs from the target prompts'
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int = 0, stream: int = 0) -> int:
+    """A 63-bit seed for image ``image_index`` of prompt ``prompt_index``, from the run seed.
+
+    ``stream`` separates prompt lists that share indices (0: the validation
+    prompts, whose seeds it leaves as they always were; RETENTION_STREAM: the
+    retention prompts).
+    """
+    entropy = [seed, prompt_index, image_index] + ([stream] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 

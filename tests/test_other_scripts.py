@@ -57,7 +57,10 @@ def test_sequential_revival_points_and_checkpoints(assets, tmp_path):
                                       "--model_path": assets["classifier"], "--clip_threshold": 1.0,
                                       "--bc_threshold": 0, "--save_model": False})
     _ok(launch("finetuning_sequential.py", flags, cwd=assets["root"], accelerate=True))
-    recs = _records(out)
+    before, recs = _records(out)[:2], _records(out)[2:]
+    # The unlearned model's own score first (0 images), then one record per criterion after each chunk.
+    assert [(r["chunk"], r["criterion"], r["optimizer_steps"], r["images_seen"]) for r in before] == [
+        (None, "clip", 0, 0), (None, "classifier", 0, 0)]
     assert [(r["chunk"], r["criterion"], r["optimizer_steps"], r["images_seen"]) for r in recs] == [
         (0, "clip", 5, 50), (0, "classifier", 5, 50), (1, "clip", 10, 100), (1, "classifier", 10, 100)]
     # Each record carries its chunk's last-epoch loss, the one the log prints for that epoch.

@@ -183,15 +183,16 @@ def _both(clip, clf):
 
 def test_sequential_revival_points_are_per_criterion_and_count_curriculum_images(tmp_path):
     crit = [_criterion("clip", 0.5), _criterion("classifier", 0.5)]
-    script = [_both([0.25], [0.0]), _both([0.25], [0.5]), _both([0.75], [0.0])]
+    script = [_both([0.0], [0.0]), _both([0.25], [0.0]), _both([0.25], [0.5]), _both([0.75], [0.0])]
     # Three epochs per chunk: images trained on (3 x rows) differ from the curriculum boundary c(i).
     summary, trainer, validator, recs = _sequential(tmp_path, script, crit, epochs=3)
-    assert validator.tags == ["chunk0", "chunk1", "chunk2"]
+    assert validator.tags == ["before-training", "chunk0", "chunk1", "chunk2"]
     # The classifier is met at chunk 1 only (and not again at chunk 2): its point stays chunk 1.
     assert summary["revival_point"] == {"clip": {"chunk": 2, "images_seen": 130},
                                         "classifier": {"chunk": 1, "images_seen": 100}}
     assert [(r["chunk"], r["criterion"], r["revived"], r["images_seen"], r["training_images"], r["optimizer_steps"],
              r["epoch"]) for r in recs] == [
+        (None, "clip", False, 0, 0, 0, None), (None, "classifier", False, 0, 0, 0, None),
         (0, "clip", False, 50, 150, 15, 2), (0, "classifier", False, 50, 150, 15, 2),
         (1, "clip", False, 100, 300, 30, 2), (1, "classifier", True, 100, 300, 30, 2),
         (2, "clip", True, 130, 390, 39, 2), (2, "classifier", False, 130, 390, 39, 2)]
@@ -203,19 +204,37 @@ def test_sequential_revival_points_are_per_criterion_and_count_curriculum_images
 
 def test_sequential_continues_after_revival_by_default(tmp_path):
     crit = [_criterion("clip", 0.5), _criterion("classifier", 0.5)]
-    summary, trainer, validator, _ = _sequential(tmp_path, [_both([0.75], [1.0])], crit)
-    assert validator.tags == ["chunk0", "chunk1", "chunk2"] and len(summary["chunks"]) == 3
+    summary, trainer, validator, _ = _sequential(tmp_path, [_both([0.0], [0.0]), _both([0.75], [1.0])], crit)
+    assert validator.tags == ["before-training", "chunk0", "chunk1", "chunk2"] and len(summary["chunks"]) == 3
     assert summary["revival_point"]["clip"] == {"chunk": 0, "images_seen": 50}
 
 
 def test_sequential_stop_at_revival_waits_for_every_criterion(tmp_path):
     crit = [_criterion("clip", 0.5), _criterion("classifier", 0.5)]
-    script = [_both([0.75], [0.0]), _both([0.0], [1.0]), _both([0.75], [1.0])]
+    script = [_both([0.0], [0.0]), _both([0.75], [0.0]), _both([0.0], [1.0]), _both([0.75], [1.0])]
     summary, trainer, validator, _ = _sequential(tmp_path, script, crit, stop_at_revival=True)
     # CLIP met at chunk 0, the classifier at chunk 1: the run stops after chunk 1, never training chunk 2.
-    assert validator.tags == ["chunk0", "chunk1"] and trainer.epochs() == [0, 0]
+    assert validator.tags == ["before-training", "chunk0", "chunk1"] and trainer.epochs() == [0, 0]
     assert summary["revival_point"] == {"clip": {"chunk": 0, "images_seen": 50},
                                         "classifier": {"chunk": 1, "images_seen": 100}}
+
+
+def test_sequential_scores_the_unlearned_model_before_training_and_never_calls_it_a_revival(tmp_path):
+    """The validation before any training is recorded at 0 images (where every sequential plot starts); a
+    criterion already met there is not a Revival Point (chunks only) and does not stop --stop_at_revival."""
+    crit = [_criterion("clip", 0.5), _criterion("classifier", 0.5)]
+    script = [_both([0.75], [1.0]), _both([0.0], [0.0]), _both([0.0], [1.0]), _both([0.75], [1.0])]
+    summary, trainer, validator, recs = _sequential(tmp_path, script, crit, stop_at_revival=True)
+    assert validator.tags[0] == "before-training" and trainer.calls[0][0] == "reset"
+    assert summary["before_training"] == {"images_seen": 0, "clip": {"mean": 0.75, "revived": True},
+                                          "classifier": {"mean": 1.0, "revived": True}}
+    assert [(r["images_seen"], r["criterion"], r["mean"]) for r in recs[:2]] == [(0, "clip", 0.75),
+                                                                                 (0, "classifier", 1.0)]
+    # Met before training, then not after chunk 0: the points are chunk 1 (classifier) and chunk 2 (clip).
+    assert summary["revival_point"] == {"clip": {"chunk": 2, "images_seen": 130},
+                                        "classifier": {"chunk": 1, "images_seen": 100}}
+    assert trainer.epochs() == [0, 0, 0]
+    assert "already met before any fine-tuning" in open(tmp_path / "log.txt").read()
 
 
 def test_sequential_saves_only_the_requested_curriculum_checkpoints(tmp_path):
@@ -265,6 +284,6 @@ def test_a_third_criterion_through_the_registry_alone(assets, tmp_path, in_asset
     assert summary["criteria"] == {"clip": 1.0, "brightness": 0.0}
     assert summary["revival_point"] == {"clip": None, "brightness": {"chunk": 0, "images_seen": 50}}
     recs = [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
-    (rec,) = [r for r in recs if r["criterion"] == "brightness"]
+    (rec,) = [r for r in recs if r["criterion"] == "brightness" and r["chunk"] == 0]
     assert rec["revived"] and 0 < rec["mean"] < 1 and len(rec["scores"]) == 3
     assert criteria.label("brightness") == "brightness"  # gone again once unregistered

@@ -136,7 +136,7 @@ def test_sequential_figure_marks_threshold_and_revival_point(tmp_path):
                                                          "revival_point": {"clip": point}, "chunks": []}, recs))
         (ax,) = report.sequential_figure(r).axes
         labels = [line.get_label() for line in ax.get_lines()]
-        assert labels[:2] == ["score after chunk", "threshold 0.31"]
+        assert labels[:2] == [report.SCORE_LABEL, "threshold 0.31"]
         if point:
             (marker,) = [line for line in ax.get_lines() if line.get_label().startswith("Revival Point")]
             assert list(marker.get_xdata()) == [100, 100] and "chunk 1 (100 images)" in marker.get_label()
@@ -192,3 +192,93 @@ def test_base_score_is_a_reference_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.parse_args([run, "--base_score", "clip"])
     assert exc.value.code == 2 and "CRITERION=NUMBER" in capsys.readouterr().err
+
+
+def _seq(tmp_path, name, method, seed, means, point=None, role=None, data="rel", retention=None):
+    """A sequential run over 2 chunks of 50 images: ``means`` = CLIP means at 0, 50 and 100 images."""
+    args = {"pretrained_model_name_or_path": f"/m/{method}", "validation_prompts": "/p/t.txt",
+            "train_data_dir": f"/d/{data}", "seed": seed}
+    tags = {"method": method, **({"role": role} if role else {})}
+    recs = [{"criterion": "clip", "chunk": None if k == 0 else k - 1, "images_seen": 50 * k, "mean": m,
+             **({"retention_mean": retention[k], "retention_scores": [retention[k]] * 3} if retention else {})}
+            for k, m in enumerate(means)]
+    summary = {"protocol": "sequential", "criteria": {"clip": 0.8},
+               "before_training": {"images_seen": 0, "clip": {"mean": means[0], "revived": means[0] > 0.8}},
+               "revival_point": {"clip": point}, "chunks": []}
+    return _run(tmp_path / name, {"args": args, "tags": tags}, summary, recs)
+
+
+def test_a_control_pairs_with_the_unlearned_run_of_its_data_and_seed(tmp_path):
+    runs = [report.load_run(p) for p in (
+        _seq(tmp_path, "esd-rel-0", "esd-x", 0, [0.3, 0.5, 0.85], point={"chunk": 1, "images_seen": 100}),
+        _seq(tmp_path, "esd-rel-1", "esd-x", 1, [0.3, 0.4, 0.6]),
+        _seq(tmp_path, "esd-unrel-0", "esd-x", 0, [0.3, 0.3, 0.3], data="unrel"),
+        _seq(tmp_path, "base-unrel-0", "base", 0, [0.9, 0.7, 0.6], role="control", data="unrel"),
+        _seq(tmp_path, "base-rel-1", "base", 1, [0.9, 0.88, 0.8], role="control"),
+        _seq(tmp_path, "base-rel-0", "base", 0, [0.9, 0.95, 0.9], role="control"))]
+    # Same data and seed (and thresholds): each unlearned run gets its own control, never another seed's.
+    assert {k: runs.index(c) for k, c in report.pair_controls(runs).items()} == {0: 5, 1: 4, 2: 3}
+    assert runs[5]["method"] == "base (control)"
+    header, rows = report.control_rows(runs)
+    assert header[5:8] == ["unlearned: start -> end (change)", "control: start -> end (change)",
+                           "change beyond the control"]
+    assert rows[0] == ["esd-x", "t", "rel", 0, "clip", "0.300 -> 0.850 (+0.550)", "0.900 -> 0.900 (+0.000)",
+                       "+0.550", "chunk 1", "met before training"]
+    assert rows[1][6:8] == ["0.900 -> 0.800 (-0.100)", "+0.400"]
+    assert rows[2][5:8] == ["0.300 -> 0.300 (+0.000)", "0.900 -> 0.600 (-0.300)", "+0.300"]
+    assert len(rows) == 3  # controls are not paired with themselves
+    out = tmp_path / "report"
+    report.main(report.parse_args([r["dir"] for r in runs] + ["--out", str(out)]))
+    assert "| esd-x | t | rel | 0 | clip | 0.300 -> 0.850 (+0.550)" in (out / "control_table.md").read_text()
+
+
+def test_sequential_figure_starts_at_zero_and_draws_control_base_and_retention(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for point in (None, {"chunk": 1, "images_seen": 100}):
+        run = report.load_run(_seq(tmp_path, f"u{point is not None}", "uce", 0, [0.3, 0.5, 0.85], point=point,
+                                   retention=[0.9, 0.8, 0.7]))
+        control = report.load_run(_seq(tmp_path, f"c{point is not None}", "base", 0, [0.9, 0.95, 0.9],
+                                       role="control"))
+        (ax,) = report.sequential_figure(run, report.control_base(control), control).axes
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        score = lines[report.SCORE_LABEL]
+        assert list(score.get_xdata()) == [0, 50, 100] and list(score.get_ydata()) == [0.3, 0.5, 0.85]
+        assert list(lines["threshold 0.8"].get_ydata()) == [0.8, 0.8]
+        assert list(lines["base model 0.9"].get_ydata()) == [0.9, 0.9]  # the control's score before training
+        ctl = lines["control: original model, same data"]
+        assert list(ctl.get_xdata()) == [0, 50, 100] and list(ctl.get_ydata()) == [0.9, 0.95, 0.9]
+        ret = lines["retention: CLIP cosine, 3 other prompts"]
+        assert list(ret.get_xdata()) == [0, 50, 100] and list(ret.get_ydata()) == [0.9, 0.8, 0.7]
+        if point:
+            assert list(lines["Revival Point: chunk 1 (100 images)"].get_xdata()) == [100, 100]
+        else:
+            assert "Revival Point: not reached" in lines
+    # Without a control or retention prompts the figure has neither line.
+    (ax,) = report.sequential_figure(report.load_run(_seq(tmp_path, "bare", "uce", 0, [0.3, 0.5, 0.6]))).axes
+    assert [line.get_label() for line in ax.get_lines()] == [report.SCORE_LABEL, "threshold 0.8",
+                                                             "Revival Point: not reached"]
+
+
+def test_seeds_figure_draws_the_mean_and_the_band_across_seeds(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = [report.load_run(_seq(tmp_path, f"s{seed}", "uce", seed, means, point=point)) for seed, means, point in (
+        (0, [0.3, 0.5, 0.9], {"chunk": 1, "images_seen": 100}), (1, [0.2, 0.4, 0.6], None),
+        (2, [0.4, 0.6, 0.75], None))]
+    (ax,) = report.seeds_figure(runs).axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    mean = lines["mean over 3 seeds"]
+    assert list(mean.get_xdata()) == [0, 50, 100] and list(mean.get_ydata()) == pytest.approx([0.3, 0.5, 0.75])
+    assert "revived: 1/3 seeds" in lines and list(lines["threshold 0.8"].get_ydata()) == [0.8, 0.8]
+    (band,) = ax.collections
+    assert band.get_label() == "lowest to highest of 3 seeds"
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(0.2) and max(ys) == pytest.approx(0.9)
+    out = tmp_path / "report"
+    _, _, plots = report.main(report.parse_args([r["dir"] for r in runs] + ["--out", str(out)]))
+    names = sorted(os.path.basename(p) for p in plots)
+    assert names == ["sequential_seeds_uce_t_rel.png", "sequential_uce_t_rel_seed0.png",
+                     "sequential_uce_t_rel_seed1.png", "sequential_uce_t_rel_seed2.png"]

@@ -7,6 +7,12 @@ Writes revival_table.{md,csv,tex} (method, concept, data, criterion, per-chunk
 epochs to revival or the Revival Point) and PNG plots: score against epoch per
 chunk with the threshold line, epochs to revival against chunk (individual
 runs), and score against images seen (sequential runs).
+
+A run tagged ``--tag role=control`` is a control: the original (not unlearned)
+model fine-tuned on the same curriculum. Each sequential run is paired with the
+control of the same concept, data, seed and thresholds: control_table.md puts
+the score changes side by side, the run's plot draws the control's line, and
+the control's score before training (the original model's) is the base line.
 """
 
 from __future__ import annotations
@@ -91,11 +97,83 @@ def load_run(run: str) -> dict:
     with open(os.path.join(run, SUMMARY_FILE)) as f:
         summary = json.load(f)
     a, tags = config.get("args", {}), config.get("tags") or {}
-    return {"dir": run, "config": config, "summary": summary, "records": read_jsonl(os.path.join(run, VALIDATIONS_FILE)),
+    run = {"dir": run, "config": config, "summary": summary, "records": read_jsonl(os.path.join(run, VALIDATIONS_FILE)),
             "method": tags.get("method") or _stem(a.get("pretrained_model_name_or_path")),
             "concept": tags.get("concept") or _stem(a.get("validation_prompts")).replace("_", " "),
             "data": tags.get("data") or _stem(a.get("train_data_dir") or a.get("dataset_name")),
-            "protocol": summary.get("protocol")}
+            "protocol": summary.get("protocol"), "seed": a.get("seed"),
+            "control": tags.get("role") == CONTROL_ROLE}
+    if run["control"] and "control" not in run["method"]:
+        run["method"] += " (control)"
+    return run
+
+
+CONTROL_ROLE = "control"  # --tag role=control: the original model fine-tuned on the same curriculum
+
+
+def _pair_key(r) -> tuple:
+    """What a run and its control share: concept, data, seed, protocol and the criteria with their thresholds."""
+    s = r["summary"]
+    thresholds = tuple(sorted(s["criteria"].items())) if r["protocol"] == "sequential" else (
+        (s.get("criterion"), s.get("threshold")),)
+    return r["concept"], r["data"], str(r["seed"]), r["protocol"], thresholds
+
+
+def pair_controls(runs) -> dict:
+    """{index of an unlearned run: its control run} for every run with a control of the same concept, data,
+    seed, protocol and thresholds (the first such control when there are several)."""
+    controls = {}
+    for r in runs:
+        if r["control"]:
+            controls.setdefault(_pair_key(r), r)
+    return {k: controls[_pair_key(r)] for k, r in enumerate(runs) if not r["control"] and _pair_key(r) in controls}
+
+
+def score_path(r, criterion: str) -> list:
+    """(images seen, mean score) after each validation of a sequential run, from 0 images when it was recorded."""
+    return [(x["images_seen"], x["mean"]) for x in r["records"] if x["criterion"] == criterion]
+
+
+def retention_path(r) -> list:
+    """(images seen, retention mean) per validation of a sequential run with --retention_prompts."""
+    seen, out = set(), []
+    for x in r["records"]:
+        if "retention_mean" in x and x["images_seen"] not in seen:
+            seen.add(x["images_seen"])
+            out.append((x["images_seen"], x["retention_mean"]))
+    return out
+
+
+def control_base(control) -> dict:
+    """The original model's score per criterion: the control's validation before any fine-tuning."""
+    before = control["summary"].get("before_training") or {}
+    return {name: v["mean"] for name, v in before.items() if isinstance(v, dict) and "mean" in v}
+
+
+def control_rows(runs) -> tuple:
+    """Sequential runs beside their controls: the score before and after the curriculum, its change, and how much
+    of the change the control (fine-tuning alone, on a model that never unlearned) also shows."""
+    header = ["method", "concept", "data", "seed", "criterion", "unlearned: start -> end (change)",
+              "control: start -> end (change)", "change beyond the control", "Revival Point", "control crosses"]
+    rows = []
+    for k, control in pair_controls(runs).items():
+        r = runs[k]
+        if r["protocol"] != "sequential":
+            continue
+        for name in r["summary"]["criteria"]:
+            mine, theirs = score_path(r, name), score_path(control, name)
+            if not mine or not theirs:
+                continue
+            d_mine, d_theirs = mine[-1][1] - mine[0][1], theirs[-1][1] - theirs[0][1]
+            point, cpoint = r["summary"]["revival_point"].get(name), control["summary"]["revival_point"].get(name)
+            rows.append([r["method"], r["concept"], r["data"], r["seed"], name,
+                         f"{mine[0][1]:.3f} -> {mine[-1][1]:.3f} ({d_mine:+.3f})",
+                         f"{theirs[0][1]:.3f} -> {theirs[-1][1]:.3f} ({d_theirs:+.3f})",
+                         f"{d_mine - d_theirs:+.3f}",
+                         f"chunk {point['chunk']}" if point else "not reached",
+                         "met before training" if (control["summary"].get("before_training") or {}).get(name, {})
+                         .get("revived") else (f"chunk {cpoint['chunk']}" if cpoint else "never")])
+    return header, rows
 
 
 def _slug(*names) -> str:
@@ -152,10 +230,7 @@ def _fmt_point(v: float, unit: str, cap_label: str) -> str:
 def seed_rows(runs) -> tuple:
     """Runs that differ only in --seed, aggregated: per criterion the median Revival Point (sequential) or per
     chunk the median epochs to revival (individual), a 95% bootstrap interval, and how many seeds revived."""
-    groups = {}
-    for r in runs:
-        key = (r["method"], r["concept"], r["data"], r["protocol"])
-        groups.setdefault(key, []).append(r)
+    groups = seed_groups(runs)
     header = ["method", "concept", "data", "criterion", "seeds", "result (median [95% CI], seeds revived)"]
     rows = []
     for (method, concept, data, protocol), members in groups.items():
@@ -241,18 +316,36 @@ def epochs_to_revival_figure(individual, title: str):
     return fig
 
 
-def sequential_figure(r, base: Optional[dict] = None):
-    """A sequential run: the score after each chunk per criterion, its threshold, its Revival Point and (when
-    known) the base model's score."""
+SCORE_LABEL = "score after each chunk (at 0 images: before fine-tuning)"
+
+
+def _retention_panel(criteria_) -> str:
+    """The criterion whose panel also draws the retention line: CLIP's (the same cosine scale), else the first."""
+    return "clip" if "clip" in criteria_ else next(iter(criteria_), "")
+
+
+def sequential_figure(r, base: Optional[dict] = None, control=None):
+    """A sequential run: the score after each chunk per criterion (from 0 images: the unlearned model), its
+    threshold, its Revival Point, the retention prompts' score, and (when known) its control and the base
+    model's score."""
     import matplotlib.pyplot as plt
 
     criteria_ = r["summary"]["criteria"]
     fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
     for ax, (name, threshold) in zip(axes[0], criteria_.items()):
-        recs = [x for x in r["records"] if x["criterion"] == name]
-        ax.plot([x["images_seen"] for x in recs], [x["mean"] for x in recs], marker="o", label="score after chunk")
+        path = score_path(r, name)
+        ax.plot([x for x, _ in path], [y for _, y in path], marker="o", label=SCORE_LABEL)
         ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
         _base_line(ax, base or {}, name)
+        if control is not None and score_path(control, name):
+            cpath = score_path(control, name)
+            ax.plot([x for x, _ in cpath], [y for _, y in cpath], color="grey", ls="--", marker=".",
+                    label="control: original model, same data")
+        if name == _retention_panel(criteria_) and retention_path(r):
+            n = len(next(x for x in r["records"] if "retention_scores" in x)["retention_scores"])
+            rpath = retention_path(r)
+            ax.plot([x for x, _ in rpath], [y for _, y in rpath], color="C2", marker="s", ms=3,
+                    label=f"retention: CLIP cosine, {n} other prompts")
         point = r["summary"]["revival_point"].get(name)
         if point:
             ax.axvline(point["images_seen"], color="C3", lw=1.5,
@@ -289,10 +382,62 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
         written.append(_save(fig, out, f"score_vs_epoch_{name}.png"))
     if individual:
         written.append(_save(epochs_to_revival_figure(individual, title), out, "epochs_to_revival.png"))
-    for r in sequential:
-        name = _slug(r["method"], r["concept"], r["data"])
-        written.append(_save(sequential_figure(r, base), out, f"sequential_{name}.png"))
+    controls = pair_controls(runs)
+    for k, r in enumerate(runs):
+        if r["protocol"] != "sequential":
+            continue
+        name = _slug(r["method"], r["concept"], r["data"]) + (f"_seed{r['seed']}" if _seeded(runs, r) else "")
+        control = controls.get(k)
+        # The base model's score: given on the command line, else the control's before any fine-tuning.
+        known = {**control_base(control if control is not None else r if r["control"] else {"summary": {}}),
+                 **(base or {})}
+        written.append(_save(sequential_figure(r, known, control), out, f"sequential_{name}.png"))
+    for members in seed_groups(sequential).values():
+        if len(members) > 1:
+            m = members[0]
+            name = _slug(m["method"], m["concept"], m["data"])
+            written.append(_save(seeds_figure(members, base), out, f"sequential_seeds_{name}.png"))
     return written
+
+
+def _seeded(runs, r) -> bool:
+    """Whether other runs share this run's method, concept, data and protocol (its plot name then needs the seed)."""
+    key = (r["method"], r["concept"], r["data"], r["protocol"])
+    return sum((o["method"], o["concept"], o["data"], o["protocol"]) == key for o in runs) > 1
+
+
+def seed_groups(runs) -> dict:
+    """Runs grouped by everything but their seed: (method, concept, data, protocol) -> runs."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["concept"], r["data"], r["protocol"]), []).append(r)
+    return groups
+
+
+def seeds_figure(members, base: Optional[dict] = None):
+    """Sequential runs that differ only in seed: per criterion the mean score over seeds after each chunk, with
+    the band from the lowest to the highest seed, and the threshold."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    criteria_ = members[0]["summary"]["criteria"]
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
+    for ax, (name, threshold) in zip(axes[0], criteria_.items()):
+        paths = [dict(score_path(m, name)) for m in members]
+        xs = sorted(set.intersection(*(set(p) for p in paths)))  # points every seed reached
+        ys = np.array([[p[x] for x in xs] for p in paths])
+        ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), alpha=0.25, color="C0",
+                        label=f"lowest to highest of {len(members)} seeds")
+        ax.plot(xs, ys.mean(axis=0), marker="o", color="C0", label=f"mean over {len(members)} seeds")
+        ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        _base_line(ax, base or {}, name)
+        points = [m["summary"]["revival_point"].get(name) for m in members]
+        ax.plot([], [], " ", label=f"revived: {sum(p is not None for p in points)}/{len(points)} seeds")
+        m = members[0]
+        ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
+               title=f"{m['method']} / {m['concept']} / {m['data']}: {name}, {len(members)} seeds")
+        ax.legend(fontsize=7)
+    return fig
 
 
 def _ylabel(criterion: str) -> str:
@@ -318,6 +463,10 @@ def main(args):
     for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
         with open(os.path.join(args.out, f"revival_table.{ext}"), "w") as f:
             f.write(fmt(header, rows))
+    control_header, control_table = control_rows(runs)
+    if control_table:
+        with open(os.path.join(args.out, "control_table.md"), "w") as f:
+            f.write(to_markdown(control_header, control_table))
     seed_header, seed_table = seed_rows(runs)
     if seed_table:  # runs that differ only in their seed: one aggregated row each
         with open(os.path.join(args.out, "revival_table_seeds.md"), "w") as f:
@@ -327,6 +476,9 @@ def main(args):
     if seed_table:
         print(f"over seeds (median, {BOOTSTRAP_RESAMPLES} bootstrap resamples, bootstrap seed {BOOTSTRAP_SEED}):")
         print(to_markdown(seed_header, seed_table))
+    if control_table:
+        print("beside their controls (the original model fine-tuned on the same data):")
+        print(to_markdown(control_header, control_table))
     print("plots:", *plots, sep="\n  ")
     return header, rows, plots
 
