@@ -18,6 +18,7 @@ from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
 from .errors import InputError
 from .models import check_pipeline_dir, resolve_model_path, unet_safetensors
+from .training import LORA_TARGETS
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -121,9 +122,16 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "2023; 0: off)")
     g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
                    help="training target (default: the model's scheduler config; SD-1.x: epsilon)")
-    g.add_argument("--params", default="full", choices=("full", "xattn"),
-                   help="trained parameters: the whole UNet, or the cross-attention key and value projections "
-                        "(attn2.to_k, attn2.to_v), as the published scripts")
+    g.add_argument("--params", default="full", choices=("full", "xattn", "lora"),
+                   help="trained parameters: the whole UNet, the cross-attention key and value projections "
+                        "(attn2.to_k, attn2.to_v) as the published scripts, or a LoRA adapter (peft; the UNet "
+                        "frozen, curriculum-{i} folders hold the adapter: pytorch_lora_weights.safetensors)")
+    g.add_argument("--lora_rank", type=int, default=None, help="--params lora: the adapter's rank (default 4)")
+    g.add_argument("--lora_alpha", type=float, default=None,
+                   help="--params lora: its alpha; the update is scaled by alpha / rank (default: the rank)")
+    g.add_argument("--lora_targets", default=None,
+                   help="--params lora: comma-separated UNet module names (suffixes) that get an adapter "
+                        f"(default {','.join(LORA_TARGETS)}: every attention projection)")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config; fp16 without CUDA falls back to fp32")
     g.add_argument("--allow_tf32", action="store_true",
@@ -233,6 +241,7 @@ def validate_common(args: argparse.Namespace) -> int:
     _require(args.use_ema or not args.offload_ema, "--offload_ema: needs --use_ema (there is no EMA copy to offload)")
     if args.use_8bit_adam:
         check_8bit_adam()
+    check_lora(args)
     _require(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma {args.snr_gamma}: must be positive")
     _require(args.noise_offset >= 0 and args.input_perturbation >= 0,
              "--noise_offset and --input_perturbation must be >= 0")
@@ -268,6 +277,28 @@ def validate_common(args: argparse.Namespace) -> int:
         size = len(read_metadata(args.train_data_dir, args.caption_column)[0])
         cur.check_against_dataset(bounds, size)
     return size
+
+
+def check_lora(args: argparse.Namespace) -> None:
+    """The LoRA flags: only with --params lora, a rank of at least 1, a positive alpha, some targets."""
+    given = [f for f in ("lora_rank", "lora_alpha", "lora_targets") if getattr(args, f) is not None]
+    if args.params != "lora":
+        _require(not given, f"--{given[0] if given else ''}: only with --params lora")
+        return
+    _require(args.lora_rank is None or args.lora_rank >= 1, f"--lora_rank {args.lora_rank}: must be at least 1")
+    _require(args.lora_alpha is None or (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)),
+             f"--lora_alpha {args.lora_alpha}: must be positive")
+    _require(args.lora_targets is None or bool(lora_targets(args.lora_targets)),
+             f"--lora_targets {args.lora_targets!r}: name at least one module, e.g. to_k,to_v")
+    _require(not args.restore_from_disk, "--restore_from_disk: not with --params lora (the adapter's starting "
+                                         "weights are kept in host memory; the model's files hold none)")
+
+
+def lora_targets(text: Optional[str]) -> tuple:
+    """--lora_targets as a tuple of module names (the default when not given)."""
+    if text is None:
+        return LORA_TARGETS
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def check_8bit_adam() -> None:

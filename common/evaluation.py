@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .errors import InputError
-from .models import EMA_UNET, TRAINED_UNET, resolve_model_path
+from .models import EMA_UNET, LORA_BASE_FILE, LORA_EMA_FILE, LORA_FILE, TRAINED_UNET, is_lora_dir, resolve_model_path
 from .results import atomic_write_text, writing
 from .validation import generate_images, image_seed
 
@@ -22,7 +22,8 @@ CURRICULUM_DIR = re.compile(r"^curriculum-(\d+)$")
 
 
 def is_pipeline_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
+    """A diffusers pipeline, or a --params lora run's adapter folder (which names its base pipeline)."""
+    return os.path.isfile(os.path.join(path, "model_index.json")) or is_lora_dir(path)
 
 
 def find_checkpoints(model_paths: Sequence[str], curr: bool) -> List[str]:
@@ -44,6 +45,9 @@ def find_checkpoints(model_paths: Sequence[str], curr: bool) -> List[str]:
         elif not subdirs:
             raise InputError(f"MODEL_PATHS: {raw}: neither a pipeline nor a folder with curriculum-* pipelines")
         found.extend(p for _, p in subdirs)
+    for p in found:
+        if is_lora_dir(p):
+            lora_base(p)  # its base pipeline must still be there
     return found
 
 
@@ -65,6 +69,10 @@ def unet_folder(path: str, weights: str) -> tuple:
     sequential script's final model). A pipeline with one UNet gives it for
     either choice, labelled 'single'.
     """
+    if is_lora_dir(path):  # the adapter files: trained, and EMA when the run kept one
+        if os.path.isfile(os.path.join(path, LORA_EMA_FILE)):
+            return (LORA_EMA_FILE, "ema") if weights == "ema" else (LORA_FILE, "trained")
+        return LORA_FILE, "single"
     if os.path.isdir(os.path.join(path, TRAINED_UNET)):
         return (TRAINED_UNET, "trained") if weights == "trained" else ("unet", "ema")
     if os.path.isdir(os.path.join(path, EMA_UNET)):
@@ -84,11 +92,26 @@ def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: 
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     sub, _ = unet_folder(path, weights)
+    if is_lora_dir(path):
+        # The base pipeline the run fine-tuned, plus its adapter (unfused: the computation of the run's own
+        # validation, so the same seed gives the same image).
+        pipe = load_pipeline(lora_base(path), device, dtype)
+        pipe.load_lora_weights(path, weight_name=sub)
+        return pipe.to(device)
     extra = {} if sub == "unet" else {"unet": UNet2DConditionModel.from_pretrained(path, subfolder=sub, dtype=dtype)}
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def lora_base(path: str) -> str:
+    """The base pipeline a LoRA folder names (InputError when it is gone)."""
+    with open(os.path.join(path, LORA_BASE_FILE)) as f:
+        base = json.load(f)["base_model"]
+    if os.path.isabs(base) and not os.path.isdir(base):
+        raise InputError(f"{path}: its base pipeline {base} (named in {LORA_BASE_FILE}) is not there")
+    return base
 
 
 def evaluate_checkpoint(

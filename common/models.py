@@ -230,6 +230,63 @@ def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, tr
         raise
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA format (load_lora_weights)
+LORA_EMA_FILE = "pytorch_lora_weights_ema.safetensors"  # the adapter's EMA copy, same format
+LORA_BASE_FILE = "lora_base.json"  # which pipeline the adapter belongs to, and its configuration
+
+
+def is_lora_dir(path: str) -> bool:
+    """A folder saved by a --params lora run: the adapter and the name of its base pipeline."""
+    return os.path.isfile(os.path.join(path, LORA_BASE_FILE)) and os.path.isfile(os.path.join(path, LORA_FILE))
+
+
+def save_lora(unet: torch.nn.Module, path: str, base_model: str, ema=None, trainable=None) -> None:
+    """Save the UNet's LoRA adapter in diffusers' format (and its EMA copy), with the base pipeline's name.
+
+    Atomic like save_pipeline: written into a temporary sibling and renamed, or moved into an existing folder
+    (a run's output directory) file by file, lora_base.json last.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def write(weight_name):
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=weight_name,
+                                                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        write(LORA_FILE)
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+            try:
+                write(LORA_EMA_FILE)
+            finally:
+                ema.restore(trainable)
+        config = unet.peft_config["default"]
+        base = os.path.abspath(resolve_model_path(base_model)) if looks_local(base_model) else base_model
+        with open(os.path.join(tmp, LORA_BASE_FILE), "w") as f:
+            json.dump({"base_model": base, "rank": config.r, "alpha": config.lora_alpha,
+                       "targets": sorted(config.target_modules), "ema": ema is not None}, f, indent=2)
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+        else:
+            for name in sorted(os.listdir(tmp), key=lambda n: n == LORA_BASE_FILE):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _install_entries(src: str, dst: str) -> None:
     """Move every entry of ``src`` into ``dst`` (replacing same-named ones), model_index.json last."""
     import shutil

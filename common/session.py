@@ -52,18 +52,23 @@ class Run:
     trainer: ChunkTrainer
     validator: Validator
     recorder: RunRecorder
+    model_path: str = ""  # the unlearned model, which a LoRA folder names as its base
 
     def save_pipeline(self, path: str, ema_as_unet: bool = False) -> None:
-        """Save the current UNet (and EMA copy) as a full pipeline; main process only, others wait."""
-        from .models import save_pipeline
-
+        """Save the current UNet (and EMA copy) as a full pipeline, or with --params lora the adapter in
+        diffusers' LoRA format beside the name of its base; main process only, others wait."""
+        from .models import save_lora, save_pipeline
         from .results import writing
 
         acc = self.accelerator
+        unet = acc.unwrap_model(self.trainer.unet)
         if acc.is_main_process:
             with writing("pipeline", path):  # atomic: a failed save leaves no partial pipeline
-                save_pipeline(self.parts, acc.unwrap_model(self.trainer.unet), path, ema=self.trainer.ema,
-                              trainable=self.trainer.trainable, ema_as_unet=ema_as_unet)
+                if self.trainer.cfg.params == "lora":
+                    save_lora(unet, path, self.model_path, ema=self.trainer.ema, trainable=self.trainer.trainable)
+                else:
+                    save_pipeline(self.parts, unet, path, ema=self.trainer.ema, trainable=self.trainer.trainable,
+                                  ema_as_unet=ema_as_unet)
         acc.wait_for_everyone()
 
 
@@ -160,4 +165,4 @@ def open_run(
     if acc.is_main_process and progress_total:
         # One bar over the run's optimizer updates (for the individual protocol, up to its epoch cap).
         trainer.progress = tqdm(total=progress_total, desc="updates", unit="update", dynamic_ncols=True)
-    return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder)
+    return Run(acc, parts, dataset, chunk_rows, trainer, validator, recorder, model_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,6 +21,11 @@ import torch.nn.functional as F
 
 from .curriculum import epoch_batches, reference_schedule, updates_per_epoch
 from .faults import maybe_fail, maybe_poison
+
+
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # every attention projection, as diffusers' LoRA scripts
+ADAPTER_FILE = "adapter.safetensors"  # a --params lora checkpoint's trained tensors, by parameter name
+LORA_WEIGHTS = "lora_"  # the substring of a LoRA parameter's name (peft: lora_A, lora_B)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,10 @@ class TrainConfig:
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
     prediction_type: Optional[str] = None
-    params: str = "full"  # "full" or "xattn" (cross-attention keys and values: attn2.to_k, attn2.to_v)
+    params: str = "full"  # "full", "xattn" (cross-attention keys and values: attn2.to_k, attn2.to_v) or "lora"
+    lora_rank: int = 4  # --params lora: the adapter's rank r
+    lora_alpha: Optional[float] = None  # its alpha (None: = rank, so a scale alpha / r of 1)
+    lora_targets: tuple = LORA_TARGETS  # the UNet's modules (name suffixes) that get an adapter
     use_ema: bool = False
     ema_decay: float = 0.9999
     gradient_checkpointing: bool = False
@@ -103,19 +112,39 @@ class DiskRestore:
 XATTN_PROJECTIONS = ("attn2.to_k", "attn2.to_v")  # what the published scripts' --params xattn trains
 
 
+def add_lora(unet: torch.nn.Module, rank: int, alpha: Optional[float], targets, seed: int) -> None:
+    """Give the UNet a LoRA adapter through peft, as diffusers' LoRA training does (Hu et al. 2021,
+    https://arxiv.org/abs/2106.09685): B starts at zero, so the adapted UNet starts as the unlearned one.
+
+    A is drawn from a generator seeded by ``seed`` (every process draws the same), the global RNG untouched.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
+                        target_modules=list(targets))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            unet.add_adapter(config)
+        except ValueError as err:  # peft: none of the target modules exists in this UNet
+            raise ValueError(f"--lora_targets {','.join(targets)}: {err}") from None
+
+
 def select_trainable(unet: torch.nn.Module, params) -> list:
     """Mark the trained parameters and return them in ``named_parameters`` order; freeze the rest.
 
-    ``params``: "full" (the whole UNet), "xattn" (the cross-attention key and value projections) or an explicit
-    collection of parameter names (tools/unlearn.py's ESD variants).
+    ``params``: "full" (the whole UNet), "xattn" (the cross-attention key and value projections), "lora" (the
+    adapter's weights; add_lora first) or an explicit collection of parameter names (tools/unlearn.py's ESD
+    variants).
     """
-    if isinstance(params, str) and params not in ("full", "xattn"):
-        raise ValueError(f"params must be 'full', 'xattn' or parameter names, got {params!r}")
+    if isinstance(params, str) and params not in ("full", "xattn", "lora"):
+        raise ValueError(f"params must be 'full', 'xattn', 'lora' or parameter names, got {params!r}")
     names = None if isinstance(params, str) else set(params)
     trainable = []
     for name, p in unet.named_parameters():
         keep = (name in names) if names is not None else (
-            params == "full" or any(proj in name for proj in XATTN_PROJECTIONS))
+            params == "full" or (LORA_WEIGHTS in name if params == "lora" else
+                                 any(proj in name for proj in XATTN_PROJECTIONS) and LORA_WEIGHTS not in name))
         p.requires_grad_(keep)
         if keep:
             trainable.append(p)
@@ -221,6 +250,11 @@ class ChunkTrainer:
             parts.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if cfg.params == "lora":
+            add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+            # Checkpoints hold the adapter only: the frozen UNet is the model's own, on disk already.
+            accelerator.register_save_state_pre_hook(self._save_adapter)
+            accelerator.register_load_state_pre_hook(self._load_adapter)
         self.trainable = select_trainable(unet, cfg.params)
         # The unlearned weights, to restore before each chunk: in host memory, or read back from the model's files.
         names = [n for n, p in unet.named_parameters() if p.requires_grad]
@@ -248,6 +282,32 @@ class ChunkTrainer:
         self.pending_micro_batches = 0
         self.epoch_start = (0, 0)
         self.progress = None  # a tqdm bar over the run's updates (set by the session on the main process)
+
+    def adapter_state(self) -> dict:
+        """The trained tensors by parameter name (--params lora: the adapter), on the CPU."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+
+    def _save_adapter(self, models, weights, output_dir) -> None:
+        """accelerate's save_state hook: write the adapter's tensors instead of the whole UNet."""
+        from safetensors.torch import save_file
+
+        if weights:
+            weights.pop()  # the UNet (the only prepared model): not saved whole
+        if self.accelerator.is_main_process:
+            save_file(self.adapter_state(), os.path.join(output_dir, ADAPTER_FILE))
+
+    def _load_adapter(self, models, input_dir) -> None:
+        """accelerate's load_state hook: read the adapter's tensors back into the UNet."""
+        from safetensors.torch import load_file
+
+        models.pop()  # nothing whole to load
+        state = load_file(os.path.join(input_dir, ADAPTER_FILE))
+        unet = self.accelerator.unwrap_model(self.unet)
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state[name].to(p.device, p.dtype))
 
     @property
     def raw_optimizer(self) -> torch.optim.Optimizer:

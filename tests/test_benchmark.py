@@ -25,7 +25,7 @@ def test_benchmark_short_mode(tmp_path):
     proc, figures = _benchmark(tmp_path, "--short")
     for key in ("cached_samples_per_s", "uncached_samples_per_s", "bare_fwd_bwd_samples_per_s",
                 "validation_batched_images_per_s", "validation_one_at_a_time_images_per_s",
-                "nudity_detector_s_per_100_images",
+                "nudity_detector_s_per_100_images", "validation_without_retention_s", "validation_with_retention_s",
                 "run_levers_on_s", "run_levers_off_s"):
         assert figures[key] > 0, key
         assert key in proc.stdout
@@ -33,6 +33,8 @@ def test_benchmark_short_mode(tmp_path):
     # The ratios printed are the ratios of the figures printed.
     assert figures["cache_speedup"] == pytest.approx(figures["cached_samples_per_s"] / figures["uncached_samples_per_s"])
     assert figures["run_speedup"] == pytest.approx(figures["run_levers_off_s"] / figures["run_levers_on_s"])
+    assert figures["retention_validation_time_ratio"] == pytest.approx(
+        figures["validation_with_retention_s"] / figures["validation_without_retention_s"])
     assert figures["cached_peak_rss_gb"] > 0 and figures["uncached_peak_rss_gb"] > 0
     assert figures["budget_accelerator_gb_before_activations"] >= 0  # on the CPU everything is host memory
 

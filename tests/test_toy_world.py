@@ -248,3 +248,32 @@ def test_demo_threshold_rule():
     card["figures"]["models"]["base"]["classifier_acc_target"] = 0.4
     card["figures"]["models"]["uce"]["classifier_acc_target"] = 0.0
     assert demo.calibrate(card)["bc_threshold"] == 0.3  # never below the paper's 0.3
+
+
+def test_demo_plans_a_control_retention_and_seeds(tmp_path):
+    """make demo's runs: every sequential run scores retention prompts, one control (the base model, tagged
+    role=control) on the related data; --run_seeds: ESD-x, UCE and control per seed, nothing else."""
+    from tools import demo, toy_world
+
+    p = toy_world.paths(str(tmp_path / "world"))
+    for m in toy_world.UNLEARN_METHODS:
+        os.makedirs(p["unlearned"][m])
+    th = {"clip_threshold": 0.8, "bc_threshold": 0.6}
+    args = demo.parse_args([])
+    assert args.out.endswith("demo_runs") and args.run_seeds is None
+    plan = demo.demo_plan(args, p, th, "r.txt")
+    seq = [(name, model, flags) for script, name, model, data, flags in plan if script == "finetuning_sequential.py"]
+    assert all(flags["--retention_prompts"] == "r.txt" for _, _, flags in seq)
+    (control,) = [(name, model, flags) for name, model, flags in seq if "role=control" in flags.get("--tag", [])]
+    assert control[0] == "seq-control-related" and control[1] == p["sd_base"]
+    assert len(plan) == 8  # 2 methods x (2 sequential + 1 individual CLIP) + 1 classifier + 1 control
+    args = demo.parse_args(["--run_seeds", "0,1,2"])
+    assert args.run_seeds == [0, 1, 2] and args.out.endswith("demo_runs_seeds")
+    plan = demo.seeds_plan(args, p, th, "r.txt")
+    assert [(name, flags["--seed"]) for _, name, _, _, flags in plan] == [
+        (f"seq-{m}-related-seed{s}", s) for s in (0, 1, 2) for m in ("esd-x", "uce", "control")]
+    assert {data for _, _, _, data, _ in plan} == {"related"}
+    # The retention prompts: the target's neighbours and concepts in neither fine-tuning set, never the target.
+    assert toy_world.TARGET not in toy_world.RETENTION and set(toy_world.NEIGHBOURS) <= set(toy_world.RETENTION)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--run_seeds", "a,b"])

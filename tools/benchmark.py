@@ -7,7 +7,8 @@
 
 Figures: training samples/s with the latent cache, without it, and for a bare
 UNet forward+backward of the same batch; validation images/s batched against
-one prompt at a time; seconds per 100 images of the nudity detector (CPU,
+one prompt at a time; seconds of a validation without and with as many
+--retention_prompts as validation prompts; seconds per 100 images of the nudity detector (CPU,
 onnxruntime, whatever the accelerator); wall time of a whole 2-chunk
 individual-CLIP run with the levers on against off. Nothing here is asserted:
 it prints what it saw.
@@ -211,6 +212,28 @@ def validation_figures(args, acc, parts):
     return out
 
 
+def retention_figures(args, acc, parts, clip_dir):
+    """Seconds of one validation (generate and CLIP-score the prompts) without and with --retention_prompts
+    (as many retention prompts as validation prompts: one more batch)."""
+    from common.clip_score import ClipScorer
+    from common.protocol import Criterion, ValidationConfig, Validator
+    from common.validation import build_pipeline
+
+    pipe = build_pipeline(parts, parts.unet)
+    prompts = [f"a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES * 4)][: args.prompts]
+    others = [f"a photo of a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES[::-1] * 4)][: args.prompts]
+    scorer = ClipScorer(clip_dir, acc.device)
+    clip = Criterion("clip", 0.31, scorer.score)
+    out = {}
+    for name, retention in (("without", ()), ("with", others)):
+        cfg = ValidationConfig(prompts, seed=0, num_inference_steps=args.inference_steps,
+                               resolution=args.resolution, retention_prompts=retention)
+        validator = Validator(acc, pipe, cfg, [clip], scorer.score if retention else None)
+        out[f"validation_{name}_retention_s"] = timed(lambda: validator("benchmark"), 1)
+    out["retention_validation_time_ratio"] = out["validation_with_retention_s"] / out["validation_without_retention_s"]
+    return out
+
+
 def nudity_figures(args):
     """Seconds per 100 images of --theme Nudity's scorer: NudeNet's detector, on the CPU through onnxruntime."""
     import numpy as np
@@ -377,6 +400,7 @@ def main(args):
                                        per_concept=n_images // 2, size=args.resolution)
         acc, parts, figures = training_figures(args, model_dir, data_dir)
         figures.update(validation_figures(args, acc, parts))
+        figures.update(retention_figures(args, acc, parts, clip_dir))
         figures.update(nudity_figures(args))
         if not args.skip_run:
             figures.update(whole_run_figures(args, model_dir, data_dir, clip_dir, work))

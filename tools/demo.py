@@ -5,6 +5,15 @@ Phases: build (or reuse) the toy world; calibrate the thresholds; fine-tune the
 unlearned models (ESD-x, UCE) with the four scripts through `accelerate
 launch`; evaluate; print the revival table and write plots (tools/report.py).
 
+Every sequential run also scores retention prompts (the target's neighbours
+and unrelated concepts, toy_world.RETENTION), and a control run fine-tunes the
+base model (never unlearned) on the related curriculum (tagged role=control:
+tools/report.py pairs it with the unlearned runs).
+
+`--run_seeds 0,1,2` runs instead only the sequential ESD-x, UCE and control runs
+on the related data, once per fine-tuning seed (same world), and reports them
+with bootstrap intervals over the seeds.
+
 Threshold rule (documented in the README): the paper's CLIP threshold (0.31)
 sits just under the original model's own score on the concept, about a fifth
 of the way down to the unlearned models' scores. Here it is the base model's
@@ -34,13 +43,26 @@ from common.results import read_jsonl  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", default=toy_world.DEFAULT_DIR, help="toy world directory (built once, cached)")
-    p.add_argument("--out", default=os.path.join(ROOT, "demo_runs"), help="run outputs, tables and plots")
+    p.add_argument("--out", default=None, help="run outputs, tables and plots (default demo_runs/, or "
+                                               "demo_runs_seeds/ with --run_seeds)")
     p.add_argument("--scale", default="full", choices=sorted(toy_world.SCALES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip_epoch", type=int, default=5, help="epoch budget of the individual runs")
     p.add_argument("--num_train_epochs", type=int, default=8, help="epochs per chunk of the sequential runs (paper 8)")
     p.add_argument("--num_inference_steps", type=int, default=10)
-    return p.parse_args(argv)
+    p.add_argument("--run_seeds", default=None,
+                   help="e.g. 0,1,2: only the sequential ESD-x/UCE/control runs on the related data, once per "
+                        "fine-tuning seed, and the table over seeds (default --out: demo_runs_seeds/)")
+    args = p.parse_args(argv)
+    if args.run_seeds is not None:
+        try:
+            args.run_seeds = [int(x) for x in args.run_seeds.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--run_seeds {args.run_seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+        if not args.run_seeds:
+            p.error("--run_seeds: give at least one seed")
+    args.out = args.out or os.path.join(ROOT, "demo_runs_seeds" if args.run_seeds else "demo_runs")
+    return args
 
 
 def calibrate(card: dict) -> dict:
@@ -61,7 +83,8 @@ def launch(script: str, flags: dict, log_path: str) -> int:
     """Run one script through `accelerate launch` (1 CPU process); its output goes to log_path."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, script)]
-    cmd += [k if v is None else f"{k}={v}" for k, v in flags.items()]
+    for k, v in flags.items():  # a list value repeats the flag (--tag)
+        cmd += [k if x is None else f"{k}={x}" for x in (v if isinstance(v, list) else [v])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT)
     t0 = time.time()
     with open(log_path, "w") as log:
@@ -69,6 +92,54 @@ def launch(script: str, flags: dict, log_path: str) -> int:
     print(f"  {script} -> {os.path.splitext(os.path.basename(log_path))[0]}: exit {rc}, {time.time() - t0:.0f} s",
           flush=True)
     return rc
+
+
+def _sequential_flags(args, p, th, retention) -> dict:
+    return {"--num_train_epochs": args.num_train_epochs, "--model_path": p["classifier"],
+            "--clip_threshold": th["clip_threshold"], "--bc_threshold": th["bc_threshold"],
+            "--clip_model": p["clip"], "--curriculum_checkpoints": "4,9", "--use_ema": None,
+            "--retention_prompts": retention}
+
+
+CONTROL_TAGS = ["role=control", "method=base"]  # tools/report.py pairs a role=control run with the others
+
+
+def demo_plan(args, p, th, retention) -> list:
+    """(script, run name, model, data, flags) of `make demo`'s runs."""
+    plan = []
+    seq = _sequential_flags(args, p, th, retention)
+    for method in toy_world.UNLEARN_METHODS:
+        model = p["unlearned"][method]
+        if not os.path.isdir(model):
+            print(f"  {method}: no unlearned model in the world; skipped")
+            continue
+        for data in ("related", "unrelated"):
+            plan.append(("finetuning_sequential.py", f"seq-{method}-{data}", model, data, dict(seq)))
+        plan.append(("finetuning_individual_CLIP.py", f"clip-{method}-related", model, "related",
+                     {"--clip_threshold": th["clip_threshold"], "--clip_model": p["clip"],
+                      "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    if plan:
+        method = plan[0][2]
+        plan.append(("finetuning_individual_Classifier.py", f"clf-{os.path.basename(method)}-related", method,
+                     "related", {"--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"],
+                                 "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    # The control: the original model on the related curriculum, no pipeline kept.
+    plan.append(("finetuning_sequential.py", "seq-control-related", p["sd_base"], "related",
+                 {**seq, "--save_model": "False", "--tag": CONTROL_TAGS}))
+    return plan
+
+
+def seeds_plan(args, p, th, retention) -> list:
+    """The sequential ESD-x, UCE and control runs on the related data, once per fine-tuning seed."""
+    plan = []
+    seq = {**_sequential_flags(args, p, th, retention), "--save_model": "False"}
+    for seed in args.run_seeds:
+        for method in toy_world.UNLEARN_METHODS:
+            plan.append(("finetuning_sequential.py", f"seq-{method}-related-seed{seed}", p["unlearned"][method],
+                         "related", {**seq, "--seed": seed, "--tag": [f"method={method}"]}))
+        plan.append(("finetuning_sequential.py", f"seq-control-related-seed{seed}", p["sd_base"], "related",
+                     {**seq, "--seed": seed, "--tag": CONTROL_TAGS}))
+    return plan
 
 
 def main(args):
@@ -83,32 +154,17 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "thresholds.json"), "w") as f:
         json.dump(th, f, indent=2)
+    retention = os.path.join(args.out, "retention_prompts.txt")
+    with open(retention, "w") as f:
+        f.write("".join(toy_world.caption(*c) + "\n" for c in toy_world.RETENTION))
     common = {"--train_data_dir": None, "--caption_column": "prompt", "--resolution": toy_world.RESOLUTION,
               "--center_crop": None, "--random_flip": None, "--learning_rate": "1e-4", "--train_batch_size": 10,
               "--curriculum": toy_world.CURRICULUM, "--validation_prompts": p["prompts_target"],
               "--num_inference_steps": args.num_inference_steps, "--seed": args.seed}
-    # Phase 2: fine-tune the unlearned models.
+    # Phase 2: fine-tune the unlearned models, and the base model as the control.
     runs = []
-    plan = []
     failed = 0
-    for method in toy_world.UNLEARN_METHODS:
-        model = p["unlearned"][method]
-        if not os.path.isdir(model):
-            print(f"  {method}: no unlearned model in the world; skipped")
-            continue
-        for data in ("related", "unrelated"):
-            plan.append(("finetuning_sequential.py", f"seq-{method}-{data}", model, data,
-                         {"--num_train_epochs": args.num_train_epochs, "--model_path": p["classifier"],
-                          "--clip_threshold": th["clip_threshold"], "--bc_threshold": th["bc_threshold"],
-                          "--clip_model": p["clip"], "--curriculum_checkpoints": "4,9", "--use_ema": None}))
-        plan.append(("finetuning_individual_CLIP.py", f"clip-{method}-related", model, "related",
-                     {"--clip_threshold": th["clip_threshold"], "--clip_model": p["clip"],
-                      "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
-    if plan:
-        method = plan[0][2]
-        plan.append(("finetuning_individual_Classifier.py", f"clf-{os.path.basename(method)}-related", method,
-                     "related", {"--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"],
-                                 "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    plan = seeds_plan(args, p, th, retention) if args.run_seeds else demo_plan(args, p, th, retention)
     for script, name, model, data, extra in plan:
         out = os.path.join(args.out, name)
         flags = {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
@@ -124,8 +180,17 @@ def main(args):
             runs.append(out)
         else:
             failed += 1
+    if args.run_seeds:  # the seeds' table and plots only
+        failed += subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
+                                   os.path.join(args.out, "report"), "--title", "Toy world"]) != 0
+        print(f"demo over seeds {args.run_seeds} finished in {time.time() - t0:.0f} s; outputs in {args.out}")
+        if failed:
+            print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
+            raise SystemExit(1)
+        return
     # Phase 3: evaluate the base, unlearned and revived sequential models.
-    seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")]
+    seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")
+                and not os.path.basename(r).startswith("seq-control")]
     models = [p["sd_base"]] + [p["unlearned"][m] for m in toy_world.UNLEARN_METHODS if os.path.isdir(p["unlearned"][m])]
     eval_log = os.path.join(args.out, "eval.log")
     rc = launch("eval_model.py", {",".join(models + seq_dirs): None, p["classifier"]: None,

@@ -8,10 +8,10 @@ from .build import build_toy_world, format_card
 from .classifier import classifier_batch
 from .clip import retrieval_top1
 from .world import (CARD_FILE, CONCEPTS, CURRICULUM, DEFAULT_DIR, NEIGHBOURS, PER_CONCEPT, RELATED, RESOLUTION,
-                    RETAINED, SCALES, TARGET, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, caption,
+                    RETAINED, RETENTION, SCALES, TARGET, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, caption,
                     concept_prompts, draw_concepts, load_card, paths, world_config)
 
 __all__ = ["build_toy_world", "format_card", "classifier_batch", "retrieval_top1", "CARD_FILE", "CONCEPTS",
-           "CURRICULUM", "DEFAULT_DIR", "NEIGHBOURS", "PER_CONCEPT", "RELATED", "RESOLUTION", "RETAINED", "SCALES",
+           "CURRICULUM", "DEFAULT_DIR", "NEIGHBOURS", "PER_CONCEPT", "RELATED", "RESOLUTION", "RETAINED", "RETENTION", "SCALES",
            "TARGET", "UNLEARN_METHODS", "UNRELATED", "VALIDATION_REPEATS", "caption", "concept_prompts",
            "draw_concepts", "load_card", "paths", "world_config"]

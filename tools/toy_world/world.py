@@ -31,6 +31,10 @@ RETAINED = ("blue", "square")
 # The target's nearest concepts: the card reports how the unlearned models treat them (collateral damage).
 NEIGHBOURS = (("red", "square"), ("red", "ring"), ("orange", "circle"), ("blue", "circle"))
 
+# Concepts that must survive the unlearning and the fine-tuning (the demo's --retention_prompts): the target's
+# neighbours, the retained concept, and three concepts in neither fine-tuning set.
+RETENTION = NEIGHBOURS + (RETAINED, ("purple", "cross"), ("black", "square"), ("white", "diamond"))
+
 # Caption phrasings: the models are trained on all of them, and the validation prompts are these phrasings.
 TEMPLATES = (
     "a {colour} {shape}", "a picture of a {colour} {shape}", "an image of a {colour} {shape}",
