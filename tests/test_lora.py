@@ -125,3 +125,45 @@ def test_bad_lora_flags_are_one_line_and_exit_2(assets, tmp_path, over, message)
     proc = launch(SCRIPT, seed_flags(assets, str(out), **over), cwd=assets["root"])
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_killed_lora_run_resumes_to_the_same_results(assets, lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    flags = lambda **over: seed_flags(assets, out, **{  # noqa: E731
+        **LORA, "--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1, "--end_CL": 1,
+        "--checkpointing_steps": 4, "--save_validation_images": None, "--log_file": False, **over})
+    crashed = launch(SCRIPT, flags(), cwd=assets["root"], env_extra={"REVIVAL_FAULT": "update:7"})
+    assert crashed.returncode != 0 and os.path.isdir(os.path.join(out, "checkpoint-4"))
+    _ok(launch(SCRIPT, flags(**{"--resume_from_checkpoint": "latest"}), cwd=assets["root"]))
+    recs = [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
+    ref = [json.loads(line) for line in open(os.path.join(lora_run, "validations.jsonl"))]
+    assert [(r["epoch"], r["optimizer_steps"], r["scores"]) for r in recs] == [
+        (r["epoch"], r["optimizer_steps"], r["scores"]) for r in ref]  # bit for bit
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
+        a, b = (load_file(os.path.join(d, "curriculum-0", name)) for d in (out, lora_run))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_lora_sequential_two_processes_match_one(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = {}
+    for procs, batch in ((1, 10), (2, 5)):
+        out = str(tmp_path / f"p{procs}")
+        flags = seed_flags(assets, out, **{**LORA, "--num_train_epochs": 1, "--end_CL": 1, "--clip_threshold": 1.0,
+                                          "--curriculum_checkpoints": "0", "--train_batch_size": batch})
+        _ok(launch("finetuning_sequential.py", flags, cwd=assets["root"], num_processes=procs))
+        outs[procs] = out
+    one, two = ([json.loads(line) for line in open(os.path.join(outs[p], "validations.jsonl"))] for p in (1, 2))
+    assert [(r["chunk"], r["optimizer_steps"]) for r in one] == [(r["chunk"], r["optimizer_steps"]) for r in two]
+    for a, b in zip(one, two):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    # The final model of a LoRA run is its adapter too, in the output directory, beside the curriculum folder.
+    for folder in ("", "curriculum-0"):
+        w1, w2 = (load_file(os.path.join(outs[p], folder, "pytorch_lora_weights.safetensors")) for p in (1, 2))
+        assert w1.keys() == w2.keys()
+        # lr 1e-2: a wrong gradient on one process moves weights by ~1e-2; reduction-order noise stays far below.
+        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 5e-4

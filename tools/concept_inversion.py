@@ -107,7 +107,7 @@ def build_parser() -> cli.Parser:
     g.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept in config.json's tags (repeatable), e.g. method=esd-x concept=vangogh")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    # The classifier options read --compat (the fine-tuning scripts' flag); a probe always uses this toolkit's semantics.
+    # The classifier options read --compat (a fine-tuning scripts' flag): a probe always has this toolkit's semantics.
     p.set_defaults(compat="none")
     return p
 
@@ -128,7 +128,7 @@ def read_templates(path: Optional[str]) -> List[str]:
 
 
 def fill(template: str, word: str) -> str:
-    """A template (or prompt) with its {} slots, or its placeholder, filled with ``word``."""
+    """A training template with its {} slot(s) filled with ``word`` (str.format would trip on other braces)."""
     return template.replace("{}", word)
 
 
@@ -322,7 +322,8 @@ class Validation:
         from common.validation import generate_images
 
         a = self.args
-        images = generate_images(self.pipe, self.prompts, self.seeds, batch_size=a.validation_batch_size or len(self.prompts),
+        images = generate_images(self.pipe, self.prompts, self.seeds,
+                                 batch_size=a.validation_batch_size or len(self.prompts),
                                  num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale,
                                  resolution=a.resolution)
         if a.save_validation_images:
@@ -432,7 +433,8 @@ def main(args: argparse.Namespace) -> Inversion:
         bar = tqdm(total=args.max_train_steps, desc="inversion", disable=args.quiet)
         try:
             for step in range(1, args.max_train_steps + 1):
-                loss = train_step(parts, encoder, dataset, training_prompts, row, step, args.seed, args.train_batch_size)
+                loss = train_step(parts, encoder, dataset, training_prompts, row, step, args.seed,
+                                  args.train_batch_size)
                 if not math.isfinite(loss):
                     from common.training import NonFiniteLoss
 
@@ -453,11 +455,11 @@ def main(args: argparse.Namespace) -> Inversion:
         summary["wall_seconds"] = round(time.time() - start, 3)
         recorder.summary(summary)
         for c in criteria:
-            crossed = summary["crossed"][c.name]
+            crossed, best = summary["crossed"][c.name], summary["best"][c.name]
             recorder.log(f"{c.name}: " + (f"revived at step {crossed}" if crossed is not None else
                                           f"not revived in {args.max_train_steps} steps")
-                         + f"; best mean {summary['best'][c.name]['mean']:.4f} (step {summary['best'][c.name]['step']}),"
-                           f" final {summary['final'][c.name]:.4f}, threshold {c.threshold:g}")
+                         + f"; best mean {best['mean']:.4f} (step {best['step']}), final {summary['final'][c.name]:.4f},"
+                           f" threshold {c.threshold:g}")
         recorder.log(f"wrote {os.path.join(args.output_dir, EMBEDS_FILE)} ({args.placeholder_token})")
     finally:
         recorder.close()
