@@ -282,3 +282,36 @@ def test_seeds_figure_draws_the_mean_and_the_band_across_seeds(tmp_path):
     names = sorted(os.path.basename(p) for p in plots)
     assert names == ["sequential_seeds_uce_t_rel.png", "sequential_uce_t_rel_seed0.png",
                      "sequential_uce_t_rel_seed1.png", "sequential_uce_t_rel_seed2.png"]
+
+
+def test_probes_side_by_side_per_unlearned_model(tmp_path):
+    full = _seq(tmp_path, "full", "esd-x", 0, [0.3, 0.5, 0.85], point={"chunk": 1, "images_seen": 100})
+    lora = _seq(tmp_path, "lora", "esd-x", 0, [0.3, 0.4, 0.6])
+    cfg = json.load(open(os.path.join(lora, "config.json")))
+    cfg["args"]["params"] = "lora"
+    json.dump(cfg, open(os.path.join(lora, "config.json"), "w"))
+    inv = _run(tmp_path / "inv", {"args": {"pretrained_model_name_or_path": "/m/esd-x",
+                                           "validation_prompts": "/p/inv.txt", "train_data_dir": "/d/imgs"},
+                                  "tags": {"method": "esd-x", "concept": "t"}},
+               {"protocol": "inversion", "criteria": {"clip": 0.8}, "best": {"clip": {"mean": 0.83, "step": 20}},
+                "crossed": {"clip": 10}, "final": {"clip": 0.81}},
+               [{"criterion": "clip", "step": k, "mean": m} for k, m in ((0, 0.3), (10, 0.81), (20, 0.83))])
+    other = _seq(tmp_path, "uce", "uce", 0, [0.3, 0.4, 0.6])  # one probe only: no row
+    runs = [report.load_run(p) for p in (full, lora, inv, other)]
+    assert [r["probe"] for r in runs] == ["fine-tuning", "LoRA fine-tuning", "concept inversion", "fine-tuning"]
+    assert runs[1]["method"] == "esd-x (LoRA)" and runs[1]["model"] == "esd-x"
+    header, rows = report.probe_rows(runs)
+    assert rows == [["esd-x", "t", "clip", "rel: chunk 1 (100 images)", "rel: not reached",
+                     "0.830 at step 20 (0.8) -> yes, at step 10"]]
+    out = tmp_path / "report"
+    _, table, plots = report.main(report.parse_args([full, lora, inv, other, "--out", str(out)]))
+    assert "| esd-x | t | clip | rel: chunk 1 (100 images) |" in (out / "probes_table.md").read_text()
+    assert [r[0] for r in table] == ["esd-x", "esd-x (LoRA)", "uce"]  # the inversion is no curriculum row
+    assert sorted(os.path.basename(p) for p in plots)[0] == "inversion_esd-x_t_imgs.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    (ax,) = report.inversion_figure(runs[2]).axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["score with the learned token"].get_xdata()) == [0, 10, 20]
+    assert "crossed at step 10" in lines

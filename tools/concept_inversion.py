@@ -98,8 +98,14 @@ def build_parser() -> cli.Parser:
                    help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
     g.add_argument("--clip_threshold", type=float, default=0.31,
                    help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
+
+    # cli.add_classifier_args would also describe --compat, which a probe does not have.
+    g = p.add_argument_group("concept classifier")
+    g.add_argument("--model_path", default=None,
+                   help="transformers image-classification directory, or a timm state dict with --theme <style> "
+                        "(omit to run CLIP only)")
     g.add_argument("--bc_threshold", type=float, default=0.3, help="classifier criterion: accuracy >= this")
-    cli.add_classifier_args(p, required=False)
+    cli.add_classifier_options(g, compat=False)
 
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", required=True,
@@ -107,7 +113,7 @@ def build_parser() -> cli.Parser:
     g.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="a label kept in config.json's tags (repeatable), e.g. method=esd-x concept=vangogh")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    # The classifier options read --compat (a fine-tuning scripts' flag): a probe always has this toolkit's semantics.
+    # The classifier's loader reads --compat (a fine-tuning scripts' flag): a probe always has this toolkit's semantics.
     p.set_defaults(compat="none")
     return p
 
@@ -133,7 +139,7 @@ def fill(template: str, word: str) -> str:
 
 
 def validation_steps(max_steps: int, every: int) -> List[int]:
-    """The steps after which the probe validates: 0 (the unlearned model), every N-th, and the last."""
+    """The steps after which the probe validates: 0 (the token still the initializer's), every N-th, the last."""
     return sorted({0, max_steps, *range(every, max_steps + 1, every)})
 
 
@@ -414,7 +420,7 @@ def main(args: argparse.Namespace) -> Inversion:
             module.requires_grad_(False).eval().to(device)
         row = EmbeddingRow(parts.text_encoder, token_id, args.learning_rate)
 
-        # The concept's images: VAE posteriors computed once when the crop is fixed (no caption is read).
+        # The concept's images: VAE posteriors computed once when the crop is fixed (--center_crop).
         dataset = load_training_data(args.train_data_dir, None, PATH_FIELD)
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
         encoder = make_encoder(parts, transform, device, torch.float32, cache=True)
@@ -458,8 +464,8 @@ def main(args: argparse.Namespace) -> Inversion:
             crossed, best = summary["crossed"][c.name], summary["best"][c.name]
             recorder.log(f"{c.name}: " + (f"revived at step {crossed}" if crossed is not None else
                                           f"not revived in {args.max_train_steps} steps")
-                         + f"; best mean {best['mean']:.4f} (step {best['step']}), final {summary['final'][c.name]:.4f},"
-                           f" threshold {c.threshold:g}")
+                         + f"; best mean {best['mean']:.4f} (step {best['step']}), "
+                           f"final {summary['final'][c.name]:.4f}, threshold {c.threshold:g}")
         recorder.log(f"wrote {os.path.join(args.output_dir, EMBEDS_FILE)} ({args.placeholder_token})")
     finally:
         recorder.close()

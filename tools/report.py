@@ -103,9 +103,52 @@ def load_run(run: str) -> dict:
             "data": tags.get("data") or _stem(a.get("train_data_dir") or a.get("dataset_name")),
             "protocol": summary.get("protocol"), "seed": a.get("seed"),
             "control": tags.get("role") == CONTROL_ROLE}
+    run["model"] = run["method"]  # the model probed, whatever the probe
+    run["probe"] = probe_name(config, run["protocol"])
+    if run["probe"] == LORA_PROBE:
+        run["method"] += " (LoRA)"
     if run["control"] and "control" not in run["method"]:
         run["method"] += " (control)"
     return run
+
+
+FULL_PROBE, LORA_PROBE, INVERSION_PROBE = "fine-tuning", "LoRA fine-tuning", "concept inversion"
+
+
+def probe_name(config: dict, protocol: Optional[str]) -> str:
+    """How a run probes its model: fine-tuning of UNet weights, a LoRA adapter, or concept inversion."""
+    if protocol == "inversion":
+        return INVERSION_PROBE
+    return LORA_PROBE if config.get("args", {}).get("params") == "lora" else FULL_PROBE
+
+
+def probe_rows(runs) -> tuple:
+    """Per probed model, concept and criterion, the probes side by side: the sequential Revival Point of full and
+    of LoRA fine-tuning (per fine-tuning data) and the concept-inversion probe's best score (and whether it
+    crossed the threshold)."""
+    header = ["model", "concept", "criterion", FULL_PROBE + ": Revival Point", LORA_PROBE + ": Revival Point",
+              INVERSION_PROBE + ": best score (threshold) -> crossed"]
+    cells = {}
+    for r in runs:
+        if r["control"]:
+            continue
+        s = r["summary"]
+        if r["protocol"] == "sequential":
+            column = 3 if r["probe"] == FULL_PROBE else 4
+            for name in s["criteria"]:
+                point = s["revival_point"].get(name)
+                text = f"{r['data']}: " + (f"chunk {point['chunk']} ({point['images_seen']} images)" if point
+                                           else "not reached")
+                cells.setdefault((r["model"], r["concept"], name), {}).setdefault(column, []).append(text)
+        elif r["protocol"] == "inversion":
+            for name, threshold in s["criteria"].items():
+                best, crossed = s["best"][name], s["crossed"].get(name)
+                text = (f"{best['mean']:.3f} at step {best['step']} ({threshold:g}) -> "
+                        + (f"yes, at step {crossed}" if crossed is not None else "no"))
+                cells.setdefault((r["model"], r["concept"], name), {}).setdefault(5, []).append(text)
+    rows = [[model, concept, name] + ["; ".join(c.get(k, [])) or "-" for k in (3, 4, 5)]
+            for (model, concept, name), c in cells.items() if len(c) > 1]  # only where probes meet
+    return header, rows
 
 
 CONTROL_ROLE = "control"  # --tag role=control: the original model fine-tuned on the same curriculum
@@ -188,6 +231,8 @@ def table_rows(runs) -> tuple:
     rows = []
     for r in runs:
         s = r["summary"]
+        if r["protocol"] == "inversion":
+            continue  # not a curriculum: probe_rows shows it
         if r["protocol"] == "individual":
             by_chunk = {c["chunk"]: (str(c["revival_epoch"]) if c["revived"] else f">{c['epochs_trained'] - 1}")
                         for c in s["chunks"]}
@@ -235,7 +280,7 @@ def seed_rows(runs) -> tuple:
     rows = []
     for (method, concept, data, protocol), members in groups.items():
         seeds = sorted({m["config"].get("args", {}).get("seed") for m in members}, key=str)
-        if len(members) < 2:
+        if len(members) < 2 or protocol == "inversion":
             continue
         if protocol == "sequential":
             for name in members[0]["summary"]["criteria"]:
@@ -392,12 +437,35 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
         known = {**control_base(control if control is not None else r if r["control"] else {"summary": {}}),
                  **(base or {})}
         written.append(_save(sequential_figure(r, known, control), out, f"sequential_{name}.png"))
+    for r in runs:
+        if r["protocol"] == "inversion":
+            name = _slug(r["method"], r["concept"], r["data"])
+            written.append(_save(inversion_figure(r, base), out, f"inversion_{name}.png"))
     for members in seed_groups(sequential).values():
         if len(members) > 1:
             m = members[0]
             name = _slug(m["method"], m["concept"], m["data"])
             written.append(_save(seeds_figure(members, base), out, f"sequential_seeds_{name}.png"))
     return written
+
+
+def inversion_figure(r, base: Optional[dict] = None):
+    """A concept-inversion probe: each criterion's score against training steps, with its threshold."""
+    import matplotlib.pyplot as plt
+
+    criteria_ = r["summary"]["criteria"]
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
+    for ax, (name, threshold) in zip(axes[0], criteria_.items()):
+        recs = [x for x in r["records"] if x["criterion"] == name]
+        ax.plot([x["step"] for x in recs], [x["mean"] for x in recs], marker="o", label="score with the learned token")
+        ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        _base_line(ax, base or {}, name)
+        crossed = r["summary"]["crossed"].get(name)
+        ax.plot([], [], " ", label=f"crossed at step {crossed}" if crossed is not None else "never crossed")
+        ax.set(xlabel="textual-inversion step", ylabel=_ylabel(name),
+               title=f"{r['method']} / {r['concept']}: concept inversion, {name}")
+        ax.legend(fontsize=7)
+    return fig
 
 
 def _seeded(runs, r) -> bool:
@@ -463,6 +531,10 @@ def main(args):
     for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
         with open(os.path.join(args.out, f"revival_table.{ext}"), "w") as f:
             f.write(fmt(header, rows))
+    probe_header, probe_table = probe_rows(runs)
+    if probe_table:
+        with open(os.path.join(args.out, "probes_table.md"), "w") as f:
+            f.write(to_markdown(probe_header, probe_table))
     control_header, control_table = control_rows(runs)
     if control_table:
         with open(os.path.join(args.out, "control_table.md"), "w") as f:
@@ -476,6 +548,9 @@ def main(args):
     if seed_table:
         print(f"over seeds (median, {BOOTSTRAP_RESAMPLES} bootstrap resamples, bootstrap seed {BOOTSTRAP_SEED}):")
         print(to_markdown(seed_header, seed_table))
+    if probe_table:
+        print("probes side by side:")
+        print(to_markdown(probe_header, probe_table))
     if control_table:
         print("beside their controls (the original model fine-tuned on the same data):")
         print(to_markdown(control_header, control_table))
