@@ -266,7 +266,11 @@ def test_demo_plans_a_control_retention_and_seeds(tmp_path):
     assert all(flags["--retention_prompts"] == "r.txt" for _, _, flags in seq)
     (control,) = [(name, model, flags) for name, model, flags in seq if "role=control" in flags.get("--tag", [])]
     assert control[0] == "seq-control-related" and control[1] == p["sd_base"]
-    assert len(plan) == 8  # 2 methods x (2 sequential + 1 individual CLIP) + 1 classifier + 1 control
+    # 2 methods x (2 sequential + 1 individual CLIP + 1 sequential LoRA) + 1 classifier + 1 control
+    assert len(plan) == 10
+    lora = [(name, flags) for name, _, flags in seq if flags.get("--params") == "lora"]
+    assert [name for name, _ in lora] == ["seq-lora-esd-x-related", "seq-lora-uce-related"]
+    assert all(flags["--lora_rank"] == 4 for _, flags in lora)
     args = demo.parse_args(["--run_seeds", "0,1,2"])
     assert args.run_seeds == [0, 1, 2] and args.out.endswith("demo_runs_seeds")
     plan = demo.seeds_plan(args, p, th, "r.txt")

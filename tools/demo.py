@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -79,10 +80,12 @@ def calibrate(card: dict) -> dict:
             "base_classifier_acc": base_acc, "highest_unlearned_classifier_acc": unlearned_acc}
 
 
-def launch(script: str, flags: dict, log_path: str) -> int:
-    """Run one script through `accelerate launch` (1 CPU process); its output goes to log_path."""
+def launch(script: str, flags: dict, log_path: str, accelerate: bool = True) -> int:
+    """Run one script through `accelerate launch` (1 CPU process), or a tool with plain python; its output goes to
+    log_path."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, script)]
+           "--mixed_precision", "no", "--dynamo_backend", "no"] if accelerate else [sys.executable]
+    cmd.append(os.path.join(ROOT, script))
     for k, v in flags.items():  # a list value repeats the flag (--tag)
         cmd += [k if x is None else f"{k}={x}" for x in (v if isinstance(v, list) else [v])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT)
@@ -100,6 +103,10 @@ def _sequential_flags(args, p, th, retention) -> dict:
             "--clip_model": p["clip"], "--curriculum_checkpoints": "4,9", "--use_ema": None,
             "--retention_prompts": retention}
 
+
+# LoRA: rank 4 on every attention projection; an adapter learns from zero, so 10x the full fine-tuning rate.
+LORA_FLAGS = {"--params": "lora", "--lora_rank": 4, "--learning_rate": "1e-3"}
+INVERSION = {"images": 20, "steps": 200, "every": 50, "learning_rate": "5e-3", "batch": 4, "initializer": "circle"}
 
 CONTROL_TAGS = ["role=control", "method=base"]  # tools/report.py pairs a role=control run with the others
 
@@ -123,10 +130,54 @@ def demo_plan(args, p, th, retention) -> list:
         plan.append(("finetuning_individual_Classifier.py", f"clf-{os.path.basename(method)}-related", method,
                      "related", {"--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"],
                                  "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    # The other revival probe through the same scripts: a LoRA adapter instead of the UNet's weights.
+    for method in toy_world.UNLEARN_METHODS:
+        if os.path.isdir(p["unlearned"][method]):
+            plan.append(("finetuning_sequential.py", f"seq-lora-{method}-related", p["unlearned"][method], "related",
+                         {**seq, **LORA_FLAGS}))
     # The control: the original model on the related curriculum, no pipeline kept.
     plan.append(("finetuning_sequential.py", "seq-control-related", p["sd_base"], "related",
                  {**seq, "--save_model": "False", "--tag": CONTROL_TAGS}))
     return plan
+
+
+def concept_inversion(args, p, th) -> tuple:
+    """tools/concept_inversion.py on each unlearned model: 20 drawn images of the target, the target's validation
+    prompts with its name replaced by the placeholder; returns the finished output directories and the failures."""
+    from tools import tiny
+
+    images = os.path.join(args.out, "concept_images")
+    if not os.path.isdir(images):
+        tiny.shapes_dataset(images, [toy_world.TARGET], per_concept=INVERSION["images"], size=toy_world.RESOLUTION,
+                            seed=args.seed + 1)
+    name = " ".join(toy_world.TARGET)  # "red circle"
+    prompts = os.path.join(args.out, "inversion_prompts.txt")
+    with open(p["prompts_target"]) as src, open(prompts, "w") as dst:
+        dst.write("".join(line.replace(name, "<concept>") for line in src if line.strip()))
+    outs, failed = [], 0
+    for method in toy_world.UNLEARN_METHODS:
+        out = os.path.join(args.out, f"inversion-{method}")
+        if os.path.isfile(os.path.join(out, "DEMO_DONE")):
+            print(f"  inversion-{method}: done earlier, reused")
+            outs.append(out)
+            continue
+        flags = {"--pretrained_model_name_or_path": p["unlearned"][method], "--train_data_dir": images,
+                 "--validation_prompts": prompts, "--initializer_token": INVERSION["initializer"],
+                 "--concept_name": name, "--learning_rate": INVERSION["learning_rate"],
+                 "--train_batch_size": INVERSION["batch"], "--max_train_steps": INVERSION["steps"],
+                 "--validation_steps": INVERSION["every"], "--resolution": toy_world.RESOLUTION, "--center_crop": None,
+                 "--num_inference_steps": args.num_inference_steps, "--seed": args.seed, "--clip_model": p["clip"],
+                 "--clip_threshold": th["clip_threshold"], "--model_path": p["classifier"],
+                 "--bc_threshold": th["bc_threshold"], "--output_dir": out, "--quiet": None,
+                 "--tag": [f"method={method}", f"concept={toy_world.caption(*toy_world.TARGET)}"]}
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted probe starts afresh (it has no checkpoints)
+        if launch("tools/concept_inversion.py", flags, os.path.join(args.out, f"inversion-{method}.log"),
+                  accelerate=False) == 0:
+            open(os.path.join(out, "DEMO_DONE"), "w").close()
+            outs.append(out)
+        else:
+            failed += 1
+    return outs, failed
 
 
 def seeds_plan(args, p, th, retention) -> list:
@@ -188,6 +239,10 @@ def main(args):
             print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
             raise SystemExit(1)
         return
+    # Phase 2b: the concept-inversion probe of each unlearned model (one learned token, the model frozen).
+    probes, probe_failures = concept_inversion(args, p, th)
+    runs += probes
+    failed += probe_failures
     # Phase 3: evaluate the base, unlearned and revived sequential models.
     seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")
                 and not os.path.basename(r).startswith("seq-control")]
