@@ -18,5 +18,5 @@ def test_flags_reference_is_generated_from_the_parsers():
                     assert f"`{option}`" in text, (program, option)
     section = text.split("## `finetuning_sequential.py`")[1].split("## `eval_model.py`")[0]
     assert "| `--seed` | `0` |" in section and "| `--output_dir` | `sd-model-finetuned` |" in section
-    assert "| `--params` {full,xattn} | `full` |" in section
+    assert "| `--params` {full,xattn,lora} | `full` |" in section
     assert "|  |" not in text  # no flag without an explanation

@@ -83,7 +83,7 @@ def test_every_readme_command_line_parses_with_its_program_s_parser():
     assert {"finetuning_individual_CLIP.py", "finetuning_sequential.py", "eval_model.py", "tools/unlearn.py",
             "tools/import_model.py",
             "tools/generate_training_data.py", "tools/train_classifier.py", "tools/grid.py", "tools/report.py",
-            "tools/benchmark.py"} <= seen, seen
+            "tools/benchmark.py", "tools/concept_inversion.py"} <= seen, seen
     assert len(calls) >= 18
     for program, args, line in calls:
         elided = "..." in line  # '...' stands for flags left out: required flags may be missing
