@@ -10,7 +10,7 @@ STAMP := $(VENV)/.requirements.sha256
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test demo demo-seeds clean-venv
 
 venv:
 	@want=$$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1); \
@@ -29,6 +29,10 @@ test: venv
 
 demo: venv
 	$(PY) tools/demo.py
+
+# The sequential ESD-x, UCE and control runs over fine-tuning seeds 0, 1, 2 (same toy world), with intervals.
+demo-seeds: venv
+	$(PY) tools/demo.py --run_seeds 0,1,2
 
 clean-venv:
 	rm -rf $(VENV)

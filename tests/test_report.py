@@ -277,6 +277,12 @@ def test_seeds_figure_draws_the_mean_and_the_band_across_seeds(tmp_path):
     assert band.get_label() == "lowest to highest of 3 seeds"
     ys = band.get_paths()[0].vertices[:, 1]
     assert min(ys) == pytest.approx(0.2) and max(ys) == pytest.approx(0.9)
+    # Nothing revived in any seed: still the mean, the band and the threshold, and it says so.
+    none = [report.load_run(_seq(tmp_path, f"n{seed}", "esd-x", seed, [0.1, 0.2, 0.3 + 0.1 * seed]))
+            for seed in (0, 1)]
+    (ax,) = report.seeds_figure(none).axes
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["mean over 2 seeds", "threshold 0.8", "revived: 0/2 seeds"] and len(ax.collections) == 1
     out = tmp_path / "report"
     _, _, plots = report.main(report.parse_args([r["dir"] for r in runs] + ["--out", str(out)]))
     names = sorted(os.path.basename(p) for p in plots)
@@ -314,4 +320,7 @@ def test_probes_side_by_side_per_unlearned_model(tmp_path):
     (ax,) = report.inversion_figure(runs[2]).axes
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["score with the learned token"].get_xdata()) == [0, 10, 20]
-    assert "crossed at step 10" in lines
+    assert list(lines["threshold 0.8"].get_ydata()) == [0.8, 0.8] and "crossed at step 10" in lines
+    runs[2]["summary"]["crossed"]["clip"] = None  # a probe that never crossed
+    (ax,) = report.inversion_figure(runs[2]).axes
+    assert "never crossed" in [line.get_label() for line in ax.get_lines()]
