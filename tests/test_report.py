@@ -324,3 +324,18 @@ def test_probes_side_by_side_per_unlearned_model(tmp_path):
     runs[2]["summary"]["crossed"]["clip"] = None  # a probe that never crossed
     (ax,) = report.inversion_figure(runs[2]).axes
     assert "never crossed" in [line.get_label() for line in ax.get_lines()]
+
+
+def test_runs_with_other_criteria_or_the_same_seed_are_not_aggregated(tmp_path):
+    """The demo's individual CLIP and classifier runs of one model share method, data and seed: no seed row."""
+    args = {"pretrained_model_name_or_path": "/m/esd-x", "validation_prompts": "/p/t.txt", "train_data_dir": "/d/rel",
+            "seed": 0}
+    chunks = [{"chunk": 0, "revived": False, "revival_epoch": None, "epochs_trained": 7}]
+    runs = [report.load_run(_run(tmp_path / name, {"args": args},
+                                 {"protocol": "individual", "criterion": crit, "threshold": 0.6, "chunks": chunks}, []))
+            for name, crit in (("clip", "clip"), ("clf", "classifier"))]
+    assert report.seed_rows(runs)[1] == [] and [len(g) for g in report.seed_groups(runs)] == [1, 1]
+    same_seed = runs + [report.load_run(_run(tmp_path / "clip2", {"args": args},
+                                             {"protocol": "individual", "criterion": "clip", "threshold": 0.6,
+                                              "chunks": chunks}, []))]
+    assert report.seed_rows(same_seed)[1] == []

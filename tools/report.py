@@ -156,10 +156,7 @@ CONTROL_ROLE = "control"  # --tag role=control: the original model fine-tuned on
 
 def _pair_key(r) -> tuple:
     """What a run and its control share: concept, data, seed, protocol and the criteria with their thresholds."""
-    s = r["summary"]
-    thresholds = tuple(sorted(s["criteria"].items())) if r["protocol"] == "sequential" else (
-        (s.get("criterion"), s.get("threshold")),)
-    return r["concept"], r["data"], str(r["seed"]), r["protocol"], thresholds
+    return r["concept"], r["data"], str(r["seed"]), r["protocol"], _criteria_key(r)
 
 
 def pair_controls(runs) -> dict:
@@ -275,11 +272,11 @@ def _fmt_point(v: float, unit: str, cap_label: str) -> str:
 def seed_rows(runs) -> tuple:
     """Runs that differ only in --seed, aggregated: per criterion the median Revival Point (sequential) or per
     chunk the median epochs to revival (individual), a 95% bootstrap interval, and how many seeds revived."""
-    groups = seed_groups(runs)
     header = ["method", "concept", "data", "criterion", "seeds", "result (median [95% CI], seeds revived)"]
     rows = []
-    for (method, concept, data, protocol), members in groups.items():
-        seeds = sorted({m["config"].get("args", {}).get("seed") for m in members}, key=str)
+    for members in seed_groups(runs):
+        method, concept, data, protocol = (members[0][k] for k in ("method", "concept", "data", "protocol"))
+        seeds = sorted({m["seed"] for m in members}, key=str)
         if len(members) < 2 or protocol == "inversion":
             continue
         if protocol == "sequential":
@@ -441,7 +438,7 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
         if r["protocol"] == "inversion":
             name = _slug(r["method"], r["concept"], r["data"])
             written.append(_save(inversion_figure(r, base), out, f"inversion_{name}.png"))
-    for members in seed_groups(sequential).values():
+    for members in seed_groups(sequential):
         if len(members) > 1:
             m = members[0]
             name = _slug(m["method"], m["concept"], m["data"])
@@ -469,17 +466,28 @@ def inversion_figure(r, base: Optional[dict] = None):
 
 
 def _seeded(runs, r) -> bool:
-    """Whether other runs share this run's method, concept, data and protocol (its plot name then needs the seed)."""
-    key = (r["method"], r["concept"], r["data"], r["protocol"])
-    return sum((o["method"], o["concept"], o["data"], o["protocol"]) == key for o in runs) > 1
+    """Whether the run is one seed of several (its plot name then needs the seed)."""
+    return any(len(g) > 1 and any(m is r for m in g) for g in seed_groups(runs))
 
 
-def seed_groups(runs) -> dict:
-    """Runs grouped by everything but their seed: (method, concept, data, protocol) -> runs."""
+def _criteria_key(r) -> tuple:
+    """A run's criteria and thresholds: runs measured differently are never seeds of one experiment."""
+    s = r["summary"]
+    return tuple(sorted(s["criteria"].items())) if "criteria" in s else ((s.get("criterion"), s.get("threshold")),)
+
+
+def seed_groups(runs) -> list:
+    """Runs that differ only in their seed, as lists: the same method, concept, data, protocol, criteria and
+    thresholds, and distinct seeds (runs that share a seed as well are not seeds of one experiment: each stands
+    alone)."""
     groups = {}
     for r in runs:
-        groups.setdefault((r["method"], r["concept"], r["data"], r["protocol"]), []).append(r)
-    return groups
+        groups.setdefault((r["method"], r["concept"], r["data"], r["protocol"], _criteria_key(r)), []).append(r)
+    out = []
+    for members in groups.values():
+        distinct = len({str(m["seed"]) for m in members}) == len(members)
+        out.extend([members] if distinct else [[m] for m in members])
+    return out
 
 
 def seeds_figure(members, base: Optional[dict] = None):
