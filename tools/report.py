@@ -76,7 +76,7 @@ def base_scores(items) -> dict:
 def _base_line(ax, base: dict, criterion: str) -> None:
     """The original model's score, when known, as a dotted reference line."""
     if criterion in base:
-        ax.axhline(base[criterion], color="grey", ls=":", lw=1.2, label=f"base model {base[criterion]:g}")
+        ax.axhline(base[criterion], color="grey", ls=":", lw=1.2, label=f"base model {base[criterion]:.3g}")
 
 
 def _stem(path) -> str:
@@ -361,6 +361,11 @@ def epochs_to_revival_figure(individual, title: str):
 SCORE_LABEL = "score after each chunk (at 0 images: before fine-tuning)"
 
 
+def _legend_below(ax) -> None:
+    """The legend under the axes, where it hides no point of the curves."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+
+
 def _retention_panel(criteria_) -> str:
     """The criterion whose panel also draws the retention line: CLIP's (the same cosine scale), else the first."""
     return "clip" if "clip" in criteria_ else next(iter(criteria_), "")
@@ -373,7 +378,7 @@ def sequential_figure(r, base: Optional[dict] = None, control=None):
     import matplotlib.pyplot as plt
 
     criteria_ = r["summary"]["criteria"]
-    fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(5.5 * len(criteria_), 5.2), squeeze=False)
     for ax, (name, threshold) in zip(axes[0], criteria_.items()):
         path = score_path(r, name)
         ax.plot([x for x, _ in path], [y for _, y in path], marker="o", label=SCORE_LABEL)
@@ -396,7 +401,7 @@ def sequential_figure(r, base: Optional[dict] = None, control=None):
             ax.plot([], [], " ", label="Revival Point: not reached")
         ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
                title=f"{r['method']} / {r['concept']} / {r['data']}: {name}")
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     return fig
 
 
@@ -451,7 +456,7 @@ def inversion_figure(r, base: Optional[dict] = None):
     import matplotlib.pyplot as plt
 
     criteria_ = r["summary"]["criteria"]
-    fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(5.5 * len(criteria_), 5.2), squeeze=False)
     for ax, (name, threshold) in zip(axes[0], criteria_.items()):
         recs = [x for x in r["records"] if x["criterion"] == name]
         ax.plot([x["step"] for x in recs], [x["mean"] for x in recs], marker="o", label="score with the learned token")
@@ -461,7 +466,7 @@ def inversion_figure(r, base: Optional[dict] = None):
         ax.plot([], [], " ", label=f"crossed at step {crossed}" if crossed is not None else "never crossed")
         ax.set(xlabel="textual-inversion step", ylabel=_ylabel(name),
                title=f"{r['method']} / {r['concept']}: concept inversion, {name}")
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     return fig
 
 
@@ -497,7 +502,7 @@ def seeds_figure(members, base: Optional[dict] = None):
     import numpy as np
 
     criteria_ = members[0]["summary"]["criteria"]
-    fig, axes = plt.subplots(1, len(criteria_), figsize=(5 * len(criteria_), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(5.5 * len(criteria_), 5.2), squeeze=False)
     for ax, (name, threshold) in zip(axes[0], criteria_.items()):
         paths = [dict(score_path(m, name)) for m in members]
         xs = sorted(set.intersection(*(set(p) for p in paths)))  # points every seed reached
@@ -512,7 +517,7 @@ def seeds_figure(members, base: Optional[dict] = None):
         m = members[0]
         ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
                title=f"{m['method']} / {m['concept']} / {m['data']}: {name}, {len(members)} seeds")
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     return fig
 
 
