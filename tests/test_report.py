@@ -339,3 +339,38 @@ def test_runs_with_other_criteria_or_the_same_seed_are_not_aggregated(tmp_path):
                                              {"protocol": "individual", "criterion": "clip", "threshold": 0.6,
                                               "chunks": chunks}, []))]
     assert report.seed_rows(same_seed)[1] == []
+
+
+def test_a_lora_run_pairs_only_with_a_lora_control(tmp_path):
+    def lora(path):
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        cfg["args"]["params"] = "lora"
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+        return path
+
+    runs = [report.load_run(p) for p in (
+        lora(_seq(tmp_path, "esd-lora", "esd-x", 0, [0.3, 0.5, 0.85])),
+        _seq(tmp_path, "base-full", "base", 0, [0.9, 0.95, 0.9], role="control"))]
+    assert report.pair_controls(runs) == {}  # full fine-tuning of the base is no control for a LoRA run
+    runs.append(report.load_run(lora(_seq(tmp_path, "base-lora", "base", 0, [0.9, 0.9, 0.9], role="control"))))
+    assert {k: runs.index(c) for k, c in report.pair_controls(runs).items()} == {0: 2}
+
+
+def test_the_base_line_comes_from_any_control_of_the_same_prompts_seed_and_thresholds(tmp_path, monkeypatch):
+    seen = {}
+    real = report.sequential_figure
+
+    def spy(r, base=None, control=None):
+        seen[r["method"]] = (base, control)
+        return real(r, base, control)
+
+    monkeypatch.setattr(report, "sequential_figure", spy)
+    lora_dir = _seq(tmp_path, "esd-lora", "esd-x", 0, [0.3, 0.5, 0.85])
+    cfg = json.load(open(os.path.join(lora_dir, "config.json")))
+    cfg["args"]["params"] = "lora"
+    json.dump(cfg, open(os.path.join(lora_dir, "config.json"), "w"))
+    other_seed = _seq(tmp_path, "uce1", "uce", 1, [0.3, 0.4, 0.5])
+    control = _seq(tmp_path, "base", "base", 0, [0.91, 0.95, 0.9], role="control")
+    report.main(report.parse_args([lora_dir, other_seed, control, "--out", str(tmp_path / "r")]))
+    assert seen["esd-x (LoRA)"] == ({"clip": 0.91}, None)  # the base score, but no full fine-tuning control curve
+    assert seen["uce"] == ({}, None)  # another seed: its images differ, the base score is not known

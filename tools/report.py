@@ -155,8 +155,9 @@ CONTROL_ROLE = "control"  # --tag role=control: the original model fine-tuned on
 
 
 def _pair_key(r) -> tuple:
-    """What a run and its control share: concept, data, seed, protocol and the criteria with their thresholds."""
-    return r["concept"], r["data"], str(r["seed"]), r["protocol"], _criteria_key(r)
+    """What a run and its control share: concept, data, seed, protocol, probe (a LoRA run's control is LoRA
+    fine-tuning of the original model) and the criteria with their thresholds."""
+    return r["concept"], r["data"], str(r["seed"]), r["protocol"], r["probe"], _criteria_key(r)
 
 
 def pair_controls(runs) -> dict:
@@ -435,9 +436,11 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
             continue
         name = _slug(r["method"], r["concept"], r["data"]) + (f"_seed{r['seed']}" if _seeded(runs, r) else "")
         control = controls.get(k)
-        # The base model's score: given on the command line, else the control's before any fine-tuning.
-        known = {**control_base(control if control is not None else r if r["control"] else {"summary": {}}),
-                 **(base or {})}
+        # The base model's score: given on the command line, else a control's before any fine-tuning (the
+        # original model's, whatever the control's data or probe, at this run's seed, prompts and thresholds).
+        original = next((c for c in runs if c["control"] and (c["concept"], str(c["seed"]), _criteria_key(c))
+                         == (r["concept"], str(r["seed"]), _criteria_key(r))), None)
+        known = {**(control_base(original) if original is not None else {}), **(base or {})}
         written.append(_save(sequential_figure(r, known, control), out, f"sequential_{name}.png"))
     for r in runs:
         if r["protocol"] == "inversion":
