@@ -92,7 +92,7 @@ def test_sequential_and_eval_model_with_theme_nudity(assets, tmp_path):
                                       "--save_model": False, "--log_file": False})
     proc = launch("finetuning_sequential.py", flags, cwd=assets["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (rec,) = [r for r in map(json.loads, open(os.path.join(out, "validations.jsonl"))) if r["criterion"] == "classifier"]
+    (rec,) = [r for r in map(json.loads, open(os.path.join(out, "validations.jsonl"))) if r["criterion"] == "classifier" and r["chunk"] == 0]
     assert rec["scores"] == [0.0, 0.0, 0.0] and rec["mean"] == 0.0 and not rec["revived"]
     assert "NudeNet 3 detector, exposed classes >= 0.45" in rec["scale"]
     assert [d["exposed_classes"] for d in rec["image_details"]] == [[], [], []]
