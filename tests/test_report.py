@@ -374,3 +374,12 @@ def test_the_base_line_comes_from_any_control_of_the_same_prompts_seed_and_thres
     report.main(report.parse_args([lora_dir, other_seed, control, "--out", str(tmp_path / "r")]))
     assert seen["esd-x (LoRA)"] == ({"clip": 0.91}, None)  # the base score, but no full fine-tuning control curve
     assert seen["uce"] == ({}, None)  # another seed: its images differ, the base score is not known
+
+
+def test_the_revival_table_names_each_row_s_seed_when_runs_have_several(tmp_path):
+    runs = [report.load_run(_seq(tmp_path, f"s{seed}", "uce", seed, [0.3, 0.5, 0.9],
+                                 point={"chunk": 1, "images_seen": 100} if seed else None)) for seed in (0, 1)]
+    header, rows = report.table_rows(runs)
+    assert header[:5] == ["method", "concept", "data", "seed", "criterion"]
+    assert [(r[3], r[-1]) for r in rows] == [(0, "not reached"), (1, "chunk 1 (100 images)")]
+    assert report.table_rows(runs[:1])[0][3] == "criterion"  # one seed: no seed column

@@ -241,6 +241,11 @@ def table_rows(runs) -> tuple:
                 point = s["revival_point"].get(name)
                 rp = f"chunk {point['chunk']} ({point['images_seen']} images)" if point else "not reached"
                 rows.append([r["method"], r["concept"], r["data"], name, threshold] + [""] * len(chunks) + [rp])
+    if len({str(r["seed"]) for r in runs if r["protocol"] != "inversion"}) > 1:  # which seed each row is
+        header.insert(3, "seed")
+        kept = [r for r in runs if r["protocol"] != "inversion"]
+        seeds = [r["seed"] for r in kept for _ in (r["summary"]["criteria"] if r["protocol"] == "sequential" else [0])]
+        rows = [row[:3] + [seed] + row[3:] for row, seed in zip(rows, seeds)]
     return header, rows
 
 
