@@ -383,3 +383,13 @@ def test_the_revival_table_names_each_row_s_seed_when_runs_have_several(tmp_path
     assert header[:5] == ["method", "concept", "data", "seed", "criterion"]
     assert [(r[3], r[-1]) for r in rows] == [(0, "not reached"), (1, "chunk 1 (100 images)")]
     assert report.table_rows(runs[:1])[0][3] == "criterion"  # one seed: no seed column
+
+
+def test_the_seeds_figure_draws_the_mean_base_score_of_the_seeds_controls(tmp_path):
+    runs = [report.load_run(p) for p in (
+        _seq(tmp_path, "u0", "uce", 0, [0.3, 0.5, 0.6]), _seq(tmp_path, "u1", "uce", 1, [0.3, 0.4, 0.7]),
+        _seq(tmp_path, "c0", "base", 0, [0.9, 0.9, 0.9], role="control"),
+        _seq(tmp_path, "c1", "base", 1, [0.94, 0.9, 0.9], role="control"))]
+    (members,) = [g for g in report.seed_groups(runs) if g[0]["method"] == "uce"]
+    assert report.seeds_base(runs, members) == {"clip": pytest.approx(0.92)}
+    assert report.seeds_base(runs[:3], members) == {}  # seed 1 has no control: unknown

@@ -264,11 +264,12 @@ def test_demo_plans_a_control_retention_and_seeds(tmp_path):
     plan = demo.demo_plan(args, p, th, "r.txt")
     seq = [(name, model, flags) for script, name, model, data, flags in plan if script == "finetuning_sequential.py"]
     assert all(flags["--retention_prompts"] == "r.txt" for _, _, flags in seq)
-    (control,) = [(name, model, flags) for name, model, flags in seq if "role=control" in flags.get("--tag", [])]
-    assert control[0] == "seq-control-related" and control[1] == p["sd_base"]
-    # 2 methods x (2 sequential + 1 individual CLIP + 1 sequential LoRA) + 1 classifier + 1 control
-    assert len(plan) == 10
-    lora = [(name, flags) for name, _, flags in seq if flags.get("--params") == "lora"]
+    controls = [(name, model, flags) for name, model, flags in seq if "role=control" in flags.get("--tag", [])]
+    assert [(name, model, flags.get("--params")) for name, model, flags in controls] == [
+        ("seq-control-related", p["sd_base"], None), ("seq-control-lora-related", p["sd_base"], "lora")]
+    # 2 methods x (2 sequential + 1 individual CLIP + 1 sequential LoRA) + 1 classifier + 2 controls
+    assert len(plan) == 11
+    lora = [(name, flags) for name, _, flags in seq if flags.get("--params") == "lora" and "control" not in name]
     assert [name for name, _ in lora] == ["seq-lora-esd-x-related", "seq-lora-uce-related"]
     assert all(flags["--lora_rank"] == 4 for _, flags in lora)
     args = demo.parse_args(["--run_seeds", "0,1,2"])

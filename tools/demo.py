@@ -135,9 +135,11 @@ def demo_plan(args, p, th, retention) -> list:
         if os.path.isdir(p["unlearned"][method]):
             plan.append(("finetuning_sequential.py", f"seq-lora-{method}-related", p["unlearned"][method], "related",
                          {**seq, **LORA_FLAGS}))
-    # The control: the original model on the related curriculum, no pipeline kept.
+    # The controls: the original model on the related curriculum (full and LoRA fine-tuning), no pipeline kept.
     plan.append(("finetuning_sequential.py", "seq-control-related", p["sd_base"], "related",
                  {**seq, "--save_model": "False", "--tag": CONTROL_TAGS}))
+    plan.append(("finetuning_sequential.py", "seq-control-lora-related", p["sd_base"], "related",
+                 {**seq, **LORA_FLAGS, "--save_model": "False", "--tag": CONTROL_TAGS}))
     return plan
 
 

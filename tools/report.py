@@ -443,8 +443,7 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
         control = controls.get(k)
         # The base model's score: given on the command line, else a control's before any fine-tuning (the
         # original model's, whatever the control's data or probe, at this run's seed, prompts and thresholds).
-        original = next((c for c in runs if c["control"] and (c["concept"], str(c["seed"]), _criteria_key(c))
-                         == (r["concept"], str(r["seed"]), _criteria_key(r))), None)
+        original = _original(runs, r)
         known = {**(control_base(original) if original is not None else {}), **(base or {})}
         written.append(_save(sequential_figure(r, known, control), out, f"sequential_{name}.png"))
     for r in runs:
@@ -455,8 +454,28 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
         if len(members) > 1:
             m = members[0]
             name = _slug(m["method"], m["concept"], m["data"])
-            written.append(_save(seeds_figure(members, base), out, f"sequential_seeds_{name}.png"))
+            known = {**seeds_base(runs, members), **(base or {})}
+            written.append(_save(seeds_figure(members, known), out, f"sequential_seeds_{name}.png"))
     return written
+
+
+def _original(runs, r):
+    """A control whose score before training is the original model's for ``r``: the same prompts (concept),
+    seed and thresholds, whatever its data or probe."""
+    return next((c for c in runs if c["control"] and (c["concept"], str(c["seed"]), _criteria_key(c))
+                 == (r["concept"], str(r["seed"]), _criteria_key(r))), None)
+
+
+def seeds_base(runs, members) -> dict:
+    """The original model's score for runs over seeds: the mean over their seeds of the controls' scores before
+    training (each seed draws its own validation images), when every seed has a control."""
+    per_seed = []
+    for m in members:
+        control = _original(runs, m)
+        if control is None:
+            return {}
+        per_seed.append(control_base(control))
+    return {name: sum(b[name] for b in per_seed) / len(per_seed) for name in per_seed[0]}
 
 
 def inversion_figure(r, base: Optional[dict] = None):
