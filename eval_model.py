@@ -49,7 +49,7 @@ def build_parser():
     parser.add_argument("--output_dir", default="eval_results", help="results.jsonl, results.csv and images/")
     parser.add_argument("--seed", type=int, default=0, help="image j of prompt k is drawn with seed (seed, k, j)")
     parser.add_argument("--clip_model", default=DEFAULT_CLIP,
-                        help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
+                        help=cli.CLIP_MODEL_HELP)
     parser.add_argument("--batch_size", type=int, default=10, help="images per generation batch")
     parser.add_argument("--num_inference_steps", type=int, default=50,
                         help="sampling steps per image (default 50: the pipeline default the published "

@@ -18,7 +18,7 @@ from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
 from .errors import InputError
 from .models import check_pipeline_dir, resolve_model_path, unet_safetensors
-from .training import LORA_TARGETS
+from .training import LORA_RANK, LORA_TARGETS
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -126,7 +126,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="trained parameters: the whole UNet, the cross-attention key and value projections "
                         "(attn2.to_k, attn2.to_v) as the published scripts, or a LoRA adapter (peft; the UNet "
                         "frozen, curriculum-{i} folders hold the adapter: pytorch_lora_weights.safetensors)")
-    g.add_argument("--lora_rank", type=int, default=None, help="--params lora: the adapter's rank (default 4)")
+    g.add_argument("--lora_rank", type=int, default=None, help=f"--params lora: the adapter's rank (default {LORA_RANK})")
     g.add_argument("--lora_alpha", type=float, default=None,
                    help="--params lora: its alpha; the update is scaled by alpha / rank (default: the rank)")
     g.add_argument("--lora_targets", default=None,
@@ -145,13 +145,21 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "scripts also follow the published training loop (the sequential one keeps ours)")
 
 
+CLIP_MODEL_HELP = "transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]"
+
+
+def add_sampling_args(g, batch_help: str = "prompts per generation batch (0: all of a process's prompts at once)"
+                      ) -> None:
+    """How validation images are sampled: steps, guidance, generation batch (every script that validates)."""
+    g.add_argument("--num_inference_steps", type=int, default=20, help="sampling steps per validation image")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation images")
+    g.add_argument("--validation_batch_size", type=int, default=0, help=batch_help)
+
+
 def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompts", required=True, help="text file, one prompt per non-empty line")
-    g.add_argument("--num_inference_steps", type=int, default=20, help="sampling steps per validation image")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation images")
-    g.add_argument("--validation_batch_size", type=int, default=0,
-                   help="prompts per generation batch (0: all of a process's prompts at once)")
+    add_sampling_args(g)
     g.add_argument("--save_validation_images", action="store_true",
                    help="keep every validation image under OUTPUT_DIR/validation_images/")
     g.add_argument("--retention_prompts", default=None,
@@ -160,8 +168,7 @@ def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
                         "generation batch per validation) and scored by CLIP against its own prompt; the records "
                         "gain retention_mean and retention_scores")
     g.add_argument("--clip_model", default=DEFAULT_CLIP,
-                   help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]"
-                        + ("" if clip else " (here only for --retention_prompts: this script's criterion is the "
+                   help=CLIP_MODEL_HELP + ("" if clip else " (here only for --retention_prompts: this script's criterion is the "
                                            "classifier)"))
 
 

@@ -37,7 +37,7 @@ def train_config(args, num_processes: int = 1, compat_reference: bool = False) -
         gradient_accumulation_steps=args.gradient_accumulation_steps, snr_gamma=args.snr_gamma,
         noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
         prediction_type=args.prediction_type, params=args.params, use_ema=args.use_ema, ema_decay=args.ema_decay,
-        lora_rank=args.lora_rank or 4, lora_alpha=args.lora_alpha, lora_targets=cli.lora_targets(args.lora_targets),
+        lora_rank=args.lora_rank or TrainConfig.lora_rank, lora_alpha=args.lora_alpha, lora_targets=cli.lora_targets(args.lora_targets),
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         compat_reference=compat_reference, offload_ema=args.offload_ema, use_8bit_adam=args.use_8bit_adam,
         restore_from_disk=(unet_safetensors(args.pretrained_model_name_or_path, args.variant)

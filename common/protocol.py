@@ -337,6 +337,7 @@ def run_individual(
             if validated:
                 t0 = time.perf_counter()
                 scores = validator(f"chunk{i}-epoch{epoch}")[criterion.name]
+                retention = _retention(validator)
                 st = score_stats(scores)
                 revived = criterion.met(st["mean"])
                 recorder.validation({
@@ -345,14 +346,14 @@ def run_individual(
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
                     "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3),
-                    **_details(validator, criterion.name), **_retention(validator), **_peak(trainer),
+                    **_details(validator, criterion.name), **retention, **_peak(trainer),
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
                 _log_retention(recorder, validator, f"chunk {i} epoch {epoch}")
                 step = getattr(trainer, "global_updates", p.steps)
                 _track(recorder).validation(step, criterion.name, st["mean"], criterion.threshold, i)
-                _track(recorder).retention(step, _retention(validator).get("retention_mean"))
+                _track(recorder).retention(step, retention.get("retention_mean"))
                 _track(recorder).images(step, getattr(validator, "last_images", []))
                 if revived and p.first_revival is None:
                     p.first_revival = epoch
@@ -416,7 +417,8 @@ def run_sequential(
         wall = round(time.perf_counter() - t0, 3)
         step = getattr(trainer, "global_updates", p.steps)
         _track(recorder).images(step, getattr(validator, "last_images", []))
-        _track(recorder).retention(step, _retention(validator).get("retention_mean"))
+        retention = _retention(validator)
+        _track(recorder).retention(step, retention.get("retention_mean"))
         where = "before training" if chunk is None else f"after chunk {chunk} ({entry['images_seen']} images)"
         met_by = {}
         for c in criteria:
@@ -428,14 +430,14 @@ def run_sequential(
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
                 "revived": met, "loss": loss, "wall_s": wall, **_details(validator, c.name),
-                **_retention(validator), **_peak(trainer),
+                **retention, **_peak(trainer),
             })
             recorder.log(f"{where}: {c.name} mean {st['mean']:.4f} "
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
             entry[c.name] = {"mean": st["mean"], "revived": met}
         _log_retention(recorder, validator, where)
-        if "retention_mean" in _retention(validator):
-            entry["retention"] = _retention(validator)["retention_mean"]
+        if retention:
+            entry["retention"] = retention["retention_mean"]
         return met_by
 
     # Phase 1: start from the unlearned UNet with a fresh optimizer, LR schedule and EMA, once.

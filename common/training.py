@@ -24,6 +24,7 @@ from .faults import maybe_fail, maybe_poison
 
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # every attention projection, as diffusers' LoRA scripts
+LORA_RANK = 4  # --lora_rank's default, as diffusers' LoRA scripts
 ADAPTER_FILE = "adapter.safetensors"  # a --params lora checkpoint's trained tensors, by parameter name
 LORA_WEIGHTS = "lora_"  # the substring of a LoRA parameter's name (peft: lora_A, lora_B)
 
@@ -47,7 +48,7 @@ class TrainConfig:
     input_perturbation: float = 0.0
     prediction_type: Optional[str] = None
     params: str = "full"  # "full", "xattn" (cross-attention keys and values: attn2.to_k, attn2.to_v) or "lora"
-    lora_rank: int = 4  # --params lora: the adapter's rank r
+    lora_rank: int = LORA_RANK  # --params lora: the adapter's rank r
     lora_alpha: Optional[float] = None  # its alpha (None: = rank, so a scale alpha / r of 1)
     lora_targets: tuple = LORA_TARGETS  # the UNet's modules (name suffixes) that get an adapter
     use_ema: bool = False
@@ -142,9 +143,12 @@ def select_trainable(unet: torch.nn.Module, params) -> list:
     names = None if isinstance(params, str) else set(params)
     trainable = []
     for name, p in unet.named_parameters():
-        keep = (name in names) if names is not None else (
-            params == "full" or (LORA_WEIGHTS in name if params == "lora" else
-                                 any(proj in name for proj in XATTN_PROJECTIONS) and LORA_WEIGHTS not in name))
+        if names is not None:
+            keep = name in names
+        elif params == "lora":
+            keep = LORA_WEIGHTS in name
+        else:
+            keep = params == "full" or any(proj in name for proj in XATTN_PROJECTIONS)
         p.requires_grad_(keep)
         if keep:
             trainable.append(p)

@@ -88,14 +88,10 @@ def build_parser() -> cli.Parser:
                         "(at least one must hold it; prompts without it are generated and scored as written)")
     g.add_argument("--validation_steps", type=int, default=100,
                    help="validate every N steps; also before training (step 0) and after the last step")
-    g.add_argument("--num_inference_steps", type=int, default=20, help="sampling steps per validation image")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance of validation images")
-    g.add_argument("--validation_batch_size", type=int, default=0,
-                   help="prompts per generation batch (0: all prompts at once)")
+    cli.add_sampling_args(g, batch_help="prompts per generation batch (0: all prompts at once)")
     g.add_argument("--save_validation_images", action="store_true",
                    help="keep every validation image as OUTPUT_DIR/validation_images/step-NNNNN/KKKK.png")
-    g.add_argument("--clip_model", default=DEFAULT_CLIP,
-                   help="transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP, help=cli.CLIP_MODEL_HELP)
     g.add_argument("--clip_threshold", type=float, default=0.31,
                    help="revived when mean CLIP cosine (0..1 scale) > this; the paper uses 0.31")
 

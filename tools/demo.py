@@ -234,13 +234,7 @@ def main(args):
         else:
             failed += 1
     if args.run_seeds:  # the seeds' table and plots only
-        failed += subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
-                                   os.path.join(args.out, "report"), "--title", "Toy world"]) != 0
-        print(f"demo over seeds {args.run_seeds} finished in {time.time() - t0:.0f} s; outputs in {args.out}")
-        if failed:
-            print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
-            raise SystemExit(1)
-        return
+        return report_and_finish(args, runs, failed, t0, f"demo over seeds {args.run_seeds}")
     # Phase 2b: the concept-inversion probe of each unlearned model (one learned token, the model frozen).
     probes, probe_failures = concept_inversion(args, p, th)
     runs += probes
@@ -259,9 +253,14 @@ def main(args):
     if rc == 0:
         print(format_table(read_jsonl(os.path.join(args.out, "eval", "results.jsonl"))))
     # Phase 4: the revival table and plots.
+    report_and_finish(args, runs, failed, t0, "demo")
+
+
+def report_and_finish(args, runs, failed: int, t0: float, what: str) -> None:
+    """tools/report.py over the finished runs, then the time taken; exit 1 when anything failed."""
     failed += subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
                                os.path.join(args.out, "report"), "--title", "Toy world"]) != 0
-    print(f"demo finished in {time.time() - t0:.0f} s; outputs in {args.out}")
+    print(f"{what} finished in {time.time() - t0:.0f} s; outputs in {args.out}")
     if failed:
         print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
         raise SystemExit(1)
