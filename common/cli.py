@@ -139,6 +139,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seeds shuffles, noise, timesteps, flips and every validation image; runs with the same "
                         "seed and settings repeat each other")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (torch.use_deterministic_algorithms, deterministic cuDNN, "
+                        "CUBLAS_WORKSPACE_CONFIG): on CUDA the same seed then gives the same weights and scores; "
+                        "slower; the CPU is deterministic without it (docs/gpu.md)")
     g.add_argument("--compat", default="none", choices=("none", "reference"),
                    help="'reference': the published scripts' semantics (README, Differences): row order = sorted "
                         "image paths and the published classifier processor in every script; the individual "

@@ -13,8 +13,19 @@ import math
 
 import torch
 
-from .data import ImageTransform, encode_prompts
+from .data import ImageTransform, tokenize_captions
 from .models import vae_scale_factor
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host wait: a CPU tensor bound for CUDA is pinned and copied non-blocking.
+
+    (The caching host allocator keeps the pinned copy alive until the copy is done.) Elsewhere a plain ``to``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class OnlineEncoder:
@@ -31,21 +42,23 @@ class OnlineEncoder:
                              transform.resolution // factor)
 
     def encode_text(self, captions) -> torch.Tensor:
-        return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, captions, self.device)
+        """Caption embeddings of a micro-batch (the token ids copied without a host wait)."""
+        ids = to_device(tokenize_captions(self.parts.tokenizer, captions), self.device)
+        return self.parts.text_encoder(ids, return_dict=False)[0]
 
     def prepare(self, dataset, row_range) -> None:
         """Nothing to precompute: every micro-batch is encoded as it comes."""
 
     def _sample(self, mean, std, latent_noise):
         """Posterior sample mean + std * noise, in the UNet's latent scale (fp32)."""
-        latents = mean + std * latent_noise.to(mean.device, mean.dtype)
+        latents = mean + std * to_device(latent_noise, mean.device).to(mean.dtype)
         return (latents * self.scaling_factor).float()
 
     @torch.no_grad()
     def __call__(self, dataset, rows, flip, crop, latent_noise):
         batch = dataset[[int(r) for r in rows]]
         pixels = torch.stack([self.transform(img, f, c) for img, f, c in zip(batch["image"], flip, crop)])
-        posterior = self.parts.vae.encode(pixels.to(self.device, dtype=self.weight_dtype)).latent_dist
+        posterior = self.parts.vae.encode(to_device(pixels, self.device).to(self.weight_dtype)).latent_dist
         return self._sample(posterior.mean, posterior.std, latent_noise), self.encode_text(batch["caption"])
 
 
@@ -84,7 +97,7 @@ class CachedEncoder(OnlineEncoder):
         for b in range(start, stop, self.encode_batch_size):
             batch = dataset[list(range(b, min(stop, b + self.encode_batch_size)))]
             pixels = torch.stack([self.transform(im) for im in batch["image"]])
-            pixels = pixels.to(self.device, dtype=self.weight_dtype)
+            pixels = to_device(pixels, self.device).to(self.weight_dtype)
             posts = [self.parts.vae.encode(pixels.flip(-1) if f else pixels).latent_dist for f in flips]
             means.append(torch.stack([p.mean for p in posts], 1))  # [b, flips, c, h, w]
             stds.append(torch.stack([p.std for p in posts], 1))
@@ -97,7 +110,7 @@ class CachedEncoder(OnlineEncoder):
         assert self.row_range is not None, "prepare() the chunk first"
         idx = torch.as_tensor([int(r) - self.row_range[0] for r in rows], dtype=torch.long)
         flip = flip.long() if self.transform.random_flip else torch.zeros(len(rows), dtype=torch.long)
-        idx, flip = idx.to(self.mean.device), flip.to(self.mean.device)
+        idx, flip = to_device(idx, self.mean.device), to_device(flip, self.mean.device)
         latents = self._sample(self.mean[idx, flip], self.std[idx, flip], latent_noise)
         return latents, self.text[idx]
 

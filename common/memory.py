@@ -5,7 +5,10 @@ frozen UNet parameters, their gradients and the optimizer's state (the shapes
 and dtypes autograd and the optimizer allocate at the first update: one
 gradient per trainable tensor; AdamW two fp32 moments, 8-bit Adam two 1-byte
 states plus one fp32 scale per 256 values), the EMA copy, the unlearned
-weights kept for the per-chunk restore, and the frozen text encoder and VAE.
+weights kept for the per-chunk restore, the frozen text encoder and VAE, and
+with several processes DDP's all-reduce buckets beyond the gradients (none
+with ``gradient_as_bucket_view``, which our accelerator sets: the gradients are
+views of the buckets; otherwise a second copy of the gradients).
 Activations are not in it: they depend on batch and resolution and are
 measured as the CUDA peak per chunk (validations.jsonl, ``peak_gpu_bytes``).
 """
@@ -53,6 +56,15 @@ def _ema(trainer) -> dict:
     return {"bytes": 0, "device": "-"}
 
 
+def ddp_bucket_bytes(model: torch.nn.Module, trainable) -> dict:
+    """What DDP's gradient buckets hold beyond the gradients: nothing as views, a copy of them otherwise."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return {"bytes": 0, "device": "-"}  # one process: no buckets
+    return {"bytes": 0 if model.gradient_as_bucket_view else nbytes(trainable), "device": _device(trainable)}
+
+
 def memory_budget(trainer, parts, largest_chunk: int = 0) -> Dict[str, dict]:
     """Bytes and device of each component of a ChunkTrainer's run, plus the total on the accelerator.
 
@@ -66,6 +78,7 @@ def memory_budget(trainer, parts, largest_chunk: int = 0) -> Dict[str, dict]:
         "trainable_parameters": {"bytes": nbytes(trainable), "device": _device(trainable)},
         "frozen_unet_parameters": {"bytes": nbytes(frozen), "device": _device(frozen)},
         "gradients": {"bytes": nbytes(trainable), "device": _device(trainable)},
+        "ddp_gradient_buckets": ddp_bucket_bytes(trainer.unet, trainable),
         "optimizer_state": {"bytes": optimizer_state_bytes(trainer.raw_optimizer, trainable, trainer.cfg.use_8bit_adam),
                             "device": _device(trainable)},
         "ema": _ema(trainer),
