@@ -77,6 +77,7 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol, progress_total=
         config_record={"script": args.script, "protocol": protocol, "args": vars(args),
                        "tags": cli.parse_tags(args.tag)},
         report_to=args.report_to, progress_total=progress_total, retention_clip=args.clip_model,
+        deterministic=args.deterministic,
     )
 
 

@@ -84,18 +84,26 @@ def retention_scorer(criteria: Sequence[Criterion], clip_model: Optional[str], d
 
 
 def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False,
-                     log_with: Optional[str] = None):
-    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once) and the run's trackers."""
+                     log_with: Optional[str] = None, deterministic: bool = False):
+    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once), the run's trackers,
+    DDP's gradients as views of its buckets, and --deterministic."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    from .determinism import set_deterministic
+
+    # Before any CUDA work: cuBLAS reads its workspace setting when it starts.
+    set_deterministic(deterministic)
     requested = requested_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     mixed = effective_mixed_precision(requested, warn=int(os.environ.get("RANK", "0")) == 0)
     if allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, logging_dir))
+    # Several processes: the gradients live in DDP's all-reduce buckets instead of beside them (one copy of the
+    # trainable parameters' size less; common/memory.py counts the buckets).
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
     return Accelerator(mixed_precision=mixed, project_config=project, cpu=not torch.cuda.is_available(),
-                       log_with=log_with)
+                       log_with=log_with, kwargs_handlers=[ddp])
 
 
 def open_run(
@@ -118,9 +126,11 @@ def open_run(
     report_to: str = "none",
     progress_total: int = 0,
     retention_clip: Optional[str] = None,
+    deterministic: bool = False,
 ) -> Run:
     """Build everything a protocol needs, in the order that fails fastest."""
-    acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32, log_with(report_to))
+    acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32, log_with(report_to),
+                           deterministic=deterministic)
     # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
     lock_run_dir(acc, output_dir)
     recorder = RunRecorder(output_dir, acc.is_main_process, log_file)

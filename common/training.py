@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .curriculum import epoch_batches, reference_schedule, updates_per_epoch
+from .encoding import to_device
 from .faults import maybe_fail, maybe_poison
 
 
@@ -333,13 +334,9 @@ class ChunkTrainer:
 
     def _new_ema(self):
         if self.cfg.use_ema:
-            from diffusers.training_utils import EMAModel
+            from .ema import make_ema
 
-            self.ema = EMAModel(self.trainable, decay=self.cfg.ema_decay)
-            if self.cfg.offload_ema:
-                self.ema.to(self.ema_device)
-                if torch.cuda.is_available():
-                    self.ema.pin_memory()  # faster copies to and from the GPU
+            self.ema = make_ema(self.trainable, self.cfg.ema_decay, offload=self.cfg.offload_ema)
 
     @property
     def ema_device(self) -> torch.device:
@@ -347,15 +344,8 @@ class ChunkTrainer:
         return torch.device("cpu") if self.cfg.offload_ema else self.accelerator.device
 
     def _ema_step(self) -> None:
-        """One EMA update; an offloaded copy visits the device for it, as diffusers' train_text_to_image.py does."""
-        device = self.accelerator.device
-        if self.cfg.offload_ema and device.type != "cpu":
-            self.ema.to(device, non_blocking=True)
-            self.ema.step(self.trainable)
-            self.ema.to("cpu")  # blocking: a checkpoint may read the copy right after
-            self.ema.pin_memory()
-        else:
-            self.ema.step(self.trainable)
+        """One EMA update; an offloaded copy makes one non-blocking round trip to the device for it (common/ema.py)."""
+        self.ema.step(self.trainable)
 
     def reset_chunk(self, chunk: int, carry_state: bool = False) -> None:
         """Restore the unlearned UNet weights; unless ``carry_state``, fresh optimizer, LR schedule and EMA."""
@@ -485,9 +475,9 @@ class ChunkTrainer:
         dev = acc.device
         latents, text_embeds = self.encoder(dataset, rows, draws["flip"][mine], draws["crop"][mine],
                                             draws["latent_noise"][mine])
-        timesteps = draws["timesteps"][mine].to(dev)
-        noisy, target = noisy_inputs(latents, self.parts.noise_scheduler, draws["noise"][mine].to(dev),
-                                     draws["applied_noise"][mine].to(dev), timesteps)
+        timesteps = to_device(draws["timesteps"][mine], dev)  # (no host wait: common/encoding.py)
+        noisy, target = noisy_inputs(latents, self.parts.noise_scheduler, to_device(draws["noise"][mine], dev),
+                                     to_device(draws["applied_noise"][mine], dev), timesteps)
         with acc.autocast():
             pred = self.unet(noisy, timesteps, text_embeds, return_dict=False)[0]
         # DDP averages gradients over num_processes, so a weight of P / divisor per
