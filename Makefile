@@ -27,12 +27,17 @@ venv:
 test: venv
 	$(PY) -m pytest -q tests
 
+# The demo runs under the pinned numeric environment (common/numerics.py): the same bits on every x86-64 AVX2
+# machine. PIN=0 lets torch pick its kernels and threads: faster on a big machine, but other numbers.
+PIN ?= 1
+DEMO_FLAGS := $(if $(filter 0,$(PIN)),--no_pin)
+
 demo: venv
-	$(PY) tools/demo.py
+	$(PY) tools/demo.py $(DEMO_FLAGS)
 
 # The sequential ESD-x, UCE and control runs over fine-tuning seeds 0, 1, 2 (same toy world), with intervals.
 demo-seeds: venv
-	$(PY) tools/demo.py --run_seeds 0,1,2
+	$(PY) tools/demo.py --run_seeds 0,1,2 $(DEMO_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

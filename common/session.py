@@ -18,6 +18,7 @@ from .data import ImageTransform, load_training_data
 from .encoding import make_encoder
 from .memory import budget_lines, memory_budget
 from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
+from . import numerics
 from .protocol import Criterion, ValidationConfig, Validator
 from .results import RunRecorder
 from .runlock import lock_run_dir
@@ -163,6 +164,7 @@ def open_run(
         recorder.log(line)
     config = {**config_record, "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
               "device": str(acc.device), "scored_weights": "trained UNet (not EMA)", "memory_budget": budget,
+              "numeric_environment": numerics.describe(),
               "resolved": {"learning_rate": train.learning_rate, "num_processes": acc.num_processes,
                            "mixed_precision": acc.mixed_precision,
                            "global_batch": train.train_batch_size * train.gradient_accumulation_steps

@@ -395,6 +395,7 @@ def main(args: argparse.Namespace) -> Inversion:
     from common.data import ImageTransform, load_training_data
     from common.encoding import make_encoder
     from common.models import load_sd_parts
+    from common import numerics
     from common.results import RunRecorder
     from common.validation import build_pipeline
     from tools.unlearn import resolve_device
@@ -404,7 +405,7 @@ def main(args: argparse.Namespace) -> Inversion:
     prompts, templates = read_prompts(args.validation_prompts), read_templates(args.templates)
     recorder = RunRecorder(args.output_dir, is_main=True, logger_name="concept_inversion")
     recorder.write_config({"script": SCRIPT, "protocol": PROTOCOL, "args": vars(args),
-                           "tags": cli.parse_tags(args.tag)})
+                           "tags": cli.parse_tags(args.tag), "numeric_environment": numerics.describe()})
     try:
         # 1. The unlearned model, plus one new token whose embedding starts as the initializer's.
         recorder.log(f"loading {args.pretrained_model_name_or_path} on {device}")

@@ -14,6 +14,12 @@ tools/report.py pairs it with the unlearned runs).
 on the related data, once per fine-tuning seed (same world), and reports them
 with bootstrap intervals over the seeds.
 
+Numbers: the demo runs under the pinned numeric environment of
+common/numerics.py (AVX2 kernels, MKL's SSE2 branch, one thread per
+process), which every process it starts inherits, so any x86-64 AVX2 machine
+computes the same bits. `--no_pin` (`make demo PIN=0`) lets torch choose
+kernels and threads: faster on a big machine, other numbers.
+
 Threshold rule (documented in the README): the paper's CLIP threshold (0.31)
 sits just under the original model's own score on the concept, about a fifth
 of the way down to the unlearned models' scores. Here it is the base model's
@@ -37,6 +43,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from tools import toy_world  # noqa: E402
+from common import numerics  # noqa: E402
+from common.errors import exit_on_input_error  # noqa: E402
 from common.evaluation import format_table  # noqa: E402
 from common.results import read_jsonl  # noqa: E402
 
@@ -51,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--clip_epoch", type=int, default=5, help="epoch budget of the individual runs")
     p.add_argument("--num_train_epochs", type=int, default=8, help="epochs per chunk of the sequential runs (paper 8)")
     p.add_argument("--num_inference_steps", type=int, default=10)
+    p.add_argument("--no_pin", action="store_true",
+                   help="run without the pinned numeric environment (common/numerics.py): torch's own kernels and "
+                        "threads, faster on a big machine, but the numbers differ from the README's (make demo PIN=0)")
     p.add_argument("--run_seeds", default=None,
                    help="e.g. 0,1,2: only the sequential ESD-x/UCE/control runs on the related data, once per "
                         "fine-tuning seed, and the table over seeds (default --out: demo_runs_seeds/)")
@@ -197,6 +208,10 @@ def seeds_plan(args, p, th, retention) -> list:
 
 def main(args):
     t0 = time.time()
+    pin = numerics.describe()
+    print(f"numerics: {'pinned' if pin['pinned'] else 'NOT pinned (numbers differ from the README and by machine)'}:"
+          f" {pin['cpu_model']}, torch {pin['torch_cpu_capability']} kernels, {pin['torch_threads']} thread(s), "
+          f"MKL_CBWR={pin['pin']['MKL_CBWR']}; every run's config.json records it", flush=True)
     # Phase 1: the world (cached on disk; a second run reuses it).
     card = toy_world.build_toy_world(args.world, seed=args.seed, scale=args.scale)
     p = toy_world.paths(args.world)
@@ -267,4 +282,8 @@ def report_and_finish(args, runs, failed: int, t0: float, what: str) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    _args = parse_args()
+    if not _args.no_pin:  # the pin reaches every process the demo starts through the environment they inherit
+        with exit_on_input_error("demo.py"):
+            numerics.pin_process()  # torch is loaded already: re-runs this command under the pin
+    main(_args)

@@ -328,6 +328,7 @@ def main(request: Request) -> dict:
     start = time.time()
     import torch
 
+    from common import numerics
     from common.models import load_sd_parts, save_pipeline
     from common.results import atomic_write_json, library_versions
 
@@ -355,6 +356,7 @@ def main(request: Request) -> dict:
         "device": str(device),
         "results": results,
         "library_versions": library_versions(),
+        "numeric_environment": numerics.describe(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": ["tools/unlearn.py", *request.argv],
     }

@@ -24,9 +24,15 @@ step counts in about a minute, for tests. The CLI sets OMP_WAIT_POLICY=PASSIVE
 because spinning OpenMP threads slowed steps on a shared machine (seen while
 the builder was developed, 2026-11-28; not re-measured since).
 
+Bit-for-bit the same world on every x86-64 AVX2 machine: the CLI and the
+demo build it under common/numerics.py's pin (kernel level, MKL branch, one
+thread), recorded in the card's ``numeric_environment``. Built unpinned (tests,
+``--no_pin``) it uses torch's default kernels and threads, and its bits depend
+on the machine.
+
 The world is cached in a directory (default ``toy_world/`` at the repo root)
 and rebuilt only when ``card.json`` is missing or records another
-configuration (``VERSION``, seed, scale, settings). It is built in a temporary
+configuration (``VERSION``, seed, scale, settings) or another pin state. It is built in a temporary
 sibling directory and renamed into place, ``card.json`` written last, so a
 directory with a card is complete.
 """
@@ -43,6 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from common import numerics
 from tools import tiny
 from .classifier import train_classifier
 from .clip import clip_processor, make_clip, retrieval_top1, train_clip
@@ -175,7 +182,9 @@ def build_toy_world(out_dir: str = DEFAULT_DIR, seed: int = 0, scale: str = "ful
     """Build the toy world into ``out_dir`` (or reuse it when its card records the same config); return the card."""
     config = world_config(seed, scale)
     card = load_card(out_dir)
-    if card is not None and card.get("config") == config and not force:
+    # A world built under another pin state has other bits: the pinned demo must not reuse an unpinned world.
+    if (card is not None and card.get("config") == config and not force
+            and numerics.same_pin(card.get("numeric_environment"))):
         log(f"toy world: {out_dir} is up to date (seed {seed}, scale {scale}); reusing it")
         log(format_card(card))
         return card
@@ -212,8 +221,7 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     from common.classifier import ConceptClassifier
     from common.results import atomic_write_json, library_versions
 
-    start = time.time()
-    torch.set_num_threads(2)
+    start = time.time()  # threads: the pin's (common/numerics.py), else torch's default
     seed, s = config["seed"], config["settings"]
     p = paths(root)
     timings: Dict[str, float] = {}
@@ -329,6 +337,7 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
         "timings_seconds": timings,
         "library_versions": library_versions(),
         "torch_threads": torch.get_num_threads(),
+        "numeric_environment": numerics.describe(),
         "paths": _relative_paths(paths(root), root),
     }
     shutil.rmtree(os.path.join(root, ".tokenizer"), ignore_errors=True)
