@@ -186,3 +186,10 @@ def test_budget_counts_ddp_buckets_beyond_the_gradients(tmp_path):
         dist.destroy_process_group()
     assert views == {"bytes": 0, "device": "cpu"}
     assert copies == {"bytes": (64 * 32 + 32) * 4, "device": "cpu"}
+
+
+def test_benchmark_times_deterministic_only_where_it_costs():
+    from tools.benchmark import training_paths
+
+    assert training_paths(cuda=False) == [("cached", True, False), ("uncached", False, False)]
+    assert training_paths(cuda=True)[-1] == ("deterministic_cached", True, True)

@@ -99,3 +99,15 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
     proc = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     assert proc.stdout.splitlines() == [proc.stdout.strip()] and "no CUDA GPU" in proc.stdout
+
+
+def test_a_failing_section_becomes_one_fail_row():
+    from tools.gpu_check import guarded
+
+    def broken():
+        raise RuntimeError("upsample_bilinear2d_backward_out_cuda does not have a deterministic\nimplementation")
+
+    (row,) = guarded("--deterministic", broken)
+    assert row.verdict == "FAIL" and row.check == "--deterministic"
+    assert row.measured == ("error: RuntimeError: upsample_bilinear2d_backward_out_cuda does not have a "
+                            "deterministic implementation")

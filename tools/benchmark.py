@@ -5,9 +5,9 @@
     python tools/benchmark.py --short    # seconds, for CI (figures are noisy)
     python tools/benchmark.py --sd14 --resolution 512 --mixed_precision fp16 --batch_size 10   # GPU
 
-Figures: training samples/s with the latent cache, without it, and for a bare
-UNet forward+backward of the same batch; validation images/s batched against
-one prompt at a time; seconds of a validation without and with as many
+Figures: training samples/s with the latent cache, without it, with it under
+--deterministic (CUDA only: its cost), and for a bare UNet forward+backward of
+the same batch; validation images/s batched against one prompt at a time; seconds of a validation without and with as many
 --retention_prompts as validation prompts; seconds per 100 images of the nudity detector (CPU,
 onnxruntime, whatever the accelerator); wall time of a whole 2-chunk
 individual-CLIP run with the levers on against off. Nothing here is asserted:
@@ -132,6 +132,13 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def training_paths(cuda: bool) -> list:
+    """The timed training paths (name, latent cache, --deterministic): with CUDA also the cached path under
+    --deterministic, whose cost only a GPU shows (the CPU's kernels are deterministic already)."""
+    paths = [("cached", True, False), ("uncached", False, False)]
+    return (paths + [("deterministic_cached", True, True)]) if cuda else paths
+
+
 def training_figures(args, model_dir, data_dir):
     """Samples/s of a training step: cached, uncached, bare UNet forward+backward."""
     from accelerate import Accelerator
@@ -154,11 +161,13 @@ def training_figures(args, model_dir, data_dir):
     transform = ImageTransform(args.resolution, center_crop=True, random_flip=True)
     from common.memory import GB, memory_budget
 
+    from common.determinism import deterministic
+
     trainer = enc = None
-    for name, cache in (("cached", True), ("uncached", False)):
+    for name, cache, exact in training_paths(torch.cuda.is_available()):
         trainer = enc = None  # one trainer alive at a time: the previous one's memory goes first
         release(acc)
-        with PeakRSS() as rss:
+        with PeakRSS() as rss, deterministic(exact):
             enc = make_encoder(parts, transform, acc.device, dtype, cache)
             trainer = ChunkTrainer(acc, parts, enc, cfg, horizon_updates=10 * args.steps)
             trainer.reset_chunk(0)
@@ -192,6 +201,8 @@ def training_figures(args, model_dir, data_dir):
     out["bare_fwd_bwd_samples_per_s"] = args.batch_size / timed(bare, args.steps)
     out["cached_step_vs_bare"] = out["bare_fwd_bwd_samples_per_s"] / out["cached_samples_per_s"]
     out["cache_speedup"] = out["cached_samples_per_s"] / out["uncached_samples_per_s"]
+    if "deterministic_cached_samples_per_s" in out:  # what --deterministic costs (CUDA only)
+        out["deterministic_cost"] = out["cached_samples_per_s"] / out["deterministic_cached_samples_per_s"]
     return acc, parts, out
 
 
@@ -379,6 +390,10 @@ def memory_figures(args, model_dir):
 
 def main(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if torch.cuda.is_available():  # before cuBLAS starts, for the --deterministic path (all paths share it)
+        from common.determinism import CUBLAS_WORKSPACE
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     if args.memory:
         with tempfile.TemporaryDirectory() as work, PeakRSS() as rss:
             tok = tiny.write_clip_tokenizer(os.path.join(work, "tokenizer"))

@@ -327,6 +327,14 @@ def measure_determinism(accelerator, model_dir: str, dataset, shapes: Shapes,
     return rows
 
 
+def guarded(section: str, measure: Callable[[], List[Row]]) -> List[Row]:
+    """The section's rows, or one FAIL row naming its error: one failing measurement still leaves a table."""
+    try:
+        return measure()
+    except Exception as err:  # noqa: BLE001 - reported in the table, the other sections still run
+        return [Row(section, f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}", "-", "FAIL")]
+
+
 def run_checks(work: str, shapes: Shapes, requested_precision: Optional[str] = None) -> List[Row]:
     """Every row of the table, measured on the device the accelerator gets (CUDA when there is one)."""
     from common.data import load_training_data
@@ -338,12 +346,21 @@ def run_checks(work: str, shapes: Shapes, requested_precision: Optional[str] = N
     rows = [Row("device", f"{accelerator.device} "
                 + (torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else ""),
                 f"{shapes.model}, {shapes.resolution} px, batch {shapes.batch_size}, {accelerator.mixed_precision}")]
-    rows += measure_memory(accelerator, model_dir, dataset, shapes)
-    train_rows, samples_per_s, trainer, parts = measure_training(accelerator, model_dir, dataset, shapes)
-    rows += train_rows
-    rows += measure_validation(accelerator, parts, trainer, shapes)
-    trainer = parts = None
-    rows += measure_determinism(accelerator, model_dir, dataset, shapes, samples_per_s)
+    rows += guarded("peak GPU memory", lambda: measure_memory(accelerator, model_dir, dataset, shapes))
+    trained = {}
+
+    def training():
+        section, trained["samples_per_s"], trained["trainer"], trained["parts"] = measure_training(
+            accelerator, model_dir, dataset, shapes)
+        return section
+
+    rows += guarded("training", training)
+    if "trainer" in trained:
+        rows += guarded("validation speed",
+                        lambda: measure_validation(accelerator, trained["parts"], trained["trainer"], shapes))
+    trained.pop("trainer", None), trained.pop("parts", None)
+    rows += guarded("--deterministic", lambda: measure_determinism(accelerator, model_dir, dataset, shapes,
+                                                                   trained.get("samples_per_s")))
     return rows
 
 
