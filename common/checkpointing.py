@@ -33,7 +33,7 @@ import torch
 
 from .errors import InputError
 from .faults import maybe_disk_full, maybe_fail
-from .results import WriteFailed, atomic_write_json, writing
+from .results import WriteFailed, atomic_write_json, writing, written_together
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.json"
@@ -90,6 +90,66 @@ def resolve_resume(spec: Optional[str], output_dir: str) -> Optional[str]:
     return spec
 
 
+SCALER_FILE = "scaler.pt"  # accelerate's GradScaler state (accelerate.utils.SCALER_NAME), saved under fp16 only
+
+
+def _written_with(run_config: dict) -> dict:
+    """The settings a checkpoint's run_config.json says it was written with (those check_resume_settings compares)."""
+    args, resolved = run_config.get("args", {}), run_config.get("resolved", {})
+    processes = resolved.get("num_processes", run_config.get("num_processes", 1))
+    return {"mixed_precision": resolved.get("mixed_precision", run_config.get("mixed_precision")),
+            "num_processes": processes, "train_batch_size": args.get("train_batch_size"),
+            "gradient_accumulation_steps": args.get("gradient_accumulation_steps"), "params": args.get("params")}
+
+
+def check_resume_settings(path: Optional[str], current: dict, scaler_expected: bool) -> list:
+    """InputError when this run cannot continue the checkpoint at ``path``; else notes for the log (may be empty).
+
+    ``current``: this run's mixed_precision (resolved), num_processes, train_batch_size,
+    gradient_accumulation_steps and params. Refused: another precision (the records would mix two numerics, and
+    fp16 needs the checkpoint's loss scale, scaler.pt), another batch per micro-step (train_batch_size x processes)
+    or accumulation (the updates would not be the same updates), other trained parameters. Allowed: another
+    process count at the same batch per micro-step, since every random draw is a function of the position and
+    each process takes its rows of the global batch (accelerate's per-process RNG files are then not all used).
+    """
+    if not path:
+        return []
+    config_file = os.path.join(path, RUN_CONFIG_FILE)
+    flag = f"--resume_from_checkpoint {path}"
+    notes = []
+    if os.path.isfile(config_file):
+        try:
+            with open(config_file) as f:
+                old = _written_with(json.load(f))
+        except (OSError, ValueError) as err:
+            raise InputError(f"{flag}: unreadable {RUN_CONFIG_FILE} ({err})") from None
+        new = current
+        if old["mixed_precision"] is not None and old["mixed_precision"] != new["mixed_precision"]:
+            raise InputError(f"{flag}: written with mixed precision '{old['mixed_precision']}', this run resolves "
+                             f"--mixed_precision to '{new['mixed_precision']}'; resume with the same precision, or "
+                             "start a new --output_dir")
+        if None not in (old["train_batch_size"], old["num_processes"]):
+            rows_old, rows_new = (old["train_batch_size"] * old["num_processes"],
+                                  new["train_batch_size"] * new["num_processes"])
+            if rows_old != rows_new:
+                raise InputError(
+                    f"{flag}: written with {old['num_processes']} process(es) x --train_batch_size "
+                    f"{old['train_batch_size']} = {rows_old} rows per micro-batch, this run has "
+                    f"{new['num_processes']} x {new['train_batch_size']} = {rows_new}; another process count "
+                    "resumes only at the same product")
+        for key in ("gradient_accumulation_steps", "params"):
+            if old[key] is not None and old[key] != new[key]:
+                raise InputError(f"{flag}: written with --{key} {old[key]}, this run has --{key} {new[key]}")
+        if old["num_processes"] != new["num_processes"]:
+            notes.append(f"resuming {path}, written by {old['num_processes']} process(es), with "
+                         f"{new['num_processes']} (the same {new['train_batch_size'] * new['num_processes']} rows per "
+                         "micro-batch)")
+    if scaler_expected and not os.path.isfile(os.path.join(path, SCALER_FILE)):
+        raise InputError(f"{flag}: no {SCALER_FILE} (the fp16 gradient scaler's state), which this run's "
+                         "--mixed_precision fp16 needs; the checkpoint was written with another precision")
+    return notes
+
+
 class PreemptionFlag:
     """Set by SIGTERM/SIGUSR1; the protocol checks it at update boundaries."""
 
@@ -141,17 +201,23 @@ class Checkpointer:
         final = os.path.join(self.output_dir, name)
         tmp = os.path.join(self.output_dir, f".{name}.tmp")
         try:
-            with writing("checkpoint", final, inject=False):
-                self._write(state, tmp, final)
+            # Every process's files (accelerate writes one RNG file per process) before the main one completes
+            # the checkpoint; a failure anywhere stops every process with the same line (written_together).
+            with written_together(acc):
+                with writing("checkpoint", final, inject=False):
+                    self._write(state, tmp)
+            with written_together(acc):
+                if acc.is_main_process:
+                    with writing("checkpoint", final, inject=False):
+                        self._complete(tmp, final)
         except WriteFailed:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # never a partial checkpoint; older ones untouched
             raise
-        acc.wait_for_everyone()
         return final
 
-    def _write(self, state: dict, tmp: str, final: str) -> None:
-        """Write the checkpoint under ``tmp``, complete it with its marker, rename it to ``final``, prune."""
+    def _write(self, state: dict, tmp: str) -> None:
+        """Write the checkpoint's files under ``tmp`` (every process: accelerate's state; main: ours)."""
         acc, tr = self.accelerator, self.trainer
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,12 +235,15 @@ class Checkpointer:
             atomic_write_json(os.path.join(tmp, STATE_FILE), state)
             if self.run_config is not None:
                 atomic_write_json(os.path.join(tmp, RUN_CONFIG_FILE), self.run_config)
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                f.write("ok\n")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            self._prune()
-            self.log(f"saved {final}")
+
+    def _complete(self, tmp: str, final: str) -> None:
+        """Main process: complete the checkpoint with its marker, rename it to ``final``, prune."""
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._prune()
+        self.log(f"saved {final}")
 
     def _check_weights_finite(self) -> None:
         """Raise NonFiniteLoss rather than save non-finite weights (one host sync per checkpoint)."""
@@ -193,10 +262,16 @@ class Checkpointer:
         try:
             yield
         except NonFiniteLoss as err:
-            if self.accelerator.is_main_process:
-                found = complete_checkpoints(self.output_dir)
-                atomic_write_json(os.path.join(self.output_dir, DIVERGED_MARKER),
-                                  {"error": str(err), "last_good_checkpoint": found[-1][1] if found else None})
+            marker = os.path.join(self.output_dir, DIVERGED_MARKER)
+            try:
+                with written_together(self.accelerator):
+                    if self.accelerator.is_main_process:
+                        found = complete_checkpoints(self.output_dir)
+                        with writing("divergence marker", marker):
+                            atomic_write_json(marker, {"error": str(err),
+                                                       "last_good_checkpoint": found[-1][1] if found else None})
+            except WriteFailed as failed:
+                raise WriteFailed(f"{failed}; the run had diverged: {err}") from None
             raise
 
     def _prune(self) -> None:
@@ -226,9 +301,12 @@ class Checkpointer:
         """On a pending SIGTERM/SIGUSR1: checkpoint now and exit with PREEMPTED_EXIT_CODE."""
         if self.preemption.requested(self.accelerator):
             path = self.save(state_fn())
-            if self.accelerator.is_main_process:
-                # For job scripts whose launcher's own exit status hides ours.
-                atomic_write_json(os.path.join(self.output_dir, PREEMPTED_MARKER), {"checkpoint": path})
+            marker = os.path.join(self.output_dir, PREEMPTED_MARKER)
+            with written_together(self.accelerator):
+                if self.accelerator.is_main_process:
+                    with writing("preemption marker", marker):
+                        # For job scripts whose launcher's own exit status hides ours.
+                        atomic_write_json(marker, {"checkpoint": path})
             self.log(f"preempted ({self.preemption.signal or 'signal on another process'}): "
                      f"resume with --resume_from_checkpoint latest (or {path})")
             raise SystemExit(PREEMPTED_EXIT_CODE)

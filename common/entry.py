@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 
 from . import cli, criteria
 from . import curriculum as cur
 from .data import read_prompts
+from .errors import InputError, loading
 from .models import unet_safetensors
 from .protocol import Criterion, ValidationConfig, run_individual, run_sequential
 from .session import DataConfig, open_run
@@ -55,9 +56,26 @@ def validation_config(args) -> ValidationConfig:
     )
 
 
+CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path"}  # the model each kind loads
+
+
+def build_criteria(args, device, names: Sequence[str]) -> List[Criterion]:
+    """The registered criteria ``names`` (common.criteria) this run uses, built on ``device``; a model that fails
+    to load is an InputError naming its flag and file (exit 2)."""
+    built = []
+    for name in names:
+        flag = CRITERION_MODEL_FLAGS.get(name, f"criterion {name}:")
+        path = getattr(args, flag[2:], None) if flag.startswith("--") else None
+        with loading(flag, path or (f"(--theme {args.theme})" if getattr(args, "theme", "") else "")):
+            criterion = criteria.CRITERIA[name].build(args, device)
+        if criterion is not None:
+            built.append(criterion)
+    return built
+
+
 def one_criterion(args, name: str) -> Callable[[torch.device], List[Criterion]]:
     """The registered criterion ``name`` (common.criteria), built on the run's device: an individual script's one."""
-    return lambda device: [criteria.CRITERIA[name].build(args, device)]
+    return lambda device: build_criteria(args, device, [name])
 
 
 def total_updates(bounds, chunks, epochs_per_chunk: dict, batch: int, accumulation: int, processes: int) -> int:
@@ -66,7 +84,7 @@ def total_updates(bounds, chunks, epochs_per_chunk: dict, batch: int, accumulati
     return sum(cur.updates_per_epoch(sizes[i], batch, accumulation, processes) * epochs_per_chunk[i] for i in chunks)
 
 
-def _open(args, bounds, horizon_epochs, make_criteria, protocol, progress_total=0):
+def _open(args, bounds, horizon_epochs, make_criteria, protocol, progress_total=0, resume_path=None):
     return open_run(
         model_path=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         requested_precision=args.mixed_precision, allow_tf32=args.allow_tf32, output_dir=args.output_dir,
@@ -78,28 +96,37 @@ def _open(args, bounds, horizon_epochs, make_criteria, protocol, progress_total=
                        "tags": cli.parse_tags(args.tag)},
         report_to=args.report_to, progress_total=progress_total, retention_clip=args.clip_model,
         deterministic=args.deterministic,
+        resume_path=resume_path,  # checked against this run's settings before anything is written
     )
 
 
-def _checkpointing(args, run):
-    """The run's Checkpointer and the checkpoint to resume from (None: a fresh start)."""
-    from .checkpointing import Checkpointer, resolve_resume
+def _resume_path(args):
+    """The checkpoint to resume from (None: a fresh start), resolved before the run opens (open_run checks it)."""
+    from .checkpointing import resolve_resume
+
+    return resolve_resume(args.resume_from_checkpoint, args.output_dir)
+
+
+def _checkpointing(args, run, resume):
+    """The run's Checkpointer; a fresh start (``resume`` None) voids the results of a run that never checkpointed."""
+    from .checkpointing import Checkpointer
 
     checkpointer = Checkpointer(run.accelerator, run.trainer, args.output_dir, args.checkpointing_steps,
                                 args.checkpoints_total_limit, log=run.recorder.log, run_config=run.recorder.run_config)
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume is None:
         run.recorder.keep_validations(0)  # a fresh start: results of a run that never checkpointed are void
-    return checkpointer, resume
+    return checkpointer
 
 
+INPUT_ERROR_EXIT_CODE = 2  # bad input (argparse's status)
 DIVERGED_EXIT_CODE = 3
 LOCKED_EXIT_CODE = 2  # another run holds the output directory: bad input, like the other status-2 errors
 WRITE_FAILED_EXIT_CODE = 4  # a checkpoint, pipeline or results file could not be written (full disk)
 
 
 def _exit_codes(fn):
-    """Decorator: a diverged run exits 3, a locked output directory 2, a failed write 4; one line on stderr each."""
+    """Decorator: a diverged run exits 3, a locked output directory or bad input found while loading 2, a failed
+    write 4; one line on stderr each, on every process."""
     import functools
 
     @functools.wraps(fn)
@@ -113,6 +140,9 @@ def _exit_codes(fn):
         codes = {NonFiniteLoss: DIVERGED_EXIT_CODE, RunLocked: LOCKED_EXIT_CODE, WriteFailed: WRITE_FAILED_EXIT_CODE}
         try:
             return fn(*a, **kw)
+        except InputError as err:  # the same line and status as the flags' own checks (common.cli.finish)
+            print(f"{getattr(a[0], 'script', 'error')}: error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(INPUT_ERROR_EXIT_CODE) from None
         except tuple(codes) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(next(code for cls, code in codes.items() if isinstance(err, cls))) from None
@@ -128,8 +158,9 @@ def individual(args: argparse.Namespace, make_criteria: Callable[[torch.device],
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     cap = total_updates(bounds, chunks, {i: args.clip_epoch + 2 for i in chunks}, args.train_batch_size,
                         args.gradient_accumulation_steps, processes)
-    run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual", progress_total=cap)
-    checkpointer, resume = _checkpointing(args, run)
+    resume = _resume_path(args)
+    run = _open(args, bounds, args.clip_epoch + 2, make_criteria, "individual", progress_total=cap, resume_path=resume)
+    checkpointer = _checkpointing(args, run, resume)
     criterion = run.validator.criteria[0]
     save = (lambda i: run.save_pipeline(os.path.join(args.output_dir, f"curriculum-{i}"))) if args.save_model else None
     try:
@@ -172,9 +203,11 @@ def sequential(args: argparse.Namespace) -> dict:
     # Every registered criterion the run's flags ask for (CLIP always; the classifier with --model_path).
     total = total_updates(bounds, chunks, epochs, args.train_batch_size, args.gradient_accumulation_steps,
                           int(os.environ.get("WORLD_SIZE", "1")))
-    run = _open(args, bounds, sum(epochs.values()), lambda device: criteria.build_all(args, device), "sequential",
-                progress_total=total)
-    checkpointer, resume = _checkpointing(args, run)
+    resume = _resume_path(args)
+    kinds = [name for name, kind in criteria.CRITERIA.items() if kind.build is not None]  # as criteria.build_all
+    run = _open(args, bounds, sum(epochs.values()), lambda device: build_criteria(args, device, kinds), "sequential",
+                progress_total=total, resume_path=resume)
+    checkpointer = _checkpointing(args, run, resume)
     if not with_classifier:
         run.recorder.log("no --model_path given: running with the CLIP criterion only")
     try:

@@ -13,7 +13,7 @@ from .checkpointing import STATE_FILE
 from .faults import maybe_fail
 from .results import RunRecorder, score_stats
 from .training import check_finite
-from .validation import RETENTION_STREAM, generate_images, image_seed, shard
+from .validation import RETENTION_STREAM, BatchLimit, generate_images, image_seed, shard
 
 
 @dataclass
@@ -79,11 +79,14 @@ class Validator:
         acc, cfg = self.accelerator, self.cfg
         if not prompts:
             return []
+        if getattr(self, "batch_limit", None) is None:  # the batch that fits, kept across the run's validations
+            self.batch_limit = BatchLimit()
         return generate_images(
             self.pipe, prompts, [image_seed(cfg.seed, k, 0, stream) for k in indices],
             batch_size=cfg.batch_size or max(1, len(prompts)),
             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
             resolution=cfg.resolution, autocast=acc.autocast, progress=acc.is_local_main_process, desc=desc,
+            limit=self.batch_limit,
         )
 
     def _save(self, images, indices, tag: str) -> None:

@@ -22,6 +22,8 @@ CONFIG_FILE = "config.json"
 VALIDATIONS_FILE = "validations.jsonl"
 SUMMARY_FILE = "summary.json"
 
+LOGGER_NAME = "revival"  # the run's log (stdout and log.txt on the main process)
+
 LIBRARIES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "datasets",
              "open_clip_torch", "numpy", "pillow", "safetensors", "timm")
 
@@ -80,6 +82,29 @@ def writing(what: str, path: str, inject: bool = True):
                           f"({_free_space(path)})") from err
 
 
+@contextlib.contextmanager
+def written_together(accelerator):
+    """Around a write that some processes do (usually the main one): a WriteFailed on any process is raised on
+    every process, with the same message, after one collective exchange.
+
+    Without it the other processes would go on to the next collective alone and die there on "Connection closed
+    by peer" (gloo) or wait for the collective's timeout (NCCL). Also a barrier: every process leaves together.
+    """
+    failure = None
+    try:
+        yield
+    except WriteFailed as err:
+        failure = err
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        message = next((m for m in gather_object([None if failure is None else str(failure)]) if m), None)
+        if failure is None and message is not None:
+            raise WriteFailed(message)
+    if failure is not None:
+        raise failure
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file under a temporary name in the same directory, fsync, then rename over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -133,9 +158,12 @@ def score_stats(scores) -> dict:
 class RunRecorder:
     """Writes one run's machine-readable outputs into its output directory (main process only)."""
 
-    def __init__(self, output_dir: str, is_main: bool, log_file: Optional[str] = None, logger_name: str = "revival"):
+    def __init__(self, output_dir: str, is_main: bool, log_file: Optional[str] = None, logger_name: str = LOGGER_NAME,
+                 accelerator=None):
         self.output_dir = output_dir
         self.is_main = is_main
+        # With several processes every results write ends in written_together: a failed write stops them all.
+        self.accelerator = accelerator
         self.logger = logging.getLogger(logger_name)
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
@@ -155,10 +183,11 @@ class RunRecorder:
             self.logger.info(message)
 
     def write_config(self, config: dict) -> None:
-        if self.is_main:
-            path = os.path.join(self.output_dir, CONFIG_FILE)
-            with writing("results", path):
-                atomic_write_json(path, {**config, "library_versions": library_versions()})
+        path = os.path.join(self.output_dir, CONFIG_FILE)
+        with written_together(self.accelerator):
+            if self.is_main:
+                with writing("results", path):
+                    atomic_write_json(path, {**config, "library_versions": library_versions()})
 
     validations_written = 0  # counted on every process, so any of them can describe a checkpoint
     tracking = None  # common.tracking.Tracking, set by the session
@@ -166,24 +195,28 @@ class RunRecorder:
 
     def validation(self, record: dict) -> None:
         self.validations_written += 1
-        if self.is_main:
-            path = os.path.join(self.output_dir, VALIDATIONS_FILE)
-            with writing("results", path):
-                append_jsonl(path, record)
+        path = os.path.join(self.output_dir, VALIDATIONS_FILE)
+        with written_together(self.accelerator):
+            if self.is_main:
+                with writing("results", path):
+                    append_jsonl(path, record)
 
     def keep_validations(self, count: int) -> None:
         """On resume: keep the first ``count`` records (those the checkpoint knew), drop any later ones."""
         self.validations_written = count
         path = os.path.join(self.output_dir, VALIDATIONS_FILE)
-        if self.is_main and os.path.isfile(path):
-            records = read_jsonl(path)[:count]
-            atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+        with written_together(self.accelerator):
+            if self.is_main and os.path.isfile(path):
+                records = read_jsonl(path)[:count]
+                with writing("results", path):
+                    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
     def summary(self, summary: dict) -> None:
-        if self.is_main:
-            path = os.path.join(self.output_dir, SUMMARY_FILE)
-            with writing("results", path):
-                atomic_write_json(path, summary)
+        path = os.path.join(self.output_dir, SUMMARY_FILE)
+        with written_together(self.accelerator):
+            if self.is_main:
+                with writing("results", path):
+                    atomic_write_json(path, summary)
 
     def close(self) -> None:
         for h in list(self.logger.handlers):

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checkpointing import check_resume_settings
 from .curriculum import check_against_dataset, chunk_ranges
 from .data import ImageTransform, load_training_data
 from .encoding import make_encoder
@@ -20,6 +21,7 @@ from .memory import budget_lines, memory_budget
 from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
 from . import numerics
 from .protocol import Criterion, ValidationConfig, Validator
+from .errors import loading
 from .results import RunRecorder
 from .runlock import lock_run_dir
 from .tracking import Tracking, log_with
@@ -59,18 +61,19 @@ class Run:
         """Save the current UNet (and EMA copy) as a full pipeline, or with --params lora the adapter in
         diffusers' LoRA format beside the name of its base; main process only, others wait."""
         from .models import save_lora, save_pipeline
-        from .results import writing
+        from .results import writing, written_together
 
         acc = self.accelerator
         unet = acc.unwrap_model(self.trainer.unet)
-        if acc.is_main_process:
-            with writing("pipeline", path):  # atomic: a failed save leaves no partial pipeline
-                if self.trainer.cfg.params == "lora":
-                    save_lora(unet, path, self.model_path, ema=self.trainer.ema, trainable=self.trainer.trainable)
-                else:
-                    save_pipeline(self.parts, unet, path, ema=self.trainer.ema, trainable=self.trainer.trainable,
-                                  ema_as_unet=ema_as_unet)
-        acc.wait_for_everyone()
+        with written_together(acc):  # a failed save stops every process, not the main one only
+            if acc.is_main_process:
+                with writing("pipeline", path):  # atomic: a failed save leaves no partial pipeline
+                    if self.trainer.cfg.params == "lora":
+                        save_lora(unet, path, self.model_path, ema=self.trainer.ema,
+                                  trainable=self.trainer.trainable)
+                    else:
+                        save_pipeline(self.parts, unet, path, ema=self.trainer.ema, trainable=self.trainer.trainable,
+                                      ema_as_unet=ema_as_unet)
 
 
 def retention_scorer(criteria: Sequence[Criterion], clip_model: Optional[str], device):
@@ -128,36 +131,47 @@ def open_run(
     progress_total: int = 0,
     retention_clip: Optional[str] = None,
     deterministic: bool = False,
+    resume_path: Optional[str] = None,
 ) -> Run:
     """Build everything a protocol needs, in the order that fails fastest."""
     acc = make_accelerator(requested_precision, output_dir, logging_dir, allow_tf32, log_with(report_to),
                            deterministic=deterministic)
-    # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
-    lock_run_dir(acc, output_dir)
-    recorder = RunRecorder(output_dir, acc.is_main_process, log_file)
+    # Everything that can refuse the run (a checkpoint it cannot continue, data, models: InputError, exit 2) comes
+    # before the output directory is written; the log lines of that stage wait in ``notes``.
+    notes = check_resume_settings(resume_path, {
+        "mixed_precision": acc.mixed_precision, "num_processes": acc.num_processes, "params": train.params,
+        "train_batch_size": train.train_batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps,
+    }, scaler_expected=getattr(acc, "scaler", None) is not None)
     weight_dtype = weight_dtype_for(acc.mixed_precision)
     # Data before models: a bad dataset should not cost a model load.
     dataset = load_training_data(data.train_data_dir, data.dataset_name, data.caption_column, data.image_column,
                                  data.dataset_config_name, data.cache_dir, data.row_order)
     if data.train_data_dir is not None:
-        recorder.log("row order: " + ("sorted image paths (datasets 3.0.1's imagefolder, as published)"
+        notes.append("row order: " + ("sorted image paths (datasets 3.0.1's imagefolder, as published)"
                                       if data.row_order == "file_name" else "metadata.jsonl line order"))
     check_against_dataset(bounds, len(dataset))
     chunk_rows = dict(enumerate(chunk_ranges(bounds)))
-    parts = load_sd_parts(model_path, revision, variant)
+    with loading("--pretrained_model_name_or_path", model_path):
+        parts = load_sd_parts(model_path, revision, variant)
     parts.text_encoder.to(acc.device, dtype=weight_dtype)
     parts.vae.to(acc.device, dtype=weight_dtype)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
     encoder = make_encoder(parts, transform, acc.device, weight_dtype, data.cache_latents)
     if data.cache_latents and not data.center_crop:
-        recorder.log("latent cache off: random crops (no --center_crop) are re-encoded every step")
+        notes.append("latent cache off: random crops (no --center_crop) are re-encoded every step")
     largest = max(b - a for a, b in chunk_rows.values())
     per_epoch = -(-largest // (train.train_batch_size * train.gradient_accumulation_steps * acc.num_processes))
     trainer = ChunkTrainer(acc, parts, encoder, train, horizon_updates=per_epoch * horizon_epochs)
     pipe = build_pipeline(parts, acc.unwrap_model(trainer.unet))
     criteria = make_criteria(acc.device)
-    validator = Validator(acc, pipe, validation, criteria,
-                          retention_scorer(criteria, retention_clip, acc.device) if validation.retention_prompts else None)
+    with loading("--clip_model", retention_clip):
+        retention = retention_scorer(criteria, retention_clip, acc.device) if validation.retention_prompts else None
+    validator = Validator(acc, pipe, validation, criteria, retention)
+    # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
+    lock_run_dir(acc, output_dir)
+    recorder = RunRecorder(output_dir, acc.is_main_process, log_file, accelerator=acc)
+    for line in notes:
+        recorder.log(line)
     # Where the memory goes, from the run's own tensors (activations: the per-chunk CUDA peak in the records).
     budget = memory_budget(trainer, parts, largest_chunk=largest)
     for line in budget_lines(budget):

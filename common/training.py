@@ -128,8 +128,10 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: Optional[float], targets, 
         torch.manual_seed(seed)
         try:
             unet.add_adapter(config)
-        except ValueError as err:  # peft: none of the target modules exists in this UNet
-            raise ValueError(f"--lora_targets {','.join(targets)}: {err}") from None
+        except ValueError as err:  # peft: none of the target modules exists in this UNet (bad input: exit 2)
+            from .errors import InputError
+
+            raise InputError(f"--lora_targets {','.join(targets)}: {err}") from None
 
 
 def select_trainable(unet: torch.nn.Module, params) -> list:

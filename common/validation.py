@@ -8,11 +8,15 @@ processes; prompts are split across processes and results gathered.
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .results import LOGGER_NAME
 
 
 RETENTION_STREAM = 1  # image_seed's stream of the retention prompts: their noise differs from the target prompts'
@@ -44,6 +48,33 @@ def build_pipeline(parts, unet):
     return pipe
 
 
+class BatchLimit:
+    """The largest generation batch known to fit: halved on a CUDA out-of-memory error and kept for every later
+    call (a run's later validations start at the size that worked, not at the one that failed)."""
+
+    def __init__(self, limit: Optional[int] = None, log: Optional[Callable[[str], None]] = None):
+        self.limit = limit
+        self.log = log or logging.getLogger(LOGGER_NAME).info
+
+    def size(self, wanted: int) -> int:
+        """``wanted``, capped at the limit."""
+        return wanted if self.limit is None else min(wanted, self.limit)
+
+    def shrink(self, failed: int) -> int:
+        """After an out-of-memory error at batch size ``failed``: the new limit, half of it (logged)."""
+        self.limit = max(1, failed // 2)
+        self.log(f"validation: CUDA out of memory at batch size {failed}; generating {self.limit} image(s) at a "
+                 "time from now on (images do not depend on the batch size)")
+        return self.limit
+
+
+def _free_failed_attempt() -> None:
+    """Release what an out-of-memory attempt left: its tensors died with the exception's frames; return the
+    cached blocks to the allocator so that the retry can use them."""
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op where CUDA never started
+
+
 @torch.no_grad()
 def generate_images(
     pipe,
@@ -56,9 +87,15 @@ def generate_images(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = False,
     desc: str = "generating",
+    limit: Optional[BatchLimit] = None,
 ) -> List:
-    """Generate one PIL image per (prompt, seed) pair, ``batch_size`` at a time."""
+    """Generate one PIL image per (prompt, seed) pair, ``batch_size`` at a time.
+
+    On a CUDA out-of-memory error the batch is halved and retried ("all prompts that fit"); ``limit`` carries the
+    size that worked to later calls (without it, to the rest of this call only).
+    """
     assert len(prompts) == len(seeds)
+    limit = limit if limit is not None else BatchLimit()
     images = []
     was_training = pipe.unet.training
     pipe.unet.eval()
@@ -66,8 +103,10 @@ def generate_images(
     try:
         b = 0
         while b < len(prompts):
-            batch_prompts = list(prompts[b : b + batch_size])
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + batch_size]]
+            size = limit.size(batch_size)
+            batch_prompts = list(prompts[b : b + size])
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + size]]
+            out_of_memory = False
             try:
                 with autocast():
                     out = pipe(
@@ -79,13 +118,17 @@ def generate_images(
                         width=resolution,
                     )
             except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
+                if len(batch_prompts) == 1:
                     raise
-                # "All prompts that fit": halve the batch and retry; images do not depend on it.
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
+                out_of_memory = True
+            if out_of_memory:
+                # Outside the except clause: the exception, its traceback and the frames holding the failed
+                # attempt's tensors are gone by now, so the retry does not run beside them.
+                limit.shrink(len(batch_prompts))
+                _free_failed_attempt()
                 continue
             images.extend(out.images)
+            del out
             bar.update(len(batch_prompts))
             b += len(batch_prompts)
     finally:
