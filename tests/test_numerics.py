@@ -22,6 +22,7 @@ from common import numerics
 # What differs from machine to machine, or from user to user, set against the pin.
 HOSTILE = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2",
            "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_DYNAMIC": "TRUE"}
+PROBE_PINNED = ROOT / "tests" / "pinned" / "numerics_probe.json"
 PRINT = "import json; from common import numerics; print(json.dumps([numerics.describe(), numerics.probe()]))"
 
 
@@ -78,6 +79,24 @@ def test_pinned_probe_is_bit_identical_whatever_the_knobs(probes):
         assert env["pinned"] and env["pin"] == numerics.PIN, name
         assert (env["torch_cpu_capability"], env["torch_threads"]) == ("AVX2", numerics.THREADS), name
         assert hashes == ref, (name, [k for k in ref if hashes[k] != ref[k]])
+
+
+def test_pinned_probe_matches_the_recorded_bits(probes):
+    """The claim itself: any x86-64 AVX2 machine with the same library versions computes the recorded bits
+    (recorded on the machine named in the file; on any other machine this test is the cross-machine check).
+    REPIN=1 rewrites tests/pinned/numerics_probe.json after an intended change (a library upgrade, a new
+    primitive): review and commit it."""
+    env, hashes = probes["in_process"]
+    versions = {k: env[k] for k in ("mkl", "onednn")}
+    versions["torch"] = env["library_versions"]["torch"]
+    if os.environ.get("REPIN"):
+        PROBE_PINNED.write_text(json.dumps({"recorded_on": env["cpu_model"], "versions": versions,
+                                            "probe": hashes}, indent=1) + "\n")
+        pytest.skip(f"re-pinned {PROBE_PINNED}: review the diff and commit it")
+    want = json.loads(PROBE_PINNED.read_text())
+    if want["versions"] != versions:
+        pytest.skip(f"recorded with {want['versions']}, this venv has {versions}")
+    assert hashes == want["probe"], [k for k in hashes if hashes[k] != want["probe"].get(k)]
 
 
 def test_unpinned_lower_isa_changes_the_probe(probes):
