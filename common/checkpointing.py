@@ -229,7 +229,7 @@ class Checkpointer:
             extras = {"lr_scheduler": tr.lr_scheduler.state_dict(), "global_updates": tr.global_updates,
                       "ema": None if tr.ema is None else tr.ema.state_dict(),
                       "chunk_updates": tr.chunk_updates, "pending_micro_batches": tr.pending_micro_batches,
-                      "epoch_start": list(tr.epoch_start)}
+                      "epoch_start": list(tr.epoch_start), "epoch_skipped": getattr(tr, "epoch_skipped", 0)}
             torch.save(extras, os.path.join(tmp, EXTRAS_FILE))
             maybe_fail("checkpoint")  # tests: a crash in the middle of a save
             atomic_write_json(os.path.join(tmp, STATE_FILE), state)
@@ -294,6 +294,7 @@ class Checkpointer:
         tr.chunk_updates = extras.get("chunk_updates", 0)
         tr.pending_micro_batches = extras.get("pending_micro_batches", 0)
         tr.epoch_start = tuple(extras.get("epoch_start", (0, 0)))
+        tr.epoch_skipped = extras.get("epoch_skipped", 0)
         with open(os.path.join(path, STATE_FILE)) as f:
             return json.load(f)
 

@@ -22,6 +22,7 @@ import torch
 
 from .errors import InputError
 from .models import local_dir, resolve_model_path
+from .precision import MASTER_DTYPE
 from .nudity import DEFAULT_THRESHOLD as DEFAULT_NUDITY_THRESHOLD
 from .nudity import EXPOSED_CLASSES
 from .nudity import make_scorer as make_nudity_scorer
@@ -110,7 +111,8 @@ class ConceptClassifier:
             from transformers import AutoImageProcessor, AutoModelForImageClassification
 
             path = resolve_model_path(model_path)
-            self.model = AutoModelForImageClassification.from_pretrained(path).to(self.device).eval()
+            # fp32 whatever the files hold (transformers 5 keeps a saved fp16 model in fp16: common/precision.py).
+            self.model = AutoModelForImageClassification.from_pretrained(path, dtype=MASTER_DTYPE).to(self.device).eval()
             n = self.model.config.num_labels
             if not 0 <= concept_index < n:
                 raise InputError(f"--concept_index {concept_index}: the classifier has {n} classes")

@@ -20,6 +20,7 @@ import torch
 
 from .errors import InputError
 from .models import local_dir, looks_local, resolve_model_path
+from .precision import MASTER_DTYPE
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 LOGIT_SCALE = 100.0  # "logits" scale of the reference's eval printout = 100 x cosine
@@ -55,7 +56,8 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         self.kind = "transformers"
-        self.model = CLIPModel.from_pretrained(path).to(self.device).eval()
+        # fp32 whatever the files hold (transformers 5 keeps a saved fp16 model in fp16: common/precision.py).
+        self.model = CLIPModel.from_pretrained(path, dtype=MASTER_DTYPE).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(path)
 
     def _init_open_clip(self, spec: str) -> None:

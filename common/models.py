@@ -1,21 +1,23 @@
 """Loading the Stable Diffusion parts and the dtype policy (docs/protocols.md: inputs; models and precision).
 
-Policy: the frozen VAE and text encoder are held in the weight dtype (fp16/bf16
-under mixed precision, else fp32); the trainable UNet stays fp32 and the
-forward pass runs under autocast. fp16 needs CUDA: without it we fall back to
-full precision with one warning, so GPU command lines also run on a CPU.
+Every part is loaded in fp32, whatever dtype its files hold (transformers 5
+would otherwise keep a saved fp16 text encoder in fp16). The precision policy
+itself (weight dtype, autocast, the fp16 fall-back and its CPU emulation) lives
+in common/precision.py; ``cast_frozen`` applies it to the frozen VAE and text
+encoder, keeping their fp32 weights so that a saved pipeline is the unlearned
+model plus the trained UNet, not a rounded copy.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .errors import InputError
+from .precision import MASTER_DTYPE, effective_mixed_precision, weight_dtype_for  # noqa: F401 - re-exported
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # With --use_ema a saved pipeline holds a second UNet: the EMA copy beside the trained one (curriculum-{i}), or the
@@ -140,22 +142,6 @@ def unet_safetensors(model_dir: str, variant: Optional[str] = None) -> str:
                      "the restore reads the model's own safetensors")
 
 
-def effective_mixed_precision(requested: str, cuda_available: Optional[bool] = None, warn: bool = True) -> str:
-    """The mixed-precision mode we actually run: fp16 without CUDA falls back to 'no' with one warning."""
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if requested == "fp16" and not cuda:
-        if warn:
-            print("warning: --mixed_precision fp16 needs CUDA; running in full precision (fp32) on this machine",
-                  file=sys.stderr, flush=True)
-        return "no"
-    return requested
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    """dtype of the frozen parts (and of inference) for a mixed-precision mode."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
 @dataclass
 class SDParts:
     """The pieces of an SD pipeline that training and validation share."""
@@ -166,19 +152,25 @@ class SDParts:
     unet: torch.nn.Module
     noise_scheduler: object  # DDPM, for training
     inference_scheduler: object  # the pipeline's own, for validation
+    # The frozen parts' fp32 weights (CPU) when cast_frozen lowered them to the weight dtype: what a save writes.
+    frozen_masters: Optional[dict] = None
 
 
 def load_sd_parts(path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> SDParts:
-    """Load tokenizer, text encoder, VAE, UNet (fp32) and both schedulers from a diffusers directory."""
+    """Load tokenizer, text encoder, VAE, UNet and both schedulers from a diffusers directory, every model in fp32
+    (a pipeline saved in fp16 included)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     import diffusers
 
     path = resolve_model_path(path)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant,
+                                                 dtype=MASTER_DTYPE)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant,
+                                        torch_dtype=MASTER_DTYPE)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant,
+                                                torch_dtype=MASTER_DTYPE)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
     sched_config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision)
     sched_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
@@ -186,7 +178,31 @@ def load_sd_parts(path: str, revision: Optional[str] = None, variant: Optional[s
     for module in (text_encoder, vae):
         module.requires_grad_(False)
         module.eval()
-    return SDParts(tokenizer, text_encoder, vae, unet.float(), noise_scheduler, inference_scheduler)
+    return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler)
+
+
+FROZEN_PARTS = ("text_encoder", "vae")
+
+
+def cast_frozen(parts: SDParts, device, dtype: torch.dtype) -> None:
+    """Move the frozen VAE and text encoder to ``device`` in ``dtype`` (the weight dtype under autocast); when that
+    lowers their precision, keep their loaded weights on the CPU for ``save_pipeline``."""
+    if dtype != MASTER_DTYPE and parts.frozen_masters is None:
+        # .to(dtype) makes new tensors: these stay as loaded (host memory: ~0.8 GB for SD-1.x).
+        parts.frozen_masters = {name: {k: v.detach().to("cpu") for k, v in getattr(parts, name).state_dict().items()}
+                                for name in FROZEN_PARTS}
+    parts.text_encoder.to(device, dtype=dtype)
+    parts.vae.to(device, dtype=dtype)
+
+
+def _save_frozen_masters(parts: SDParts, folder: str) -> None:
+    """Rewrite the frozen parts of a saved pipeline from their loaded (fp32) weights."""
+    import copy
+
+    for name in FROZEN_PARTS:
+        module = copy.deepcopy(getattr(parts, name)).to("cpu", dtype=MASTER_DTYPE)
+        module.load_state_dict(parts.frozen_masters[name])
+        module.save_pretrained(os.path.join(folder, name))
 
 
 def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, trainable=None,
@@ -212,6 +228,8 @@ def save_pipeline(parts: SDParts, unet: torch.nn.Module, path: str, ema=None, tr
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         build_pipeline(parts, unet).save_pretrained(tmp)
+        if parts.frozen_masters is not None:  # not the fp16 copies training used: the model as it was loaded
+            _save_frozen_masters(parts, tmp)
         if ema is not None:
             if ema_as_unet:
                 os.replace(os.path.join(tmp, "unet"), os.path.join(tmp, TRAINED_UNET))

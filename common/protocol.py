@@ -262,6 +262,30 @@ def _details(validator, name: str) -> dict:
     return {"image_details": details} if details else {}
 
 
+SKIPPED_WARNING = 5  # fp16: more skipped updates than this in one chunk is worth a warning (a few calibrate the scale)
+
+
+def _count_skips(recorder, p, stats, chunk: int) -> None:
+    """Add an epoch's skipped updates (fp16 overflow) to the chunk's per-epoch list; warn once past SKIPPED_WARNING."""
+    before = sum(p.skips)
+    p.skips.append(stats.get("skipped_updates", 0))
+    if before <= SKIPPED_WARNING < sum(p.skips):
+        recorder.log(f"warning: chunk {chunk}: {sum(p.skips)} optimizer updates skipped by the fp16 gradient scaler "
+                     "(overflow) so far; frequent overflows mean the loss scale keeps collapsing (lower "
+                     "--learning_rate, or try --mixed_precision bf16)")
+
+
+def _updates_text(stats) -> str:
+    """'12 updates' or '12 updates (3 skipped: fp16 overflow)' for an epoch's log line."""
+    skipped = stats.get("skipped_updates", 0)
+    return f"{stats['updates']} updates" + (f" ({skipped} skipped: fp16 overflow)" if skipped else "")
+
+
+def _skips(p) -> dict:
+    """The record's fp16 skipped updates: per epoch of the current chunk so far (index = epoch)."""
+    return {"skipped_updates": list(p.skips)}
+
+
 def read_checkpoint_state(path: Optional[str]) -> Optional[dict]:
     """The protocol position stored in a checkpoint (before the trainer loads it)."""
     if not path:
@@ -299,10 +323,10 @@ def run_individual(
     names the first epoch the criterion was met.
     """
     saved = read_checkpoint_state(resume_path)
-    p = _Progress(chunk_pos=0, steps=0, images=0, last_mean=None, first_revival=None, outcomes=[])
+    p = _Progress(chunk_pos=0, steps=0, images=0, last_mean=None, first_revival=None, outcomes=[], skips=[])
     if saved:
         p = _Progress(**{k: saved.get(k) for k in ("chunk_pos", "steps", "images", "last_mean", "first_revival",
-                                                   "outcomes")})
+                                                   "outcomes")}, skips=saved.get("skips") or [])
     ckpt = _Resumable(trainer, checkpointer, recorder, p)
     p_first = p.chunk_pos
 
@@ -323,6 +347,7 @@ def run_individual(
         else:
             p.steps = p.images = 0
             p.last_mean = p.first_revival = None
+            p.skips = []
             if pos > p_first:
                 ckpt.boundary(0)  # after the reset, so a resume here starts the chunk afresh
         outcome = None
@@ -333,8 +358,9 @@ def run_individual(
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]
+            _count_skips(recorder, p, stats, i)
             _track_epoch(recorder, trainer, stats)
-            recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
+            recorder.log(f"chunk {i} epoch {epoch}: {_updates_text(stats)}, loss {stats['loss']:.5f}")
             # Phase 3: validate every validation_epochs epochs; stop once revived.
             validated = epoch % validation_epochs == 0
             if validated:
@@ -348,7 +374,7 @@ def run_individual(
                     "criterion": criterion.name, "scale": criterion.scale, "scores": scores,
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
-                    "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3),
+                    "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3), **_skips(p),
                     **_details(validator, criterion.name), **retention, **_peak(trainer),
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
@@ -371,11 +397,13 @@ def run_individual(
                 break
             ckpt.boundary(epoch + 1)
         # Phase 5: keep the chunk's model and the results so far.
-        p.outcomes.append(outcome.as_dict())
+        p.outcomes.append({**outcome.as_dict(), "skipped_updates": sum(p.skips)})
         if save_chunk is not None:
             save_chunk(i)
         summarise()
-    return [ChunkOutcome(**{**o, "rows": tuple(o["rows"])}) for o in p.outcomes]
+    fields = ChunkOutcome.__dataclass_fields__  # (the summary's outcomes also hold skipped_updates)
+    return [ChunkOutcome(**{**{k: v for k, v in o.items() if k in fields}, "rows": tuple(o["rows"])})
+            for o in p.outcomes]
 
 
 def run_sequential(
@@ -403,10 +431,10 @@ def run_sequential(
     """
     saved = read_checkpoint_state(resume_path)
     p = _Progress(chunk_pos=0, steps=0, images=0, per_chunk=[], revival={c.name: None for c in criteria},
-                  before_training=None)
+                  before_training=None, skips=[])
     if saved:
         p = _Progress(**{k: saved.get(k) for k in ("chunk_pos", "steps", "images", "per_chunk", "revival",
-                                                   "before_training")})
+                                                   "before_training")}, skips=saved.get("skips") or [])
     ckpt = _Resumable(trainer, checkpointer, recorder, p)
 
     def summary():
@@ -432,7 +460,7 @@ def run_sequential(
                 "chunk": chunk, "epoch": epoch, "optimizer_steps": p.steps, "images_seen": entry["images_seen"],
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
-                "revived": met, "loss": loss, "wall_s": wall, **_details(validator, c.name),
+                "revived": met, "loss": loss, "wall_s": wall, **_skips(p), **_details(validator, c.name),
                 **retention, **_peak(trainer),
             })
             recorder.log(f"{where}: {c.name} mean {st['mean']:.4f} "
@@ -470,20 +498,23 @@ def run_sequential(
             start_update, loss_before = 0, 0.0
             p.steps += stats["updates"]
             p.images += stats["images"]
+            _count_skips(recorder, p, stats, i)
             last_loss = stats["loss"]
             _track_epoch(recorder, trainer, stats)
-            recorder.log(f"chunk {i} epoch {epoch}: {stats['updates']} updates, loss {stats['loss']:.5f}")
+            recorder.log(f"chunk {i} epoch {epoch}: {_updates_text(stats)}, loss {stats['loss']:.5f}")
             if epoch + 1 < epochs_per_chunk[i]:
                 ckpt.boundary(epoch + 1)
         start_epoch = 0
         # Phase 3: generate once, score under every criterion.
-        entry = {"chunk": i, "images_seen": rows[1], "training_images": p.images, "optimizer_steps": p.steps}
+        entry = {"chunk": i, "images_seen": rows[1], "training_images": p.images, "optimizer_steps": p.steps,
+                 "skipped_updates": sum(p.skips)}
         met_by = score(f"chunk{i}", entry, i, epochs_per_chunk[i] - 1, last_loss, time.perf_counter())
         for name, met in met_by.items():
             if met and p.revival[name] is None:
                 p.revival[name] = {"chunk": i, "images_seen": rows[1]}
                 _track(recorder).revival(getattr(trainer, "global_updates", p.steps), name, i, rows[1])
         p.per_chunk.append(entry)
+        p.skips = []
         # Phase 4: keep the requested curriculum checkpoints.
         if save_chunk is not None and i in checkpoint_chunks:
             save_chunk(i)

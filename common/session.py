@@ -18,8 +18,9 @@ from .curriculum import check_against_dataset, chunk_ranges
 from .data import ImageTransform, load_training_data
 from .encoding import make_encoder
 from .memory import budget_lines, memory_budget
-from .models import SDParts, effective_mixed_precision, load_sd_parts, weight_dtype_for
+from .models import SDParts, cast_frozen, load_sd_parts
 from . import numerics
+from .precision import amp_mode, effective_mixed_precision, weight_dtype_for
 from .protocol import Criterion, ValidationConfig, Validator
 from .errors import loading
 from .results import RunRecorder
@@ -89,11 +90,11 @@ def retention_scorer(criteria: Sequence[Criterion], clip_model: Optional[str], d
 
 def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False,
                      log_with: Optional[str] = None, deterministic: bool = False):
-    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once), the run's trackers,
-    DDP's gradients as views of its buckets, and --deterministic."""
-    from accelerate import Accelerator
+    """An Accelerator with our precision policy (fp16 without CUDA -> fp32, warned once, unless emulated: see
+    common/precision.py), the run's trackers, DDP's gradients as views of its buckets, and --deterministic."""
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    from . import precision
     from .determinism import set_deterministic
 
     # Before any CUDA work: cuBLAS reads its workspace setting when it starts.
@@ -106,8 +107,7 @@ def make_accelerator(requested_precision: Optional[str], output_dir: str, loggin
     # Several processes: the gradients live in DDP's all-reduce buckets instead of beside them (one copy of the
     # trainable parameters' size less; common/memory.py counts the buckets).
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
-    return Accelerator(mixed_precision=mixed, project_config=project, cpu=not torch.cuda.is_available(),
-                       log_with=log_with, kwargs_handlers=[ddp])
+    return precision.make_accelerator(mixed, project_config=project, log_with=log_with, kwargs_handlers=[ddp])
 
 
 def open_run(
@@ -153,8 +153,7 @@ def open_run(
     chunk_rows = dict(enumerate(chunk_ranges(bounds)))
     with loading("--pretrained_model_name_or_path", model_path):
         parts = load_sd_parts(model_path, revision, variant)
-    parts.text_encoder.to(acc.device, dtype=weight_dtype)
-    parts.vae.to(acc.device, dtype=weight_dtype)
+    cast_frozen(parts, acc.device, weight_dtype)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
     encoder = make_encoder(parts, transform, acc.device, weight_dtype, data.cache_latents)
     if data.cache_latents and not data.center_crop:
@@ -177,6 +176,7 @@ def open_run(
     for line in budget_lines(budget):
         recorder.log(line)
     config = {**config_record, "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+              "amp": amp_mode(acc),
               "device": str(acc.device), "scored_weights": "trained UNet (not EMA)", "memory_budget": budget,
               "numeric_environment": numerics.describe(),
               "resolved": {"learning_rate": train.learning_rate, "num_processes": acc.num_processes,

@@ -282,7 +282,11 @@ class ChunkTrainer:
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         self.lr_scheduler = None
         self.ema = None
-        self.global_updates = 0
+        # fp16: accelerate's GradScaler (None otherwise). Its state as new, to give each chunk a fresh one.
+        self.scaler = accelerator.scaler
+        self._fresh_scaler = None if self.scaler is None else self.scaler.state_dict()
+        self.global_updates = 0  # update positions done (an update the scaler skipped included): checkpoint names
+        self.epoch_skipped = 0  # updates of the current epoch the scaler skipped (fp16 overflow)
         # --compat reference only: updates in this chunk and micro-batches whose gradients wait for an update,
         # as they stood when the current epoch was planned (a resume re-plans the epoch from them).
         self.chunk_updates = 0
@@ -350,7 +354,8 @@ class ChunkTrainer:
         self.ema.step(self.trainable)
 
     def reset_chunk(self, chunk: int, carry_state: bool = False) -> None:
-        """Restore the unlearned UNet weights; unless ``carry_state``, fresh optimizer, LR schedule and EMA."""
+        """Restore the unlearned UNet weights; unless ``carry_state``, fresh optimizer, LR schedule, EMA and fp16
+        gradient scaler (a chunk then trains alone, --start_CL, as it does after others)."""
         self.restore.restore(self.trainable)
         self.chunk_updates = 0  # the published loop counts updates per chunk
         first = self.lr_scheduler is None
@@ -360,6 +365,8 @@ class ChunkTrainer:
             self.pending_micro_batches = 0
             self._new_schedule()
             self._new_ema()
+            if self.scaler is not None:
+                self.scaler.load_state_dict(self._fresh_scaler)  # the initial loss scale, growth tracker at 0
 
     def plan_epoch(self, row_range, chunk: int, epoch: int) -> tuple:
         """This process's micro-batches of one epoch grouped by optimizer update, [(batches, ends_in_update)],
@@ -410,6 +417,7 @@ class ChunkTrainer:
         self.encoder.prepare(dataset, row_range)
         if start_update == 0:
             self.epoch_start = (self.pending_micro_batches, self.chunk_updates)
+            self.epoch_skipped = 0  # (a resumed epoch keeps the count its checkpoint stored)
         groups, pending_after = self.plan_epoch(row_range, chunk, epoch)
         accum = cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=acc.device)
@@ -442,10 +450,16 @@ class ChunkTrainer:
             lrs.append(self.lr_scheduler.get_last_lr()[0])  # the rate this update uses
             update_losses.append(group_loss)
             self.optimizer.step()
-            self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self._ema_step()
+            # fp16: the GradScaler skips an update whose gradients overflowed (and lowers its scale). A skipped
+            # update changed no weight, so neither the LR schedule nor the EMA advance (as accelerate does for a
+            # prepared scheduler). The flag is set by scaler.step's own host sync: no extra one here.
+            if self.optimizer.step_was_skipped:
+                self.epoch_skipped += 1
+            else:
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self._ema_step()
             self.global_updates += 1
             if self.progress is not None:
                 self.progress.update(1)
@@ -454,7 +468,7 @@ class ChunkTrainer:
                 on_update(u + 1, loss_sum)
         updates = sum(1 for _, ends_in_update in groups if ends_in_update)
         self.pending_micro_batches = pending_after
-        self.chunk_updates = self.epoch_start[1] + updates
+        self.chunk_updates = self.epoch_start[1] + updates  # the published loop's count: skipped ones included
         # One host sync per epoch. Each process's losses sum to num_processes x
         # its share of each group mean, hence the division.
         # The per-update losses ride on the same sync: one reduce of [epoch sum, update 1, update 2, ...].
@@ -463,7 +477,8 @@ class ChunkTrainer:
         check_finite(total, chunk, epoch, self.global_updates)
         if self.progress is not None:
             self.progress.set_postfix(chunk=chunk, epoch=epoch, loss=f"{total / max(1, len(groups)):.4f}")
-        return {"updates": updates, "images": images, "loss": total / max(1, len(groups)), "loss_sum": total,
+        return {"updates": updates - self.epoch_skipped, "skipped_updates": self.epoch_skipped, "images": images,
+                "loss": total / max(1, len(groups)), "loss_sum": total,
                 "update_losses": [v / acc.num_processes for v in reduced[1:]], "lrs": lrs}
 
     def _micro_step(self, dataset, rows, draws: dict, mine: slice, divisor: int, first_row: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common.errors import InputError
+from common.precision import MASTER_DTYPE
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_INDEX = 1
@@ -114,8 +115,11 @@ class TransformersBackbone:
         config.id2label = {0: f"not {concept}", 1: concept}  # also sets num_labels to 2
         config.label2id = {v: k for k, v in config.id2label.items()}
         # The backbone's own head (e.g. 21k classes) does not fit and is replaced by a fresh one.
+        # fp32 masters whatever the files hold: an fp16 backbone would make fp16 training fail ("Attempting to
+        # unscale FP16 gradients"); autocast gives the fp16 speed.
         self.model = AutoModelForImageClassification.from_pretrained(name_or_path, config=config,
-                                                                     ignore_mismatched_sizes=True)
+                                                                     ignore_mismatched_sizes=True,
+                                                                     dtype=MASTER_DTYPE)
         self.processor = AutoImageProcessor.from_pretrained(processor or name_or_path)
         self.size = processor_size(self.processor)
 
@@ -227,11 +231,12 @@ def predict(backbone, model, items: Sequence[Tuple[str, int]], batch_size: int, 
 def train_classifier(backbone, split: Split, epochs: int, batch_size: int, learning_rate: float, weight_decay: float,
                      warmup_fraction: float, seed: int, mixed_precision: str = "no", log=print):
     """Fine-tune ``backbone.model`` on ``split.train``; return (trained unwrapped model, per-epoch metrics, accelerator)."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    from common.precision import effective_mixed_precision, make_accelerator
+
+    accelerator = make_accelerator(effective_mixed_precision(mixed_precision, warn=False))
     torch.manual_seed(seed)
     data = LabelledImages(split.train, backbone, augment_seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,

@@ -1,0 +1,80 @@
+"""The one mixed-precision policy (docs/protocols.md: models and precision), and its CPU emulation for the tests.
+
+Policy: every model the toolkit trains or scores is loaded in fp32 (the master
+weights); under ``--mixed_precision fp16|bf16`` only the frozen copies used
+under autocast (the VAE and text encoder during fine-tuning) are cast to the
+weight dtype, and the forward pass runs under autocast. fp16 needs CUDA:
+without it we fall back to full precision with one warning, so GPU command
+lines also run on a CPU.
+
+The fall-back hides the fp16 code path from a CPU-only test suite:
+``Accelerator(mixed_precision="fp16", cpu=True)`` silently runs fp32 (no
+autocast, no GradScaler). ``REVIVAL_EMULATE_FP16=1`` (tests only) keeps fp16 on
+the CPU and gives the Accelerator what CUDA would: native AMP, i.e. autocast to
+float16 on the CPU, and a CPU ``torch.amp.GradScaler``. That reproduces the
+fp16 failure modes of a GPU run (an fp16 trainable parameter raises "Attempting
+to unscale FP16 gradients"; an overflow skips the optimizer step), at CPU
+speed. ``REVIVAL_FP16_INIT_SCALE`` sets the scaler's initial scale there
+(a huge value forces overflows).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import torch
+
+EMULATE_FP16_ENV = "REVIVAL_EMULATE_FP16"  # "1": fp16 as on a GPU, on the CPU (the test suite's switch)
+INIT_SCALE_ENV = "REVIVAL_FP16_INIT_SCALE"  # the emulated GradScaler's initial scale (default 2**16, torch's)
+MASTER_DTYPE = torch.float32  # what every trained or scored model is loaded in
+
+
+def emulating_fp16() -> bool:
+    """True when the test suite asked for fp16 on the CPU (and there is no CUDA to run it for real)."""
+    return os.environ.get(EMULATE_FP16_ENV) == "1" and not torch.cuda.is_available()
+
+
+def effective_mixed_precision(requested: str, cuda_available: Optional[bool] = None, warn: bool = True) -> str:
+    """The mixed-precision mode we actually run: fp16 without CUDA falls back to 'no' with one warning
+    (unless the CPU emulation is on)."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "fp16" and not cuda and not emulating_fp16():
+        if warn:
+            print("warning: --mixed_precision fp16 needs CUDA; running in full precision (fp32) on this machine",
+                  file=sys.stderr, flush=True)
+        return "no"
+    return requested
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen parts (and of inference) for a mixed-precision mode."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def make_accelerator(mixed_precision: str, **kwargs):
+    """An Accelerator in ``mixed_precision`` (already resolved by effective_mixed_precision); on the CPU under
+    the fp16 emulation, with the native AMP and GradScaler a CUDA device would get."""
+    from accelerate import Accelerator
+
+    kwargs.setdefault("cpu", not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=mixed_precision, **kwargs)
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and not acc.native_amp:
+        emulate_native_amp(acc)
+    return acc
+
+
+def emulate_native_amp(accelerator) -> None:
+    """Give a CPU Accelerator in fp16 accelerate's CUDA fp16 set-up: autocast on, a GradScaler (before prepare)."""
+    init_scale = float(os.environ.get(INIT_SCALE_ENV, 2.0 ** 16))
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+
+def amp_mode(accelerator) -> str:
+    """How the run's precision is realised, for config.json: 'fp32', 'native amp (cuda)', 'emulated on cpu'."""
+    if not getattr(accelerator, "native_amp", False):
+        return "fp32"
+    return "emulated on cpu" if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16" \
+        else f"native amp ({accelerator.device.type})"
