@@ -155,7 +155,7 @@ def _script_flags(assets, out, script, params, ema, gc, **over):
     else:
         flags.update({"--clip_epoch": 0, "--validation_epochs": 1})
     if script == "finetuning_individual_Classifier.py":
-        flags.update({"--model_path": assets["classifier"], "--bc_threshold": 1.1, "--clip_threshold": False})
+        flags.update({"--model_path": assets["classifier"], "--bc_threshold": 1.0, "--no_early_stop": None, "--clip_threshold": False})
     return seed_flags(assets, out, **{**flags, **over})
 
 
@@ -289,3 +289,26 @@ def test_train_classifier_in_fp16_from_an_fp16_backbone(tmp_path, monkeypatch):
     assert json.load(open(os.path.join(out, "metrics.json")))["history"][0]["train_loss"] > 0
     weights = load_file(os.path.join(out, "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_fp16_killed_run_resumes_to_the_same_results(assets, tmp_path):
+    """Under fp16 a checkpoint holds the GradScaler (scaler.pt); a run killed mid-chunk resumes to the same records."""
+    flags = lambda out, **over: _script_flags(assets, out, "finetuning_sequential.py", "full", True, False,  # noqa
+                                              **{"--save_model": "False", "--curriculum": "20,40,60", **over})
+    env = {**EMULATE, "REVIVAL_FP16_INIT_SCALE": str(2.0 ** 40)}  # a few overflows: the scale's state matters
+    whole = str(tmp_path / "whole")
+    assert launch("finetuning_sequential.py", flags(whole), cwd=assets["root"], env_extra=env).returncode == 0
+    out = str(tmp_path / "killed")
+    killed = launch("finetuning_sequential.py", flags(out), cwd=assets["root"],
+                    env_extra={**env, "REVIVAL_FAULT": "update:5"})
+    assert killed.returncode != 0 and os.path.isfile(os.path.join(out, "checkpoint-4", "scaler.pt"))
+    resumed = launch("finetuning_sequential.py", flags(out, **{"--resume_from_checkpoint": "latest"}),
+                     cwd=assets["root"], env_extra=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _records(whole), _records(out)
+    assert [(r["chunk"], r["criterion"], r["skipped_updates"], r["optimizer_steps"]) for r in a] == \
+        [(r["chunk"], r["criterion"], r["skipped_updates"], r["optimizer_steps"]) for r in b]
+    assert sum(sum(r["skipped_updates"]) for r in a) > 0
+    for x, y in zip(a, b):
+        assert x["scores"] == pytest.approx(y["scores"], abs=1e-6)
