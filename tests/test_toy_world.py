@@ -282,3 +282,21 @@ def test_demo_plans_a_control_retention_and_seeds(tmp_path):
     assert toy_world.TARGET not in toy_world.RETENTION and set(toy_world.NEIGHBOURS) <= set(toy_world.RETENTION)
     with pytest.raises(SystemExit):
         demo.parse_args(["--run_seeds", "a,b"])
+
+
+def test_demo_reuses_a_finished_run_only_from_the_same_world(tmp_path):
+    """A run finished on another world (rebuilt, or built in another pin state) is cleared and run again."""
+    from tools import demo
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "card.json").write_text('{"numeric_environment": {"pinned": true}}')
+    out = tmp_path / "run"
+    out.mkdir()
+    stamp = demo.world_stamp(str(world))
+    demo.mark_done(str(out), stamp)
+    assert demo.done_earlier(str(out), stamp)
+    (world / "card.json").write_text('{"numeric_environment": {"pinned": false}}')
+    assert not demo.done_earlier(str(out), demo.world_stamp(str(world)))
+    assert not out.exists()  # its files do not mix into the new world's report
+    assert not demo.done_earlier(str(tmp_path / "never"), stamp)

@@ -170,7 +170,7 @@ def concept_inversion(args, p, th) -> tuple:
     outs, failed = [], 0
     for method in toy_world.UNLEARN_METHODS:
         out = os.path.join(args.out, f"inversion-{method}")
-        if os.path.isfile(os.path.join(out, "DEMO_DONE")):
+        if done_earlier(out, world_stamp(args.world)):
             print(f"  inversion-{method}: done earlier, reused")
             outs.append(out)
             continue
@@ -186,7 +186,7 @@ def concept_inversion(args, p, th) -> tuple:
         shutil.rmtree(out, ignore_errors=True)  # an interrupted probe starts afresh (it has no checkpoints)
         if launch("tools/concept_inversion.py", flags, os.path.join(args.out, f"inversion-{method}.log"),
                   accelerate=False) == 0:
-            open(os.path.join(out, "DEMO_DONE"), "w").close()
+            mark_done(out, world_stamp(args.world))
             outs.append(out)
         else:
             failed += 1
@@ -204,6 +204,31 @@ def seeds_plan(args, p, th, retention) -> list:
         plan.append(("finetuning_sequential.py", f"seq-control-related-seed{seed}", p["sd_base"], "related",
                      {**seq, "--seed": seed, "--tag": CONTROL_TAGS}))
     return plan
+
+
+def world_stamp(world: str) -> str:
+    """What a finished run was made from: the toy world's card (its numbers and numeric environment, so a rebuilt
+    or differently pinned world gives another stamp). DEMO_DONE holds it; a run is reused only when it matches."""
+    import hashlib
+
+    with open(os.path.join(world, "card.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def done_earlier(out: str, stamp: str) -> bool:
+    """True when ``out`` finished on the same world; a run of another world (or an older demo) is cleared."""
+    done = os.path.join(out, "DEMO_DONE")
+    if os.path.isfile(done):
+        with open(done) as f:
+            if f.read().strip() == stamp:
+                return True
+        shutil.rmtree(out, ignore_errors=True)  # made from another world or pin state: its numbers do not belong
+    return False
+
+
+def mark_done(out: str, stamp: str) -> None:
+    with open(os.path.join(out, "DEMO_DONE"), "w") as f:
+        f.write(stamp + "\n")
 
 
 def main(args):
@@ -237,14 +262,13 @@ def main(args):
         out = os.path.join(args.out, name)
         flags = {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
                  "--output_dir": out, **extra}
-        done = os.path.join(out, "DEMO_DONE")
-        if os.path.isfile(done):  # finished by an earlier `make demo`: reuse it
+        if done_earlier(out, world_stamp(args.world)):  # finished by an earlier `make demo` on this world: reuse it
             print(f"  {name}: done earlier, reused")
             runs.append(out)
             continue
         flags["--resume_from_checkpoint"] = "latest"  # continue an interrupted demo (or start afresh)
         if launch(script, flags, os.path.join(args.out, f"{name}.log")) == 0:
-            open(done, "w").close()
+            mark_done(out, world_stamp(args.world))
             runs.append(out)
         else:
             failed += 1
