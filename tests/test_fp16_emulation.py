@@ -303,6 +303,14 @@ def test_fp16_killed_run_resumes_to_the_same_results(assets, tmp_path):
     killed = launch("finetuning_sequential.py", flags(out), cwd=assets["root"],
                     env_extra={**env, "REVIVAL_FAULT": "update:5"})
     assert killed.returncode != 0 and os.path.isfile(os.path.join(out, "checkpoint-4", "scaler.pt"))
+    # The same checkpoint without its loss scale: refused in one line (accelerate would raise FileNotFoundError).
+    bare = str(tmp_path / "bare")
+    shutil.copytree(out, bare)
+    os.unlink(os.path.join(bare, "checkpoint-4", "scaler.pt"))
+    refused = launch("finetuning_sequential.py", flags(bare, **{"--resume_from_checkpoint": "latest"}),
+                     cwd=assets["root"], env_extra=env)
+    lines = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert refused.returncode == 2 and len(lines) == 1 and "no scaler.pt" in lines[0], refused.stderr[-2000:]
     resumed = launch("finetuning_sequential.py", flags(out, **{"--resume_from_checkpoint": "latest"}),
                      cwd=assets["root"], env_extra=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
