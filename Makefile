@@ -25,7 +25,7 @@ venv:
 	fi
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The demo runs under the pinned numeric environment (common/numerics.py): the same bits on every x86-64 AVX2
 # machine. PIN=0 lets torch pick its kernels and threads: faster on a big machine, but other numbers.
