@@ -175,6 +175,17 @@ def tokenize_captions(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host wait: a CPU tensor bound for CUDA is pinned and copied non-blocking.
+
+    (The caching host allocator keeps the pinned copy alive until the copy is done.) Elsewhere a plain ``to``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None, batch_size: int = 0) -> torch.Tensor:
     """Last hidden states [n, max_length, d]: what a pipeline feeds the UNet's cross-attention (in batches)."""
@@ -182,7 +193,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None,
     out = []
     for b in range(0, len(prompts), step):
         ids = tokenize_captions(tokenizer, prompts[b:b + step])
-        out.append(text_encoder(ids.to(device) if device is not None else ids, return_dict=False)[0])
+        out.append(text_encoder(to_device(ids, device) if device is not None else ids, return_dict=False)[0])
     return torch.cat(out)
 
 

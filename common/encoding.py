@@ -13,19 +13,8 @@ import math
 
 import torch
 
-from .data import ImageTransform, tokenize_captions
+from .data import ImageTransform, encode_prompts, to_device  # noqa: F401 - to_device: the trainer's too
 from .models import vae_scale_factor
-
-
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """``tensor`` on ``device`` without a host wait: a CPU tensor bound for CUDA is pinned and copied non-blocking.
-
-    (The caching host allocator keeps the pinned copy alive until the copy is done.) Elsewhere a plain ``to``.
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class OnlineEncoder:
@@ -42,9 +31,8 @@ class OnlineEncoder:
                              transform.resolution // factor)
 
     def encode_text(self, captions) -> torch.Tensor:
-        """Caption embeddings of a micro-batch (the token ids copied without a host wait)."""
-        ids = to_device(tokenize_captions(self.parts.tokenizer, captions), self.device)
-        return self.parts.text_encoder(ids, return_dict=False)[0]
+        """Caption embeddings of a micro-batch (the token ids copied without a host wait: data.to_device)."""
+        return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, captions, self.device)
 
     def prepare(self, dataset, row_range) -> None:
         """Nothing to precompute: every micro-batch is encoded as it comes."""
