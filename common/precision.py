@@ -76,5 +76,6 @@ def amp_mode(accelerator) -> str:
     """How the run's precision is realised, for config.json: 'fp32', 'native amp (cuda)', 'emulated on cpu'."""
     if not getattr(accelerator, "native_amp", False):
         return "fp32"
-    return "emulated on cpu" if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16" \
-        else f"native amp ({accelerator.device.type})"
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        return "emulated on cpu"
+    return f"native amp ({accelerator.device.type})"

@@ -66,6 +66,7 @@ class Validator:
             raise ValueError("retention prompts need a CLIP scorer (retention_score)")
         self.retention_score = retention_score  # (images, prompts) -> per-image CLIP cosine
         self.retention: Optional[List[float]] = None  # per retention prompt, after each call when there are any
+        self.batch_limit = BatchLimit()  # the generation batch that fits (CUDA memory), kept across validations
 
     def _score(self, criterion: Criterion, images, prompts):
         if not images:
@@ -79,8 +80,6 @@ class Validator:
         acc, cfg = self.accelerator, self.cfg
         if not prompts:
             return []
-        if getattr(self, "batch_limit", None) is None:  # the batch that fits, kept across the run's validations
-            self.batch_limit = BatchLimit()
         return generate_images(
             self.pipe, prompts, [image_seed(cfg.seed, k, 0, stream) for k in indices],
             batch_size=cfg.batch_size or max(1, len(prompts)),
@@ -141,6 +140,7 @@ class ChunkOutcome:
     optimizer_steps: int
     images_seen: int
     last_mean: Optional[float]
+    skipped_updates: int = 0  # fp16: updates the gradient scaler skipped in the chunk
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, rows=list(self.rows))
@@ -397,13 +397,12 @@ def run_individual(
                 break
             ckpt.boundary(epoch + 1)
         # Phase 5: keep the chunk's model and the results so far.
-        p.outcomes.append({**outcome.as_dict(), "skipped_updates": sum(p.skips)})
+        outcome.skipped_updates = sum(p.skips)
+        p.outcomes.append(outcome.as_dict())
         if save_chunk is not None:
             save_chunk(i)
         summarise()
-    fields = ChunkOutcome.__dataclass_fields__  # (the summary's outcomes also hold skipped_updates)
-    return [ChunkOutcome(**{**{k: v for k, v in o.items() if k in fields}, "rows": tuple(o["rows"])})
-            for o in p.outcomes]
+    return [ChunkOutcome(**{**o, "rows": tuple(o["rows"])}) for o in p.outcomes]
 
 
 def run_sequential(
