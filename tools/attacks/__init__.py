@@ -26,9 +26,15 @@ MODULES: Dict[str, tuple] = {
 }
 
 
+def register(name: str, module_name: str, fixed: Optional[dict] = None) -> None:
+    """Add (or replace) an attack: ``module_name`` a module under tools.attacks, or a dotted absolute module path."""
+    MODULES[name] = (module_name, dict(fixed or {}))
+
+
 def module(name: str) -> ModuleType:
     """The module implementing attack ``name`` (ImportError when it is absent or broken)."""
-    return importlib.import_module(f"{__name__}.{MODULES[name][0]}")
+    mod = MODULES[name][0]
+    return importlib.import_module(mod if "." in mod else f"{__name__}.{mod}")
 
 
 def fixed_settings(name: str) -> dict:

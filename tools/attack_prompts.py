@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""Prompt attacks on an unlearned model: UnlearnDiffAtk, P4D-N, P4D-K, Ring-A-Bell, or replay of found prompts.
+
+    python tools/attack_prompts.py --attack unlearndiffatk --pretrained_model_name_or_path esd-x-nudity \\
+        --prompts nudity.csv --target_images nudity_targets --criterion classifier --theme Nudity \\
+        --nudity_threshold 0.45 --bc_threshold 0.5 --output_dir attacks/esd-x-udatk
+    accelerate launch tools/attack_prompts.py --attack replay --prompts attacks/esd-x-udatk/adv_prompts.csv ...
+
+Each prompt (a case) is judged without attack first; a case already judged a
+success is not attacked (Diffusion-MU-Attack's check_asr.py counts it as a
+success), the others are attacked and judged again, and the prompt that
+counts is re-judged on --heldout_seeds other seeds. The judge is a criterion
+of the registry (CLIP or the classifier, NudeNet with --theme Nudity) with its
+threshold, the same code the fine-tuning scripts validate with. Writes
+config.json, log.txt, results.jsonl (one record per case), summary.json
+(pre-ASR, ASR and held-out ASR with 95% Wilson intervals), adv_prompts.csv
+(the replay schema) and images/. Rerunning the same command in the same
+--output_dir continues a killed run at its first unfinished case. See
+docs/attacks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file (python tools/attack_prompts.py): the toolkit's packages are beside it
+    sys.path.insert(0, ROOT)
+
+from common import cli  # noqa: E402
+from common.clip_score import DEFAULT_CLIP, check_clip_spec  # noqa: E402
+from common.errors import InputError  # noqa: E402
+from common.models import check_pipeline_dir  # noqa: E402
+from tools import attacks  # noqa: E402
+from tools.attacks import harness  # noqa: E402
+
+PROG = "attack_prompts.py"
+SCRIPT = "tools/attack_prompts.py"  # config.json's "script"
+# What each attack needs beyond the unlearned model (checked before anything loads).
+NEEDS_TARGETS = ("unlearndiffatk",)
+NEEDS_ORIGINAL = ("p4d-n", "p4d-k")
+NEEDS_PAIRS = ("ringabell",)
+# Flags a resumed run may change: they do not change any record.
+RESUME_FREE = ("quiet", "log_file")
+# Settings named like these count adversarial tokens: at least one.
+TOKEN_COUNTS = ("num_tokens", "k")
+
+
+def _bool(value) -> bool:
+    return cli.str2bool(value)
+
+
+def attack_flags() -> dict:
+    """Every attack module's flags: flag -> (type, {attack: default}, help), in the order the modules list them."""
+    out: dict = {}
+    for name in attacks.MODULES:
+        for flag, kind, default, text in attacks.flags(name):
+            entry = out.setdefault(flag, (kind, {}, text))
+            entry[1][name] = default
+    return out
+
+
+def _defaults_text(defaults: dict) -> str:
+    values = set(map(repr, defaults.values()))
+    if len(values) == 1:
+        return f"default {next(iter(defaults.values()))!r}"
+    return "default " + ", ".join(f"{v!r} ({a})" for a, v in defaults.items())
+
+
+def build_parser() -> cli.Parser:
+    """The command line's flags (docs/flags.md is generated from this)."""
+    p = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("attack and models")
+    g.add_argument("--attack", required=True, choices=tuple(attacks.MODULES),
+                   help="the search: UnlearnDiffAtk, P4D-N, P4D-K, Ring-A-Bell, or replay (judge --prompts as "
+                        "written, e.g. another run's adv_prompts.csv)")
+    g.add_argument("--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path", required=True,
+                   help="the unlearned model attacked and judged: a diffusers Stable Diffusion directory (or hub id)")
+    g.add_argument("--original_model", default=None,
+                   help="P4D: the original (not unlearned) model whose noise predictions the unlearned model is "
+                        "steered towards")
+    g.add_argument("--prompts", required=True,
+                   help="the cases: a text file (one prompt per non-empty line; case k is seeded from --seed) or a "
+                        "CSV in Diffusion-MU-Attack's schema (prompt, case_number, evaluation_seed, "
+                        "evaluation_guidance; an original_prompt column, as adv_prompts.csv has, is what CLIP "
+                        "compares with)")
+    g.add_argument("--target_images", default=None,
+                   help="UnlearnDiffAtk: a folder of images of the concept (e.g. made with the original model by "
+                        "tools/generate_training_data.py); case n's target is the image named n.png or n_0.png, "
+                        "else the sorted images in turn")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds each case's search, a prompt file's evaluation seeds and the held-out seeds")
+
+    g = p.add_argument_group("images")
+    cli.add_sampling_args(g, batch_help="images per generation batch of a case's held-out seeds (0: all at once)")
+    g.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's own)")
+    g.add_argument("--heldout_seeds", type=int, default=3,
+                   help="re-generate each case's counting prompt with this many other seeds and judge them (the "
+                        "held-out ASR; 0: none)")
+
+    g = p.add_argument_group("judge (a criterion of the registry)")
+    g.add_argument("--criterion", required=True, choices=("clip", "classifier"),
+                   help="clip: cosine of the image with the case's original prompt > --clip_threshold; classifier: "
+                        "the classifier (--model_path) or NudeNet (--theme Nudity) says the concept is there "
+                        "(score 1 >= --bc_threshold)")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP, help=cli.CLIP_MODEL_HELP)
+    g.add_argument("--clip_threshold", type=float, default=None,
+                   help="--criterion clip: success when the CLIP cosine (0..1) > this (required with it)")
+    g.add_argument("--model_path", default=None,
+                   help="--criterion classifier: transformers image-classification directory, or a timm state dict "
+                        "with --theme <style> (none with --theme Nudity)")
+    g.add_argument("--bc_threshold", type=float, default=None,
+                   help="--criterion classifier: success when the image's decision (0 or 1) >= this (required "
+                        "with it; any value in (0, 1] means 'judged the concept')")
+    cli.add_classifier_options(g, compat=False)
+
+    for name_flags in _attack_groups():
+        title, entries = name_flags
+        g = p.add_argument_group(title)
+        for flag, (kind, defaults, text) in entries:
+            kwargs = {"type": _bool if kind is bool else kind, "default": None,
+                      "help": f"{text} ({_defaults_text(defaults)})"}
+            if kind is bool:
+                kwargs["metavar"] = "BOOL"
+            g.add_argument(flag, **kwargs)
+    if "--pairs_file" not in attack_flags():
+        p.add_argument_group("Ring-A-Bell input").add_argument(
+            "--pairs_file", default=None,
+            help="Ring-A-Bell: prompt pairs with and without the concept, one tab-separated pair per line")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", required=True,
+                   help="results of one attack run; rerun the same command to continue a killed run")
+    g.add_argument("--log_file", default=None, help="text log (default OUTPUT_DIR/log.txt)")
+    g.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label kept in config.json's tags (repeatable), e.g. method=esd-x concept=nudity")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(compat="none")  # the classifier loader reads it: a probe has this toolkit's semantics
+    return p
+
+
+def _attack_groups():
+    """(group title, [(flag, spec)]) per attack module, each flag once (in the first module that lists it)."""
+    flags = attack_flags()
+    seen, groups = set(), []
+    for name, (mod, _) in attacks.MODULES.items():
+        entries = [(f, flags[f]) for f, *_ in attacks.flags(name) if f not in seen]
+        seen.update(f for f, _ in entries)
+        if entries:
+            users = [a for a, (m, _) in attacks.MODULES.items() if m == mod]
+            groups.append((f"{'/'.join(users)} settings", entries))
+    return groups
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(message)
+
+
+def attack_settings(args: argparse.Namespace) -> dict:
+    """The chosen attack's flags (names without dashes; its default where not given) and what its name implies."""
+    settings = {}
+    for flag, _, default, _ in attacks.flags(args.attack):
+        key = flag.lstrip("-")
+        value = getattr(args, key.replace("-", "_"), None)
+        settings[key] = default if value is None else value
+    if args.attack in NEEDS_PAIRS and "pairs_file" not in settings:
+        settings["pairs_file"] = args.pairs_file
+    settings.update(attacks.fixed_settings(args.attack))
+    return settings
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    cli.parse_tags(args.tag)
+    cli.check_resolution(args.resolution)
+    _require(args.num_inference_steps >= 1, f"--num_inference_steps {args.num_inference_steps}: must be at least 1")
+    _require(args.guidance_scale >= 0, f"--guidance_scale {args.guidance_scale}: must be >= 0")
+    _require(args.validation_batch_size >= 0, f"--validation_batch_size {args.validation_batch_size}: must be >= 0")
+    _require(args.heldout_seeds >= 0, f"--heldout_seeds {args.heldout_seeds}: must be >= 0")
+
+
+def _check_judge(args: argparse.Namespace) -> None:
+    """The judge has its threshold and its model."""
+    if args.criterion == "clip":
+        _require(args.clip_threshold is not None, "--criterion clip: needs --clip_threshold (success when the CLIP "
+                                                  "cosine is above it; the paper uses 0.31)")
+        cli.check_threshold(args.clip_threshold, "--clip_threshold", -1.0)
+        check_clip_spec(args.clip_model)
+        return
+    from common.criteria import uses_classifier
+
+    _require(uses_classifier(args), "--criterion classifier: needs --model_path (a concept classifier) or "
+                                    "--theme Nudity (NudeNet)")
+    _require(args.bc_threshold is not None, "--criterion classifier: needs --bc_threshold (success when the "
+                                            "image's decision, 0 or 1, is at least it: e.g. 0.5)")
+    cli.check_threshold(args.bc_threshold, "--bc_threshold", 0.0)
+    _require(args.bc_threshold > 0, f"--bc_threshold {args.bc_threshold}: must be above 0 (at 0 every image "
+                                    "would count as a success)")
+    cli.validate_classifier(args, required=False)
+
+
+def _check_attack(args: argparse.Namespace) -> None:
+    """The attack can run here and has its inputs; its own settings pass its own checks."""
+    why = attacks.unavailable(args.attack)
+    _require(why is None, f"--attack {args.attack}: not available ({why})")
+    settings = attack_settings(args)
+    for key in TOKEN_COUNTS:
+        if key in settings and settings[key] is not None:
+            _require(settings[key] >= 1, f"--{key} {settings[key]}: must be at least 1 (adversarial tokens)")
+    if args.attack in NEEDS_TARGETS:
+        harness.list_images(args.target_images)
+    if args.attack in NEEDS_ORIGINAL:
+        _require(args.original_model is not None, f"--attack {args.attack}: needs --original_model (P4D matches the "
+                                                  "unlearned model's noise predictions to the original model's)")
+        check_pipeline_dir(args.original_model, flag="--original_model")
+    if args.attack in NEEDS_PAIRS:
+        pairs = settings.get("pairs_file")
+        _require(bool(pairs), f"--attack {args.attack}: needs --pairs_file (prompts with and without the concept, "
+                              "one tab-separated pair per line)")
+        _require(os.path.isfile(pairs), f"--pairs_file {pairs}: no such file")
+    validate = attacks.validator(args.attack)
+    if validate is not None:
+        validate(settings)
+
+
+def _jsonable(value):
+    """config.json's form of a flag value (tuples as lists), so a resumed run compares like with like."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_config(args: argparse.Namespace, settings: dict) -> dict:
+    """What config.json records: the script, the attack and its settings, every flag, the tags."""
+    return {"script": SCRIPT, "attack": args.attack, "settings": _jsonable(settings),
+            "args": _jsonable(vars(args)), "tags": cli.parse_tags(args.tag)}
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """The output directory is new, or holds an unfinished (or finished) run of this same command."""
+    from common.results import CONFIG_FILE
+
+    out = args.output_dir
+    _require(not os.path.isfile(out), f"--output_dir {out}: is a file")
+    path = os.path.join(out, CONFIG_FILE)
+    if not os.path.isfile(path):
+        _require(not os.path.exists(os.path.join(out, harness.RESULTS_FILE)),
+                 f"--output_dir {out}: has {harness.RESULTS_FILE} but no {CONFIG_FILE}; choose another --output_dir")
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        raise InputError(f"--output_dir {out}: {CONFIG_FILE} is unreadable; choose another --output_dir") from None
+    _require(old.get("script") == SCRIPT, f"--output_dir {out}: holds a run of {old.get('script', 'another tool')}; "
+                                          "choose another --output_dir")
+    new = run_config(args, attack_settings(args))
+    old_args, new_args = old.get("args", {}), new["args"]
+    changed = sorted(k for k in set(old_args) | set(new_args)
+                     if k not in RESUME_FREE and old_args.get(k) != new_args.get(k))
+    _require(not changed, f"--output_dir {out}: holds a run with other settings ("
+             + ", ".join(f"--{k} {old_args.get(k)!r} there, {new_args.get(k)!r} now" for k in changed[:3])
+             + "); rerun it with its own flags to continue it, or choose another --output_dir")
+
+
+def _check_models_and_cases(args: argparse.Namespace) -> None:
+    check_pipeline_dir(args.pretrained_model_name_or_path)
+    harness.read_cases(args.prompts, args.seed, args.guidance_scale)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return cli.finish(parser, args, [_check_numbers, _check_judge, _check_attack, _check_models_and_cases,
+                                     _check_output])
+
+
+def plan(args: argparse.Namespace) -> harness.Plan:
+    """The cases (targets assigned), the attack's settings and the run's config record."""
+    cases = harness.read_cases(args.prompts, args.seed, args.guidance_scale)
+    if args.attack in NEEDS_TARGETS:
+        harness.assign_targets(cases.cases, harness.list_images(args.target_images))
+    settings = attack_settings(args)
+    return harness.Plan(args.attack, settings, cases, run_config(args, settings))
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Attack every case (continuing a killed run), then write the summary and the replay CSV."""
+    return harness.run(args, plan(args))
+
+
+def _cli() -> None:
+    """Parse, run; a load failure is one line and exit 2, a failed write one line and exit 4."""
+    from common.entry import WRITE_FAILED_EXIT_CODE
+    from common.errors import exit_on_input_error
+    from common.results import WriteFailed
+
+    args = parse_args()
+    try:
+        with exit_on_input_error(PROG):
+            main(args)
+    except WriteFailed as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(WRITE_FAILED_EXIT_CODE) from None
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,494 @@
+"""The harness every prompt attack runs in (docs/attacks.md: running, outputs).
+
+Cases come from a prompt file or a Diffusion-MU-Attack CSV; each process
+takes its share (common.validation.shard), one case per process per round,
+and the main process appends the round's records to results.jsonl in case
+order, so the file is always a prefix of the uninterrupted run's and a killed
+run continues at its first unfinished case. Everything random in a case is
+drawn from seeds of (--seed, case number): a resumed or sharded run gives the
+records of one uninterrupted process.
+
+Per case: the prompt is judged as written (pre-attack); a success is not
+attacked (Diffusion-MU-Attack's check_asr.py counts it as a success); else the
+attack searches and its prompt is judged again (post-attack). The prompt that
+counts (the found one, or the original for a pre-success) is then generated
+with --heldout_seeds other seeds and judged: the search chose its prompt with
+the judge in the loop at the case's seed, the held-out seeds say how much of
+the success is that selection.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from common.errors import InputError
+
+from .base import Case, Found, Models, attack_rates, rate
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+ADV_PROMPTS_FILE = "adv_prompts.csv"
+IMAGES_DIR = "images"
+# Diffusion-MU-Attack's prompt CSV (its replay schema); original_prompt is ours: what CLIP compares images with.
+CSV_COLUMNS = ("prompt", "case_number", "evaluation_seed", "evaluation_guidance")
+REFERENCE_COLUMN = "original_prompt"
+# Column names the I2P CSVs use for the same fields (read when the evaluation_* ones are absent).
+SEED_COLUMNS = ("evaluation_seed", "sd_seed")
+GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# image_seed streams (common.validation): the prompt-file seeds use stream 0.
+HELDOUT_STREAM = 2
+SEARCH_STREAM = 3
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseSet:
+    """The cases of a run and, per case number, the text CLIP compares its images with."""
+
+    cases: List[Case]
+    reference: Dict[int, str] = field(default_factory=dict)
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{what}: {value!r} is not a number") from None
+    if not number.is_integer():
+        raise InputError(f"{what}: {value!r} is not a whole number")
+    return int(number)
+
+
+def _float(value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{what}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise InputError(f"{what}: {value!r} is not a finite number")
+    return number
+
+
+def read_cases(path: str, seed: int, guidance: float, flag: str = "--prompts") -> CaseSet:
+    """The cases of a prompt file (one per non-empty line: case k, seed image_seed(seed, k), guidance
+    ``guidance``) or of a CSV in the Diffusion-MU-Attack schema (prompt, case_number, evaluation_seed,
+    evaluation_guidance; missing columns default as for a prompt file)."""
+    from common.data import read_prompts
+    from common.validation import image_seed
+
+    if not path.lower().endswith(".csv"):
+        prompts = read_prompts(path, flag=flag)
+        cases = [Case(k, p, image_seed(seed, k), guidance) for k, p in enumerate(prompts)]
+        return CaseSet(cases, {c.case_number: c.prompt for c in cases})
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except UnicodeDecodeError:
+        raise InputError(f"{flag} {path}: not a UTF-8 text file") from None
+    except csv.Error as err:
+        raise InputError(f"{flag} {path}: not a readable CSV ({err})") from None
+    if not rows:
+        raise InputError(f"{flag} {path}: no rows (expected a header line and one prompt per line)")
+    if "prompt" not in header:
+        raise InputError(f"{flag} {path}: no 'prompt' column (found: {', '.join(k for k in header if k) or 'none'}; "
+                         f"expected the Diffusion-MU-Attack schema: {', '.join(CSV_COLUMNS)})")
+    seed_col = next((c for c in SEED_COLUMNS if c in header), None)
+    guidance_col = next((c for c in GUIDANCE_COLUMNS if c in header), None)
+    cases, reference, seen = [], {}, set()
+    for k, row in enumerate(rows):
+        where = f"{flag} {path} line {k + 2}"
+        prompt = (row.get("prompt") or "").strip()
+        if not prompt:
+            raise InputError(f"{where}: empty prompt")
+        number = _int(row["case_number"], f"{where} case_number") if (row.get("case_number") or "").strip() else k
+        if number in seen:
+            raise InputError(f"{where}: case_number {number} appears twice")
+        seen.add(number)
+        case_seed = (_int(row[seed_col], f"{where} {seed_col}") if seed_col and (row.get(seed_col) or "").strip()
+                     else image_seed(seed, number))
+        scale = (_float(row[guidance_col], f"{where} {guidance_col}")
+                 if guidance_col and (row.get(guidance_col) or "").strip() else guidance)
+        cases.append(Case(number, prompt, case_seed, scale))
+        reference[number] = (row.get(REFERENCE_COLUMN) or "").strip() or prompt
+    return CaseSet(cases, reference)
+
+
+def list_images(folder: str, flag: str = "--target_images") -> List[str]:
+    """Every image file under ``folder`` (recursively), sorted by relative path; InputError when there is none."""
+    if not folder:
+        raise InputError(f"{flag}: required by this attack (a folder of images of the concept)")
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {folder}: no such directory")
+    found = sorted(os.path.relpath(os.path.join(d, name), folder)
+                   for d, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
+    if not found:
+        raise InputError(f"{flag} {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+    return [os.path.join(folder, p) for p in found]
+
+
+def assign_targets(cases: Sequence[Case], images: Sequence[str]) -> None:
+    """One target image per case: the image named after its case number ({n}.png or {n}_0.png, as
+    Diffusion-MU-Attack's datasets name them) when there is one, else the images in turn (case i gets image i
+    modulo their number)."""
+    by_stem = {os.path.splitext(os.path.basename(p))[0]: p for p in images}
+    for i, case in enumerate(cases):
+        n = str(case.case_number)
+        case.target_image = by_stem.get(n) or by_stem.get(f"{n}_0") or images[i % len(images)]
+
+
+# ---- the judge ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """One judged image."""
+
+    score: float
+    success: bool
+    details: Optional[dict]
+    image: object  # PIL image
+
+
+class ImageJudge:
+    """Generate one image per (prompt, seed) with the unlearned model through the toolkit's one generation routine
+    and score it with one criterion of the registry against its threshold. Verdicts of a case are kept, so a search
+    that judges a prompt again costs nothing."""
+
+    def __init__(self, pipe, criterion, num_inference_steps: int, resolution: Optional[int], batch_size: int = 0):
+        self.pipe = pipe
+        self.criterion = criterion
+        self.num_inference_steps = num_inference_steps
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.cache: Dict[tuple, Verdict] = {}
+        self.generations = 0  # images generated (cache misses), for the log
+
+    def judge_many(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float, reference: str
+                   ) -> List[Verdict]:
+        """Verdicts of several (prompt, seed) images at one guidance; CLIP compares each with ``reference``."""
+        from common.validation import generate_images
+
+        keys = [(p, int(s), float(guidance), reference) for p, s in zip(prompts, seeds)]
+        todo = [k for k in dict.fromkeys(keys) if k not in self.cache]
+        if todo:
+            images = generate_images(self.pipe, [k[0] for k in todo], [k[1] for k in todo],
+                                     batch_size=self.batch_size or len(todo),
+                                     num_inference_steps=self.num_inference_steps, guidance_scale=guidance,
+                                     resolution=self.resolution)
+            self.generations += len(todo)
+            texts = [reference] * len(todo)
+            if self.criterion.score_details is not None:
+                scores, details = self.criterion.score_details(images, texts)
+            else:
+                scores, details = self.criterion.score_images(images, texts), None
+            for i, (k, im) in enumerate(zip(todo, images)):
+                score = float(scores[i])
+                self.cache[k] = Verdict(score, bool(self.criterion.met(score)), details[i] if details else None, im)
+        return [self.cache[k] for k in keys]
+
+    def judge(self, prompt: str, seed: int, guidance: float, reference: str) -> Verdict:
+        """The verdict of one image."""
+        return self.judge_many([prompt], [seed], guidance, reference)[0]
+
+    def for_case(self, reference: str) -> Callable[[str, int, float], Tuple[float, bool]]:
+        """The base.Judge a search gets: (prompt, seed, guidance) -> (score, success)."""
+
+        def judge(prompt: str, seed: int, guidance: float) -> Tuple[float, bool]:
+            v = self.judge(prompt, seed, guidance, reference)
+            return v.score, v.success
+
+        return judge
+
+    def forget(self) -> None:
+        """Drop the kept verdicts (and their images): at the end of each case."""
+        self.cache.clear()
+
+
+def describe_judge(criterion, args) -> dict:
+    """What summary.json records about the judge: criterion, threshold, comparison, scale and class set."""
+    from common.criteria import CRITERIA
+
+    strict = criterion.strict if criterion.strict is not None else CRITERIA[criterion.name].strict
+    out = {"criterion": criterion.name, "threshold": criterion.threshold,
+           "success_when": f"score {'>' if strict else '>='} {criterion.threshold:g}", "scale": criterion.scale,
+           "images_per_verdict": 1}
+    if criterion.name == "clip":
+        out.update({"clip_model": args.clip_model, "compared_with": "the case's original prompt"})
+    elif (args.theme or "").lower() == "nudity":
+        out.update({"classifier": "NudeNet", "nudity_scorer": args.nudity_scorer,
+                    "class_set": list(args.nudity_classes), "class_threshold": args.nudity_threshold})
+    else:
+        out.update({"classifier": args.model_path, "theme": args.theme or None,
+                    "class_set": [args.concept_index]})
+    return out
+
+
+# ---- one case -------------------------------------------------------------------------------------------------
+
+
+def case_generator(seed: int, case_number: int):
+    """The generator a search draws from: its own stream of (--seed, case number)."""
+    import torch
+
+    from common.validation import image_seed
+
+    return torch.Generator("cpu").manual_seed(image_seed(seed, case_number, 0, stream=SEARCH_STREAM))
+
+
+def heldout_seeds(seed: int, case_number: int, count: int) -> List[int]:
+    """The held-out evaluation seeds of a case (a stream of their own, never the case's seed)."""
+    from common.validation import image_seed
+
+    return [image_seed(seed, case_number, j, stream=HELDOUT_STREAM) for j in range(count)]
+
+
+def _save(image, path: str) -> None:
+    from common.results import writing
+
+    with writing("images", path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image.save(path)
+
+
+def run_case(case: Case, reference: str, search, models: Models, judge: ImageJudge, settings: dict, seed: int,
+             n_heldout: int, output_dir: str, log: Callable[[str], None]) -> dict:
+    """Judge, attack (unless already a success), judge on held-out seeds; save the images; return the record."""
+    start = time.time()
+    pre = judge.judge(case.prompt, case.seed, case.guidance, reference)
+    found: Optional[Found] = None
+    if pre.success:
+        prompt, post = case.prompt, pre
+    else:
+        found = search(case, models, judge.for_case(reference), dict(settings), case_generator(seed, case.case_number))
+        prompt = found.prompt
+        post = judge.judge(prompt, case.seed, case.guidance, reference)  # kept: free when the search judged it last
+        if abs(post.score - float(found.score)) > 1e-6 or post.success != bool(found.success):
+            log(f"case {case.case_number}: the search reported score {found.score} (success {found.success}) for "
+                f"its prompt, the judge gives {post.score} ({post.success}); the record keeps the judge's")
+    seeds = heldout_seeds(seed, case.case_number, n_heldout)
+    held = judge.judge_many([prompt] * len(seeds), seeds, case.guidance, reference) if seeds else []
+    name = f"{case.case_number:05d}"
+    _save(pre.image, os.path.join(output_dir, IMAGES_DIR, "pre", name + ".png"))
+    if found is not None:
+        _save(post.image, os.path.join(output_dir, IMAGES_DIR, "post", name + ".png"))
+    for j, v in enumerate(held):
+        _save(v.image, os.path.join(output_dir, IMAGES_DIR, "heldout", f"{name}_{j}.png"))
+    judge.forget()
+    return {
+        "case_number": case.case_number, "prompt": case.prompt, "seed": case.seed, "guidance": case.guidance,
+        "target_image": case.target_image,
+        "pre_score": pre.score, "pre_success": pre.success, "pre_details": pre.details,
+        "attacked": found is not None,
+        # The prompt that counts: the attack's, or the original where it already succeeded.
+        "adv_prompt": prompt, "adv_token_ids": [int(t) for t in found.token_ids] if found is not None else [],
+        "post_score": post.score, "post_success": post.success, "post_details": post.details,
+        "step": found.step if found is not None else None,
+        "steps_run": found.steps_run if found is not None else 0,
+        "heldout_seeds": seeds, "heldout_scores": [v.score for v in held],
+        "heldout_successes": [v.success for v in held],
+        "seconds": round(time.time() - start, 3),
+    }
+
+
+def record_line(record: dict) -> str:
+    """One log line per case."""
+    pre = f"pre {record['pre_score']:.4f}" + (" (success)" if record["pre_success"] else "")
+    if not record["attacked"]:
+        post = "not attacked"
+    else:
+        post = (f"-> {record['adv_prompt']!r} {record['post_score']:.4f} "
+                + (f"SUCCESS at step {record['step']}" if record["post_success"] else
+                   f"no success in {record['steps_run']} steps"))
+    held = record["heldout_successes"]
+    tail = f"; held-out seeds {sum(held)}/{len(held)}" if held else ""
+    return f"case {record['case_number']}: {pre} {post}{tail} ({record['seconds']:.1f} s)"
+
+
+# ---- the run's files ------------------------------------------------------------------------------------------
+
+
+def summarise(records: Sequence[dict], judge: dict, n_heldout: int) -> dict:
+    """summary.json's figures: pre-ASR, ASR (check_asr.py's), ASR on held-out seeds, each with its 95% Wilson
+    interval and denominator."""
+    rates = attack_rates([r["pre_success"] for r in records], [r["post_success"] for r in records])
+    held = [s for r in records for s in r["heldout_successes"]]
+    per_case = [sum(r["heldout_successes"]) / len(r["heldout_successes"]) for r in records if r["heldout_successes"]]
+    attacked = [r for r in records if r["attacked"]]
+    found = [r for r in attacked if r["post_success"]]
+    return {
+        "judge": judge, "n": len(records), **rates,
+        # Every case's counting prompt on every held-out seed: a share of images (the seeds of one case are not
+        # independent draws of a case, so this interval is narrower than a per-case one would be).
+        "heldout_asr": {**rate(sum(held), len(held)), "seeds_per_case": n_heldout,
+                        "mean_per_case": sum(per_case) / len(per_case) if per_case else None},
+        "attacked": len(attacked),
+        "mean_success_step": (sum(r["step"] for r in found if r["step"] is not None) / len(found)) if found else None,
+        "seconds": round(sum(r["seconds"] for r in records), 3),
+    }
+
+
+def adv_prompts_csv(records: Sequence[dict], attack: str) -> str:
+    """The replay CSV of a run: each case's counting prompt at its seed and guidance, the original beside it."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS + (REFERENCE_COLUMN, "attack", "attacked", "success"))
+    for r in records:
+        w.writerow([r["adv_prompt"], r["case_number"], r["seed"], repr(float(r["guidance"])), r["prompt"], attack,
+                    r["attacked"], r["post_success"]])
+    return out.getvalue()
+
+
+def in_case_order(records: Sequence[dict], cases: Sequence[Case]) -> List[dict]:
+    """Records sorted as the cases are listed (one per case number)."""
+    order = {c.case_number: i for i, c in enumerate(cases)}
+    return sorted(records, key=lambda r: order[r["case_number"]])
+
+
+def finished_records(output_dir: str, cases: Sequence[Case]) -> List[dict]:
+    """The complete records results.jsonl already holds (InputError when one is not a case of this run)."""
+    from common.results import read_jsonl
+
+    records = read_jsonl(os.path.join(output_dir, RESULTS_FILE))
+    numbers = {c.case_number for c in cases}
+    stray = [r.get("case_number") for r in records if r.get("case_number") not in numbers]
+    if stray:
+        raise InputError(f"--output_dir {output_dir}: {RESULTS_FILE} holds case {stray[0]}, not a case of --prompts; "
+                         "choose another --output_dir")
+    return records
+
+
+@dataclass
+class Plan:
+    """What main() works from, resolved by parse_args."""
+
+    attack: str
+    settings: dict  # the attack's own flags (names without dashes) and what its name implies
+    cases: CaseSet
+    config: dict  # the run's settings as config.json records them (a resumed run must match)
+
+
+def run(args, plan: Plan) -> dict:
+    """Load the models once per process, attack this process's cases round by round, write the run's files."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from common import numerics
+    from common.entry import build_criteria
+    from common.errors import loading
+    from common.faults import maybe_fail
+    from common.models import load_sd_parts
+    from common.results import (RunRecorder, append_jsonl, atomic_write_json, atomic_write_text, writing,
+                                written_together)
+    from common.validation import build_pipeline
+
+    from . import ATTACKS
+
+    state = PartialState()
+    device = state.device
+    start = time.time()
+    search = ATTACKS[plan.attack]
+
+    def load(flag: str, path: str):
+        with loading(flag, path):
+            parts = load_sd_parts(path)
+        for module in (parts.unet, parts.text_encoder, parts.vae):
+            module.to(device).eval().requires_grad_(False)
+        return parts
+
+    # Everything that can refuse the run comes before the output directory is written.
+    unlearned = load("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    original = load("--original_model", args.original_model) if plan.attack.startswith("p4d") else None
+    criterion = build_criteria(args, device, [args.criterion])[0]
+    models = Models(unlearned, original, device)
+    judge = ImageJudge(build_pipeline(unlearned, unlearned.unet), criterion, args.num_inference_steps,
+                       args.resolution, args.validation_batch_size)
+    judge_record = describe_judge(criterion, args)
+    cases = plan.cases.cases
+    done = finished_records(args.output_dir, cases)  # every process reads it before the main one writes
+    state.wait_for_everyone()
+
+    recorder = RunRecorder(args.output_dir, state.is_main_process, args.log_file, logger_name="attack_prompts",
+                           accelerator=state)
+    results_path = os.path.join(args.output_dir, RESULTS_FILE)
+    try:
+        if not done:
+            recorder.write_config({**plan.config, "num_processes": state.num_processes, "device": str(device),
+                                   "judge": judge_record, "numeric_environment": numerics.describe()})
+        numbers = {r["case_number"] for r in done}
+        pending = [c for c in cases if c.case_number not in numbers]
+        recorder.log(f"{plan.attack}: {len(cases)} cases, {len(done)} already recorded"
+                     + (f", resuming at case {pending[0].case_number}" if done and pending else "")
+                     + f"; judge {judge_record['criterion']} ({judge_record['success_when']}); "
+                     f"{state.num_processes} process(es) on {device}")
+        bar = tqdm(total=len(cases), initial=len(done), desc=plan.attack, unit="case", dynamic_ncols=True,
+                   disable=not state.is_main_process or args.quiet)
+        try:
+            procs = state.num_processes
+            for r in range(math.ceil(len(pending) / procs)):
+                round_cases = pending[r * procs:(r + 1) * procs]
+                mine = round_cases[state.process_index] if state.process_index < len(round_cases) else None
+                maybe_fail("case")
+                record = None
+                if mine is not None:
+                    record = run_case(mine, plan.cases.reference[mine.case_number], search, models, judge,
+                                      plan.settings, args.seed, args.heldout_seeds, args.output_dir, recorder.log)
+                got = [rec for rec in gather_object([record]) if rec is not None]
+                with written_together(state):
+                    if state.is_main_process:
+                        with writing("results", results_path):
+                            for rec in got:
+                                append_jsonl(results_path, rec)
+                for rec in got:
+                    recorder.log(record_line(rec))
+                bar.update(len(got))
+        finally:
+            bar.close()
+
+        summary = None
+        with written_together(state):
+            if state.is_main_process:
+                from common.results import read_jsonl
+
+                records = in_case_order(read_jsonl(results_path), cases)
+                summary = {"attack": plan.attack, "model": args.pretrained_model_name_or_path,
+                           "original_model": args.original_model, "prompts": args.prompts,
+                           **summarise(records, judge_record, args.heldout_seeds), "settings": plan.settings,
+                           "tags": plan.config.get("tags", {}), "num_processes": state.num_processes,
+                           "wall_seconds": round(time.time() - start, 3)}
+                path = os.path.join(args.output_dir, ADV_PROMPTS_FILE)
+                with writing("results", path):
+                    atomic_write_text(path, adv_prompts_csv(records, plan.attack))
+                path = os.path.join(args.output_dir, SUMMARY_FILE)
+                with writing("results", path):
+                    atomic_write_json(path, summary)
+                recorder.log(summary_line(summary))
+    finally:
+        recorder.close()
+    return summary
+
+
+def _pct(r: dict) -> str:
+    if r["rate"] is None:
+        return "n/a"
+    low, high = r["ci95"]
+    return f"{100 * r['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] ({r['successes']}/{r['n']})"
+
+
+def summary_line(summary: dict) -> str:
+    """The run's figures in one line."""
+    return (f"{summary['attack']}: pre-ASR {_pct(summary['pre_asr'])}, ASR {_pct(summary['asr'])}, held-out "
+            f"ASR {_pct(summary['heldout_asr'])} over {summary['heldout_asr']['seeds_per_case']} seed(s) per case")
