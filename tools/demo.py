@@ -39,10 +39,13 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from tools import toy_world  # noqa: E402
+from tools.toy_world import expected as demo_expected  # noqa: E402
 from common import numerics  # noqa: E402
 from common.errors import exit_on_input_error  # noqa: E402
 from common.evaluation import format_table  # noqa: E402
@@ -62,6 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--no_pin", action="store_true",
                    help="run without the pinned numeric environment (common/numerics.py): torch's own kernels and "
                         "threads, faster on a big machine, but the numbers differ from the README's (make demo PIN=0)")
+    p.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
+                   help="runs at a time (default: 2, or 1 on a one-core machine); each run is one single-threaded "
+                        "process under the pin, so the numbers do not depend on this")
+    p.add_argument("--write_expected", action="store_true",
+                   help="record this pinned demo's figures as the expected values (tools/toy_world/"
+                        "expected_demo.json) instead of checking them")
     p.add_argument("--run_seeds", default=None,
                    help="e.g. 0,1,2: only the sequential ESD-x/UCE/control runs on the related data, once per "
                         "fine-tuning seed, and the table over seeds (default --out: demo_runs_seeds/)")
@@ -73,8 +82,23 @@ def parse_args(argv=None):
             p.error(f"--run_seeds {args.run_seeds!r}: expected comma-separated integers, e.g. 0,1,2")
         if not args.run_seeds:
             p.error("--run_seeds: give at least one seed")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected at least 1")
     args.out = args.out or os.path.join(ROOT, "demo_runs_seeds" if args.run_seeds else "demo_runs")
     return args
+
+
+# The flags whose defaults the expected values (tools/toy_world/expected_demo.json) were computed with.
+NUMBER_FLAGS = ("scale", "seed", "clip_epoch", "num_train_epochs", "num_inference_steps")
+
+
+def expected_section(args) -> str | None:
+    """The expected values' section this demo is checked against; None when a number-changing flag is not its
+    default (or the demo is unpinned: other kernels, other bits)."""
+    defaults = parse_args([])
+    if args.no_pin or any(getattr(args, f) != getattr(defaults, f) for f in NUMBER_FLAGS):
+        return None
+    return demo_expected.section_name(args.run_seeds)
 
 
 def calibrate(card: dict) -> dict:
@@ -154,9 +178,9 @@ def demo_plan(args, p, th, retention) -> list:
     return plan
 
 
-def concept_inversion(args, p, th) -> tuple:
-    """tools/concept_inversion.py on each unlearned model: 20 drawn images of the target, the target's validation
-    prompts with its name replaced by the placeholder; returns the finished output directories and the failures."""
+def inversion_tasks(args, p, th) -> list:
+    """tools/concept_inversion.py on each unlearned model (Task list): 20 drawn images of the target, the target's
+    validation prompts with its name replaced by the placeholder."""
     from tools import tiny
 
     images = os.path.join(args.out, "concept_images")
@@ -167,13 +191,9 @@ def concept_inversion(args, p, th) -> tuple:
     prompts = os.path.join(args.out, "inversion_prompts.txt")
     with open(p["prompts_target"]) as src, open(prompts, "w") as dst:
         dst.write("".join(line.replace(name, "<concept>") for line in src if line.strip()))
-    outs, failed = [], 0
+    tasks = []
     for method in toy_world.UNLEARN_METHODS:
         out = os.path.join(args.out, f"inversion-{method}")
-        if done_earlier(out, world_stamp(args.world)):
-            print(f"  inversion-{method}: done earlier, reused")
-            outs.append(out)
-            continue
         flags = {"--pretrained_model_name_or_path": p["unlearned"][method], "--train_data_dir": images,
                  "--validation_prompts": prompts, "--initializer_token": INVERSION["initializer"],
                  "--concept_name": name, "--learning_rate": INVERSION["learning_rate"],
@@ -183,14 +203,10 @@ def concept_inversion(args, p, th) -> tuple:
                  "--clip_threshold": th["clip_threshold"], "--model_path": p["classifier"],
                  "--bc_threshold": th["bc_threshold"], "--output_dir": out, "--quiet": None,
                  "--tag": [f"method={method}", f"concept={toy_world.caption(*toy_world.TARGET)}"]}
-        shutil.rmtree(out, ignore_errors=True)  # an interrupted probe starts afresh (it has no checkpoints)
-        if launch("tools/concept_inversion.py", flags, os.path.join(args.out, f"inversion-{method}.log"),
-                  accelerate=False) == 0:
-            mark_done(out, world_stamp(args.world))
-            outs.append(out)
-        else:
-            failed += 1
-    return outs, failed
+        # No checkpoints: an interrupted probe starts afresh.
+        tasks.append(Task(f"inversion-{method}", "tools/concept_inversion.py", out, flags, accelerate=False,
+                          resumable=False))
+    return tasks
 
 
 def seeds_plan(args, p, th, retention) -> list:
@@ -231,6 +247,40 @@ def mark_done(out: str, stamp: str) -> None:
         f.write(stamp + "\n")
 
 
+class Task(NamedTuple):
+    """One process of the demo: a script, its output directory and flags."""
+    name: str
+    script: str
+    out: str
+    flags: dict
+    accelerate: bool = True  # through `accelerate launch`, as users run the fine-tuning scripts
+    resumable: bool = True  # continues an interrupted demo (--resume_from_checkpoint latest), else starts afresh
+
+
+def run_tasks(tasks: List[Task], world: str, log_dir: str, jobs: int) -> tuple:
+    """Run the tasks, ``jobs`` at a time (longest planned first is the caller's order); a task finished earlier on
+    the same world is reused. Returns the finished output directories in task order, and how many failed."""
+    stamp = world_stamp(world)
+
+    def one(task: Task):
+        if done_earlier(task.out, stamp):  # finished by an earlier `make demo` on this world: reuse it
+            print(f"  {task.name}: done earlier, reused", flush=True)
+            return True
+        flags = dict(task.flags)
+        if task.resumable:
+            flags["--resume_from_checkpoint"] = "latest"
+        else:
+            shutil.rmtree(task.out, ignore_errors=True)
+        ok = launch(task.script, flags, os.path.join(log_dir, f"{task.name}.log"), accelerate=task.accelerate) == 0
+        if ok:
+            mark_done(task.out, stamp)
+        return ok
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait: each run is its own process
+        done = list(pool.map(one, tasks))
+    return [t.out for t, ok in zip(tasks, done) if ok], done.count(False)
+
+
 def main(args):
     t0 = time.time()
     pin = numerics.describe()
@@ -238,7 +288,10 @@ def main(args):
           f" {pin['cpu_model']}, torch {pin['torch_cpu_capability']} kernels, {pin['torch_threads']} thread(s), "
           f"MKL_CBWR={pin['pin']['MKL_CBWR']}; every run's config.json records it", flush=True)
     # Phase 1: the world (cached on disk; a second run reuses it).
+    phases = {}
+    t = time.time()
     card = toy_world.build_toy_world(args.world, seed=args.seed, scale=args.scale)
+    phases["world"] = time.time() - t
     p = toy_world.paths(args.world)
     th = calibrate(card)
     print(f"thresholds: CLIP {th['clip_threshold']} (base {th['base_clip']:.4f}, best unlearned "
@@ -254,31 +307,21 @@ def main(args):
               "--center_crop": None, "--random_flip": None, "--learning_rate": "1e-4", "--train_batch_size": 10,
               "--curriculum": toy_world.CURRICULUM, "--validation_prompts": p["prompts_target"],
               "--num_inference_steps": args.num_inference_steps, "--seed": args.seed}
-    # Phase 2: fine-tune the unlearned models, and the base model as the control.
-    runs = []
-    failed = 0
+    # Phase 2: fine-tune the unlearned models, and the base model as the control; probe them by concept inversion.
+    t = time.time()
     plan = seeds_plan(args, p, th, retention) if args.run_seeds else demo_plan(args, p, th, retention)
-    for script, name, model, data, extra in plan:
-        out = os.path.join(args.out, name)
-        flags = {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
-                 "--output_dir": out, **extra}
-        if done_earlier(out, world_stamp(args.world)):  # finished by an earlier `make demo` on this world: reuse it
-            print(f"  {name}: done earlier, reused")
-            runs.append(out)
-            continue
-        flags["--resume_from_checkpoint"] = "latest"  # continue an interrupted demo (or start afresh)
-        if launch(script, flags, os.path.join(args.out, f"{name}.log")) == 0:
-            mark_done(out, world_stamp(args.world))
-            runs.append(out)
-        else:
-            failed += 1
+    tasks = [Task(name, script, os.path.join(args.out, name),
+                  {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
+                   "--output_dir": os.path.join(args.out, name), **extra})
+             for script, name, model, data, extra in plan]
+    if not args.run_seeds:
+        tasks += inversion_tasks(args, p, th)
+    runs, failed = run_tasks(tasks, args.world, args.out, args.jobs)
+    phases["runs"] = time.time() - t
     if args.run_seeds:  # the seeds' table and plots only
-        return report_and_finish(args, runs, failed, t0, f"demo over seeds {args.run_seeds}")
-    # Phase 2b: the concept-inversion probe of each unlearned model (one learned token, the model frozen).
-    probes, probe_failures = concept_inversion(args, p, th)
-    runs += probes
-    failed += probe_failures
+        return report_and_finish(args, card, runs, failed, t0, phases, f"demo over seeds {args.run_seeds}")
     # Phase 3: evaluate the base, unlearned and revived sequential models.
+    t = time.time()
     seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")
                 and not os.path.basename(r).startswith("seq-control")]
     models = [p["sd_base"]] + [p["unlearned"][m] for m in toy_world.UNLEARN_METHODS if os.path.isdir(p["unlearned"][m])]
@@ -291,18 +334,47 @@ def main(args):
     failed += rc != 0
     if rc == 0:
         print(format_table(read_jsonl(os.path.join(args.out, "eval", "results.jsonl"))))
-    # Phase 4: the revival table and plots.
-    report_and_finish(args, runs, failed, t0, "demo")
+    phases["evaluation"] = time.time() - t
+    # Phase 4: the revival table and plots, and the check of every figure against the committed values.
+    report_and_finish(args, card, runs, failed, t0, phases, "demo")
 
 
-def report_and_finish(args, runs, failed: int, t0: float, what: str) -> None:
-    """tools/report.py over the finished runs, then the time taken; exit 1 when anything failed."""
+def report_and_finish(args, card: dict, runs, failed: int, t0: float, phases: dict, what: str) -> None:
+    """tools/report.py over the finished runs, the figures' check, then the time of each phase; exit 1 when a run
+    failed, 3 when a figure differs from the expected values."""
+    t = time.time()
     failed += subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
                                os.path.join(args.out, "report"), "--title", "Toy world"]) != 0
-    print(f"{what} finished in {time.time() - t0:.0f} s; outputs in {args.out}")
+    phases["report"] = time.time() - t
+    print(f"{what} finished in {time.time() - t0:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+          + f"; {args.jobs} run(s) at a time); outputs in {args.out}")
     if failed:
         print(f"demo: {failed} run(s) failed; see the .log files in {args.out}", file=sys.stderr)
         raise SystemExit(1)
+    check_figures(args, card)
+
+
+def check_figures(args, card: dict) -> None:
+    """Compare every printed figure with tools/toy_world/expected_demo.json (or record them: --write_expected)."""
+    section = expected_section(args)
+    if section is None:
+        print("figures not checked: " + ("unpinned, so other kernels and other bits than the README's"
+                                         if args.no_pin else "a number-changing flag is not its default"))
+        return
+    env = numerics.describe()
+    found = demo_expected.demo_figures(args.out, card)
+    if args.write_expected:
+        demo_expected.write_section(found, section, env)
+        print(f"recorded {len(found)} figures as the expected values of {section!r} in "
+              f"{os.path.relpath(demo_expected.EXPECTED_FILE, ROOT)}")
+        return
+    try:
+        n = demo_expected.check(found, section, env)
+    except demo_expected.DemoCheckFailed as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(3)
+    print(f"figures checked: all {n} equal the expected values ({section})" if n else
+          f"figures not checked: no expected values for {section!r} yet (tools/demo.py --write_expected)")
 
 
 if __name__ == "__main__":

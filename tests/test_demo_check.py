@@ -1,0 +1,90 @@
+"""The demo's check of its figures against the committed expected values (tools/toy_world/expected.py)."""
+
+import json
+
+import pytest
+
+from tools.toy_world import expected
+
+ENV = {"cpu_model": "AMD EPYC", "torch_cpu_capability": "AVX2", "torch_threads": 1, "pinned": True,
+       "pin": {"MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "library_versions": {"torch": "2.14.1"}}
+
+CARD = {"figures": {"clip": {"top1_retrieval_heldout": 0.93125},
+                    "models": {"base": {"clip_score_target": 0.92049, "classifier_acc_target": 1.0},
+                               "uce": {"clip_score_target": 0.47051, "classifier_acc_target": 0.2}}}}
+
+REVIVAL = """| method | concept | data | criterion | threshold | chunk 0 | Revival Point |
+|---|---|---|---|---|---|---|
+| esd-x | a red circle | related | clip | 0.7 | - | not revived |
+| uce | a red circle | related | classifier | 0.6 | 8 | chunk 8 |
+"""
+
+
+def _demo_dir(tmp_path, revival=REVIVAL):
+    (tmp_path / "report").mkdir(parents=True)
+    (tmp_path / "report" / "revival_table.md").write_text(revival)
+    (tmp_path / "thresholds.json").write_text(json.dumps({"clip_threshold": 0.8298, "bc_threshold": 0.5833}))
+    return tmp_path
+
+
+def test_figures_are_the_printed_strings_named_by_row_and_column(tmp_path):
+    figs = expected.demo_figures(str(_demo_dir(tmp_path)), CARD)
+    assert figs["card: CLIP top-1 retrieval (held-out)"] == "0.9313"  # 4 decimals, as printed
+    assert figs["card: uce clip_score_target"] == "0.4705"
+    assert figs["card: uce clip_top1_target"] == "n/a"  # a figure the card lacks is named, not dropped
+    assert figs["thresholds: classifier"] == "0.5833"
+    assert figs["revival_table: uce a red circle related classifier / Revival Point"] == "chunk 8"
+    assert figs["revival_table: esd-x a red circle related clip / chunk 0"] == "-"
+    assert list(figs)[0].startswith("card:")  # the order is the demo's: card, thresholds, tables
+
+
+def test_check_passes_on_equal_figures_and_names_the_first_difference(tmp_path):
+    path = str(tmp_path / "expected.json")
+    found = expected.demo_figures(str(_demo_dir(tmp_path / "a")), CARD)
+    expected.write_section(found, "demo", ENV, path)
+    assert expected.check(found, "demo", ENV, path) == len(found)
+    # A deliberately changed expected value: the check fails, naming that figure and both environments.
+    doc = json.loads(open(path).read())
+    doc["sections"]["demo"]["figures"]["revival_table: uce a red circle related classifier / Revival Point"] = "chunk 4"
+    open(path, "w").write(json.dumps(doc))
+    with pytest.raises(expected.DemoCheckFailed) as err:
+        expected.check(found, "demo", dict(ENV, cpu_model="Intel Xeon"), path)
+    msg = str(err.value)
+    assert "uce a red circle related classifier / Revival Point: got chunk 8, expected chunk 4" in msg
+    assert "this machine:  Intel Xeon, torch 2.14.1 AVX2 kernels, 1 thread(s), pinned" in msg
+    assert "expected from: AMD EPYC" in msg
+
+
+def test_a_changed_run_and_a_new_row_are_differences(tmp_path):
+    path = str(tmp_path / "expected.json")
+    expected.write_section(expected.demo_figures(str(_demo_dir(tmp_path / "a")), CARD), "demo", ENV, path)
+    story = REVIVAL.replace("| 8 | chunk 8 |", "| - | not revived |")
+    with pytest.raises(expected.DemoCheckFailed, match="chunk 0: got -, expected 8"):
+        expected.check(expected.demo_figures(str(_demo_dir(tmp_path / "b", story)), CARD), "demo", ENV, path)
+    extra = REVIVAL + "| uce | a red circle | unrelated | clip | 0.7 | - | not revived |\n"
+    with pytest.raises(expected.DemoCheckFailed, match="unrelated clip / threshold: got 0.7, not in the expected"):
+        expected.check(expected.demo_figures(str(_demo_dir(tmp_path / "c", extra)), CARD), "demo", ENV, path)
+
+
+def test_no_section_means_not_checked(tmp_path):
+    assert expected.check({"x": "1"}, "demo-seeds 0,1,2", ENV, str(tmp_path / "none.json")) == 0
+    assert expected.section_name(None) == "demo" and expected.section_name([0, 1, 2]) == "demo-seeds 0,1,2"
+
+
+def test_only_a_pinned_demo_with_default_numbers_is_checked():
+    from tools import demo
+
+    assert demo.expected_section(demo.parse_args([])) == "demo"
+    assert demo.expected_section(demo.parse_args(["--run_seeds", "0,1,2"])) == "demo-seeds 0,1,2"
+    assert demo.expected_section(demo.parse_args(["--jobs", "1"])) == "demo"  # jobs do not change the numbers
+    assert demo.expected_section(demo.parse_args(["--no_pin"])) is None
+    assert demo.expected_section(demo.parse_args(["--num_train_epochs", "3"])) is None
+
+
+def test_the_committed_expected_values_come_from_a_pinned_avx2_run():
+    doc = expected.load_expected()
+    assert "demo" in doc["sections"], "tools/toy_world/expected_demo.json has no values for make demo"
+    for name, section in doc["sections"].items():
+        env = section["numeric_environment"]
+        assert env["pinned"] and env["pin"]["ATEN_CPU_CAPABILITY"] == "avx2" and env["torch_threads"] == 1, name
+        assert len(section["figures"]) > 50, name
