@@ -24,8 +24,11 @@ venv:
 	  echo "$$want" > $(STAMP); \
 	fi
 
+# Two pytest-xdist workers (one per core); the tests that launch two processes run one at a time (loadgroup).
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
 
 # The demo runs under the pinned numeric environment (common/numerics.py): the same bits on every x86-64 AVX2
 # machine. PIN=0 lets torch pick its kernels and threads: faster on a big machine, but other numbers.

@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESOLUTION = 32
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that launch two processes share one xdist group: `make test` (two workers) runs them one at a time."""
+    for item in items:
+        if item.get_closest_marker("two_processes"):
+            item.add_marker(pytest.mark.xdist_group("two_processes"))
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """Tokenizer, tiny SD pipeline, tiny CLIP (as ./openai/clip-vit-base-patch32), 100-row dataset, prompts."""

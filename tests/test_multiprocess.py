@@ -8,7 +8,7 @@ import pytest
 from conftest import launch, seed_flags
 from test_memory import assert_same_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.two_processes]
 
 
 def _records(out):

@@ -24,6 +24,7 @@ def _flags(assets, out):
 
 
 @pytest.mark.slow
+@pytest.mark.two_processes
 @pytest.mark.parametrize("what, fault, where", [
     ("checkpoint", "enospc_checkpoint:1", "checkpoint-2"),  # half-way through the first checkpoint
     ("results", "enospc_results:2", "validations.jsonl"),  # the first validation record (config.json is the 1st)

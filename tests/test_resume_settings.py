@@ -86,6 +86,7 @@ def _snapshot(out):
 
 
 @pytest.mark.slow
+@pytest.mark.two_processes
 def test_two_processes_killed_resume_on_one_to_the_uninterrupted_results(assets, tmp_path):
     ref = str(tmp_path / "ref")
     proc = launch(SCRIPT, _flags(assets, ref, 10), cwd=assets["root"])

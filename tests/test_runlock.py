@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from common import runlock
 from conftest import ROOT, launch, seed_flags
 
@@ -50,6 +52,7 @@ def _flags(assets, out, **over):
                                       "--log_file": False, **over})
 
 
+@pytest.mark.two_processes
 def test_second_run_on_a_live_runs_directory_is_refused_on_every_process(assets, tmp_path):
     out = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -40,10 +40,12 @@ directory with a card is complete.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -207,6 +209,20 @@ def build_toy_world(out_dir: str = DEFAULT_DIR, seed: int = 0, scale: str = "ful
     return card
 
 
+def _vae_and_classifier(x: torch.Tensor, s: dict, seed: int, classifier_dir: str) -> tuple:
+    """The second process's share of the build: the VAE (returned as its weights) and the saved classifier (3.)."""
+    timings = {}
+    t = time.time()
+    vae = make_vae(_seed(seed, 20))
+    vae_figures = train_vae(vae, x, s["vae_steps"], s["vae_batch"], s["vae_lr"], s["vae_kl_weight"], _seed(seed, 21))
+    timings["vae"] = round(time.time() - t, 2)
+    t = time.time()
+    clf_figures = train_classifier(classifier_dir, TARGET, s["classifier_steps"], s["classifier_batch"],
+                                   s["classifier_heldout"], _seed(seed, 40), s["classifier_lr"])
+    timings["classifier"] = round(time.time() - t, 2)
+    return vae.state_dict(), vae_figures, clf_figures, timings
+
+
 def _relative_paths(p, root: str):
     if isinstance(p, dict):
         return {k: _relative_paths(v, root) for k, v in p.items()}
@@ -238,35 +254,42 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     sd_images, sd_labels = draw_concepts(CONCEPTS, s["sd_images_per_concept"], _seed(seed, 3))
     t = lap("draw", t)
 
-    # 1. Toy CLIP.
-    clip = make_clip(_seed(seed, 10))
-    processor = clip_processor(tokenizer)
-    losses = train_clip(clip, processor, clip_images, clip_labels, s["clip_steps"], s["clip_lr"], _seed(seed, 11), log)
-    clip.save_pretrained(p["clip"])
-    processor.save_pretrained(p["clip"])
-    scorer = ClipScorer(p["clip"])
-    top1, _ = retrieval_top1(scorer, heldout_images, heldout_labels)
-    figures["clip"] = {"top1_retrieval_heldout": top1, "chance": 1 / len(CONCEPTS), "heldout_images": len(heldout_images),
-                       "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
-    log(f"toy CLIP: top-1 caption retrieval on {len(heldout_images)} held-out images {top1:.3f} "
-        f"(chance {1 / len(CONCEPTS):.3f})")
-    t = lap("clip", t)
+    # 1. Toy CLIP here; meanwhile the VAE (it needs only the drawn images) and the classifier (it needs nothing
+    # built here) in a second process: the pin runs one thread per process, so two processes use both cores.
+    # Every part draws from its own seeded generator, so the bits do not depend on which process trains it.
+    x = pixels(sd_images)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        second = pool.submit(_vae_and_classifier, x, s, seed, p["classifier"])
+        clip = make_clip(_seed(seed, 10))
+        processor = clip_processor(tokenizer)
+        losses = train_clip(clip, processor, clip_images, clip_labels, s["clip_steps"], s["clip_lr"], _seed(seed, 11),
+                            log)
+        clip.save_pretrained(p["clip"])
+        processor.save_pretrained(p["clip"])
+        scorer = ClipScorer(p["clip"])
+        top1, _ = retrieval_top1(scorer, heldout_images, heldout_labels)
+        figures["clip"] = {"top1_retrieval_heldout": top1, "chance": 1 / len(CONCEPTS),
+                           "heldout_images": len(heldout_images), "loss_first": losses[0],
+                           "loss_last": float(np.mean(losses[-10:]))}
+        log(f"toy CLIP: top-1 caption retrieval on {len(heldout_images)} held-out images {top1:.3f} "
+            f"(chance {1 / len(CONCEPTS):.3f})")
+        t = lap("clip", t)
+        vae_state, figures["vae"], figures["classifier"], second_timings = second.result()
+    timings.update(second_timings)
+    t = lap("wait_for_vae_and_classifier", t)
 
-    # 2. Toy SD: text encoder = the CLIP text tower; VAE; UNet on cached latents.
+    # 2. Toy SD: text encoder = the CLIP text tower; the VAE from the second process; UNet on cached latents.
     text_encoder = CLIPTextModel(clip.config.text_config)
     getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())  # transformers 5: no wrapper
     text_encoder.eval().requires_grad_(False)
-    x = pixels(sd_images)
     vae = make_vae(_seed(seed, 20))
-    figures["vae"] = train_vae(vae, x, s["vae_steps"], s["vae_batch"], s["vae_lr"], s["vae_kl_weight"],
-                               _seed(seed, 21), log)
-    vae.requires_grad_(False)
+    vae.load_state_dict(vae_state)
+    vae.eval().requires_grad_(False)
     lat_mean, lat_std = encode_latents(vae, x)
     # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
     scaling = float(1.0 / lat_mean.std().clamp(min=1e-6))
     vae.register_to_config(scaling_factor=scaling)
     figures["vae"]["scaling_factor"] = scaling
-    t = lap("vae", t)
     texts = [caption(*c, template=j) for c in CONCEPTS for j in range(len(TEMPLATES))] + [""]
     text_table = encode_texts(tokenizer, text_encoder, texts)
     unet = make_unet(text_encoder.config.hidden_size, _seed(seed, 30))
@@ -277,11 +300,6 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     unet.requires_grad_(False)
     save_sd(p["sd_base"], tokenizer, text_encoder, vae, unet)
     t = lap("unet", t)
-
-    # 3. Classifier for the target concept.
-    figures["classifier"] = train_classifier(p["classifier"], TARGET, s["classifier_steps"], s["classifier_batch"],
-                                             s["classifier_heldout"], _seed(seed, 40), s["classifier_lr"], log)
-    t = lap("classifier", t)
 
     # 4. Fine-tuning data and prompts.
     write_curriculum_dataset(p["data_related"], RELATED, PER_CONCEPT, _seed(seed, 50))

@@ -26,6 +26,9 @@ TABLE_KEYS = {"revival_table.md": 4, "probes_table.md": 3, "control_table.md": 5
 MODEL_FIGURES = ("clip_score_target", "classifier_acc_target", "clip_top1_target", "clip_score_retained",
                  "clip_top1_retained", "neighbours_mean_clip_top1", "neighbours_mean_classifier_rate")
 
+# Measured times, not figures: they differ on every run.
+TIMINGS = ("wall_s", "seconds", "wall_seconds")
+
 # The environment fields that say which machine and which kernels computed the figures.
 ENV_FIELDS = ("cpu_model", "cpu_isa", "torch_cpu_capability", "torch_threads", "pinned", "pin", "mkl", "onednn",
               "library_versions")
@@ -64,8 +67,12 @@ def table_figures(path: str, keys: int) -> "OrderedDict[str, str]":
         header, rows = markdown_table(f.read())
     name = os.path.splitext(os.path.basename(path))[0]
     out = OrderedDict()
+    seen: Dict[str, int] = {}
     for row in rows:
         key = " ".join(row[:keys])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:  # e.g. an individual and a sequential run of the same model, data and criterion
+            key += f" (row {seen[key]})"
         for col, cell in zip(header[keys:], row[keys:]):
             out[f"{name}: {key} / {col}"] = cell
     return out
@@ -78,7 +85,7 @@ def eval_figures(results_jsonl: str) -> "OrderedDict[str, str]":
     out = OrderedDict()
     for row in read_jsonl(results_jsonl):
         label = row.get("label") or os.path.basename(str(row.get("checkpoint", "")))
-        for key in sorted(k for k, v in row.items() if isinstance(v, float)):
+        for key in sorted(k for k, v in row.items() if isinstance(v, float) and k not in TIMINGS):
             out[f"eval: {label} / {key}"] = _fmt(row[key])
     return out
 
