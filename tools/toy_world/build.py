@@ -209,18 +209,20 @@ def build_toy_world(out_dir: str = DEFAULT_DIR, seed: int = 0, scale: str = "ful
     return card
 
 
-def _vae_and_classifier(x: torch.Tensor, s: dict, seed: int, classifier_dir: str) -> tuple:
-    """The second process's share of the build: the VAE (returned as its weights) and the saved classifier (3.)."""
-    timings = {}
+def _train_vae_part(x: torch.Tensor, s: dict, seed: int) -> tuple:
+    """In the second process: the VAE's weights, figures and seconds."""
     t = time.time()
     vae = make_vae(_seed(seed, 20))
-    vae_figures = train_vae(vae, x, s["vae_steps"], s["vae_batch"], s["vae_lr"], s["vae_kl_weight"], _seed(seed, 21))
-    timings["vae"] = round(time.time() - t, 2)
+    figures = train_vae(vae, x, s["vae_steps"], s["vae_batch"], s["vae_lr"], s["vae_kl_weight"], _seed(seed, 21))
+    return vae.state_dict(), figures, round(time.time() - t, 2)
+
+
+def _train_classifier_part(s: dict, seed: int, classifier_dir: str) -> tuple:
+    """In the second process: the classifier for the target concept, saved; its figures and seconds."""
     t = time.time()
-    clf_figures = train_classifier(classifier_dir, TARGET, s["classifier_steps"], s["classifier_batch"],
-                                   s["classifier_heldout"], _seed(seed, 40), s["classifier_lr"])
-    timings["classifier"] = round(time.time() - t, 2)
-    return vae.state_dict(), vae_figures, clf_figures, timings
+    figures = train_classifier(classifier_dir, TARGET, s["classifier_steps"], s["classifier_batch"],
+                               s["classifier_heldout"], _seed(seed, 40), s["classifier_lr"])
+    return figures, round(time.time() - t, 2)
 
 
 def _relative_paths(p, root: str):
@@ -254,12 +256,15 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     sd_images, sd_labels = draw_concepts(CONCEPTS, s["sd_images_per_concept"], _seed(seed, 3))
     t = lap("draw", t)
 
-    # 1. Toy CLIP here; meanwhile the VAE (it needs only the drawn images) and the classifier (it needs nothing
-    # built here) in a second process: the pin runs one thread per process, so two processes use both cores.
-    # Every part draws from its own seeded generator, so the bits do not depend on which process trains it.
+    # 1. Toy CLIP here; meanwhile, in a second process, the VAE (it needs only the drawn images), then the
+    # classifier (3.; it needs nothing built here), which trains on while the UNet does: the pin runs one thread per
+    # process, so two processes use both cores. Every part draws from its own seeded generator, so the bits do not
+    # depend on which process trains it.
     x = pixels(sd_images)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        second = pool.submit(_vae_and_classifier, x, s, seed, p["classifier"])
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        vae_job = pool.submit(_train_vae_part, x, s, seed)
+        classifier_job = pool.submit(_train_classifier_part, s, seed, p["classifier"])
         clip = make_clip(_seed(seed, 10))
         processor = clip_processor(tokenizer)
         losses = train_clip(clip, processor, clip_images, clip_labels, s["clip_steps"], s["clip_lr"], _seed(seed, 11),
@@ -274,32 +279,36 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
         log(f"toy CLIP: top-1 caption retrieval on {len(heldout_images)} held-out images {top1:.3f} "
             f"(chance {1 / len(CONCEPTS):.3f})")
         t = lap("clip", t)
-        vae_state, figures["vae"], figures["classifier"], second_timings = second.result()
-    timings.update(second_timings)
-    t = lap("wait_for_vae_and_classifier", t)
+        vae_state, figures["vae"], timings["vae"] = vae_job.result()
+        t = lap("wait_for_vae", t)
 
-    # 2. Toy SD: text encoder = the CLIP text tower; the VAE from the second process; UNet on cached latents.
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())  # transformers 5: no wrapper
-    text_encoder.eval().requires_grad_(False)
-    vae = make_vae(_seed(seed, 20))
-    vae.load_state_dict(vae_state)
-    vae.eval().requires_grad_(False)
-    lat_mean, lat_std = encode_latents(vae, x)
-    # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
-    scaling = float(1.0 / lat_mean.std().clamp(min=1e-6))
-    vae.register_to_config(scaling_factor=scaling)
-    figures["vae"]["scaling_factor"] = scaling
-    texts = [caption(*c, template=j) for c in CONCEPTS for j in range(len(TEMPLATES))] + [""]
-    text_table = encode_texts(tokenizer, text_encoder, texts)
-    unet = make_unet(text_encoder.config.hidden_size, _seed(seed, 30))
-    figures["unet"] = train_unet(unet, lat_mean, lat_std, scaling, sd_labels, text_table, s["unet_steps"],
-                                 s["unet_batch"], s["unet_lr"], s["caption_dropout"], _seed(seed, 31),
-                                 s["snr_gamma"], log)
-    figures["unet"]["parameters"] = sum(q.numel() for q in unet.parameters())
-    unet.requires_grad_(False)
-    save_sd(p["sd_base"], tokenizer, text_encoder, vae, unet)
-    t = lap("unet", t)
+        # 2. Toy SD: text encoder = the CLIP text tower; the VAE from the second process; UNet on cached latents.
+        text_encoder = CLIPTextModel(clip.config.text_config)
+        getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())  # transformers 5: no wrapper
+        text_encoder.eval().requires_grad_(False)
+        vae = make_vae(_seed(seed, 20))
+        vae.load_state_dict(vae_state)
+        vae.eval().requires_grad_(False)
+        lat_mean, lat_std = encode_latents(vae, x)
+        # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
+        scaling = float(1.0 / lat_mean.std().clamp(min=1e-6))
+        vae.register_to_config(scaling_factor=scaling)
+        figures["vae"]["scaling_factor"] = scaling
+        texts = [caption(*c, template=j) for c in CONCEPTS for j in range(len(TEMPLATES))] + [""]
+        text_table = encode_texts(tokenizer, text_encoder, texts)
+        unet = make_unet(text_encoder.config.hidden_size, _seed(seed, 30))
+        figures["unet"] = train_unet(unet, lat_mean, lat_std, scaling, sd_labels, text_table, s["unet_steps"],
+                                     s["unet_batch"], s["unet_lr"], s["caption_dropout"], _seed(seed, 31),
+                                     s["snr_gamma"], log)
+        figures["unet"]["parameters"] = sum(q.numel() for q in unet.parameters())
+        unet.requires_grad_(False)
+        save_sd(p["sd_base"], tokenizer, text_encoder, vae, unet)
+        t = lap("unet", t)
+
+        figures["classifier"], timings["classifier"] = classifier_job.result()
+        t = lap("wait_for_classifier", t)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
     # 4. Fine-tuning data and prompts.
     write_curriculum_dataset(p["data_related"], RELATED, PER_CONCEPT, _seed(seed, 50))
