@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -205,12 +204,7 @@ def _check_judge(args: argparse.Namespace) -> None:
 
 def _check_attack(args: argparse.Namespace) -> None:
     """The attack can run here and has its inputs; its own settings pass its own checks."""
-    why = attacks.unavailable(args.attack)
-    _require(why is None, f"--attack {args.attack}: not available ({why})")
     settings = attack_settings(args)
-    for key in TOKEN_COUNTS:
-        if key in settings and settings[key] is not None:
-            _require(settings[key] >= 1, f"--{key} {settings[key]}: must be at least 1 (adversarial tokens)")
     if args.attack in NEEDS_TARGETS:
         harness.list_images(args.target_images)
     if args.attack in NEEDS_ORIGINAL:
@@ -222,6 +216,11 @@ def _check_attack(args: argparse.Namespace) -> None:
         _require(bool(pairs), f"--attack {args.attack}: needs --pairs_file (prompts with and without the concept, "
                               "one tab-separated pair per line)")
         _require(os.path.isfile(pairs), f"--pairs_file {pairs}: no such file")
+    why = attacks.unavailable(args.attack)
+    _require(why is None, f"--attack {args.attack}: not available ({why})")
+    for key in TOKEN_COUNTS:
+        if key in settings and settings[key] is not None:
+            _require(settings[key] >= 1, f"--{key} {settings[key]}: must be at least 1 (adversarial tokens)")
     validate = attacks.validator(args.attack)
     if validate is not None:
         validate(settings)

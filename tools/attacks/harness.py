@@ -60,6 +60,10 @@ class CaseSet:
 
 def _int(value: str, what: str) -> int:
     try:
+        return int(value.strip())  # exact: 63-bit seeds do not survive a float
+    except ValueError:
+        pass
+    try:
         number = float(value)
     except ValueError:
         raise InputError(f"{what}: {value!r} is not a number") from None
