@@ -65,6 +65,14 @@ def make_accelerator(mixed_precision: str, **kwargs):
     return acc
 
 
+def process_state():
+    """accelerate's PartialState on the device this machine has: without ``cpu=True`` a CPU-only
+    ``accelerate launch --num_processes N`` gives N processes that each believe they are alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def emulate_native_amp(accelerator) -> None:
     """Give a CPU Accelerator in fp16 accelerate's CUDA fp16 set-up: autocast on, a GradScaler (before prepare)."""
     init_scale = float(os.environ.get(INIT_SCALE_ENV, 2.0 ** 16))

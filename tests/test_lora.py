@@ -147,6 +147,7 @@ def test_a_killed_lora_run_resumes_to_the_same_results(assets, lora_run, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.two_processes
 def test_lora_sequential_two_processes_match_one(assets, tmp_path):
     from safetensors.torch import load_file
 

@@ -131,6 +131,7 @@ def test_generate_training_data_order_resume_and_use(assets, tmp_path):
     assert captions == [r_["prompt"] for r_ in rows]
 
 
+@pytest.mark.two_processes
 def test_generate_training_data_two_processes_match_one(assets, tmp_path):
     concepts = tmp_path / "c.json"
     concepts.write_text(json.dumps(["green triangle", "red circle"]))
@@ -140,6 +141,7 @@ def test_generate_training_data_two_processes_match_one(assets, tmp_path):
         r = launch("tools/generate_training_data.py", _gen_args(assets, str(concepts), outs[-1]), tmp_path,
                    num_processes=n)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert f"to generate on {n} process(es)" in r.stdout, r.stdout  # shared out, not run twice alone
     from PIL import Image
 
     one, two = (open(os.path.join(o, "metadata.jsonl")).read() for o in outs)

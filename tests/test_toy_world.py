@@ -300,3 +300,69 @@ def test_demo_reuses_a_finished_run_only_from_the_same_world(tmp_path):
     assert not demo.done_earlier(str(out), demo.world_stamp(str(world)))
     assert not out.exists()  # its files do not mix into the new world's report
     assert not demo.done_earlier(str(tmp_path / "never"), stamp)
+
+
+def test_unet_on_two_processes_keeps_the_ranks_equal_and_matches_one_process(tmp_path):
+    """The world's UNet trains on two processes (half of each batch each, gradients summed): the two ranks hold
+    the same weights, and the result equals one process's up to float rounding of the split sums."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from tools.toy_world import sd, world as w
+
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 12, 32
+    lat_mean = torch.randn(n, 4, w.RESOLUTION // 4, w.RESOLUTION // 4, generator=gen)
+    lat_std = 0.1 * torch.rand(lat_mean.shape, generator=gen)
+    labels = [i % len(w.CONCEPTS) for i in range(n)]
+    text_table = torch.randn(len(w.CONCEPTS) * len(w.TEMPLATES) + 1, 77, dim, generator=gen)
+    s = {"unet_steps": 3, "unet_batch": 8, "unet_lr": 4e-3, "caption_dropout": 0.1, "snr_gamma": 5.0}
+    args = (lat_mean, lat_std, 0.5, labels, text_table, s, 0, dim)
+
+    torch.set_num_threads(1)
+    one = sd.make_unet(dim, w._seed(0, 30))
+    fig_one = sd.train_unet(one, lat_mean, lat_std, 0.5, labels, text_table, 3, 8, 4e-3, 0.1, w._seed(0, 31), 5.0,
+                            log=lambda *_: None)
+
+    # Both ranks save their weights: a tiny wrapper around the same function the build calls.
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [ctx.Process(target=_save_rank, args=(r, init, args, str(outs[r]))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    r0, r1 = (torch.load(o) for o in outs)
+    assert r0["figures"] == r1["figures"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])  # bit-identical ranks
+    # The same run as one process, up to rounding: the split sums differ in the last bits, which Adam's
+    # normalised steps (about lr = 4e-3 a step here) turn into differences well under one step.
+    ref, start = one.state_dict(), sd.make_unet(dim, w._seed(0, 30)).state_dict()
+    flat = lambda st: torch.cat([st[k].reshape(-1) for k in ref])  # noqa: E731
+    diff, moved = (flat(r0["state"]) - flat(ref)).abs(), (flat(ref) - flat(start)).abs()
+    assert moved.mean() > 1e-3  # it trained
+    assert diff.mean() < 0.01 * moved.mean(), (diff.mean(), moved.mean())
+    for key in ("loss_first", "loss_last"):  # the whole batch's loss, not one rank's share or twice it
+        assert abs(r0["figures"][key] - fig_one[key]) < 1e-5, key
+
+
+def _save_rank(rank, init, args, path):
+    """Train as rank ``rank`` of two with build's own per-rank entry point; save weights and figures."""
+    import torch
+    import torch.distributed as dist
+
+    from tools.toy_world import sd, world as w
+
+    torch.set_num_threads(1)
+    lat_mean, lat_std, scaling, labels, text_table, s, seed, dim = args
+    unet = sd.make_unet(dim, w._seed(seed, 30))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        figures = sd.train_unet(unet, lat_mean, lat_std, scaling, labels, text_table, s["unet_steps"],
+                                s["unet_batch"], s["unet_lr"], s["caption_dropout"], w._seed(seed, 31),
+                                s["snr_gamma"], lambda *_: None, rank=rank, world_size=2)
+    finally:
+        dist.destroy_process_group()
+    torch.save({"state": unet.state_dict(), "figures": figures}, path)

@@ -82,12 +82,12 @@ def parse_args(argv=None):
 
 def main(args):
     import torch
-    from accelerate import PartialState
 
     from common.models import effective_mixed_precision, weight_dtype_for
+    from common.precision import process_state
     from common.validation import generate_images, shard
 
-    state = PartialState()
+    state = process_state()
     t0 = time.time()
     # Phase 1: what is missing (the same answer on every process: a pure function of the files).
     if args.overwrite and state.is_main_process:

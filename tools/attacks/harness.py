@@ -386,7 +386,6 @@ class Plan:
 
 def run(args, plan: Plan) -> dict:
     """Load the models once per process, attack this process's cases round by round, write the run's files."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -395,13 +394,14 @@ def run(args, plan: Plan) -> dict:
     from common.errors import loading
     from common.faults import maybe_fail
     from common.models import load_sd_parts
+    from common.precision import process_state
     from common.results import (RunRecorder, append_jsonl, atomic_write_json, atomic_write_text, writing,
                                 written_together)
     from common.validation import build_pipeline
 
     from . import ATTACKS
 
-    state = PartialState()
+    state = process_state()
     device = state.device
     start = time.time()
     search = ATTACKS[plan.attack]

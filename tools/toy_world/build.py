@@ -39,6 +39,7 @@ directory with a card is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -58,7 +59,7 @@ from .clip import clip_processor, make_clip, retrieval_top1, train_clip
 from .sd import encode_latents, encode_texts, make_unet, make_vae, save_sd, train_unet, train_vae
 from .world import (
     BOUNDS, CARD_FILE, CONCEPTS, CURRICULUM, DEFAULT_DIR, NEIGHBOURS, PER_CONCEPT, RELATED, RESOLUTION, RETAINED,
-    TARGET, TEMPLATES, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, _seed, caption,
+    TARGET, TEMPLATES, UNET_PROCESSES, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, _seed, caption,
     concept_prompts, draw_concepts, load_card, paths, pixels, world_config)
 
 
@@ -217,6 +218,22 @@ def _train_vae_part(x: torch.Tensor, s: dict, seed: int) -> tuple:
     return vae.state_dict(), figures, round(time.time() - t, 2)
 
 
+def _train_unet_part(rank: int, world_size: int, init_method: str, lat_mean, lat_std, scaling: float, labels,
+                     text_table, s: dict, seed: int, cross_attention_dim: int, log: Callable = print) -> tuple:
+    """One of ``world_size`` processes training the UNet on its share of each batch; (unet, figures)."""
+    import torch.distributed as dist
+
+    unet = make_unet(cross_attention_dim, _seed(seed, 30))  # the same seed: every process starts from the same weights
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        figures = train_unet(unet, lat_mean, lat_std, scaling, labels, text_table, s["unet_steps"], s["unet_batch"],
+                             s["unet_lr"], s["caption_dropout"], _seed(seed, 31), s["snr_gamma"], log, rank=rank,
+                             world_size=world_size)
+    finally:
+        dist.destroy_process_group()
+    return (unet, figures) if rank == 0 else (None, None)
+
+
 def _train_classifier_part(s: dict, seed: int, classifier_dir: str) -> tuple:
     """In the second process: the classifier for the target concept, saved; its figures and seconds."""
     t = time.time()
@@ -261,7 +278,7 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     # process, so two processes use both cores. Every part draws from its own seeded generator, so the bits do not
     # depend on which process trains it.
     x = pixels(sd_images)
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
     try:
         vae_job = pool.submit(_train_vae_part, x, s, seed)
         classifier_job = pool.submit(_train_classifier_part, s, seed, p["classifier"])
@@ -296,10 +313,15 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
         figures["vae"]["scaling_factor"] = scaling
         texts = [caption(*c, template=j) for c in CONCEPTS for j in range(len(TEMPLATES))] + [""]
         text_table = encode_texts(tokenizer, text_encoder, texts)
-        unet = make_unet(text_encoder.config.hidden_size, _seed(seed, 30))
-        figures["unet"] = train_unet(unet, lat_mean, lat_std, scaling, sd_labels, text_table, s["unet_steps"],
-                                     s["unet_batch"], s["unet_lr"], s["caption_dropout"], _seed(seed, 31),
-                                     s["snr_gamma"], log)
+        # The UNet, the longest part, on both cores: this process and a second one (rank 1) each train on half of
+        # every batch, their gradients summed each step (sd.train_unet), so both hold the same weights.
+        unet_args = (lat_mean, lat_std, scaling, sd_labels, text_table, s, seed, text_encoder.config.hidden_size)
+        init = f"file://{os.path.join(root, '.unet_rendezvous')}"
+        rank1 = pool.submit(_train_unet_part, 1, UNET_PROCESSES, init, *unet_args)
+        unet, figures["unet"] = _train_unet_part(0, UNET_PROCESSES, init, *unet_args, log=log)
+        rank1.result()
+        with contextlib.suppress(FileNotFoundError):  # gloo's file store may have removed it already
+            os.remove(os.path.join(root, ".unet_rendezvous"))
         figures["unet"]["parameters"] = sum(q.numel() for q in unet.parameters())
         unet.requires_grad_(False)
         save_sd(p["sd_base"], tokenizer, text_encoder, vae, unet)

@@ -101,8 +101,13 @@ def encode_texts(tokenizer, text_encoder, texts: Sequence[str], batch: int = 128
 
 def train_unet(unet, lat_mean: torch.Tensor, lat_std: torch.Tensor, scaling_factor: float, labels: Sequence[int],
                text_table: torch.Tensor, steps: int, batch: int, lr: float, caption_dropout: float, seed: int,
-               snr_gamma: Optional[float] = 5.0, log: Callable = print) -> Dict[str, float]:
+               snr_gamma: Optional[float] = 5.0, log: Callable = print, rank: int = 0,
+               world_size: int = 1) -> Dict[str, float]:
     """Epsilon-prediction DDPM training in latent space; return the loss figures.
+
+    With ``world_size`` > 1 each of that many processes (an initialised torch.distributed group) draws the same
+    batch and trains on its share of the rows; gradients and the loss are summed across them before the update,
+    so every process holds the same weights (the bits depend on ``world_size``, not on timing).
 
     Min-SNR-gamma loss weighting (Hang et al. 2023, weight min(SNR, gamma) / SNR
     for epsilon prediction) converges several times faster, which the CPU
@@ -124,24 +129,36 @@ def train_unet(unet, lat_mean: torch.Tensor, lat_std: torch.Tensor, scaling_fact
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     unet.train()
     losses = []
-    for _ in tqdm(range(steps), desc="toy UNet", leave=False, mininterval=2):
+    mine = slice(rank * batch // world_size, (rank + 1) * batch // world_size)  # this process's rows of each batch
+    params = [q for q in unet.parameters() if q.requires_grad]
+    for _ in tqdm(range(steps), desc="toy UNet", leave=False, mininterval=2, disable=rank != 0):
         idx = torch.randint(len(labels_t), (batch,), generator=gen)
         z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling_factor
         rows = labels_t[idx] * len(TEMPLATES) + torch.randint(len(TEMPLATES), (batch,), generator=gen)
         rows = torch.where(torch.rand(batch, generator=gen) < caption_dropout, torch.full_like(rows, empty_row), rows)
         t = torch.randint(0, len(alphas), (batch,), generator=gen)
         noise = torch.randn(z.shape, generator=gen)
+        z, rows, t, noise = z[mine], rows[mine], t[mine], noise[mine]
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         per_sample = (unet(noisy, t, text_table[rows]).sample - noise).pow(2).mean((1, 2, 3))
         weight = snr[t].clamp(max=snr_gamma) / snr[t] if snr_gamma else torch.ones_like(per_sample)
-        loss = (weight * per_sample).mean()
+        loss = (weight * per_sample).sum() / batch  # this share of the whole batch's mean
         opt.zero_grad()
         loss.backward()
+        loss_sum = per_sample.detach().sum()
+        if world_size > 1:  # one all-reduce per step: every gradient and the loss, summed over the processes
+            flat = torch.cat([q.grad.reshape(-1) for q in params] + [loss_sum.reshape(1)])
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for q in params:
+                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+            loss_sum = flat[-1]
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(per_sample.mean().item())  # the unweighted DDPM loss, comparable across settings
+        losses.append(float(loss_sum) / batch)  # the unweighted DDPM loss, comparable across settings
     unet.eval()
     figures = {"loss_first": losses[0], "loss_last": float(np.mean(losses[-20:]))}
     log(f"toy UNet: loss {figures['loss_first']:.3f} -> {figures['loss_last']:.3f}")

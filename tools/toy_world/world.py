@@ -14,7 +14,7 @@ from common.results import slug
 from tools import tiny
 
 
-VERSION = 2
+VERSION = 3  # 3: the UNet trains on two processes (UNET_PROCESSES)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -99,6 +99,10 @@ SCALES = {
 
 UNLEARN_METHODS = ("esd-x", "uce")
 
+# The UNet trains on this many processes, each on its share of every batch (build.py): the world's bits depend on
+# it (it is in the card's config), not on the machine.
+UNET_PROCESSES = 2
+
 BOUNDS = {  # figure -> (comparison, bound): the card records each figure against its target
     "clip_top1_retrieval": (">=", 0.9),
     "base_classifier_acc_target": (">=", 0.8),
@@ -151,7 +155,7 @@ def world_config(seed: int, scale: str) -> dict:
     config = {"version": VERSION, "seed": seed, "scale": scale, "settings": SCALES[scale], "arch": ARCH,
               "target": TARGET, "retained": RETAINED, "templates": TEMPLATES, "related": RELATED,
               "unrelated": UNRELATED, "per_concept": PER_CONCEPT, "curriculum": CURRICULUM,
-              "resolution": RESOLUTION}
+              "resolution": RESOLUTION, "unet_processes": UNET_PROCESSES}
     return json.loads(json.dumps(config))  # tuples -> lists, as the card stores it
 
 
