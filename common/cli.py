@@ -144,8 +144,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "CUBLAS_WORKSPACE_CONFIG): on CUDA the same seed then gives the same weights and scores; "
                         "slower; the CPU is deterministic without it (docs/gpu.md)")
     g.add_argument("--compat", default="none", choices=("none", "reference"),
-                   help="'reference': the published scripts' semantics (README, Differences): row order = sorted "
-                        "image paths and the published classifier processor in every script; the individual "
+                   help="'reference': the published scripts' semantics (docs/protocols.md, Differences): row order "
+                        "= sorted image paths and the published classifier processor in every script; the individual "
                         "scripts also follow the published training loop (the sequential one keeps ours)")
 
 

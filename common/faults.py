@@ -1,5 +1,5 @@
 """Deterministic fault injection: rehearse a node failure, a full disk or a diverging loss on your own cluster
-before a long job (README: Long runs); the suite's kill-and-resume tests use the same switch.
+before a long job (docs/long-runs.md); the suite's kill-and-resume tests use the same switch.
 
 ``REVIVAL_FAULT=point:n`` makes the process SIGKILL itself the n-th time it
 reaches ``point`` ("update", "validation" or "checkpoint"); for ``nan:n`` it

@@ -54,7 +54,7 @@ def local_dir(path: str, flag: str, probe: str = "config.json", cache_dir: Optio
 
 
 OFFLINE_HINT = ("pass a local directory instead (a directory named like the id in the working directory also "
-                "works); see README, Offline use")
+                "works); see docs/protocols.md, Offline use")
 
 
 def hub_offline() -> bool:

@@ -1,5 +1,7 @@
-"""The documentation that is generated or quoted from the code stays current."""
+"""The documentation that is generated or quoted from the code stays current, and the README stays a short
+entry point to the pages under docs/."""
 
+import re
 
 from conftest import ROOT
 
@@ -20,3 +22,16 @@ def test_flags_reference_is_generated_from_the_parsers():
     assert "| `--seed` | `0` |" in section and "| `--output_dir` | `sd-model-finetuned` |" in section
     assert "| `--params` {full,xattn,lora} | `full` |" in section
     assert "|  |" not in text  # no flag without an explanation
+
+
+def test_the_readme_is_read_in_five_minutes():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 250, f"README.md has {len(lines)} lines: move a section to a page under docs/"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\(docs/([^)#\s]+\.md)(?:#[^)]*)?\)", readme))
+    pages = {page.name for page in (ROOT / "docs").glob("*.md")}
+    assert pages, "no pages found: the pattern is wrong"
+    assert pages <= linked, f"pages the README does not link: {sorted(pages - linked)}"

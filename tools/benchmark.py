@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measure the performance levers (README, Performance) on one model, in one run, and print ratios.
+"""Measure the performance levers (docs/performance.md) on one model, in one run, and print ratios.
 
     python tools/benchmark.py            # tiny model on this machine
     python tools/benchmark.py --short    # seconds, for CI (figures are noisy)
@@ -50,7 +50,7 @@ def build_parser():
     p.add_argument("--memory", action="store_true",
                    help="instead of speed: the memory budget of each combination of memory levers at --resolution "
                         "and --batch_size (fp16 frozen parts; activations measured for one sample on this "
-                        "machine, see README, Memory)")
+                        "machine, see docs/memory.md)")
     return p
 
 

@@ -53,7 +53,7 @@ def _format(template: str, name: str, where: str) -> str:
 
 
 def read_concepts(path: str, templates: Optional[Sequence[str]] = None) -> List[Concept]:
-    """Concepts in curriculum order from a .json or text file (see the README for both formats).
+    """Concepts in curriculum order from a .json or text file (docs/workflow.md gives both formats).
 
     JSON: a list, or ``{"templates": [...], "concepts": [...]}``; each concept is
     a name (filled into the templates) or ``{"name": ..., "prompts": [...]}``

@@ -15,7 +15,7 @@ The table's rows:
   bitsandbytes the 8-bit optimizer is left out and the row says so), beside
   the memory budget common/memory.py predicts before activations;
 - training samples/s and validation images/s (10 prompts batched, 20 guided
-  steps) against one H100's compute limits as the README states them
+  steps) against one H100's compute limits as docs/performance.md states them
   (~330 samples/s, ~23 images/s at ~800 TFLOP/s dense fp16; target >= 30%);
 - updates the fp16 GradScaler skipped among the first 50;
 - determinism: two runs under ``--deterministic`` give bit-equal weights, and
@@ -47,11 +47,11 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-# README, Performance: one H100 at ~800 TFLOP/s dense fp16; a 512-px SD-1.x sample costs 2.41 TFLOP for the UNet's
+# docs/performance.md: one H100 at ~800 TFLOP/s dense fp16; a 512-px SD-1.x sample costs 2.41 TFLOP for the UNet's
 # forward+backward (-> ~330 samples/s), a 20-step guided validation image ~35 TFLOP (-> ~23 images/s).
 TRAINING_LIMIT = 330.0  # samples/s
 VALIDATION_LIMIT = 23.0  # images/s
-TARGET_SHARE = 0.30  # the README's goal: at least 30% of those limits
+TARGET_SHARE = 0.30  # docs/performance.md's goal: at least 30% of those limits
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The research workflow end to end on the toy world (README, "From nothing to a revival table"):
+# The research workflow end to end on the toy world (docs/workflow.md, "From nothing to a revival table"):
 # generate fine-tuning data, generate classifier data and train a classifier, unlearn, measure revival, report.
 #
 #   make demo                      # once: builds toy_world/
