@@ -1,5 +1,5 @@
 """fp16 as on a GPU, on the CPU (REVIVAL_EMULATE_FP16=1, common/precision.py): the scripts' and tools' fp16 code
-paths, the gradient scaler per chunk, skipped updates, and pipelines saved in fp16 (README: Testing; docs/gpu.md)."""
+paths, the gradient scaler per chunk, skipped updates, and pipelines saved in fp16 (docs/testing.md; docs/gpu.md)."""
 
 import json
 import os

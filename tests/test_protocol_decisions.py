@@ -1,4 +1,4 @@
-"""The protocols' decisions (README: The protocols) with a scripted trainer and validator: no model, exact numbers.
+"""The protocols' decisions (docs/protocols.md) with a scripted trainer and validator: no model, exact numbers.
 
 The fake trainer counts what it is asked to do; the fake validator returns set
 scores per call. Scores are chosen exactly representable in binary floating

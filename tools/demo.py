@@ -20,7 +20,7 @@ process), which every process it starts inherits, so any x86-64 AVX2 machine
 computes the same bits. `--no_pin` (`make demo PIN=0`) lets torch choose
 kernels and threads: faster on a big machine, other numbers.
 
-Threshold rule (documented in the README): the paper's CLIP threshold (0.31)
+Threshold rule (documented in docs/demo.md): the paper's CLIP threshold (0.31)
 sits just under the original model's own score on the concept, about a fifth
 of the way down to the unlearned models' scores. Here it is the base model's
 mean CLIP cosine on the target prompts minus a fifth of the gap to the best
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=10)
     p.add_argument("--no_pin", action="store_true",
                    help="run without the pinned numeric environment (common/numerics.py): torch's own kernels and "
-                        "threads, faster on a big machine, but the numbers differ from the README's (make demo PIN=0)")
+                        "threads, faster on a big machine, but the numbers differ from docs/demo.md's (make demo PIN=0)")
     p.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                    help="runs at a time (default: 2, or 1 on a one-core machine); each run is one single-threaded "
                         "process under the pin, so the numbers do not depend on this")
@@ -287,7 +287,7 @@ def run_tasks(tasks: List[Task], world: str, log_dir: str, jobs: int) -> tuple:
 def main(args):
     t0 = time.time()
     pin = numerics.describe()
-    print(f"numerics: {'pinned' if pin['pinned'] else 'NOT pinned (numbers differ from the README and by machine)'}:"
+    print(f"numerics: {'pinned' if pin['pinned'] else 'NOT pinned (numbers differ from docs/demo.md and by machine)'}:"
           f" {pin['cpu_model']}, torch {pin['torch_cpu_capability']} kernels, {pin['torch_threads']} thread(s), "
           f"MKL_CBWR={pin['pin']['MKL_CBWR']}; every run's config.json records it", flush=True)
     # Phase 1: the world (cached on disk; a second run reuses it).
@@ -361,7 +361,7 @@ def check_figures(args, card: dict) -> None:
     """Compare every printed figure with tools/toy_world/expected_demo.json (or record them: --write_expected)."""
     section = expected_section(args)
     if section is None:
-        print("figures not checked: " + ("unpinned, so other kernels and other bits than the README's"
+        print("figures not checked: " + ("unpinned, so other kernels and other bits than docs/demo.md's"
                                          if args.no_pin else "a number-changing flag is not its default"))
         return
     env = numerics.describe()
