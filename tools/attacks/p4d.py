@@ -1,0 +1,208 @@
+"""P4D (Chin et al., ICML 2024): prompts that make the unlearned model denoise like the original (docs/attacks.md).
+
+The original model draws the case's image from its prompt at the case's seed and guidance; the image's latent is
+noised at a random timestep, and the learned tokens are optimised so that the UNLEARNED UNet conditioned on them
+predicts the noise the ORIGINAL UNet predicts conditioned on the case's prompt, on the same noisy latent
+(noise-matching). The tokens are hard (PEZ, Wen et al. 2023): each step the continuous embeddings are projected
+onto their nearest vocabulary entries (cosine), the forward pass uses the projected embeddings, and the gradient
+with respect to them is applied to the continuous ones (AdamW).
+
+- P4D-N: ``--num_tokens`` free tokens replace the prompt (the prompt only enters through the original model);
+- P4D-K: one learned token before every ``--every_k`` prompt tokens and one after the last group, the prompt's own
+  tokens never change.
+
+Every ``--judge_every`` steps (from step 0) and after the last the projected prompt is judged; the search stops at
+the first success. Published defaults: joycenerd/P4D configs/esd_nudity_optmz_config.json,
+prompt_optimization/optimize_n.py (P4D-N), prompt_optimization/optimize_k.py (P4D-K), run_p4dn.py.
+
+Deliberate differences from the published code (docs/attacks.md lists them with reasons):
+- the published search keeps the prompt whose image is closest (CLIP) to the target image and judges it once at the
+  end; here the judge is asked at each evaluation step and the search stops at the first success (as
+  UnlearnDiffAtk does), keeping the best-scoring prompt when none succeeds;
+- the target image is one image at the case's seed (run_p4dn.py draws three and keeps the one NudeNet rates most
+  unsafe: the judge here only sees the unlearned model), drawn with the model's own scheduler, and the VAE gets it
+  in [-1, 1] (the published preprocessing feeds [0, 1]);
+- the adversarial tokens go through the unlearned model's text encoder (the published code encodes them with the
+  original's: the same for UNet-only unlearning), and projection never picks start-/end-of-text, which would cut or
+  restart the prompt once its text is tokenised again;
+- noise, timesteps, the posterior sample of the latent and the initial tokens all come from the harness's
+  generator (the published code mixes a seeded generator with the global RNG).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from common.errors import InputError
+
+from . import optim
+from .base import Case, Found, Models
+
+FLAGS = [
+    ("--num_tokens", int, 16, "P4D-N: free learned tokens replacing the prompt (joycenerd/P4D "
+                              "configs/esd_nudity_optmz_config.json: prompt_len 16; unused by P4D-K)"),
+    ("--every_k", int, 3, "P4D-K: one learned token inserted before every K prompt tokens "
+                          "(configs/esd_nudity_optmz_config.json: every_k 3; prompt_optimization/optimize_k.py)"),
+    ("--iterations", int, 3000, "P4D optimisation steps (configs/esd_nudity_optmz_config.json: iter 3000)"),
+    ("--lr", float, 0.1, "AdamW learning rate on the learned tokens' continuous embeddings "
+                         "(configs/esd_nudity_optmz_config.json: lr 0.1; prompt_optimization/optimize_n.py)"),
+    ("--weight_decay", float, 0.1, "AdamW weight decay (configs/esd_nudity_optmz_config.json: weight_decay 0.1)"),
+    ("--judge_every", int, 50, "P4D: judge the projected prompt at steps 0, N, 2N, ... and after the last "
+                               "(configs/esd_nudity_optmz_config.json: eval_step 50)"),
+    ("--target_inference_steps", int, 25, "P4D: sampling steps of the original model's target image "
+                                          "(configs/esd_nudity_optmz_config.json: num_inference_steps 25)"),
+]
+
+VARIANTS = ("n", "k")
+
+
+def validate(settings: dict) -> None:
+    """Bad settings as one InputError naming the flag."""
+    optim.positive_settings(settings, ["num_tokens", "every_k", "iterations", "judge_every",
+                                       "target_inference_steps"])
+    if settings.get("num_tokens") is not None and settings["num_tokens"] > 75:
+        raise InputError(f"--num_tokens {settings['num_tokens']}: at most 75 (the text encoder's 77 positions "
+                         "less start- and end-of-text)")
+    for name in ("lr", "weight_decay"):
+        value = settings.get(name)
+        if value is not None and not value >= 0:
+            raise InputError(f"--{name} {value}: must be >= 0")
+    if settings.get("variant", "n") not in VARIANTS:
+        raise InputError(f"P4D variant {settings.get('variant')!r}: must be one of {', '.join(VARIANTS)}")
+
+
+def layout_for(tokenizer, prompt: str, variant: str, num_tokens: int, every_k: int) -> optim.Layout:
+    """P4D-N: ``num_tokens`` free slots, no prompt tokens; P4D-K: one slot before every ``every_k`` prompt tokens."""
+    if variant == "n":
+        return optim.make_layout(tokenizer, prompt, "free", num_tokens)
+    return optim.make_layout(tokenizer, prompt, "insert", every=every_k)
+
+
+class ProjectedTokens:
+    """The learned slots of one case: continuous embeddings, their AdamW, the layout and the vocabulary."""
+
+    def __init__(self, parts, layout: optim.Layout, lr: float, weight_decay: float, generator: torch.Generator,
+                 vocab: Optional[torch.Tensor] = None):
+        self.parts = parts
+        self.layout = layout
+        table = optim.token_table(parts.text_encoder)
+        if vocab is None:
+            vocab = optim.allowed_ids(parts.tokenizer, table.shape[0])
+        self.vocab = vocab.to(table.device)
+        self.table = table[self.vocab]  # the rows projection may pick
+        # Published initialisation: the embeddings of random tokens (here: random allowed tokens).
+        start = self.vocab[torch.randint(len(self.vocab), (layout.num_adv,), generator=generator).to(table.device)]
+        self.embeds = table[start].clone().requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([self.embeds], lr=lr, weight_decay=weight_decay)
+
+    def project(self) -> torch.Tensor:
+        """The vocabulary ids nearest (cosine) to the continuous embeddings (PEZ's projection)."""
+        rows, _ = optim.nearest_tokens(self.embeds.detach(), self.table)
+        return self.vocab[rows]
+
+    def loss(self, ids: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the projected embeddings it is differentiable in): the unlearned UNet's prediction with the tokens
+        ``ids`` in the slots, against ``target`` on ``latents`` noised with ``noise`` at ``t``."""
+        table = optim.token_table(self.parts.text_encoder)
+        hard = table[ids.to(table.device)].clone().requires_grad_(True)
+        embeds = optim.assemble_embeds(table, self.layout, hard)
+        cond = optim.encode_embeds(self.parts.text_encoder, self.layout.ids.to(embeds.device), embeds)
+        loss = optim.noise_matching_loss(self.parts.unet, latents, noise, t, cond, self.parts.noise_scheduler,
+                                         target=target)
+        return loss, hard
+
+    def step(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, target: torch.Tensor
+             ) -> Tuple[torch.Tensor, float]:
+        """One PEZ step: project, take the loss at the projected tokens, apply its gradient to the continuous
+        embeddings; returns (the projected ids the step used, their loss)."""
+        ids = self.project()
+        loss, hard = self.loss(ids, latents, noise, t, target)
+        (grad,) = torch.autograd.grad(loss, [hard])
+        self.embeds.grad = grad.to(self.embeds.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ids.cpu(), float(loss.detach())
+
+
+def target_latents(original, case: Case, steps: int, generator: torch.Generator, device) -> torch.Tensor:
+    """The case's image drawn by the ORIGINAL model (prompt, seed, guidance), as a posterior sample of its VAE
+    latent (run_p4dn.py generates the target with the original pipeline; optimize_n.py encodes it with
+    latent_dist.sample())."""
+    from common.validation import build_pipeline, generate_images
+
+    pipe = build_pipeline(original, original.unet)
+    image = generate_images(pipe, [case.prompt], [case.seed], batch_size=1, num_inference_steps=steps,
+                            guidance_scale=case.guidance)[0]
+    return optim.image_latents(original.vae, image, optim.model_resolution(original), device, generator)
+
+
+class NoiseTarget:
+    """The original UNet's prediction for the case's prompt: what the unlearned model is steered towards."""
+
+    def __init__(self, original, prompt: str, device):
+        self.original = original
+        ids = optim.prompt_ids(original.tokenizer, prompt).to(device)
+        with torch.no_grad():
+            self.cond = optim.encode_ids(original.text_encoder, ids)
+
+    def __call__(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noise_scheduler
+                 ) -> torch.Tensor:
+        # The same noisy latent as the unlearned model's: one scheduler noises for both.
+        return optim.unet_prediction(self.original.unet, latents, noise, t, self.cond, noise_scheduler)
+
+
+def draws(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
+          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step's noise and timestep (uniform over the training timesteps, as optimize_n.py draws them)."""
+    noise = optim.randn(latents.shape, generator, latents.device)
+    t = torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    return noise, t
+
+
+def search(case: Case, models: Models, judge, settings: dict, generator: torch.Generator,
+           variant: Optional[str] = None) -> Found:
+    """Attack one case: PEZ steps on the noise-matching loss, judged every ``judge_every`` steps and after the
+    last, stopping at the first success."""
+    s = {name.lstrip("-"): default for name, _, default, _ in FLAGS}
+    s.update({k: v for k, v in settings.items() if v is not None})
+    variant = variant or s.get("variant", "n")
+    if models.original is None:
+        raise InputError("P4D needs the original model (--original_model)")
+    parts, device = models.unlearned, models.device
+    latents = target_latents(models.original, case, s["target_inference_steps"], generator, device)
+    layout = layout_for(parts.tokenizer, case.prompt, variant, s["num_tokens"], s["every_k"])
+    tokens = ProjectedTokens(parts, layout, s["lr"], s["weight_decay"], generator)
+    target = NoiseTarget(models.original, case.prompt, device)
+    scheduler = parts.noise_scheduler
+    steps = scheduler.config.num_train_timesteps
+    trail = optim.Trail()
+
+    def judged(step: int, ids: torch.Tensor) -> bool:
+        return trail.judge(judge, case, step, layout.text(parts.tokenizer, ids), ids)
+
+    for step in range(s["iterations"]):
+        noise, t = draws(latents, steps, generator)
+        # The tokens this step uses are the ones `step` updates made: judged before the update (optimize_n.py
+        # evaluates the same projection after it, so an early success costs one update less here).
+        if step % s["judge_every"] == 0 and judged(step, tokens.project().cpu()):
+            return trail.found(step, prefer_last=False)
+        tokens.step(latents, noise, t, target(latents, noise, t, scheduler))
+    judged(s["iterations"], tokens.project().cpu())
+    # No success: the best-scoring judged prompt (the published search keeps its best CLIP match).
+    return trail.found(s["iterations"], prefer_last=False)
+
+
+def search_n(case: Case, models: Models, judge, settings: dict, generator: torch.Generator) -> Found:
+    """P4D-N: free tokens replacing the prompt."""
+    return search(case, models, judge, settings, generator, variant="n")
+
+
+def search_k(case: Case, models: Models, judge, settings: dict, generator: torch.Generator) -> Found:
+    """P4D-K: one token inserted before every ``every_k`` prompt tokens, the prompt tokens fixed."""
+    return search(case, models, judge, settings, generator, variant="k")
+
+
+SEARCHES = {"p4d-n": search_n, "p4d-k": search_k}
