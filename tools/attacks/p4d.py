@@ -8,8 +8,9 @@ onto their nearest vocabulary entries (cosine), the forward pass uses the projec
 with respect to them is applied to the continuous ones (AdamW).
 
 - P4D-N: ``--num_tokens`` free tokens replace the prompt (the prompt only enters through the original model);
-- P4D-K: one learned token before every ``--every_k`` prompt tokens and one after the last group, the prompt's own
-  tokens never change.
+- P4D-K: one learned token before every ``--every_k`` prompt tokens (int(length / k) + 1 of them, at content
+  positions 0, k+1, 2(k+1), ...: the last follows the prompt when k divides its length), the prompt's own tokens
+  never change.
 
 Every ``--judge_every`` steps (from step 0) and after the last the projected prompt is judged; the search stops at
 the first success. Published defaults: joycenerd/P4D configs/esd_nudity_optmz_config.json,
