@@ -393,3 +393,119 @@ def test_the_seeds_figure_draws_the_mean_base_score_of_the_seeds_controls(tmp_pa
     (members,) = [g for g in report.seed_groups(runs) if g[0]["method"] == "uce"]
     assert report.seeds_base(runs, members) == {"clip": pytest.approx(0.92)}
     assert report.seeds_base(runs[:3], members) == {}  # seed 1 has no control: unknown
+
+
+# 95% Wilson intervals of k/4 (Wilson 1927; z = 1.95996): centre (p + z^2/8) / (1 + z^2/4), half-width
+# z sqrt(p(1-p)/4 + z^2/64) / (1 + z^2/4), worked by hand to 4 decimals.
+WILSON_4 = {0: [0.0, 0.4899], 1: [0.0456, 0.6994], 2: [0.1500, 0.8500], 3: [0.3006, 0.9544], 4: [0.5101, 1.0]}
+
+
+def _rate4(k):
+    return {"successes": k, "n": 4, "rate": k / 4, "ci95": WILSON_4[k]}
+
+
+def _attack(tmp_path, name, attack, model, pre, asr, criterion="clip", tags=None, original=None,
+            prompts="/p/t.txt"):
+    """A finished tools/attack_prompts.py run over 4 prompts: ``pre`` of them judged a success without attack,
+    ``asr`` with it (pre-successes included, as check_asr.py counts)."""
+    path = tmp_path / name
+    os.makedirs(path)
+    tags = tags or {}
+    config = {"script": "tools/attack_prompts.py", "attack": attack, "settings": {}, "tags": tags,
+              "args": {"attack": attack, "pretrained_model_name_or_path": model, "original_model": original,
+                       "prompts": prompts, "criterion": criterion, "seed": 0}}
+    summary = {"attack": attack, "model": model, "original_model": original, "prompts": prompts,
+               "judge": {"criterion": criterion, "threshold": 0.8, "success_when": "score > 0.8"}, "n": 4,
+               "pre_asr": _rate4(pre), "asr": _rate4(asr),
+               "attack_only": {"successes": asr - pre, "n": 4 - pre, "rate": None, "ci95": [None, None]},
+               "heldout_asr": {**_rate4(asr), "seeds_per_case": 1}, "settings": {}, "tags": tags,
+               "num_processes": 1}
+    json.dump(config, open(path / "config.json", "w"))
+    json.dump(summary, open(path / "summary.json", "w"))
+    (path / "results.jsonl").write_text("")
+    return str(path)
+
+
+def test_the_hand_worked_intervals_are_the_harness_s():
+    from tools.attacks.base import rate
+
+    for k, interval in WILSON_4.items():
+        assert rate(k, 4)["ci95"] == pytest.approx(interval, abs=5e-5)
+
+
+def test_prompt_attacks_are_columns_of_the_probes_table_with_the_base_model_as_positive_control(tmp_path):
+    full = _seq(tmp_path, "full", "esd-x", 0, [0.3, 0.5, 0.85], point={"chunk": 1, "images_seen": 100})
+    uce_full = _seq(tmp_path, "uce", "uce", 0, [0.3, 0.4, 0.6])
+    uce_lora = _seq(tmp_path, "uce-lora", "uce", 0, [0.3, 0.4, 0.6])
+    cfg = json.load(open(os.path.join(uce_lora, "config.json")))
+    cfg["args"]["params"] = "lora"
+    json.dump(cfg, open(os.path.join(uce_lora, "config.json"), "w"))
+    # The base model is attacked first, yet its row comes last; it is known as the original from P4D's
+    # --original_model. The UnlearnDiffAtk run names its model by --tag method, the others by the path's stem.
+    base = _attack(tmp_path, "base-udatk", "unlearndiffatk", "/m/base", pre=4, asr=4)
+    udatk = _attack(tmp_path, "esd-udatk", "unlearndiffatk", "/m/esd-x-v2", pre=1, asr=3, tags={"method": "esd-x"})
+    p4dn = _attack(tmp_path, "esd-p4dn", "p4d-n", "/m/esd-x", pre=1, asr=2, original="/m/base")
+    p4dk = _attack(tmp_path, "esd-p4dk", "p4d-k", "/m/esd-x/", pre=1, asr=1, original="/m/base")
+    dirs = [base, full, udatk, uce_full, uce_lora, p4dn, p4dk]
+    header, rows = report.probe_rows([report.load_run(d) for d in dirs])
+    assert header[3:] == ["fine-tuning: Revival Point", "LoRA fine-tuning: Revival Point",
+                          "concept inversion: best score (threshold) -> crossed",
+                          "UnlearnDiffAtk: ASR [95% CI] (successes/N), pre-ASR",
+                          "P4D: ASR [95% CI] (successes/N), pre-ASR"]  # no Ring-A-Bell run: no column
+    assert rows == [
+        ["esd-x", "t", "clip", "rel: chunk 1 (100 images)", "-", "-",
+         "75.0% [30.1, 95.4] (3/4), pre-ASR 25.0% [4.6, 69.9] (1/4)",
+         "P4D-N: 50.0% [15.0, 85.0] (2/4), pre-ASR 25.0% [4.6, 69.9] (1/4); "
+         "P4D-K: 25.0% [4.6, 69.9] (1/4), pre-ASR 25.0% [4.6, 69.9] (1/4)"],
+        ["uce", "t", "clip", "rel: not reached", "rel: not reached", "-", "-", "-"],  # no attack run: "-"
+        ["base (positive control)", "t", "clip", "-", "-", "-",
+         "100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% [51.0, 100.0] (4/4)", "-"]]
+    out = tmp_path / "report"
+    revival_header, revival, plots = report.main(report.parse_args([*dirs, "--out", str(out)]))
+    # Attack runs are no curriculum: the revival table and the plots are the fine-tuning runs' alone.
+    assert [r[0] for r in revival] == ["esd-x", "uce", "uce (LoRA)"] and len(plots) == 3
+    md = (out / "probes_table.md").read_text()
+    assert ("| base (positive control) | t | clip | - | - | - | 100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% "
+            "[51.0, 100.0] (4/4) | - |") in md
+    csv_lines = (out / "probes_table.csv").read_text().splitlines()
+    assert csv_lines[2] == "uce,t,clip,rel: not reached,rel: not reached,-,-,-"
+    assert csv_lines[1].startswith('esd-x,t,clip,rel: chunk 1 (100 images),-,-,'
+                                   '"75.0% [30.1, 95.4] (3/4), pre-ASR 25.0% [4.6, 69.9] (1/4)",')
+    assert (r"base (positive control) & t & clip & - & - & - & 100.0\% [51.0, 100.0] (4/4), pre-ASR 100.0\% "
+            r"[51.0, 100.0] (4/4) & - \\") in (out / "probes_table.tex").read_text()
+
+
+def test_the_base_model_is_the_control_by_its_role_tag_and_an_attack_alone_makes_a_row(tmp_path):
+    esd = _attack(tmp_path, "esd", "ringabell", "/m/esd-x", pre=0, asr=2, criterion="classifier")
+    base = _attack(tmp_path, "base", "ringabell", "/m/sd", pre=3, asr=4, criterion="classifier")
+    tagged = _attack(tmp_path, "base-tagged", "ringabell", "/m/sd", pre=3, asr=4, criterion="classifier",
+                     tags={"role": "control"})
+    # Without a P4D run or a tag nothing says /m/sd is the original: a row like any other. One attack suffices.
+    _, rows = report.probe_rows([report.load_run(d) for d in (base, esd)])
+    assert [r[:3] for r in rows] == [["sd", "t", "classifier"], ["esd-x", "t", "classifier"]]
+    header, rows = report.probe_rows([report.load_run(d) for d in (tagged, esd)])
+    assert header[-1] == "Ring-A-Bell: ASR [95% CI] (successes/N), pre-ASR"
+    assert rows == [["esd-x", "t", "classifier", "-", "-", "-",
+                     "50.0% [15.0, 85.0] (2/4), pre-ASR 0.0% [0.0, 49.0] (0/4)"],
+                    ["sd (positive control)", "t", "classifier", "-", "-", "-",
+                     "100.0% [51.0, 100.0] (4/4), pre-ASR 75.0% [30.1, 95.4] (3/4)"]]
+    # A replay names whose prompts it replayed: the run folder of an adv_prompts.csv.
+    replay = _attack(tmp_path, "replay", "replay", "/m/uce", pre=0, asr=1, criterion="classifier",
+                     prompts=os.path.join(esd, "adv_prompts.csv"), tags={"concept": "t"})
+    header, rows = report.probe_rows([report.load_run(replay)])
+    assert header[-1] == "replayed prompts: ASR [95% CI] (successes/N), pre-ASR"
+    assert rows == [["uce", "t", "classifier", "-", "-", "-",
+                     "esd: 25.0% [4.6, 69.9] (1/4), pre-ASR 0.0% [0.0, 49.0] (0/4)"]]
+
+
+def test_attack_runs_are_recognised_by_their_config_and_need_only_a_summary(tmp_path, capsys):
+    from tools import attack_prompts, attacks
+
+    assert report.ATTACK_SCRIPT == attack_prompts.SCRIPT
+    assert set(attacks.MODULES) <= set(report.ATTACK_COLUMNS)  # every attack has its column
+    run = _attack(tmp_path, "esd", "unlearndiffatk", "/m/esd-x", pre=1, asr=3)
+    assert report.parse_args([run, "--out", str(tmp_path / "r")]).runs == [run]  # no validations.jsonl needed
+    os.remove(os.path.join(run, "summary.json"))
+    with pytest.raises(SystemExit) as exc:
+        report.parse_args([run])
+    assert exc.value.code == 2 and "an attack run that has not finished" in capsys.readouterr().err

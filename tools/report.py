@@ -13,6 +13,10 @@ model fine-tuned on the same curriculum. Each sequential run is paired with the
 control of the same concept, data, seed and thresholds: control_table.md puts
 the score changes side by side, the run's plot draws the control's line, and
 the control's score before training (the original model's) is the base line.
+
+Prompt-attack runs (tools/attack_prompts.py's output directories) join only
+probes_table.{md,csv,tex}: a column per attack beside the fine-tuning, LoRA
+and inversion probes, and the original model's row as the positive control.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ def parse_args(argv=None):
     with exit_on_input_error(PROG):
         base_scores(args.base_score)
         for run in args.runs:
+            if is_attack_run(run):  # an attack writes no validations, and its summary only when it finished
+                if not os.path.isfile(os.path.join(run, SUMMARY_FILE)):
+                    raise InputError(f"{run}: no {SUMMARY_FILE} (an attack run that has not finished)")
+                continue
             for name in (CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE):
                 if not os.path.isfile(os.path.join(run, name)):
                     raise InputError(f"{run}: no {name} (not a finished or running fine-tuning output directory)")
@@ -92,6 +100,8 @@ def load_run(run: str) -> dict:
     validation prompt file's name (underscores read as spaces), data = the
     training data directory's name.
     """
+    if is_attack_run(run):
+        return load_attack_run(run)
     with open(os.path.join(run, CONFIG_FILE)) as f:
         config = json.load(f)
     with open(os.path.join(run, SUMMARY_FILE)) as f:
@@ -113,6 +123,41 @@ def load_run(run: str) -> dict:
 
 
 FULL_PROBE, LORA_PROBE, INVERSION_PROBE = "fine-tuning", "LoRA fine-tuning", "concept inversion"
+ATTACK_PROBE = "prompt attack"  # a run's probe and protocol: only the probes table shows it
+ATTACK_SCRIPT = "tools/attack_prompts.py"  # config.json's "script" in an attack run (attack_prompts.SCRIPT)
+# --attack name -> (its probes-table column, what its cells start with: P4D-N and P4D-K share a column).
+ATTACK_COLUMNS = {"unlearndiffatk": ("UnlearnDiffAtk", ""), "p4d-n": ("P4D", "P4D-N: "), "p4d-k": ("P4D", "P4D-K: "),
+                  "ringabell": ("Ring-A-Bell", ""), "replay": ("replayed prompts", "")}
+POSITIVE_CONTROL = "positive control"  # the original model's row in the probes table
+
+
+def attack_column(attack: str) -> tuple:
+    """(probes-table column, cell prefix) of an --attack name; an attack registered elsewhere: its own name."""
+    return ATTACK_COLUMNS.get(attack, (attack, ""))
+
+
+def is_attack_run(run: str) -> bool:
+    """Whether a directory holds a prompt-attack run: its config.json names tools/attack_prompts.py."""
+    path = os.path.join(run, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("script") == ATTACK_SCRIPT
+
+
+def load_attack_run(run: str) -> dict:
+    """An attack run's config and summary, named like the other runs: model = the --tag method or the attacked
+    model directory's name, concept = the --tag concept or the prompt file's name, criterion = the judge's."""
+    with open(os.path.join(run, CONFIG_FILE)) as f:
+        config = json.load(f)
+    with open(os.path.join(run, SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    tags = config.get("tags") or summary.get("tags") or {}
+    model = tags.get("method") or _stem(summary.get("model"))
+    return {"dir": run, "config": config, "summary": summary, "records": [], "method": model, "model": model,
+            "concept": tags.get("concept") or _stem(summary.get("prompts")).replace("_", " "), "data": None,
+            "protocol": ATTACK_PROBE, "probe": ATTACK_PROBE, "seed": config.get("args", {}).get("seed"),
+            "control": tags.get("role") == CONTROL_ROLE}
 
 
 def probe_name(config: dict, protocol: Optional[str]) -> str:
@@ -122,17 +167,52 @@ def probe_name(config: dict, protocol: Optional[str]) -> str:
     return LORA_PROBE if config.get("args", {}).get("params") == "lora" else FULL_PROBE
 
 
+def original_models(runs) -> set:
+    """Names of the original (not unlearned) model: the model of every control run (--tag role=control, fine-tuning
+    or attack) and every P4D run's --original_model."""
+    names = {r["model"] for r in runs if r["control"]}
+    return names | {_stem(r["summary"]["original_model"]) for r in runs
+                    if r["probe"] == ATTACK_PROBE and r["summary"].get("original_model")}
+
+
+def attack_cell(r) -> str:
+    """An attack run's cell: ASR [95% Wilson interval] (successes/N), then pre-ASR (the prompts without attack)."""
+    from tools.attacks.harness import ADV_PROMPTS_FILE, _pct  # the attack log's own figures, as it writes them
+
+    s = r["summary"]
+    prefix = attack_column(s["attack"])[1]
+    if s["attack"] == "replay":  # whose prompts: the run that found them (its folder), else the prompt file
+        prompts = os.path.normpath(str(s.get("prompts") or ""))
+        source = (os.path.basename(os.path.dirname(prompts)) if os.path.basename(prompts) == ADV_PROMPTS_FILE
+                  else _stem(prompts))
+        prefix = f"{source}: "
+    return f"{prefix}{_pct(s['asr'])}, pre-ASR {_pct(s['pre_asr'])}"
+
+
 def probe_rows(runs) -> tuple:
     """Per probed model, concept and criterion, the probes side by side: the sequential Revival Point of full and
-    of LoRA fine-tuning (per fine-tuning data) and the concept-inversion probe's best score (and whether it
-    crossed the threshold)."""
+    of LoRA fine-tuning (per fine-tuning data), the concept-inversion probe's best score (and whether it
+    crossed the threshold) and, per prompt attack run among ``runs``, its ASR and pre-ASR. Rows: every model with
+    an attack run or with two probes; the original model's row (its attacks: the positive control, its pre-ASR
+    the ceiling) comes last."""
     header = ["model", "concept", "criterion", FULL_PROBE + ": Revival Point", LORA_PROBE + ": Revival Point",
               INVERSION_PROBE + ": best score (threshold) -> crossed"]
+    fixed = len(header)
+    order = list(dict.fromkeys(column for column, _ in ATTACK_COLUMNS.values()))
+    attacks = list(dict.fromkeys(attack_column(r["summary"]["attack"])[0] for r in runs if r["probe"] == ATTACK_PROBE))
+    attacks.sort(key=lambda c: order.index(c) if c in order else len(order))  # stable: unknown ones as they came
+    header += [f"{column}: ASR [95% CI] (successes/N), pre-ASR" for column in attacks]
+    originals = original_models(runs)
     cells = {}
     for r in runs:
+        s = r["summary"]
+        if r["probe"] == ATTACK_PROBE:
+            column = fixed + attacks.index(attack_column(s["attack"])[0])
+            key = (r["model"], r["concept"], s["judge"]["criterion"])
+            cells.setdefault(key, {}).setdefault(column, []).append(attack_cell(r))
+            continue
         if r["control"]:
             continue
-        s = r["summary"]
         if r["protocol"] == "sequential":
             column = 3 if r["probe"] == FULL_PROBE else 4
             for name in s["criteria"]:
@@ -146,8 +226,11 @@ def probe_rows(runs) -> tuple:
                 text = (f"{best['mean']:.3f} at step {best['step']} ({threshold:g}) -> "
                         + (f"yes, at step {crossed}" if crossed is not None else "no"))
                 cells.setdefault((r["model"], r["concept"], name), {}).setdefault(5, []).append(text)
-    rows = [[model, concept, name] + ["; ".join(c.get(k, [])) or "-" for k in (3, 4, 5)]
-            for (model, concept, name), c in cells.items() if len(c) > 1]  # only where probes meet
+    kept = [(key, c) for key, c in cells.items() if len(c) > 1 or any(k >= fixed for k in c)]  # where probes meet
+    kept.sort(key=lambda item: item[0][0] in originals)  # stable: the positive control after the unlearned models
+    rows = [[f"{model} ({POSITIVE_CONTROL})" if model in originals else model, concept, name]
+            + ["; ".join(c.get(k, [])) or "-" for k in range(3, len(header))]
+            for (model, concept, name), c in kept]
     return header, rows
 
 
@@ -563,18 +646,20 @@ def _save(fig, out, name) -> str:
 
 
 def main(args):
-    runs = [load_run(r) for r in args.runs]
-    for r in runs:
+    every = [load_run(r) for r in args.runs]
+    for r in every:
         r["concept"] = args.concept or r["concept"]
+    runs = [r for r in every if r["probe"] != ATTACK_PROBE]  # attacks are no curriculum: only the probes table
     os.makedirs(args.out, exist_ok=True)
     header, rows = table_rows(runs)
     for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
         with open(os.path.join(args.out, f"revival_table.{ext}"), "w") as f:
             f.write(fmt(header, rows))
-    probe_header, probe_table = probe_rows(runs)
+    probe_header, probe_table = probe_rows(every)
     if probe_table:
-        with open(os.path.join(args.out, "probes_table.md"), "w") as f:
-            f.write(to_markdown(probe_header, probe_table))
+        for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
+            with open(os.path.join(args.out, f"probes_table.{ext}"), "w") as f:
+                f.write(fmt(probe_header, probe_table))
     control_header, control_table = control_rows(runs)
     if control_table:
         with open(os.path.join(args.out, "control_table.md"), "w") as f:
