@@ -267,3 +267,32 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(assets, toy, toy_regist
     _refused(capsys, argv(**{"--criterion": "classifier"}), "needs --model_path")
     _refused(capsys, argv("ringabell"), "--pairs_file")
     assert not os.path.exists(out)
+
+
+# ---- flags shared by several attacks --------------------------------------------------------------------------------
+
+
+def test_a_shared_flag_takes_the_chosen_attack_s_default_and_its_help_names_each_attack_s():
+    """Parse only: --lr, --judge_every, --num_tokens default per attack (a given value wins), and --help shows each
+    attack's own help and default for them."""
+    from tools import attack_prompts as ap
+
+    required = ["--pretrained_model_name_or_path", "m", "--prompts", "p.txt", "--criterion", "clip",
+                "--output_dir", "o"]
+
+    def settings(attack, *extra):
+        return ap.attack_settings(ap.build_parser().parse_args(["--attack", attack, *required, *extra]))
+
+    udatk, p4dn, ring = settings("unlearndiffatk"), settings("p4d-n"), settings("ringabell")
+    assert (udatk["lr"], udatk["judge_every"], udatk["num_tokens"]) == (0.01, 1, 5)
+    assert (p4dn["lr"], p4dn["judge_every"], p4dn["num_tokens"]) == (0.1, 50, 16)
+    assert ring["num_tokens"] == 16 and "lr" not in ring
+    assert settings("p4d-k", "--lr", "0.5")["lr"] == 0.5 and settings("unlearndiffatk", "--num_tokens", "3")[
+        "num_tokens"] == 3
+    helps = {a.dest: a.help for a in ap.build_parser()._actions}
+    assert "unlearndiffatk: adversarial tokens k" in helps["num_tokens"] and "default 5;" in helps["num_tokens"]
+    assert "p4d-n/p4d-k: P4D-N: free learned tokens" in helps["num_tokens"]
+    assert "ringabell: Ring-A-Bell: K" in helps["num_tokens"] and helps["num_tokens"].endswith("default 16")
+    assert "unlearndiffatk: Adam learning rate" in helps["lr"] and "p4d-n/p4d-k: AdamW learning rate" in helps["lr"]
+    assert "default 0.01;" in helps["lr"] and helps["lr"].endswith("default 0.1")
+    assert helps["timesteps"].endswith("(default 50)")  # a flag of one attack: its help as written

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a file (python tools/attack_prompts.py): the toolkit's packages are beside it
@@ -54,20 +55,42 @@ def _bool(value) -> bool:
 
 
 def attack_flags() -> dict:
-    """Every attack module's flags: flag -> (type, {attack: default}, help), in the order the modules list them."""
+    """Every attack module's flags: flag -> (type, {attack: default}, {attack: help}), in the order the modules list
+    them."""
     out: dict = {}
     for name in attacks.MODULES:
         for flag, kind, default, text in attacks.flags(name):
-            entry = out.setdefault(flag, (kind, {}, text))
+            entry = out.setdefault(flag, (kind, {}, {}))
             entry[1][name] = default
+            entry[2][name] = text
     return out
 
 
-def _defaults_text(defaults: dict) -> str:
-    values = set(map(repr, defaults.values()))
-    if len(values) == 1:
-        return f"default {next(iter(defaults.values()))!r}"
-    return "default " + ", ".join(f"{v!r} ({a})" for a, v in defaults.items())
+def _by_attack(defaults: dict, helps: Optional[dict] = None) -> list:
+    """[(attack names, help, default)]: attacks that give a flag the same help (when ``helps`` is given) and default
+    grouped together, in the order the attacks are listed."""
+    groups: dict = {}
+    for name, default in defaults.items():
+        text = helps[name] if helps is not None else None
+        groups.setdefault((text, repr(default)), ([], default))[0].append(name)
+    return [(names, text, default) for (text, _), (names, default) in groups.items()]
+
+
+def flag_help(defaults: dict, helps: dict) -> str:
+    """--help's text of an attack flag: its help and default, each attack's own where the attacks differ."""
+    groups = _by_attack(defaults, helps)
+    if len(groups) == 1:
+        _, text, default = groups[0]
+        return f"{text} (default {default!r})"
+    return "; ".join(f"{'/'.join(names)}: {text}, default {default!r}" for names, text, default in groups)
+
+
+def _default_text(defaults: dict) -> str:
+    """docs/flags.md's default of an attack flag (its argparse default is None: attack_settings fills it in)."""
+    groups = _by_attack(defaults)
+    if len(groups) == 1:
+        return f"`{groups[0][2]}`"
+    return "per attack: " + "; ".join(f"{'/'.join(names)} `{default}`" for names, _, default in groups)
 
 
 def build_parser() -> cli.Parser:
@@ -117,15 +140,14 @@ def build_parser() -> cli.Parser:
                         "with it; any value in (0, 1] means 'judged the concept')")
     cli.add_classifier_options(g, compat=False)
 
-    for name_flags in _attack_groups():
-        title, entries = name_flags
+    for title, entries in _attack_groups():
         g = p.add_argument_group(title)
-        for flag, (kind, defaults, text) in entries:
-            kwargs = {"type": _bool if kind is bool else kind, "default": None,
-                      "help": f"{text} ({_defaults_text(defaults)})"}
+        for flag, (kind, defaults, helps) in entries:
+            # default None: attack_settings fills in the chosen attack's own default (a shared flag has several).
+            kwargs = {"type": _bool if kind is bool else kind, "default": None, "help": flag_help(defaults, helps)}
             if kind is bool:
                 kwargs["metavar"] = "BOOL"
-            g.add_argument(flag, **kwargs)
+            g.add_argument(flag, **kwargs).default_text = _default_text(defaults)  # read by tools/flags_reference.py
     if "--pairs_file" not in attack_flags():
         p.add_argument_group("Ring-A-Bell input").add_argument(
             "--pairs_file", default=None,
@@ -143,9 +165,12 @@ def build_parser() -> cli.Parser:
 
 
 def _attack_groups():
-    """(group title, [(flag, spec)]) per attack module, each flag once (in the first module that lists it)."""
+    """(group title, [(flag, spec)]): first the flags of several attack modules, then each module's own."""
     flags = attack_flags()
-    seen, groups = set(), []
+    modules = lambda spec: {attacks.MODULES[a][0] for a in spec[1]}  # noqa: E731
+    shared = [(f, spec) for f, spec in flags.items() if len(modules(spec)) > 1]
+    groups = [("settings several attacks share (each attack's own help and default)", shared)] if shared else []
+    seen = {f for f, _ in shared}
     for name, (mod, _) in attacks.MODULES.items():
         entries = [(f, flags[f]) for f, *_ in attacks.flags(name) if f not in seen]
         seen.update(f for f, _ in entries)

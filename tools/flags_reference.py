@@ -22,7 +22,7 @@ OUTPUT = os.path.join(ROOT, "docs", "flags.md")
 PROGRAMS = (
     "finetuning_individual_CLIP.py", "finetuning_individual_Classifier.py", "finetuning_sequential.py",
     "eval_model.py", "tools/import_model.py", "tools/unlearn.py", "tools/generate_training_data.py", "tools/train_classifier.py",
-    "tools/grid.py", "tools/report.py", "tools/benchmark.py", "tools/concept_inversion.py",
+    "tools/grid.py", "tools/report.py", "tools/benchmark.py", "tools/concept_inversion.py", "tools/attack_prompts.py",
 )
 
 
@@ -53,6 +53,10 @@ def _flag(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
+    # A parser may say what a flag's default really is where argparse's is a placeholder (attack_prompts.py's
+    # attack flags default to None and each attack fills in its own).
+    if getattr(action, "default_text", None):
+        return action.default_text
     if action.required:
         return "required"
     if not action.option_strings:

@@ -133,9 +133,11 @@ def make_layout(tokenizer, prompt: str, position: str, num_tokens: int = 0, ever
     """The layout of ``prompt`` with adversarial slots.
 
     prefix / suffix: ``num_tokens`` slots before / after the prompt tokens (UnlearnDiffAtk's prefix_k / suffix_k);
-    insert: one slot before every ``every`` prompt tokens, and one after the last group (P4D-K: slot positions
-    0, every+1, 2(every+1), ... of the content, int(len/every)+1 slots); free: ``num_tokens`` slots and no prompt
-    tokens (P4D-N, Ring-A-Bell). Prompt tokens that do not fit the encoder's length are cut from the end.
+    insert (P4D-K, as optimize_k.py places them): for a prompt of L tokens, int(L/every) + 1 slots at content
+    positions 0, every+1, 2(every+1), ...; each slot but the last is followed by the next ``every`` prompt tokens
+    and the last slot by the remaining L mod every tokens, so the prompt ends with a slot only when ``every``
+    divides L (L = 0: one slot); free: ``num_tokens`` slots and no prompt tokens (P4D-N, Ring-A-Bell). Prompt
+    tokens that do not fit the encoder's length (with their slots) are cut from the end, and L counts what is kept.
     """
     if position not in POSITIONS:
         raise ValueError(f"position {position!r} not one of {POSITIONS}")
