@@ -127,8 +127,34 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _drop_torn_tail(path: str) -> None:
+    """Cut a JSON-lines file back to its last complete line: a kill mid-write leaves a torn last line, and a
+    record appended after it would be glued onto it (read_jsonl stops there, losing every later record)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:  # scan back in 64 KiB blocks for the last newline
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
 def append_jsonl(path: str, record: dict) -> None:
-    """Append one JSON line and push it to disk."""
+    """Append one JSON line (after cutting a torn last line left by a kill) and push it to disk."""
+    _drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()

@@ -258,6 +258,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(assets, toy, toy_regist
     _refused(capsys, argv("p4d-n"), "--original_model")
     _refused(capsys, argv("p4d-k", **{"--original_model": str(tmp_path / "nowhere")}), "--original_model")
     _refused(capsys, argv(**{"--num_tokens": 0}), "--num_tokens 0: must be at least 1")
+    images = tmp_path / "targets"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(images / "0.png")
+    _refused(capsys, argv("unlearndiffatk", **{"--target_images": str(images), "--num_tokens": 76}),
+             "--num_tokens 76: at most 75")
     no_prompt = tmp_path / "adv.csv"
     no_prompt.write_text("text,case_number\na red circle,0\n")
     _refused(capsys, argv(**{"--prompts": str(no_prompt)}), "no 'prompt' column")

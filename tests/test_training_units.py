@@ -55,3 +55,22 @@ def test_str2bool(text, value):
 def test_str2bool_rejects_garbage():
     with pytest.raises(argparse.ArgumentTypeError):
         str2bool("maybe")
+
+
+def test_append_after_a_torn_last_line_keeps_every_record(tmp_path):
+    """A kill mid-write leaves half a line; the resumed run's next record must not be glued onto it."""
+    from common.results import append_jsonl, read_jsonl
+
+    path = str(tmp_path / "results.jsonl")
+    append_jsonl(path, {"case": 0})
+    with open(path, "a") as f:
+        f.write('{"case": 1, "sco')  # torn by the kill
+    assert read_jsonl(path) == [{"case": 0}]
+    append_jsonl(path, {"case": 1})
+    append_jsonl(path, {"case": 2})
+    assert read_jsonl(path) == [{"case": 0}, {"case": 1}, {"case": 2}]
+    torn_only = str(tmp_path / "torn.jsonl")
+    with open(torn_only, "w") as f:
+        f.write('{"a": ')
+    append_jsonl(torn_only, {"a": 1})
+    assert read_jsonl(torn_only) == [{"a": 1}]

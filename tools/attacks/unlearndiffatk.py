@@ -39,6 +39,9 @@ POSITIONS = ("prefix", "suffix")
 def validate(settings: dict) -> None:
     """Bad settings as one InputError naming the flag."""
     optim.positive_settings(settings, ["num_tokens", "timesteps", "steps_per_timestep", "judge_every"])
+    if settings.get("num_tokens") is not None and settings["num_tokens"] > 75:
+        raise InputError(f"--num_tokens {settings['num_tokens']}: at most 75 (the text encoder's 77 positions "
+                         "less start- and end-of-text)")
     if settings.get("position", "prefix") not in POSITIONS:
         raise InputError(f"--position {settings.get('position')}: must be one of {', '.join(POSITIONS)}")
 
