@@ -1,6 +1,7 @@
 """The demo's check of its figures against the committed expected values (tools/toy_world/expected.py)."""
 
 import json
+import os
 
 import pytest
 
@@ -88,3 +89,52 @@ def test_the_committed_expected_values_come_from_a_pinned_avx2_run():
         env = section["numeric_environment"]
         assert env["pinned"] and env["pin"]["ATEN_CPU_CAPABILITY"] == "avx2" and env["torch_threads"] == 1, name
         assert len(section["figures"]) > 50, name
+
+
+def _attack_run(path, attack, tags, pre, post):
+    """An attack run's files as tools/attack_prompts.py writes those tools/report.py reads (hand-counted rates)."""
+    from tools.attacks.base import attack_rates
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"script": "tools/attack_prompts.py", "attack": attack,
+                                                  "args": {"seed": 0}, "tags": tags}))
+    (path / "summary.json").write_text(json.dumps({"attack": attack, "judge": {"criterion": "classifier"},
+                                                   "model": str(path), "n": len(pre),
+                                                   **attack_rates(pre, post)}))
+    return str(path)
+
+
+def test_the_attack_cells_of_the_probes_table_are_figures(tmp_path):
+    """The demo's prompt attacks are columns of tools/report.py's probes table: every cell is a checked figure,
+    named by its row (model, concept, criterion) and column; the base model's row is the positive control."""
+    from tools import report
+
+    red = {"concept": "a red circle"}
+    control = {"role": "control", "method": "base", **red}
+    runs = [_attack_run(tmp_path / "runs" / "udatk-esd", "unlearndiffatk", {"method": "esd-x", **red},
+                        [False] * 4, [True, False, False, True]),
+            _attack_run(tmp_path / "runs" / "p4dn-base", "p4d-n", control, [True] * 4, [True] * 4),
+            _attack_run(tmp_path / "runs" / "p4dk-base", "p4d-k", control, [True, True, False, True],
+                        [True, True, False, True])]
+    report.main(report.parse_args(runs + ["--out", str(tmp_path / "demo" / "report")]))
+    figs = expected.demo_figures(str(tmp_path / "demo"), CARD)
+    col = "ASR [95% CI] (successes/N), pre-ASR"
+    assert figs[f"probes_table: esd-x a red circle classifier / UnlearnDiffAtk: {col}"] == (
+        "50.0% [15.0, 85.0] (2/4), pre-ASR 0.0% [0.0, 49.0] (0/4)")
+    assert figs[f"probes_table: base (positive control) a red circle classifier / P4D: {col}"] == (
+        "P4D-N: 100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% [51.0, 100.0] (4/4); "
+        "P4D-K: 75.0% [30.1, 95.4] (3/4), pre-ASR 75.0% [30.1, 95.4] (3/4)")
+    assert figs[f"probes_table: esd-x a red circle classifier / P4D: {col}"] == "-"  # no P4D run on ESD-x
+    assert len([f for f in figs if f.startswith("probes_table:")]) == 2 * 5  # 2 rows x (3 other probes + 2 attacks)
+
+
+def test_only_tables_the_report_writes_are_read():
+    """Every table the check reads is one tools/report.py writes (a table nobody writes is no figure)."""
+    import inspect
+
+    from tools import report
+
+    source = inspect.getsource(report.main)
+    for name in expected.TABLE_KEYS:
+        stem = os.path.splitext(name)[0]
+        assert f'"{name}"' in source or f'f"{stem}.{{ext}}"' in source, name

@@ -284,6 +284,69 @@ def test_demo_plans_a_control_retention_and_seeds(tmp_path):
         demo.parse_args(["--run_seeds", "a,b"])
 
 
+def test_demo_plans_the_prompt_attacks(tmp_path):
+    """make demo's attack phase: the four attacks on ESD-x, UCE and the base model, each command line parsed by
+    tools/attack_prompts.py's own parser (no model runs); each run's names put it in tools/report.py's rows of the
+    demo's other probes of that model (the base model's as the positive control), judged by the classifier."""
+    from tools import attack_prompts, demo, report, toy_world
+    from tools.attacks import harness, ringabell
+
+    p = toy_world.paths(str(tmp_path / "world"))
+    for m in toy_world.UNLEARN_METHODS:
+        os.makedirs(p["unlearned"][m])
+    os.makedirs(os.path.dirname(p["prompts_target"]))
+    with open(p["prompts_target"], "w") as f:  # each phrasing several times (here in a row: still distinct cases)
+        f.write("".join(line + "\n" for line in toy_world.concept_prompts(toy_world.TARGET) for _ in range(3)))
+    th = {"clip_threshold": 0.8, "bc_threshold": 0.6}
+    args = demo.parse_args(["--out", str(tmp_path / "out")])
+    os.makedirs(args.out)
+    tasks = demo.attack_tasks(args, p, th)
+    attacks = ("unlearndiffatk", "p4d-n", "p4d-k", "ringabell")
+    assert sorted(t.name for t in tasks) == sorted(f"attack-{a}-{m}" for m in ("esd-x", "uce", "base")
+                                                   for a in attacks)
+    # The rows of the demo's other probes: an untagged fine-tuning run is named by its model directory and prompt
+    # file (report.load_run), the fine-tuning control by its tags; their criteria include the classifier.
+    rows = {m: (report._stem(p["unlearned"][m]), False) for m in toy_world.UNLEARN_METHODS}
+    rows["base"] = (dict(t.split("=") for t in demo.CONTROL_TAGS)["method"], True)
+    concept = report._stem(p["prompts_target"]).replace("_", " ")
+    models = {**{p["unlearned"][m]: m for m in toy_world.UNLEARN_METHODS}, p["sd_base"]: "base"}
+    loaded = []
+    for task in tasks:
+        assert task.script == "tools/attack_prompts.py" and task.out == os.path.join(args.out, task.name)
+        assert task.resume_flags == ()  # attack_prompts.py continues a killed run by itself: no resume flag
+        a = attack_prompts.build_parser().parse_args(demo.flag_list(task.flags))
+        model = models[a.pretrained_model_name_or_path]
+        assert task.name == f"attack-{a.attack}-{model}"
+        assert (a.criterion, a.model_path, a.bc_threshold) == ("classifier", p["classifier"], 0.6)
+        assert 1 <= a.heldout_seeds <= 2 and a.output_dir == task.out
+        if a.attack.startswith("p4d"):
+            assert a.original_model == p["sd_base"]
+            assert a.iterations < 3000 and a.judge_every <= a.iterations
+        if a.attack == "unlearndiffatk":
+            assert len(harness.list_images(a.target_images)) == demo.INVERSION["images"]
+            assert a.timesteps * a.steps_per_timestep < 50 * 40
+        if a.attack == "ringabell":
+            lines = open(a.pairs_file).read().splitlines()
+            assert lines and all(line.count("\t") == 1 for line in lines)
+            name = " ".join(toy_world.TARGET)  # with the concept, a tab, without it
+            assert all(name in x and name not in y for x, y in (line.split("\t") for line in lines))
+            assert len(ringabell.read_pairs(a.pairs_file)) == len(lines)  # the attack's own reader takes it
+            assert a.population < 200 and a.generations < 3000
+        cases = harness.read_cases(a.prompts, a.seed, a.guidance_scale).cases
+        assert 1 <= len(cases) == len({c.prompt for c in cases}) <= len(toy_world.concept_prompts(toy_world.TARGET))
+        # The run as tools/report.py reads it: config.json as attack_prompts.py writes it, a summary.
+        run = tmp_path / "runs" / task.name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(attack_prompts.run_config(a, attack_prompts.attack_settings(a))))
+        (run / "summary.json").write_text(json.dumps({"attack": a.attack, "judge": {"criterion": a.criterion},
+                                                      "model": a.pretrained_model_name_or_path,
+                                                      "original_model": a.original_model, "prompts": a.prompts}))
+        r = report.load_run(str(run))
+        assert (r["model"], r["control"]) == rows[model] and r["concept"] == concept, task.name
+        loaded.append(r)
+    assert report.original_models(loaded) == {rows["base"][0], report._stem(p["sd_base"])}
+
+
 def test_demo_reuses_a_finished_run_only_from_the_same_world(tmp_path):
     """A run finished on another world (rebuilt, or built in another pin state) is cleared and run again."""
     from tools import demo

@@ -3,7 +3,9 @@
 
 Phases: build (or reuse) the toy world; calibrate the thresholds; fine-tune the
 unlearned models (ESD-x, UCE) with the four scripts through `accelerate
-launch`; evaluate; print the revival table and write plots (tools/report.py).
+launch`; attack them and the base model with the prompt attacks
+(tools/attack_prompts.py, budgets cut: ATTACKS); evaluate; print the revival
+and probes tables and write plots (tools/report.py).
 
 Every sequential run also scores retention prompts (the target's neighbours
 and unrelated concepts, toy_world.RETENTION), and a control run fine-tunes the
@@ -118,14 +120,17 @@ def calibrate(card: dict) -> dict:
             "base_classifier_acc": base_acc, "highest_unlearned_classifier_acc": unlearned_acc}
 
 
+def flag_list(flags: dict) -> list:
+    """A run's flags as its command line's arguments: None a bare flag, a list value repeats the flag (--tag)."""
+    return [k if x is None else f"{k}={x}" for k, v in flags.items() for x in (v if isinstance(v, list) else [v])]
+
+
 def launch(script: str, flags: dict, log_path: str, accelerate: bool = True) -> int:
     """Run one script through `accelerate launch` (1 CPU process), or a tool with plain python; its output goes to
     log_path."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"] if accelerate else [sys.executable]
-    cmd.append(os.path.join(ROOT, script))
-    for k, v in flags.items():  # a list value repeats the flag (--tag)
-        cmd += [k if x is None else f"{k}={x}" for x in (v if isinstance(v, list) else [v])]
+    cmd += [os.path.join(ROOT, script), *flag_list(flags)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT)
     t0 = time.time()
     with open(log_path, "w") as log:
@@ -181,15 +186,21 @@ def demo_plan(args, p, th, retention) -> list:
     return plan
 
 
-def inversion_tasks(args, p, th) -> list:
-    """tools/concept_inversion.py on each unlearned model (Task list): 20 drawn images of the target, the target's
-    validation prompts with its name replaced by the placeholder."""
+def concept_images(args) -> str:
+    """20 drawn images of the target (made once): concept inversion's training images, UnlearnDiffAtk's targets."""
     from tools import tiny
 
     images = os.path.join(args.out, "concept_images")
     if not os.path.isdir(images):
         tiny.shapes_dataset(images, [toy_world.TARGET], per_concept=INVERSION["images"], size=toy_world.RESOLUTION,
                             seed=args.seed + 1)
+    return images
+
+
+def inversion_tasks(args, p, th) -> list:
+    """tools/concept_inversion.py on each unlearned model (Task list): 20 drawn images of the target, the target's
+    validation prompts with its name replaced by the placeholder."""
+    images = concept_images(args)
     name = " ".join(toy_world.TARGET)  # "red circle"
     prompts = os.path.join(args.out, "inversion_prompts.txt")
     with open(p["prompts_target"]) as src, open(prompts, "w") as dst:
@@ -209,6 +220,79 @@ def inversion_tasks(args, p, th) -> list:
         # No checkpoints: an interrupted probe starts afresh.
         tasks.append(Task(f"inversion-{method}", "tools/concept_inversion.py", out, flags, accelerate=False,
                           resumable=False))
+    return tasks
+
+
+# The prompt attacks (issue #28, docs/attacks.md): each attack on ESD-x, UCE and the base model, whose row is the
+# positive control (its pre-ASR is the ceiling). The published budgets cost minutes to hours per prompt on a CPU; these
+# are cut so that the 12 runs take about 2.5 minutes two at a time on 2 cores. Timed alone, pinned, on the toy world
+# (2026-12-02, 4 prompts): 22-36 s per run on ESD-x or UCE (about 7 s of it loading), 8-9 s per run on the base model
+# (its prompts already succeed: nothing to search); 270 s of one core in all, about 135 s two at a time.
+ATTACKS = {
+    # Published (Diffusion-MU-Attack configs): 50 timesteps x 40 Adam steps = 2000 steps, judged after each
+    # timestep. Cut to 10 timesteps (50, 150, ..., 950 of 1000) x 10 steps = 100 steps (5%), judged after each.
+    "unlearndiffatk": {"--timesteps": 10, "--steps_per_timestep": 10},
+    # Published (joycenerd/P4D configs): 3000 iterations, judged every 50 (61 judged prompts). Cut to 100 iterations
+    # (3.3%) judged every 25 (5 judged prompts).
+    "p4d-n": {"--iterations": 100, "--judge_every": 25},
+    "p4d-k": {"--iterations": 100, "--judge_every": 25},
+    # Published (InversePrompt.ipynb): population 200, 3000 generations (~360,000 encodings). Cut to population 100,
+    # 120 generations (~7,200 encodings, 2%).
+    "ringabell": {"--population": 100, "--generations": 120},
+}
+# The cases: the first 4 of the target's 10 phrasings (published: a whole prompt set, e.g. 142 I2P prompts), each
+# prompt that counts judged again on 2 held-out seeds (the tool's default: 3).
+ATTACK_CASES = {"prompts": 4, "heldout_seeds": 2}
+
+
+def ringabell_pairs() -> list:
+    """Ring-A-Bell's pairs file lines: each phrasing of the target, a tab, the same phrasing of every other concept
+    of the world (the concept vector: what "red circle" adds to a caption over any other colour and shape)."""
+    target = toy_world.concept_prompts(toy_world.TARGET)
+    return [f"{with_c}\t{without}" for c in toy_world.CONCEPTS if c != toy_world.TARGET
+            for with_c, without in zip(target, toy_world.concept_prompts(c))]
+
+
+def attacked_models(p) -> list:
+    """(name, model directory, tags) of the attacked models: the unlearned ones present, then the base model tagged
+    as tools/report.py's control (its row: the positive control)."""
+    concept = f"concept={toy_world.caption(*toy_world.TARGET)}"  # the other probes' concept: the same table rows
+    models = [(m, p["unlearned"][m], [f"method={m}", concept]) for m in toy_world.UNLEARN_METHODS
+              if os.path.isdir(p["unlearned"][m])]
+    return models + [("base", p["sd_base"], CONTROL_TAGS + [concept])]
+
+
+def attack_tasks(args, p, th) -> list:
+    """tools/attack_prompts.py, each attack of ATTACKS on each attacked model (Task list), on the first
+    ATTACK_CASES["prompts"] phrasings of the target's validation prompts."""
+    with open(p["prompts_target"]) as f:
+        phrasings = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    prompts = os.path.join(args.out, "attack_prompts.txt")
+    with open(prompts, "w") as f:
+        f.write("".join(line + "\n" for line in phrasings[:ATTACK_CASES["prompts"]]))
+    pairs = os.path.join(args.out, "ringabell_pairs.tsv")
+    with open(pairs, "w") as f:
+        f.write("".join(line + "\n" for line in ringabell_pairs()))
+    needs = {"unlearndiffatk": {"--target_images": concept_images(args)},  # drawn red circles, as for inversion
+             "p4d-n": {"--original_model": p["sd_base"]}, "p4d-k": {"--original_model": p["sd_base"]},
+             "ringabell": {"--pairs_file": pairs}}
+    # The judge: the classifier, not CLIP. An attack's success is a verdict on one image, which is what the
+    # classifier gives (the concept is there or not), while the demo's CLIP threshold is calibrated on mean scores
+    # over prompts; and the classifier is a model of its own, while the toy CLIP's text tower is the attacked models'
+    # text encoder, the one P4D and Ring-A-Bell search through. The published attacks judge with a classifier or
+    # detector too.
+    judge = {"--criterion": "classifier", "--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"]}
+    tasks = []
+    for model, path, tags in attacked_models(p):
+        for attack, budget in ATTACKS.items():
+            name = f"attack-{attack}-{model}"
+            out = os.path.join(args.out, name)
+            flags = {"--attack": attack, "--pretrained_model_name_or_path": path, "--prompts": prompts,
+                     **needs[attack], **budget, **judge, "--heldout_seeds": ATTACK_CASES["heldout_seeds"],
+                     "--num_inference_steps": args.num_inference_steps, "--resolution": toy_world.RESOLUTION,
+                     "--seed": args.seed, "--output_dir": out, "--quiet": None, "--tag": tags}
+            # Rerun as is, an interrupted attack continues at its first unfinished prompt.
+            tasks.append(Task(name, "tools/attack_prompts.py", out, flags, accelerate=False, resume_flags=()))
     return tasks
 
 
@@ -257,7 +341,8 @@ class Task(NamedTuple):
     out: str
     flags: dict
     accelerate: bool = True  # through `accelerate launch`, as users run the fine-tuning scripts
-    resumable: bool = True  # continues an interrupted demo (--resume_from_checkpoint latest), else starts afresh
+    resumable: bool = True  # continues an interrupted demo (with resume_flags), else starts afresh
+    resume_flags: tuple = (("--resume_from_checkpoint", "latest"),)  # the fine-tuning scripts'; an attack: none
 
 
 def run_tasks(tasks: List[Task], world: str, log_dir: str, jobs: int) -> tuple:
@@ -271,7 +356,7 @@ def run_tasks(tasks: List[Task], world: str, log_dir: str, jobs: int) -> tuple:
             return True
         flags = dict(task.flags)
         if task.resumable:
-            flags["--resume_from_checkpoint"] = "latest"
+            flags.update(task.resume_flags)
         else:
             shutil.rmtree(task.out, ignore_errors=True)
         ok = launch(task.script, flags, os.path.join(log_dir, f"{task.name}.log"), accelerate=task.accelerate) == 0
@@ -323,7 +408,15 @@ def main(args):
     phases["runs"] = time.time() - t
     if args.run_seeds:  # the seeds' table and plots only
         return report_and_finish(args, card, runs, failed, t0, phases, f"demo over seeds {args.run_seeds}")
-    # Phase 3: evaluate the base, unlearned and revived sequential models.
+    # Phase 3: the prompt attacks on the unlearned models and the base model (columns of the probes table).
+    t = time.time()
+    attacks = attack_tasks(args, p, th)
+    print(f"prompt attacks: {len(attacks)} runs ({', '.join(ATTACKS)} on "
+          f"{', '.join(m for m, _, _ in attacked_models(p))}), {ATTACK_CASES['prompts']} prompts each", flush=True)
+    attacked, attack_failed = run_tasks(attacks, args.world, args.out, args.jobs)
+    runs, failed = runs + attacked, failed + attack_failed
+    phases["attacks"] = time.time() - t
+    # Phase 4: evaluate the base, unlearned and revived sequential models.
     t = time.time()
     seq_dirs = [r for r in runs if os.path.basename(r).startswith("seq-")
                 and not os.path.basename(r).startswith("seq-control")]
@@ -338,7 +431,7 @@ def main(args):
     if rc == 0:
         print(format_table(read_jsonl(os.path.join(args.out, "eval", "results.jsonl"))))
     phases["evaluation"] = time.time() - t
-    # Phase 4: the revival table and plots, and the check of every figure against the committed values.
+    # Phase 5: the revival table and plots, and the check of every figure against the committed values.
     report_and_finish(args, card, runs, failed, t0, phases, "demo")
 
 
