@@ -276,8 +276,10 @@ def test_demo_plans_a_control_retention_and_seeds(tmp_path):
     assert args.run_seeds == [0, 1, 2] and args.out.endswith("demo_runs_seeds")
     plan = demo.seeds_plan(args, p, th, "r.txt")
     assert [(name, flags["--seed"]) for _, name, _, _, flags in plan] == [
-        (f"seq-{m}-related-seed{s}", s) for s in (0, 1, 2) for m in ("esd-x", "uce", "control")]
-    assert {data for _, _, _, data, _ in plan} == {"related"}
+        (f"seq-{m}-{d}-seed{s}", s) for s in (0, 1, 2)
+        for m, d in [("esd-x", "related"), ("esd-x", "unrelated"), ("uce", "related"), ("uce", "unrelated"),
+                     ("control", "related")]]
+    assert [data for _, name, _, data, _ in plan] == [name.split("-")[-2] for _, name, _, _, _ in plan]
     # The retention prompts: the target's neighbours and concepts in neither fine-tuning set, never the target.
     assert toy_world.TARGET not in toy_world.RETENTION and set(toy_world.NEIGHBOURS) <= set(toy_world.RETENTION)
     with pytest.raises(SystemExit):

@@ -12,8 +12,8 @@ and unrelated concepts, toy_world.RETENTION), and a control run fine-tunes the
 base model (never unlearned) on the related curriculum (tagged role=control:
 tools/report.py pairs it with the unlearned runs).
 
-`--run_seeds 0,1,2` runs instead only the sequential ESD-x, UCE and control runs
-on the related data, once per fine-tuning seed (same world), and reports them
+`--run_seeds 0,1,2` runs instead only the sequential ESD-x and UCE runs on both
+data sets and the control on the related data, once per fine-tuning seed (same world), and reports them
 with bootstrap intervals over the seeds.
 
 Numbers: the demo runs under the pinned numeric environment of
@@ -77,8 +77,8 @@ def parse_args(argv=None):
                    help="record this pinned demo's figures as the expected values (tools/toy_world/"
                         "expected_demo.json) instead of checking them")
     p.add_argument("--run_seeds", default=None,
-                   help="e.g. 0,1,2: only the sequential ESD-x/UCE/control runs on the related data, once per "
-                        "fine-tuning seed, and the table over seeds (default --out: demo_runs_seeds/)")
+                   help="e.g. 0,1,2: only the sequential ESD-x/UCE runs on the related and unrelated data and the "
+                        "control on the related data, once per fine-tuning seed, and the table over seeds (default --out: demo_runs_seeds/)")
     args = p.parse_args(argv)
     if args.run_seeds is not None:
         try:
@@ -297,13 +297,16 @@ def attack_tasks(args, p, th) -> list:
 
 
 def seeds_plan(args, p, th, retention) -> list:
-    """The sequential ESD-x, UCE and control runs on the related data, once per fine-tuning seed."""
+    """The sequential ESD-x and UCE runs on the related and the unrelated data and the control on the related data,
+    once per fine-tuning seed: the demo's claims about the method (related data revives, unrelated does not, the
+    control stays put) rest on these seeds, not on seed 0 alone."""
     plan = []
     seq = {**_sequential_flags(args, p, th, retention), "--save_model": "False"}
     for seed in args.run_seeds:
         for method in toy_world.UNLEARN_METHODS:
-            plan.append(("finetuning_sequential.py", f"seq-{method}-related-seed{seed}", p["unlearned"][method],
-                         "related", {**seq, "--seed": seed, "--tag": [f"method={method}"]}))
+            for data in ("related", "unrelated"):
+                plan.append(("finetuning_sequential.py", f"seq-{method}-{data}-seed{seed}", p["unlearned"][method],
+                             data, {**seq, "--seed": seed, "--tag": [f"method={method}"]}))
         plan.append(("finetuning_sequential.py", f"seq-control-related-seed{seed}", p["sd_base"], "related",
                      {**seq, "--seed": seed, "--tag": CONTROL_TAGS}))
     return plan
