@@ -26,10 +26,14 @@ RESOLUTION = 32
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that launch two processes share one xdist group: `make test` (two workers) runs them one at a time."""
+    """xdist groups for `make test` (two workers, --dist loadgroup): the tests that launch two processes share one
+    group, so they run one at a time; every other test is grouped with its module, so a module's fixtures (a toy
+    world, a reference run) are built once, not once on each worker."""
     for item in items:
         if item.get_closest_marker("two_processes"):
             item.add_marker(pytest.mark.xdist_group("two_processes"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""P4D and Ring-A-Bell on the tiny models (issue #28; docs/attacks.md): the decisions a plausible bug would break."""
+"""The prompt attacks on the tiny models (issue #28; docs/attacks.md): the simplex, UnlearnDiffAtk, P4D and
+Ring-A-Bell decisions a plausible bug would break."""
 
 from __future__ import annotations
 
@@ -269,3 +270,65 @@ def test_a_bad_pairs_file_stops_the_cli_before_anything_is_written(assets, tmp_p
     lines = capsys.readouterr().err.strip().splitlines()
     assert err.value.code == 2 and len(lines) == 1 and "line 2" in lines[0] and "do not differ" in lines[0], lines
     assert not out.exists()
+
+
+# ---- UnlearnDiffAtk and the simplex -------------------------------------------------------------------------------
+
+
+def test_simplex_projection_keeps_every_row_a_distribution_and_its_argmax_is_the_hard_token():
+    from tools.attacks import optim
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50, generator=gen) * 3
+    x[0] = 0.02  # already uniform-ish: stays a distribution
+    p = optim.project_simplex(x)
+    assert (p >= 0).all()
+    assert torch.allclose(p.sum(-1), torch.ones(6), atol=1e-6)
+    # The projection is a shift and a clamp: it keeps each row's order, so the hard token is the row's own argmax.
+    assert torch.equal(p.argmax(-1), x.argmax(-1))
+    # Hand case: (0.5, 0.5, 0.5) -> theta = 0.5 / 3 -> each 1/3; (2, 0, 0) -> (1, 0, 0); (0.6, 0.3, 0.1) stays.
+    hand = optim.project_simplex(torch.tensor([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [0.6, 0.3, 0.1]]))
+    assert torch.allclose(hand, torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.6, 0.3, 0.1]]), atol=1e-6)
+    one_hot, ids = optim.straight_through_one_hot(p, sample=False)
+    assert torch.equal(ids, x.argmax(-1)) and torch.equal(one_hot.argmax(-1), ids)
+    # A sampled row never picks a token of zero mass.
+    sparse = optim.project_simplex(torch.tensor([[5.0, 4.9, -3.0, -3.0]] * 200))
+    _, drawn = optim.straight_through_one_hot(sparse, torch.Generator().manual_seed(1))
+    assert set(drawn.tolist()) == {0, 1}
+
+
+def test_unlearndiffatk_loss_decreases_on_a_fixed_target_and_only_the_adversarial_rows_change(sd, fixed_draws):
+    """A fixed target latent, noise and timestep: the diffusion loss of prompt + adversarial tokens goes down over a
+    few Adam steps on the token probabilities, which stay distributions; the prompt's own input embeddings never
+    change (the adversarial slots are the only rows the search writes)."""
+    from tools.attacks import optim, unlearndiffatk
+
+    parts = sd["unlearned"]
+    latents, noise, t = fixed_draws
+    vocab = torch.arange(1000, 1400)  # a few hundred ids keep the tiny test fast
+    tokens = unlearndiffatk.SimplexTokens(parts, PROMPT, 3, "prefix", 0.05, 0.0, torch.device("cpu"), vocab=vocab)
+    table = optim.token_table(parts.text_encoder).clone()
+    words = parts.tokenizer.encode(PROMPT, add_special_tokens=False)
+    start = tokens.probs.detach().clone()
+
+    def expected_loss():  # the loss under the probabilities themselves (the expectation the sampling estimates)
+        with torch.no_grad():
+            return float(tokens.loss(latents, int(t), noise, tokens.probs))
+
+    before = expected_loss()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        tokens.step(latents, int(t), gen, noise=noise)
+        assert (tokens.probs >= 0).all() and torch.allclose(tokens.probs.sum(-1), torch.ones(3), atol=1e-5)
+    after = expected_loss()
+    assert after < before, (before, after)
+    assert not torch.equal(tokens.probs, start)
+    # Only the slots: the prompt's embeddings and the encoder's table are untouched, the prompt follows the prefix.
+    hard = tokens.hard_ids()
+    full = tokens.layout.with_tokens(hard)
+    assert full[tokens.layout.prompt].tolist() == words
+    assert tokens.layout.adv.tolist() == [1, 2, 3]  # a prefix of 3 after the start token
+    embeds = tokens.input_embeds(F.one_hot(hard - 1000, len(vocab)).float())
+    assert torch.equal(embeds[tokens.layout.prompt], table[torch.tensor(words)])
+    assert torch.equal(embeds[tokens.layout.adv], table[hard])
+    assert torch.equal(optim.token_table(parts.text_encoder), table)
