@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from conftest import ROOT
 from tools.toy_world import expected
 
 ENV = {"cpu_model": "AMD EPYC", "torch_cpu_capability": "AVX2", "torch_threads": 1, "pinned": True,
@@ -138,3 +139,25 @@ def test_only_tables_the_report_writes_are_read():
     for name in expected.TABLE_KEYS:
         stem = os.path.splitext(name)[0]
         assert f'"{name}"' in source or f'f"{stem}.{{ext}}"' in source, name
+
+
+def test_the_demo_page_shows_the_expected_figures():
+    """docs/demo.md's revival table and thresholds are the recorded run's (tools/toy_world/expected_demo.json):
+    a re-recorded demo whose page was not updated fails here."""
+    figures = expected.load_expected()["sections"]["demo"]["figures"]
+    page = (ROOT / "docs" / "demo.md").read_text()
+    assert f"**{figures['thresholds: CLIP']}**" in page and f"**{figures['thresholds: classifier']}**" in page
+    names = {"ESD-x": "esd-x", "UCE": "uce", "ESD-x (LoRA)": "esd-x (LoRA)", "UCE (LoRA)": "uce (LoRA)",
+             "base (control)": "base (control)", "base (LoRA) (control)": "base (LoRA) (control)"}
+    rows = 0
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or cells[0] not in names or not cells[5]:
+            continue
+        method, data, criterion, threshold, _, point = cells
+        key = f"revival_table: {names[method]} a red circle {data} {criterion.lower()}"
+        assert figures[f"{key} / threshold"] == threshold, key
+        got = point.replace("**", "").replace(" (met before training too)", " (50 images)")
+        assert figures[f"{key} / Revival Point"] == got, key
+        rows += 1
+    assert rows == 16  # every sequential row of the page's revival table
