@@ -414,20 +414,11 @@ def test_unet_on_two_processes_keeps_the_ranks_equal_and_matches_one_process(tmp
 
 
 def _save_rank(rank, init, args, path):
-    """Train as rank ``rank`` of two with build's own per-rank entry point; save weights and figures."""
+    """Train as rank ``rank`` of two through the build's own per-rank entry point; save weights and figures."""
     import torch
-    import torch.distributed as dist
 
-    from tools.toy_world import sd, world as w
+    from tools.toy_world import build
 
     torch.set_num_threads(1)
-    lat_mean, lat_std, scaling, labels, text_table, s, seed, dim = args
-    unet = sd.make_unet(dim, w._seed(seed, 30))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    try:
-        figures = sd.train_unet(unet, lat_mean, lat_std, scaling, labels, text_table, s["unet_steps"],
-                                s["unet_batch"], s["unet_lr"], s["caption_dropout"], w._seed(seed, 31),
-                                s["snr_gamma"], lambda *_: None, rank=rank, world_size=2)
-    finally:
-        dist.destroy_process_group()
+    unet, figures = build._train_unet_part(rank, 2, init, *args, log=lambda *_: None)
     torch.save({"state": unet.state_dict(), "figures": figures}, path)

@@ -220,7 +220,8 @@ def _train_vae_part(x: torch.Tensor, s: dict, seed: int) -> tuple:
 
 def _train_unet_part(rank: int, world_size: int, init_method: str, lat_mean, lat_std, scaling: float, labels,
                      text_table, s: dict, seed: int, cross_attention_dim: int, log: Callable = print) -> tuple:
-    """One of ``world_size`` processes training the UNet on its share of each batch; (unet, figures)."""
+    """One of ``world_size`` processes training the UNet on its share of each batch; (unet, figures), the same on
+    every rank."""
     import torch.distributed as dist
 
     unet = make_unet(cross_attention_dim, _seed(seed, 30))  # the same seed: every process starts from the same weights
@@ -231,7 +232,7 @@ def _train_unet_part(rank: int, world_size: int, init_method: str, lat_mean, lat
                              world_size=world_size)
     finally:
         dist.destroy_process_group()
-    return (unet, figures) if rank == 0 else (None, None)
+    return unet, figures
 
 
 def _train_classifier_part(s: dict, seed: int, classifier_dir: str) -> tuple:
@@ -319,7 +320,7 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
         init = f"file://{os.path.join(root, '.unet_rendezvous')}"
         rank1 = pool.submit(_train_unet_part, 1, UNET_PROCESSES, init, *unet_args)
         unet, figures["unet"] = _train_unet_part(0, UNET_PROCESSES, init, *unet_args, log=log)
-        rank1.result()
+        rank1.result()  # rank 1's copy (bit-identical) is not needed
         with contextlib.suppress(FileNotFoundError):  # gloo's file store may have removed it already
             os.remove(os.path.join(root, ".unet_rendezvous"))
         figures["unet"]["parameters"] = sum(q.numel() for q in unet.parameters())
