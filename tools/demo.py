@@ -62,9 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", default="full", choices=sorted(toy_world.SCALES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip_epoch", type=int, default=2,
-                   help="epoch budget of the individual runs (the paper's scripts: 5; the demo's 2 keeps `make demo` "
-                        "within 15 minutes on 2 cores: each individual run restarts every chunk from the unlearned "
-                        "model)")
+                   help="epoch budget of the individual runs (the paper's scripts: 5; the demo's 2 shortens `make demo` "
+                        "on 2 cores: each individual run restarts every chunk from the unlearned model)")
     p.add_argument("--num_train_epochs", type=int, default=8, help="epochs per chunk of the sequential runs (paper 8)")
     p.add_argument("--num_inference_steps", type=int, default=10)
     p.add_argument("--no_pin", action="store_true",
@@ -78,7 +77,8 @@ def parse_args(argv=None):
                         "expected_demo.json) instead of checking them")
     p.add_argument("--run_seeds", default=None,
                    help="e.g. 0,1,2: only the sequential ESD-x/UCE runs on the related and unrelated data and the "
-                        "control on the related data, once per fine-tuning seed, and the table over seeds (default --out: demo_runs_seeds/)")
+                        "control on the related data, once per fine-tuning seed, and the table over seeds "
+                        "(default --out: demo_runs_seeds/)")
     args = p.parse_args(argv)
     if args.run_seeds is not None:
         try:
