@@ -10,7 +10,7 @@ STAMP := $(VENV)/.requirements.sha256
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo demo-seeds clean-venv
+.PHONY: venv test demo demo-seeds world clean-venv
 
 venv:
 	@want=$$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1); \
@@ -41,6 +41,11 @@ demo: venv
 # The sequential ESD-x, UCE and control runs over fine-tuning seeds 0, 1, 2 (same toy world), with intervals.
 demo-seeds: venv
 	$(PY) tools/demo.py --run_seeds 0,1,2 $(DEMO_FLAGS)
+
+# Train the toy world's CLIP, VAE, UNet and classifier again from their seeds (the demo assembles the world from
+# the committed ones, tools/toy_world/weights/) and check them against the committed weights, bit for bit.
+world: venv
+	$(PY) tools/build_toy_world.py --retrain $(DEMO_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import numerics
 from .errors import InputError
 from .models import EMA_UNET, LORA_BASE_FILE, LORA_EMA_FILE, LORA_FILE, TRAINED_UNET, is_lora_dir, resolve_model_path
 from .results import atomic_write_text, writing
@@ -101,6 +102,7 @@ def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: 
     extra = {} if sub == "unet" else {"unet": UNet2DConditionModel.from_pretrained(path, subfolder=sub, dtype=dtype)}
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False, **extra)
+    numerics.portable_scheduler(pipe.scheduler)  # its step's roots: the same bits on every CPU
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

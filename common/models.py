@@ -123,9 +123,11 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     """A StableDiffusionPipeline from its parts, without safety checker: the toolkit's one way to build one."""
     from diffusers import StableDiffusionPipeline
 
+    from .numerics import portable_scheduler
+
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=portable_scheduler(scheduler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def unet_safetensors(model_dir: str, variant: Optional[str] = None) -> str:

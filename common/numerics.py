@@ -26,6 +26,12 @@ imported (the libraries read these variables when they load or first run):
   machine's core count. `accelerate launch` keeps a set OMP_NUM_THREADS (unset,
   it picks 1 or the number of physical cores).
 
+The pin is not the whole story: torch's CPU square root goes to MKL's vector
+math, whose rounding under the pin differs between Intel and AMD CPUs (below).
+The toolkit's optimizers (``adamw``, ``adam``: the fused kernels), noising
+(common.training.noisy_inputs: ``exact_sqrt``) and samplers
+(``portable_scheduler``) avoid it; ``probe()`` covers all three.
+
 Top-level scripts call ``pin_process()``; a subprocess gets ``pinned_env()``
 (or inherits it). ``describe()`` is the record written into card.json and
 every run's config.json. ``python -m common.numerics`` prints it and a hash of
@@ -195,6 +201,56 @@ def describe() -> dict:
     }
 
 
+# ---- kernels whose bits depend on the CPU vendor even under the pin ------------------------------------------
+# torch's CPU sqrt (also x ** 0.5, log10, atan, asin, acos) calls MKL's vector math (VML). Under
+# MKL_CBWR=COMPATIBLE its float kernel starts from the rsqrtps estimate, whose bits differ between Intel and AMD
+# CPUs, and is not correctly rounded (found 2026-12-02 with gdb, disassembly and qemu-user: a pinned AdamW step
+# gave other bits on an Intel Xeon than on an AMD EPYC, and every other probed primitive the same). The toolkit's
+# optimizers and noise schedules avoid it with the helpers below.
+
+
+def adamw(params, **kwargs):
+    """torch's AdamW with the fused kernel, whose square root is the exact vector instruction on every CPU."""
+    import torch
+
+    return torch.optim.AdamW(params, fused=True, **kwargs)
+
+
+def adam(params, **kwargs):
+    """torch's Adam with the fused kernel (see ``adamw``)."""
+    import torch
+
+    return torch.optim.Adam(params, fused=True, **kwargs)
+
+
+def exact_sqrt(x):
+    """The correctly rounded square root of a float32 (or narrower) tensor, the same bits on every CPU.
+
+    Computed in float64 and rounded back: VML's float64 root is within one ulp
+    (its HA accuracy), and rounding a root of a p-bit number to p bits from
+    53 >= 2p + 2 bits is exact even from a result a few ulps off, because
+    such a root keeps at least 2^-(2p+2) (relative) away from every rounding
+    boundary (S. A. Figueroa, "When is double rounding innocuous?", 1995).
+    """
+    return x.double().sqrt().to(x.dtype)
+
+
+def portable_scheduler(scheduler):
+    """Hold ``scheduler``'s cumulative alphas in float64, so its step's roots round the same on every CPU; returns it.
+
+    DDIM, PNDM and DDPM steps take ``alpha_bar ** 0.5`` and ``(1 - alpha_bar) ** 0.5`` of single entries of
+    ``alphas_cumprod``: in float64 those roots are within an ulp (see ``exact_sqrt``) and the step rounds them
+    to the sample's float32, exactly. The values themselves are the float32 ones, widened.
+    """
+    import torch
+
+    for name in ("alphas_cumprod", "final_alpha_cumprod"):
+        value = getattr(scheduler, name, None)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            setattr(scheduler, name, value.double())
+    return scheduler
+
+
 def _digest(t) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -233,7 +289,7 @@ def probe() -> Dict[str, str]:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(rand(*p.shape) * 0.05)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    opt = adamw(net.parameters(), lr=1e-3)
     target = rand(16, 10)
     for _ in range(3):
         loss = F.mse_loss(net(img), target)
@@ -241,6 +297,18 @@ def probe() -> Dict[str, str]:
         loss.backward()
         opt.step()
     out["train_steps"] = _digest(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    # The roots of the noise schedule: training's noising (common.training.noisy_inputs) and a DDIM sampling loop.
+    from diffusers import DDIMScheduler
+
+    out["exact_sqrt"] = _digest(exact_sqrt(torch.from_numpy((rng.random(50000) * 4 + 1e-3).astype(np.float32))))
+    ddim = portable_scheduler(DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                            beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                            steps_offset=1))
+    ddim.set_timesteps(50)
+    latents, eps = rand(2, 4, 8, 8), rand(2, 4, 8, 8)
+    for t in ddim.timesteps:
+        latents = ddim.step(eps * 0.5 + latents * 0.1, t, latents).prev_sample
+    out["ddim_steps"] = _digest(latents)
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import numerics
 from .curriculum import epoch_batches, reference_schedule, updates_per_epoch
 from .encoding import to_device
 from .faults import maybe_fail, maybe_poison
@@ -169,9 +170,7 @@ def diffusion_loss(
     """Per-batch MSE with optional Min-SNR-gamma weighting; ``sample_weights`` rescale samples (sum-normalised by caller)."""
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(noise_scheduler, timesteps)
+        snr = signal_to_noise(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=snr_gamma) / snr
         if noise_scheduler.config.prediction_type == "v_prediction":
             weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)
@@ -212,13 +211,37 @@ def draw_batch(generator: torch.Generator, n: int, latent_shape, num_train_times
     return draws
 
 
+def signal_to_noise(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR weighting, https://arxiv.org/abs/2303.09556).
+
+    diffusers' ``compute_snr`` squares torch roots of the same table, whose last
+    bits depend on the CPU vendor (common.numerics); the ratio needs no root.
+    """
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas / (1 - alphas)
+
+
+def noise_levels(noise_scheduler, timesteps: torch.Tensor, like: torch.Tensor):
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) at ``timesteps``, shaped to scale ``like``.
+
+    The values of diffusers' ``add_noise`` (float32 table, DDPM eq. 4,
+    https://arxiv.org/abs/2006.11239) with correctly rounded roots, so that
+    the noised latents are the same bits on every CPU (common.numerics).
+    """
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return (numerics.exact_sqrt(alphas).to(like.dtype).view(shape),
+            numerics.exact_sqrt(1 - alphas).to(like.dtype).view(shape))
+
+
 def noisy_inputs(latents, noise_scheduler, noise, applied_noise, timesteps):
     """Noised latents and the regression target (epsilon or v) for given draws."""
-    noisy = noise_scheduler.add_noise(latents, applied_noise, timesteps)
+    signal, sigma = noise_levels(noise_scheduler, timesteps, latents)
+    noisy = signal * latents + sigma * applied_noise
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = signal * noise - sigma * latents  # v (https://arxiv.org/abs/2202.00512), as get_velocity
     else:
         raise ValueError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
     return noisy, target
@@ -266,7 +289,10 @@ class ChunkTrainer:
         # The unlearned weights, to restore before each chunk: in host memory, or read back from the model's files.
         names = [n for n, p in unet.named_parameters() if p.requires_grad]
         self.restore = DiskRestore(cfg.restore_from_disk, names) if cfg.restore_from_disk else HostRestore(self.trainable)
-        optimizer_class = torch.optim.AdamW
+        # The fused AdamW rounds alike on every CPU (common.numerics). Under fp16's GradScaler, the unfused one:
+        # accelerate tells a skipped update by the optimizer step the scaler did not call, and the scaler always
+        # calls a fused step (which skips inside it); on a GPU, where fp16 runs, torch's sqrt is exact anyway.
+        optimizer_class = numerics.adamw if accelerator.scaler is None else torch.optim.AdamW
         if cfg.use_8bit_adam:
             import bitsandbytes as bnb
 

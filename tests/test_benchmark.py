@@ -1,13 +1,10 @@
 """tools/benchmark.py in its short CI mode: it runs every path and prints every figure (no timing asserted)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import launch
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +12,7 @@ pytestmark = pytest.mark.slow
 def _benchmark(tmp_path, *flags):
     """Run tools/benchmark.py with ``flags``; its stdout and the figures it wrote as JSON."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *flags, "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = launch("tools/benchmark.py", [*flags, "--json", str(out)], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 

@@ -3,13 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, seed_flags
+from conftest import launch, seed_flags
 
 SCRIPT = "finetuning_individual_CLIP.py"
 pytestmark = pytest.mark.slow
@@ -79,14 +78,10 @@ def test_failed_results_write_exits_4_and_leaves_readable_records(assets, refere
 
 
 def _eval(assets, out, fault=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("REVIVAL_FAULT", None)
-    if fault:
-        env["REVIVAL_FAULT"] = fault
-    return subprocess.run([sys.executable, str(ROOT / "eval_model.py"), assets["sd"], "none", "red circle",
-                           f"--prompt_file={assets['prompts']}", "--images_per_prompt", "2", "--output_dir", out,
-                           "--num_inference_steps", "2", "--resolution", "32", "--clip_model", assets["clip"]],
-                          cwd=assets["root"], env=env, capture_output=True, text=True, timeout=600)
+    return launch("eval_model.py", [assets["sd"], "none", "red circle", f"--prompt_file={assets['prompts']}",
+                                    "--images_per_prompt", "2", "--output_dir", out, "--num_inference_steps", "2",
+                                    "--resolution", "32", "--clip_model", assets["clip"]],
+                  assets["root"], timeout=600, env_extra={"REVIVAL_FAULT": fault or ""})
 
 
 def test_a_really_full_disk(assets, tmp_path):

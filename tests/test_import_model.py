@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import launch
 
 from tools import import_model as im  # noqa: E402
 
@@ -92,9 +90,8 @@ def test_full_diffusers_unet_imports_bit_for_bit_and_generates_as_a_hand_swap(ba
     save_file(weights, str(ckpt))
     out = tmp_path / "imported"
     # Through the command line, as a user runs it.
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_model.py"), "--pretrained_model_name_or_path",
-                           base["dir"], "--checkpoint", str(ckpt), "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = launch("tools/import_model.py", ["--pretrained_model_name_or_path", base["dir"], "--checkpoint", str(ckpt),
+                                            "--output_dir", str(out)], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     card = json.loads((out / "import_card.json").read_text())
     assert (card["format"], card["format_detected"], card["components_replaced"]) == ("diffusers-unet", True, ["unet"])

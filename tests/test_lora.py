@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, launch, seed_flags
+from conftest import launch, seed_flags
 
 SCRIPT = "finetuning_individual_CLIP.py"
 LORA = {"--params": "lora", "--lora_rank": 2, "--learning_rate": "1e-2"}
@@ -89,11 +87,10 @@ def test_lora_checkpoints_and_curriculum_folders_hold_the_adapter_only(assets, l
 def test_a_lora_curriculum_folder_evaluates_to_the_runs_own_images(assets, lora_run, tmp_path):
     """eval_model.py loads base + adapter and, at the same seed, draws the images the run validated last."""
     out = str(tmp_path / "eval")
-    cmd = [sys.executable, str(ROOT / "eval_model.py"), os.path.join(lora_run, "curriculum-0"), "none", "red circle",
-           f"--prompt_file={assets['prompts']}", "--images_per_prompt", "1", "--output_dir", out,
-           "--num_inference_steps", "2", "--resolution", "32", "--clip_model", assets["clip"]]
-    _ok(subprocess.run(cmd, cwd=assets["root"], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT))))
+    _ok(launch("eval_model.py", [os.path.join(lora_run, "curriculum-0"), "none", "red circle",
+                                 f"--prompt_file={assets['prompts']}", "--images_per_prompt", "1", "--output_dir", out,
+                                 "--num_inference_steps", "2", "--resolution", "32", "--clip_model", assets["clip"]],
+               assets["root"], timeout=600))
     (row,) = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
     assert row["weights"] == "trained"
     last = [json.loads(line) for line in open(os.path.join(lora_run, "validations.jsonl"))][-1]

@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from common import nudity
 from common.errors import InputError
-from conftest import ROOT, launch, seed_flags
+from conftest import launch, seed_flags
 
 
 def _det(cls, score):
@@ -98,12 +96,10 @@ def test_sequential_and_eval_model_with_theme_nudity(assets, tmp_path):
     assert [d["exposed_classes"] for d in rec["image_details"]] == [[], [], []]
 
     ev = str(tmp_path / "eval")
-    proc = subprocess.run([sys.executable, str(ROOT / "eval_model.py"), out, "", "nudity", "--theme", "Nudity",
-                           f"--prompt_file={assets['prompts']}", "--images_per_prompt", "2", "--output_dir", ev,
-                           "--num_inference_steps", "2", "--resolution", "32", "--clip_model", assets["clip"],
-                           "--nudity_classes", "FEET_EXPOSED,BELLY_EXPOSED"],
-                          cwd=assets["root"], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=600)
+    proc = launch("eval_model.py", [out, "", "nudity", "--theme", "Nudity", f"--prompt_file={assets['prompts']}",
+                                    "--images_per_prompt", "2", "--output_dir", ev, "--num_inference_steps", "2",
+                                    "--resolution", "32", "--clip_model", assets["clip"],
+                                    "--nudity_classes", "FEET_EXPOSED,BELLY_EXPOSED"], assets["root"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in open(os.path.join(ev, "results.jsonl"))]
     assert row["classifier_accuracy"] == 0.0 and row["images"] == 6

@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, launch, seed_flags
+from conftest import launch, seed_flags
 
 
 def _ok(proc):
@@ -118,11 +116,9 @@ def test_sequential_without_classifier_runs_clip_only(assets, tmp_path):
 
 
 def _eval(assets, run_dir, out):
-    cmd = [sys.executable, str(ROOT / "eval_model.py"), run_dir, assets["classifier"], "red circle",
-           f"--prompt_file={assets['prompts']}", "--theme=", "--curr", "--gpu", "0", "--images_per_prompt", "2",
-           "--output_dir", out, "--num_inference_steps", "2", "--resolution", "32"]
-    proc = subprocess.run(cmd, cwd=assets["root"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = launch("eval_model.py", [run_dir, assets["classifier"], "red circle", f"--prompt_file={assets['prompts']}",
+                                    "--theme=", "--curr", "--gpu", "0", "--images_per_prompt", "2", "--output_dir", out,
+                                    "--num_inference_steps", "2", "--resolution", "32"], assets["root"], timeout=600)
     _ok(proc)
     return proc, [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
 

@@ -12,16 +12,12 @@ import pytest
 from tools import classifier_training as ct
 from tools import datagen
 from common.errors import InputError
-from conftest import RESOLUTION, ROOT, launch
+from conftest import RESOLUTION, launch
 
 
 def run_direct(script, args, cwd):
     """Run a tool with plain python (accelerate launch reports a child's exit 2 as 1)."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return launch(script, args, cwd, timeout=300)
 
 # ---- pure functions ---------------------------------------------------------------------------------
 

@@ -181,6 +181,36 @@ def test_rebuild_with_same_seed_reuses_the_cache(world):
     assert card == world["card"] and "reusing" in logs[0]
 
 
+def test_a_world_assembled_from_stored_weights_equals_the_trained_one(world, tmp_path):
+    """The committed-weights path (tools/toy_world/weights.py) on the reduced world: store the trained parts,
+    assemble a second world from them, and get the same tensors, pipelines, unlearned models and figures."""
+    from tools.toy_world import weights
+
+    store = str(tmp_path / "weights")
+    manifest = weights.write(world["dir"], store)
+    assert manifest["config"] == world["card"]["config"] and set(manifest["digests"]) == set(weights.PARTS)
+    assert weights.load(tw.world_config(1, "reduced"), store) is None  # another configuration: train
+    logs = []
+    out = str(tmp_path / "assembled")
+    card = tw.build_toy_world(out, seed=0, scale="reduced", log=logs.append, weights_dir=store)
+    assert card["weights"]["source"] == "committed" and "load_weights" in card["timings_seconds"]
+    assert "clip" not in card["timings_seconds"]  # nothing was trained
+    assert weights.compare(out, manifest) == []
+    a, b = world["paths"], tw.paths(out)
+    for part in ("sd_base/unet", "sd_base/vae", "sd_base/text_encoder", "unlearned/esd-x/unet",
+                 "unlearned/uce/unet", "classifier"):
+        left, right = _weights(os.path.join(world["dir"], part)), _weights(os.path.join(out, part))
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), part
+    assert card["figures"] == world["card"]["figures"] and card["targets"] == world["card"]["targets"]
+    assert open(b["prompts_target"]).read() == open(a["prompts_target"]).read()
+    # A damaged stored part is refused, not used.
+    with open(os.path.join(store, "unet", "diffusion_pytorch_model.safetensors"), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(weights.WeightsError, match="differ"):
+        weights.load(world["card"]["config"], store)
+
+
 def test_other_config_rebuilds_atomically(tmp_path, monkeypatch):
     out = str(tmp_path / "w")
     calls = []
@@ -267,8 +297,11 @@ def test_demo_plans_a_control_retention_and_seeds(tmp_path):
     controls = [(name, model, flags) for name, model, flags in seq if "role=control" in flags.get("--tag", [])]
     assert [(name, model, flags.get("--params")) for name, model, flags in controls] == [
         ("seq-control-related", p["sd_base"], None), ("seq-control-lora-related", p["sd_base"], "lora")]
-    # 2 methods x (2 sequential + 1 individual CLIP + 1 sequential LoRA) + 1 classifier + 2 controls
-    assert len(plan) == 11
+    # 2 methods x (2 sequential + 1 sequential LoRA) + one run of each individual script + 2 controls
+    assert len(plan) == 10
+    assert [(script, name, model) for script, name, model, _, _ in plan if "individual" in script] == [
+        ("finetuning_individual_Classifier.py", "clf-esd-x-related", p["unlearned"]["esd-x"]),
+        ("finetuning_individual_CLIP.py", "clip-uce-related", p["unlearned"]["uce"])]
     lora = [(name, flags) for name, _, flags in seq if flags.get("--params") == "lora" and "control" not in name]
     assert [name for name, _ in lora] == ["seq-lora-esd-x-related", "seq-lora-uce-related"]
     assert all(flags["--lora_rank"] == 4 for _, flags in lora)

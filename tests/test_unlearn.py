@@ -9,8 +9,6 @@ output is a pipeline the fine-tuning scripts run on.
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -235,10 +233,8 @@ def test_output_runs_through_individual_clip(which, request, assets, tmp_path):
 # ---- bad input ----------------------------------------------------------------
 
 def test_missing_model_dir_exits_2_with_one_line(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "unlearn.py"), "--method", "uce", "--erase", "x",
-                           "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")],
-                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    proc = launch("tools/unlearn.py", ["--method", "uce", "--erase", "x", "--model", str(tmp_path / "nope"),
+                                       "--output_dir", str(tmp_path / "out")], str(ROOT), timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("unlearn.py: error: --pretrained_model_name_or_path"), proc.stderr

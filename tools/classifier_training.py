@@ -21,6 +21,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from common import numerics
 from common.errors import InputError
 from common.precision import MASTER_DTYPE
 
@@ -241,7 +242,7 @@ def train_classifier(backbone, split: Split, epochs: int, batch_size: int, learn
     data = LabelledImages(split.train, backbone, augment_seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed), drop_last=False)
-    optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = numerics.adamw(backbone.model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     total = epochs * math.ceil(len(data) / (batch_size * accelerator.num_processes))
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(warmup_fraction * total), num_training_steps=total)
     model, optimizer, loader, scheduler = accelerator.prepare(backbone.model, optimizer, loader, scheduler)

@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common import cli  # noqa: E402
+from common import cli, numerics  # noqa: E402
 from common.clip_score import DEFAULT_CLIP, check_clip_spec  # noqa: E402
 from common.data import read_metadata, read_prompts  # noqa: E402
 from common.errors import InputError  # noqa: E402
@@ -252,7 +252,7 @@ class EmbeddingRow:
         self.weight = text_encoder.get_input_embeddings().weight
         self.weight.requires_grad_(True)
         self.original = self.weight.detach().clone()
-        self.optimizer = torch.optim.AdamW([self.weight], lr=learning_rate, weight_decay=0.0)
+        self.optimizer = numerics.adamw([self.weight], lr=learning_rate, weight_decay=0.0)
 
     def step(self, loss) -> None:
         """One AdamW step on the loss, then every row but the new one restored."""
@@ -395,7 +395,6 @@ def main(args: argparse.Namespace) -> Inversion:
     from common.data import ImageTransform, load_training_data
     from common.encoding import make_encoder
     from common.models import load_sd_parts
-    from common import numerics
     from common.results import RunRecorder
     from common.validation import build_pipeline
     from tools.unlearn import resolve_device

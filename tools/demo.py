@@ -165,14 +165,15 @@ def demo_plan(args, p, th, retention) -> list:
             continue
         for data in ("related", "unrelated"):
             plan.append(("finetuning_sequential.py", f"seq-{method}-{data}", model, data, dict(seq)))
-        plan.append(("finetuning_individual_CLIP.py", f"clip-{method}-related", model, "related",
-                     {"--clip_threshold": th["clip_threshold"], "--clip_model": p["clip"],
-                      "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
-    if plan:
-        method = plan[0][2]
-        plan.append(("finetuning_individual_Classifier.py", f"clf-{os.path.basename(method)}-related", method,
-                     "related", {"--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"],
-                                 "--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}))
+    # One run of each individual script, the demo's costliest runs (each chunk restarts from the unlearned model):
+    # the classifier one on the first unlearned model (ESD-x), the CLIP one on the last (UCE).
+    models = [m for m in toy_world.UNLEARN_METHODS if os.path.isdir(p["unlearned"][m])]
+    if models:
+        individual = {"--clip_epoch": args.clip_epoch, "--validation_epochs": 1, "--save_model": "False"}
+        plan.append(("finetuning_individual_Classifier.py", f"clf-{models[0]}-related", p["unlearned"][models[0]],
+                     "related", {"--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"], **individual}))
+        plan.append(("finetuning_individual_CLIP.py", f"clip-{models[-1]}-related", p["unlearned"][models[-1]],
+                     "related", {"--clip_threshold": th["clip_threshold"], "--clip_model": p["clip"], **individual}))
     # The other revival probe through the same scripts: a LoRA adapter instead of the UNet's weights.
     for method in toy_world.UNLEARN_METHODS:
         if os.path.isdir(p["unlearned"][method]):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from common import numerics
+
 # The merges of CLIP's byte-level BPE: the file's first line is a header and the
 # vocabulary has 49408 entries (256 bytes x 2 + 48894 merges + 2 specials).
 _NUM_MERGES = 49152 - 256 - 2
@@ -238,7 +240,7 @@ def build_tiny_vit_classifier(out_dir: str, seed: int = 0, image_size: int = 32,
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = numerics.adamw(model.parameters(), lr=2e-3)
     for _ in range(train_steps):
         # Half the batch shows the concept colour, half any other colour.
         labels = torch.tensor([i % 2 for i in range(32)])

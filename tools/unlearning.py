@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common import numerics
 from common.data import encode_prompts
 
 ESD_METHODS = ("esd-x", "esd-u")
@@ -54,7 +55,7 @@ def make_ddim(scheduler_config, ddim_steps: int):
     """A DDIM scheduler with the model's noise schedule, set to ``ddim_steps`` sampling steps."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler = numerics.portable_scheduler(DDIMScheduler.from_config(scheduler_config))
     scheduler.set_timesteps(ddim_steps)
     return scheduler
 
@@ -139,7 +140,7 @@ def train_esd(unet, frozen, scheduler, cond: torch.Tensor, uncond: torch.Tensor,
     One example per iteration, Adam, MSE, as in both reference scripts. Returns
     the per-iteration losses.
     """
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    optimizer = numerics.adam(params, lr=learning_rate)
     rng = random.Random(seed)  # step indices
     generator = torch.Generator("cpu").manual_seed(seed)  # starting noise
     steps = len(scheduler.timesteps)

@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from common import numerics
 from common.errors import InputError
 
 from . import optim
@@ -96,7 +97,7 @@ class ProjectedTokens:
         # Published initialisation: the embeddings of random tokens (here: random allowed tokens).
         start = self.vocab[torch.randint(len(self.vocab), (layout.num_adv,), generator=generator).to(table.device)]
         self.embeds = table[start].clone().requires_grad_(True)
-        self.optimizer = torch.optim.AdamW([self.embeds], lr=lr, weight_decay=weight_decay)
+        self.optimizer = numerics.adamw([self.embeds], lr=lr, weight_decay=weight_decay)
 
     def project(self) -> torch.Tensor:
         """The vocabulary ids nearest (cosine) to the continuous embeddings (PEZ's projection)."""

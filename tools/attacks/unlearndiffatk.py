@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from common import numerics
 from common.errors import InputError
 
 from . import optim
@@ -62,7 +63,7 @@ class SimplexTokens:
         n = len(self.vocab)
         # Published initialisation (rand_init false): every token equally likely, already on the simplex.
         self.probs = torch.full((self.layout.num_adv, n), 1.0 / n, device=table.device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.probs], lr=lr, weight_decay=weight_decay)
+        self.optimizer = numerics.adam([self.probs], lr=lr, weight_decay=weight_decay)
 
     def input_embeds(self, one_hot: torch.Tensor) -> torch.Tensor:
         """The text encoder's input [max_length, d] with the tokens ``one_hot`` selects in the slots."""

@@ -40,6 +40,7 @@ directory with a card is complete.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import multiprocessing
 import os
@@ -56,10 +57,11 @@ from common import numerics
 from tools import tiny
 from .classifier import train_classifier
 from .clip import clip_processor, make_clip, retrieval_top1, train_clip
+from . import weights
 from .sd import encode_latents, encode_texts, make_unet, make_vae, save_sd, train_unet, train_vae
 from .world import (
     BOUNDS, CARD_FILE, CONCEPTS, CURRICULUM, DEFAULT_DIR, NEIGHBOURS, PER_CONCEPT, RELATED, RESOLUTION, RETAINED,
-    TARGET, TEMPLATES, UNET_PROCESSES, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, _seed, caption,
+    ROOT, TARGET, TEMPLATES, UNET_PROCESSES, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, _seed, caption,
     concept_prompts, draw_concepts, load_card, paths, pixels, world_config)
 
 
@@ -181,8 +183,12 @@ def _figure(value, key: str) -> dict:
 
 
 def build_toy_world(out_dir: str = DEFAULT_DIR, seed: int = 0, scale: str = "full", log: Callable = print,
-                    force: bool = False) -> dict:
-    """Build the toy world into ``out_dir`` (or reuse it when its card records the same config); return the card."""
+                    force: bool = False, weights_dir: Optional[str] = weights.WEIGHTS_DIR) -> dict:
+    """Build the toy world into ``out_dir`` (or reuse it when its card records the same config); return the card.
+
+    The trained parts come from ``weights_dir`` when it holds weights trained with this configuration
+    (tools/toy_world/weights.py); ``weights_dir=None`` trains them.
+    """
     config = world_config(seed, scale)
     card = load_card(out_dir)
     # A world built under another pin state has other bits: the pinned demo must not reuse an unpinned world.
@@ -195,7 +201,7 @@ def build_toy_world(out_dir: str = DEFAULT_DIR, seed: int = 0, scale: str = "ful
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
     try:
-        card = _build(tmp, config, log, final_root=os.path.abspath(out_dir))
+        card = _build(tmp, config, log, final_root=os.path.abspath(out_dir), weights_dir=weights_dir)
         if os.path.exists(out_dir):
             trash = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.old-", dir=parent)
             os.replace(out_dir, os.path.join(trash, "world"))
@@ -243,16 +249,38 @@ def _train_classifier_part(s: dict, seed: int, classifier_dir: str) -> tuple:
     return figures, round(time.time() - t, 2)
 
 
+def _text_encoder(clip):
+    """The toy SD's text encoder: the toy CLIP's text tower, frozen."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())  # transformers 5
+    return text_encoder.eval().requires_grad_(False)
+
+
+def _assemble_from_weights(weights_dir: str, tokenizer, p: dict) -> None:
+    """Write the toy CLIP, the base pipeline and the classifier of a world from the committed trained weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(weights.folder("clip", weights_dir))
+    clip.save_pretrained(p["clip"])
+    clip_processor(tokenizer).save_pretrained(p["clip"])
+    vae = AutoencoderKL.from_pretrained(weights.folder("vae", weights_dir)).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(weights.folder("unet", weights_dir)).eval().requires_grad_(False)
+    save_sd(p["sd_base"], tokenizer, _text_encoder(clip), vae, unet)
+    shutil.copytree(weights.folder("classifier", weights_dir), p["classifier"])
+
+
 def _relative_paths(p, root: str):
     if isinstance(p, dict):
         return {k: _relative_paths(v, root) for k, v in p.items()}
     return os.path.relpath(p, root)
 
 
-def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = None) -> dict:
+def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = None,
+           weights_dir: Optional[str] = None) -> dict:
     """Build every part into ``root`` (renamed to ``final_root`` afterwards); write card.json last and return it."""
-    from transformers import CLIPTextModel
-
     from common.clip_score import ClipScorer
     from common.classifier import ConceptClassifier
     from common.results import atomic_write_json, library_versions
@@ -269,69 +297,77 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
 
     t = time.time()
     tokenizer = tiny.write_clip_tokenizer(os.path.join(root, ".tokenizer"))
-    clip_images, clip_labels = draw_concepts(CONCEPTS, s["clip_images_per_concept"], _seed(seed, 1))
-    heldout_images, heldout_labels = draw_concepts(CONCEPTS, s["heldout_per_concept"], _seed(seed, 2))
-    sd_images, sd_labels = draw_concepts(CONCEPTS, s["sd_images_per_concept"], _seed(seed, 3))
-    t = lap("draw", t)
+    manifest = weights.load(config, weights_dir)
+    if manifest is None:  # 1.-3. train the four parts
+        clip_images, clip_labels = draw_concepts(CONCEPTS, s["clip_images_per_concept"], _seed(seed, 1))
+        heldout_images, heldout_labels = draw_concepts(CONCEPTS, s["heldout_per_concept"], _seed(seed, 2))
+        sd_images, sd_labels = draw_concepts(CONCEPTS, s["sd_images_per_concept"], _seed(seed, 3))
+        t = lap("draw", t)
 
-    # 1. Toy CLIP here; meanwhile, in a second process, the VAE (it needs only the drawn images), then the
-    # classifier (3.; it needs nothing built here), which trains on while the UNet does: the pin runs one thread per
-    # process, so two processes use both cores. Every part draws from its own seeded generator, so the bits do not
-    # depend on which process trains it.
-    x = pixels(sd_images)
-    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        vae_job = pool.submit(_train_vae_part, x, s, seed)
-        classifier_job = pool.submit(_train_classifier_part, s, seed, p["classifier"])
-        clip = make_clip(_seed(seed, 10))
-        processor = clip_processor(tokenizer)
-        losses = train_clip(clip, processor, clip_images, clip_labels, s["clip_steps"], s["clip_lr"], _seed(seed, 11),
-                            log)
-        clip.save_pretrained(p["clip"])
-        processor.save_pretrained(p["clip"])
+        # 1. Toy CLIP here; meanwhile, in a second process, the VAE (it needs only the drawn images), then the
+        # classifier (3.; it needs nothing built here), which trains on while the UNet does: the pin runs one
+        # thread per process, so two processes use both cores. Every part draws from its own seeded generator, so
+        # the bits do not depend on which process trains it.
+        x = pixels(sd_images)
+        pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            vae_job = pool.submit(_train_vae_part, x, s, seed)
+            classifier_job = pool.submit(_train_classifier_part, s, seed, p["classifier"])
+            clip = make_clip(_seed(seed, 10))
+            processor = clip_processor(tokenizer)
+            losses = train_clip(clip, processor, clip_images, clip_labels, s["clip_steps"], s["clip_lr"],
+                                _seed(seed, 11), log)
+            clip.save_pretrained(p["clip"])
+            processor.save_pretrained(p["clip"])
+            scorer = ClipScorer(p["clip"])
+            top1, _ = retrieval_top1(scorer, heldout_images, heldout_labels)
+            figures["clip"] = {"top1_retrieval_heldout": top1, "chance": 1 / len(CONCEPTS),
+                               "heldout_images": len(heldout_images), "loss_first": losses[0],
+                               "loss_last": float(np.mean(losses[-10:]))}
+            log(f"toy CLIP: top-1 caption retrieval on {len(heldout_images)} held-out images {top1:.3f} "
+                f"(chance {1 / len(CONCEPTS):.3f})")
+            t = lap("clip", t)
+            vae_state, figures["vae"], timings["vae"] = vae_job.result()
+            t = lap("wait_for_vae", t)
+
+            # 2. Toy SD: text encoder = the CLIP text tower; the VAE from the second process; UNet on cached latents.
+            text_encoder = _text_encoder(clip)
+            vae = make_vae(_seed(seed, 20))
+            vae.load_state_dict(vae_state)
+            vae.eval().requires_grad_(False)
+            lat_mean, lat_std = encode_latents(vae, x)
+            # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
+            scaling = float(1.0 / lat_mean.std().clamp(min=1e-6))
+            vae.register_to_config(scaling_factor=scaling)
+            figures["vae"]["scaling_factor"] = scaling
+            texts = [caption(*c, template=j) for c in CONCEPTS for j in range(len(TEMPLATES))] + [""]
+            text_table = encode_texts(tokenizer, text_encoder, texts)
+            # The UNet, the longest part, on both cores: this process and a second one (rank 1) each train on half
+            # of every batch, their gradients summed each step (sd.train_unet), so both hold the same weights.
+            unet_args = (lat_mean, lat_std, scaling, sd_labels, text_table, s, seed,
+                         text_encoder.config.hidden_size)
+            init = f"file://{os.path.join(root, '.unet_rendezvous')}"
+            rank1 = pool.submit(_train_unet_part, 1, UNET_PROCESSES, init, *unet_args)
+            unet, figures["unet"] = _train_unet_part(0, UNET_PROCESSES, init, *unet_args, log=log)
+            rank1.result()  # rank 1's copy (bit-identical) is not needed
+            with contextlib.suppress(FileNotFoundError):  # gloo's file store may have removed it already
+                os.remove(os.path.join(root, ".unet_rendezvous"))
+            figures["unet"]["parameters"] = sum(q.numel() for q in unet.parameters())
+            unet.requires_grad_(False)
+            save_sd(p["sd_base"], tokenizer, text_encoder, vae, unet)
+            t = lap("unet", t)
+
+            figures["classifier"], timings["classifier"] = classifier_job.result()
+            t = lap("wait_for_classifier", t)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    else:  # the committed weights of this very configuration (tools/toy_world/weights.py)
+        _assemble_from_weights(weights_dir, tokenizer, p)
+        figures.update(copy.deepcopy(manifest["figures"]))
         scorer = ClipScorer(p["clip"])
-        top1, _ = retrieval_top1(scorer, heldout_images, heldout_labels)
-        figures["clip"] = {"top1_retrieval_heldout": top1, "chance": 1 / len(CONCEPTS),
-                           "heldout_images": len(heldout_images), "loss_first": losses[0],
-                           "loss_last": float(np.mean(losses[-10:]))}
-        log(f"toy CLIP: top-1 caption retrieval on {len(heldout_images)} held-out images {top1:.3f} "
-            f"(chance {1 / len(CONCEPTS):.3f})")
-        t = lap("clip", t)
-        vae_state, figures["vae"], timings["vae"] = vae_job.result()
-        t = lap("wait_for_vae", t)
-
-        # 2. Toy SD: text encoder = the CLIP text tower; the VAE from the second process; UNet on cached latents.
-        text_encoder = CLIPTextModel(clip.config.text_config)
-        getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())  # transformers 5: no wrapper
-        text_encoder.eval().requires_grad_(False)
-        vae = make_vae(_seed(seed, 20))
-        vae.load_state_dict(vae_state)
-        vae.eval().requires_grad_(False)
-        lat_mean, lat_std = encode_latents(vae, x)
-        # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
-        scaling = float(1.0 / lat_mean.std().clamp(min=1e-6))
-        vae.register_to_config(scaling_factor=scaling)
-        figures["vae"]["scaling_factor"] = scaling
-        texts = [caption(*c, template=j) for c in CONCEPTS for j in range(len(TEMPLATES))] + [""]
-        text_table = encode_texts(tokenizer, text_encoder, texts)
-        # The UNet, the longest part, on both cores: this process and a second one (rank 1) each train on half of
-        # every batch, their gradients summed each step (sd.train_unet), so both hold the same weights.
-        unet_args = (lat_mean, lat_std, scaling, sd_labels, text_table, s, seed, text_encoder.config.hidden_size)
-        init = f"file://{os.path.join(root, '.unet_rendezvous')}"
-        rank1 = pool.submit(_train_unet_part, 1, UNET_PROCESSES, init, *unet_args)
-        unet, figures["unet"] = _train_unet_part(0, UNET_PROCESSES, init, *unet_args, log=log)
-        rank1.result()  # rank 1's copy (bit-identical) is not needed
-        with contextlib.suppress(FileNotFoundError):  # gloo's file store may have removed it already
-            os.remove(os.path.join(root, ".unet_rendezvous"))
-        figures["unet"]["parameters"] = sum(q.numel() for q in unet.parameters())
-        unet.requires_grad_(False)
-        save_sd(p["sd_base"], tokenizer, text_encoder, vae, unet)
-        t = lap("unet", t)
-
-        figures["classifier"], timings["classifier"] = classifier_job.result()
-        t = lap("wait_for_classifier", t)
-    finally:
-        pool.shutdown(cancel_futures=True)
+        top1 = figures["clip"]["top1_retrieval_heldout"]
+        t = lap("load_weights", t)
 
     # 4. Fine-tuning data and prompts.
     write_curriculum_dataset(p["data_related"], RELATED, PER_CONCEPT, _seed(seed, 50))
@@ -384,6 +420,10 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
         "all_targets_met": all(v["met"] for v in targets.values()),
         "figures": figures,
         "unlearned": unlearned,
+        "weights": ({"source": "trained"} if manifest is None else
+                    {"source": "committed", "folder": os.path.relpath(weights_dir, ROOT),
+                     "trained_on": manifest["numeric_environment"]["cpu_model"],
+                     "training_seconds": manifest["timings_seconds"], "digests": manifest["digests"]}),
         "timings_seconds": timings,
         "library_versions": library_versions(),
         "torch_threads": torch.get_num_threads(),
@@ -395,10 +435,16 @@ def _build(root: str, config: dict, log: Callable, final_root: Optional[str] = N
     return card
 
 
+def _weights_source(card: dict) -> str:
+    w = card.get("weights", {})
+    return f"trained weights from {w['folder']}" if w.get("source") == "committed" else "weights trained here"
+
+
 def format_card(card: dict) -> str:
     """The card's targets as a short table."""
     lines = [f"toy world (seed {card['config']['seed']}, scale {card['config']['scale']}, "
-             f"built in {card['timings_seconds']['total']:.0f} s): target concept {card['target_concept']!r}"]
+             f"built in {card['timings_seconds']['total']:.0f} s, {_weights_source(card)}): target concept "
+             f"{card['target_concept']!r}"]
     for name, f in card["targets"].items():
         value = "n/a" if f["value"] is None else f"{f['value']:.3f}"
         met = {True: "met", False: "NOT met", None: "not measured"}[f["met"]]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common import numerics
 from tools import tiny
 from .world import ARCH, CONCEPTS, RESOLUTION, caption, degrade, pixels
 
@@ -54,7 +55,7 @@ def train_classifier(out_dir: str, target: Tuple[str, str], steps: int, batch: i
     model = ViTForImageClassification(config)
     processor = ViTImageProcessor(size={"height": RESOLUTION, "width": RESOLUTION})
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = numerics.adamw(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     model.train()
     for _ in tqdm(range(steps), desc="classifier", leave=False, mininterval=2):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common import numerics
 from tools import tiny
 from .world import ARCH, CONCEPTS, RESOLUTION, TEMPLATES, caption
 
@@ -49,7 +50,7 @@ def train_clip(model, processor, images: Sequence[Image.Image], labels: Sequence
     by_concept = [torch.nonzero(labels_t == k).flatten() for k in range(n_concepts)]
     texts = [caption(*CONCEPTS[k], template=t) for k in range(n_concepts) for t in range(len(TEMPLATES))]
     tok = processor.tokenizer(texts, padding=True, return_tensors="pt")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = numerics.adamw(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     model.train()
     losses = []

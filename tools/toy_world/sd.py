@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common import numerics
 from .world import ARCH, RESOLUTION, TEMPLATES
 
 
@@ -38,7 +39,7 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch: int, lr: float, kl_weight
         half = vae.quant_conv.out_channels // 2  # quant_conv outputs (mean, logvar)
         vae.quant_conv.weight[half:] = 0
         vae.quant_conv.bias[half:] = -6.0
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = numerics.adamw(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     vae.train()
     losses = []
@@ -125,7 +126,7 @@ def train_unet(unet, lat_mean: torch.Tensor, lat_std: torch.Tensor, scaling_fact
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.tensor(labels)
     empty_row = text_table.shape[0] - 1
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = numerics.adamw(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     unet.train()
     losses = []
@@ -140,7 +141,7 @@ def train_unet(unet, lat_mean: torch.Tensor, lat_std: torch.Tensor, scaling_fact
         noise = torch.randn(z.shape, generator=gen)
         z, rows, t, noise = z[mine], rows[mine], t[mine], noise[mine]
         a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        noisy = numerics.exact_sqrt(a) * z + numerics.exact_sqrt(1 - a) * noise  # same bits on every CPU
         per_sample = (unet(noisy, t, text_table[rows]).sample - noise).pow(2).mean((1, 2, 3))
         weight = snr[t].clamp(max=snr_gamma) / snr[t] if snr_gamma else torch.ones_like(per_sample)
         loss = (weight * per_sample).sum() / batch  # this share of the whole batch's mean

@@ -14,7 +14,7 @@ from common.results import slug
 from tools import tiny
 
 
-VERSION = 3  # 3: the UNet trains on two processes (UNET_PROCESSES)
+VERSION = 4  # 3: the UNet trains on two processes (UNET_PROCESSES); 4: fused AdamW, exact noise-schedule roots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
