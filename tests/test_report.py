@@ -405,9 +405,10 @@ def _rate4(k):
 
 
 def _attack(tmp_path, name, attack, model, pre, asr, criterion="clip", tags=None, original=None,
-            prompts="/p/t.txt"):
+            prompts="/p/t.txt", held=None):
     """A finished tools/attack_prompts.py run over 4 prompts: ``pre`` of them judged a success without attack,
-    ``asr`` with it (pre-successes included, as check_asr.py counts)."""
+    ``asr`` with it (pre-successes included, as check_asr.py counts), ``held`` of 4 held-out verdicts (default:
+    one fewer than ``asr``; None and 0 verdicts: none)."""
     path = tmp_path / name
     os.makedirs(path)
     tags = tags or {}
@@ -418,7 +419,10 @@ def _attack(tmp_path, name, attack, model, pre, asr, criterion="clip", tags=None
                "judge": {"criterion": criterion, "threshold": 0.8, "success_when": "score > 0.8"}, "n": 4,
                "pre_asr": _rate4(pre), "asr": _rate4(asr),
                "attack_only": {"successes": asr - pre, "n": 4 - pre, "rate": None, "ci95": [None, None]},
-               "heldout_asr": {**_rate4(asr), "seeds_per_case": 1}, "settings": {}, "tags": tags,
+               "heldout_asr": ({"successes": 0, "n": 0, "rate": None, "ci95": [None, None], "seeds_per_case": 1}
+                               if held == "none" else {**_rate4(max(asr - 1, 0) if held is None else held),
+                                                       "seeds_per_case": 1}),
+               "settings": {}, "tags": tags,
                "num_processes": 1}
     json.dump(config, open(path / "config.json", "w"))
     json.dump(summary, open(path / "summary.json", "w"))
@@ -450,29 +454,29 @@ def test_prompt_attacks_are_columns_of_the_probes_table_with_the_base_model_as_p
     header, rows = report.probe_rows([report.load_run(d) for d in dirs])
     assert header[3:] == ["fine-tuning: Revival Point", "LoRA fine-tuning: Revival Point",
                           "concept inversion: best score (threshold) -> crossed",
-                          "UnlearnDiffAtk: ASR [95% CI] (successes/N), pre-ASR",
-                          "P4D: ASR [95% CI] (successes/N), pre-ASR"]  # no Ring-A-Bell run: no column
+                          "UnlearnDiffAtk: ASR [95% CI] (successes/N), pre-ASR, held-out seeds",
+                          "P4D: ASR [95% CI] (successes/N), pre-ASR, held-out seeds"]  # no Ring-A-Bell: no column
     assert rows == [
         ["esd-x", "t", "clip", "rel: chunk 1 (100 images)", "-", "-",
-         "75.0% [30.1, 95.4] (3/4), pre-ASR 25.0% [4.6, 69.9] (1/4)",
-         "P4D-N: 50.0% [15.0, 85.0] (2/4), pre-ASR 25.0% [4.6, 69.9] (1/4); "
-         "P4D-K: 25.0% [4.6, 69.9] (1/4), pre-ASR 25.0% [4.6, 69.9] (1/4)"],
+         "75.0% [30.1, 95.4] (3/4), pre-ASR 25.0% [4.6, 69.9] (1/4), held-out 50.0% [15.0, 85.0] (2/4)",
+         "P4D-N: 50.0% [15.0, 85.0] (2/4), pre-ASR 25.0% [4.6, 69.9] (1/4), held-out 25.0% [4.6, 69.9] (1/4); "
+         "P4D-K: 25.0% [4.6, 69.9] (1/4), pre-ASR 25.0% [4.6, 69.9] (1/4), held-out 0.0% [0.0, 49.0] (0/4)"],
         ["uce", "t", "clip", "rel: not reached", "rel: not reached", "-", "-", "-"],  # no attack run: "-"
         ["base (positive control)", "t", "clip", "-", "-", "-",
-         "100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% [51.0, 100.0] (4/4)", "-"]]
+         "100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% [51.0, 100.0] (4/4), held-out 75.0% [30.1, 95.4] (3/4)", "-"]]
     out = tmp_path / "report"
     revival_header, revival, plots = report.main(report.parse_args([*dirs, "--out", str(out)]))
     # Attack runs are no curriculum: the revival table and the plots are the fine-tuning runs' alone.
     assert [r[0] for r in revival] == ["esd-x", "uce", "uce (LoRA)"] and len(plots) == 3
     md = (out / "probes_table.md").read_text()
     assert ("| base (positive control) | t | clip | - | - | - | 100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% "
-            "[51.0, 100.0] (4/4) | - |") in md
+            "[51.0, 100.0] (4/4), held-out 75.0% [30.1, 95.4] (3/4) | - |") in md
     csv_lines = (out / "probes_table.csv").read_text().splitlines()
     assert csv_lines[2] == "uce,t,clip,rel: not reached,rel: not reached,-,-,-"
     assert csv_lines[1].startswith('esd-x,t,clip,rel: chunk 1 (100 images),-,-,'
-                                   '"75.0% [30.1, 95.4] (3/4), pre-ASR 25.0% [4.6, 69.9] (1/4)",')
+                                   '"75.0% [30.1, 95.4] (3/4), pre-ASR 25.0% [4.6, 69.9] (1/4), held-out 50.0% [15.0, 85.0] (2/4)",')
     assert (r"base (positive control) & t & clip & - & - & - & 100.0\% [51.0, 100.0] (4/4), pre-ASR 100.0\% "
-            r"[51.0, 100.0] (4/4) & - \\") in (out / "probes_table.tex").read_text()
+            r"[51.0, 100.0] (4/4), held-out 75.0\% [30.1, 95.4] (3/4) & - \\") in (out / "probes_table.tex").read_text()
 
 
 def test_the_base_model_is_the_control_by_its_role_tag_and_an_attack_alone_makes_a_row(tmp_path):
@@ -484,18 +488,27 @@ def test_the_base_model_is_the_control_by_its_role_tag_and_an_attack_alone_makes
     _, rows = report.probe_rows([report.load_run(d) for d in (base, esd)])
     assert [r[:3] for r in rows] == [["sd", "t", "classifier"], ["esd-x", "t", "classifier"]]
     header, rows = report.probe_rows([report.load_run(d) for d in (tagged, esd)])
-    assert header[-1] == "Ring-A-Bell: ASR [95% CI] (successes/N), pre-ASR"
+    assert header[-1] == "Ring-A-Bell: ASR [95% CI] (successes/N), pre-ASR, held-out seeds"
     assert rows == [["esd-x", "t", "classifier", "-", "-", "-",
-                     "50.0% [15.0, 85.0] (2/4), pre-ASR 0.0% [0.0, 49.0] (0/4)"],
+                     "50.0% [15.0, 85.0] (2/4), pre-ASR 0.0% [0.0, 49.0] (0/4), held-out 25.0% [4.6, 69.9] (1/4)"],
                     ["sd (positive control)", "t", "classifier", "-", "-", "-",
-                     "100.0% [51.0, 100.0] (4/4), pre-ASR 75.0% [30.1, 95.4] (3/4)"]]
+                     "100.0% [51.0, 100.0] (4/4), pre-ASR 75.0% [30.1, 95.4] (3/4), held-out 75.0% [30.1, 95.4] (3/4)"]]
     # A replay names whose prompts it replayed: the run folder of an adv_prompts.csv.
     replay = _attack(tmp_path, "replay", "replay", "/m/uce", pre=0, asr=1, criterion="classifier",
-                     prompts=os.path.join(esd, "adv_prompts.csv"), tags={"concept": "t"})
+                     prompts=os.path.join(esd, "adv_prompts.csv"), tags={"concept": "t"}, held="none")
     header, rows = report.probe_rows([report.load_run(replay)])
-    assert header[-1] == "replayed prompts: ASR [95% CI] (successes/N), pre-ASR"
+    assert header[-1] == "replayed prompts: ASR [95% CI] (successes/N), pre-ASR, held-out seeds"
     assert rows == [["uce", "t", "classifier", "-", "-", "-",
-                     "esd: 25.0% [4.6, 69.9] (1/4), pre-ASR 0.0% [0.0, 49.0] (0/4)"]]
+                     "esd: 25.0% [4.6, 69.9] (1/4), pre-ASR 0.0% [0.0, 49.0] (0/4), held-out n/a"]]
+    # Untagged, a replay takes the concept of the run whose prompts it replays (its prompt file's name, "t"), not
+    # "adv prompts"; a replay of a replay goes back to the search; a replay of its own file does not loop.
+    untagged = _attack(tmp_path, "replay2", "replay", "/m/uce", pre=0, asr=1, criterion="classifier",
+                       prompts=os.path.join(esd, "adv_prompts.csv"))
+    again = _attack(tmp_path, "replay3", "replay", "/m/uce", pre=0, asr=1, criterion="classifier",
+                    prompts=os.path.join(untagged, "adv_prompts.csv"))
+    loop = _attack(tmp_path, "replay4", "replay", "/m/uce", pre=0, asr=1, criterion="classifier",
+                   prompts=str(tmp_path / "replay4" / "adv_prompts.csv"))
+    assert [report.load_run(d)["concept"] for d in (untagged, again, loop)] == ["t", "t", "adv prompts"]
 
 
 def test_attack_runs_are_recognised_by_their_config_and_need_only_a_summary(tmp_path, capsys):

@@ -145,6 +145,28 @@ def is_attack_run(run: str) -> bool:
         return json.load(f).get("script") == ATTACK_SCRIPT
 
 
+def _attack_concept(prompts: Optional[str]) -> str:
+    """An untagged attack run's concept: its prompt file's name; for a replay of another run's adv_prompts.csv,
+    that run's concept (its tag, else its own prompt file's name), when the folder is still there."""
+    from tools.attacks.harness import ADV_PROMPTS_FILE
+
+    seen = set()
+    while os.path.basename(str(prompts or "")) == ADV_PROMPTS_FILE:  # a replay of a replay: back to the search
+        source = os.path.normpath(os.path.dirname(str(prompts)))
+        if source in seen or not is_attack_run(source) or not os.path.isfile(os.path.join(source, SUMMARY_FILE)):
+            break
+        seen.add(source)
+        with open(os.path.join(source, CONFIG_FILE)) as f:
+            config = json.load(f)
+        with open(os.path.join(source, SUMMARY_FILE)) as f:
+            summary = json.load(f)
+        concept = (config.get("tags") or summary.get("tags") or {}).get("concept")
+        if concept:
+            return concept
+        prompts = summary.get("prompts")
+    return _stem(prompts).replace("_", " ")
+
+
 def load_attack_run(run: str) -> dict:
     """An attack run's config and summary, named like the other runs: model = the --tag method or the attacked
     model directory's name, concept = the --tag concept or the prompt file's name, criterion = the judge's."""
@@ -155,7 +177,7 @@ def load_attack_run(run: str) -> dict:
     tags = config.get("tags") or summary.get("tags") or {}
     model = tags.get("method") or _stem(summary.get("model"))
     return {"dir": run, "config": config, "summary": summary, "records": [], "method": model, "model": model,
-            "concept": tags.get("concept") or _stem(summary.get("prompts")).replace("_", " "), "data": None,
+            "concept": tags.get("concept") or _attack_concept(summary.get("prompts")), "data": None,
             "protocol": ATTACK_PROBE, "probe": ATTACK_PROBE, "seed": config.get("args", {}).get("seed"),
             "control": tags.get("role") == CONTROL_ROLE}
 
@@ -176,7 +198,8 @@ def original_models(runs) -> set:
 
 
 def attack_cell(r) -> str:
-    """An attack run's cell: ASR [95% Wilson interval] (successes/N), then pre-ASR (the prompts without attack)."""
+    """An attack run's cell: ASR [95% Wilson interval] (successes/N), then pre-ASR (the prompts without attack),
+    then the held-out ASR (each found prompt judged again with other seeds: how much of the ASR is selection)."""
     from tools.attacks.harness import ADV_PROMPTS_FILE, _pct  # the attack log's own figures, as it writes them
 
     s = r["summary"]
@@ -186,7 +209,9 @@ def attack_cell(r) -> str:
         source = (os.path.basename(os.path.dirname(prompts)) if os.path.basename(prompts) == ADV_PROMPTS_FILE
                   else _stem(prompts))
         prefix = f"{source}: "
-    return f"{prefix}{_pct(s['asr'])}, pre-ASR {_pct(s['pre_asr'])}"
+    held = s.get("heldout_asr")
+    held = "n/a" if not held or not held.get("n") else _pct(held)
+    return f"{prefix}{_pct(s['asr'])}, pre-ASR {_pct(s['pre_asr'])}, held-out {held}"
 
 
 def probe_rows(runs) -> tuple:
@@ -201,7 +226,7 @@ def probe_rows(runs) -> tuple:
     order = list(dict.fromkeys(column for column, _ in ATTACK_COLUMNS.values()))
     attacks = list(dict.fromkeys(attack_column(r["summary"]["attack"])[0] for r in runs if r["probe"] == ATTACK_PROBE))
     attacks.sort(key=lambda c: order.index(c) if c in order else len(order))  # stable: unknown ones as they came
-    header += [f"{column}: ASR [95% CI] (successes/N), pre-ASR" for column in attacks]
+    header += [f"{column}: ASR [95% CI] (successes/N), pre-ASR, held-out seeds" for column in attacks]
     originals = original_models(runs)
     cells = {}
     for r in runs:
