@@ -119,12 +119,12 @@ def test_the_attack_cells_of_the_probes_table_are_figures(tmp_path):
                         [True, True, False, True])]
     report.main(report.parse_args(runs + ["--out", str(tmp_path / "demo" / "report")]))
     figs = expected.demo_figures(str(tmp_path / "demo"), CARD)
-    col = "ASR [95% CI] (successes/N), pre-ASR"
+    col = "ASR [95% CI] (successes/N), pre-ASR, held-out seeds"
     assert figs[f"probes_table: esd-x a red circle classifier / UnlearnDiffAtk: {col}"] == (
-        "50.0% [15.0, 85.0] (2/4), pre-ASR 0.0% [0.0, 49.0] (0/4)")
+        "50.0% [15.0, 85.0] (2/4), pre-ASR 0.0% [0.0, 49.0] (0/4), held-out n/a")  # none re-judged here
     assert figs[f"probes_table: base (positive control) a red circle classifier / P4D: {col}"] == (
-        "P4D-N: 100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% [51.0, 100.0] (4/4); "
-        "P4D-K: 75.0% [30.1, 95.4] (3/4), pre-ASR 75.0% [30.1, 95.4] (3/4)")
+        "P4D-N: 100.0% [51.0, 100.0] (4/4), pre-ASR 100.0% [51.0, 100.0] (4/4), held-out n/a; "
+        "P4D-K: 75.0% [30.1, 95.4] (3/4), pre-ASR 75.0% [30.1, 95.4] (3/4), held-out n/a")
     assert figs[f"probes_table: esd-x a red circle classifier / P4D: {col}"] == "-"  # no P4D run on ESD-x
     assert len([f for f in figs if f.startswith("probes_table:")]) == 2 * 5  # 2 rows x (3 other probes + 2 attacks)
 
