@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build (or reuse) the toy world: a fully trained miniature in which the paper pipeline runs on a CPU.
 
-    python tools/build_toy_world.py                    # toy_world/ at the repo root, about 12 min on 2 cores
+    python tools/build_toy_world.py                    # toy_world/ at the repo root, assembled from the committed weights (~1 min)
     python tools/build_toy_world.py --scale reduced    # same world, tiny step counts (about a minute)
     python tools/build_toy_world.py --force            # rebuild even when the cached world is current
     python tools/build_toy_world.py --no_pin           # torch's own kernels and threads: machine-dependent bits

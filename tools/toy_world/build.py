@@ -17,9 +17,11 @@ conjunction, not the colour or the shape alone. The retained concept is
 images whose top-1 caption among all 48 "a {colour} {shape}" captions is
 "a blue square".
 
-Budget on 2 CPU cores: the full build took 401 s and 644 s in two builds on
-2026-11-29 (the second while a test job shared the cores; its card records
-the per-part timings); ``scale="reduced"`` builds the same world with tiny
+Budget on 2 CPU cores: training the full world took 401 s (2026-11-29, and
+a ``--retrain`` on 2026-12-02), up to 644 s while other jobs shared the
+cores (a card records the per-part timings); assembled from the
+committed trained weights (weights.py) it takes about a minute (52-58 s,
+2026-12-02); ``scale="reduced"`` builds the same world with tiny
 step counts in about a minute, for tests. The CLI sets OMP_WAIT_POLICY=PASSIVE
 because spinning OpenMP threads slowed steps on a shared machine (seen while
 the builder was developed, 2026-11-28; not re-measured since).
