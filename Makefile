@@ -24,11 +24,13 @@ venv:
 	  echo "$$want" > $(STAMP); \
 	fi
 
-# Two pytest-xdist workers (one per core); the tests that launch two processes run one at a time (loadgroup).
+# Two pytest-xdist workers (one per core), each running whole test modules (loadfile), so a module's fixtures (a toy
+# world, a reference run) are built once. (--dist loadgroup would be the finer tool, but xdist 3.8 cannot rename a
+# test under pytest 9.2, whose nodeid is read-only: its groups are ignored and fixtures were built on both workers.)
 TEST_WORKERS ?= 2
 
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The demo runs under the pinned numeric environment (common/numerics.py): the same bits on every x86-64 AVX2
 # machine. PIN=0 lets torch pick its kernels and threads: faster on a big machine, but other numbers.

@@ -32,17 +32,6 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 RESOLUTION = 32
 
 
-def pytest_collection_modifyitems(items):
-    """xdist groups for `make test` (two workers, --dist loadgroup): the tests that launch two processes share one
-    group, so they run one at a time; every other test is grouped with its module, so a module's fixtures (a toy
-    world, a reference run) are built once, not once on each worker."""
-    for item in items:
-        if item.get_closest_marker("two_processes"):
-            item.add_marker(pytest.mark.xdist_group("two_processes"))
-        else:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """Tokenizer, tiny SD pipeline, tiny CLIP (as ./openai/clip-vit-base-patch32), 100-row dataset, prompts."""
