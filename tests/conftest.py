@@ -54,7 +54,10 @@ def assets(tmp_path_factory):
 
 # Variables a launched script reads while it runs, not when its libraries are imported: a run that differs from the
 # zygote's environment only in these can be forked from it.
-RUNTIME_VARS = {"REVIVAL_FAULT", "REVIVAL_EMULATE_FP16", "REVIVAL_FP16_INIT_SCALE", "ACCELERATE_USE_CPU", "PYTHONPATH"}
+# (PYTEST_CURRENT_TEST is pytest's, new in every test: counted, it kept every test after a worker's first from the
+# zygote.)
+RUNTIME_VARS = {"REVIVAL_FAULT", "REVIVAL_EMULATE_FP16", "REVIVAL_FP16_INIT_SCALE", "ACCELERATE_USE_CPU", "PYTHONPATH",
+                "PYTEST_CURRENT_TEST"}
 
 
 class Zygote:
@@ -96,7 +99,12 @@ class Zygote:
                 self.proc = False
         if not self.proc or self.proc.poll() is not None:
             return False
-        return base == {k: v for k, v in self.env.items() if k not in RUNTIME_VARS}
+        return not self.differs(env)
+
+    def differs(self, env: dict) -> list:
+        """Names of the import-time variables in which ``env`` differs from the zygote's."""
+        keys = (set(env) | set(self.env or {})) - RUNTIME_VARS
+        return sorted(k for k in keys if env.get(k) != (self.env or {}).get(k))
 
     def run(self, cmd, script: str, args, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +125,13 @@ class Zygote:
 
 _ZYGOTE = Zygote()
 
+# Variables that code run inside the test process sets in os.environ as a side effect: importing cv2 (NudeNet's)
+# prepends to LD_LIBRARY_PATH, importing tools/build_toy_world.py sets OMP_WAIT_POLICY, common.determinism sets
+# CUBLAS_WORKSPACE_CONFIG. A launched script starts as from the shell that ran pytest, whatever ran in-process
+# before it (and so can still be forked from the zygote, whose environment is that shell's).
+LEAKED_VARS = ("LD_LIBRARY_PATH", "OMP_WAIT_POLICY", "CUBLAS_WORKSPACE_CONFIG")
+_START_ENV = {name: os.environ[name] for name in LEAKED_VARS if name in os.environ}
+
 
 def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, env_extra=None,
            accelerate: bool | None = None):
@@ -129,14 +144,36 @@ def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, e
     else under plain python. REVIVAL_NO_ZYGOTE=1 makes every run a new
     interpreter.
     """
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    start = time.monotonic()
+    proc, how = _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate)
+    if os.environ.get("REVIVAL_LAUNCH_LOG"):
+        with open(os.environ["REVIVAL_LAUNCH_LOG"], "a") as f:
+            why = _ZYGOTE.differs(launch_env(env_extra)) if how == "python" and _ZYGOTE.env else []
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST"), "script": script, "how": how, "why": why,
+                                "seconds": round(time.monotonic() - start, 2)}) + "\n")
+    return proc
+
+
+def launch_env(env_extra=None) -> dict:
+    """The environment a launched script starts in: the suite's, less what in-process code leaked into it."""
+    env = dict(os.environ)
+    for name in LEAKED_VARS:
+        if name in _START_ENV:
+            env[name] = _START_ENV[name]
+        else:
+            env.pop(name, None)
+    return dict(env, ACCELERATE_USE_CPU="true", PYTHONPATH=str(ROOT), **(env_extra or {}))
+
+
+def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate):
+    env = launch_env(env_extra)
     if accelerate is None:
         accelerate = num_processes > 1
     if not accelerate and _ZYGOTE.lock.acquire(blocking=False):
         try:
             if _ZYGOTE.usable(env):
                 return _ZYGOTE.run([sys.executable, str(ROOT / script), *map(str, args)], str(ROOT / script),
-                                   list(map(str, args)), cwd, env, timeout)
+                                   list(map(str, args)), cwd, env, timeout), "zygote"
         finally:
             _ZYGOTE.lock.release()
     cmd = [sys.executable]
@@ -146,7 +183,8 @@ def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, e
         if num_processes > 1:
             cmd.append("--multi_gpu")
     cmd += [str(ROOT / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), \
+        (f"accelerate x{num_processes}" if accelerate else "python")
 
 
 def seed_flags(assets, out_dir, **over):
