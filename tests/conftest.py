@@ -106,10 +106,12 @@ class Zygote:
         keys = (set(env) | set(self.env or {})) - RUNTIME_VARS
         return sorted(k for k in keys if env.get(k) != (self.env or {}).get(k))
 
-    def run(self, cmd, script: str, args, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, cmd, module, args, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        """``python -m MODULE ARGS`` (``module`` given) or ``python ARGS`` (the script first), forked."""
         with tempfile.TemporaryDirectory() as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            request = {"script": script, "args": list(args), "cwd": str(cwd), "env": env, "stdout": out, "stderr": err}
+            request = {"args": list(args[1:]), "cwd": str(cwd), "env": env, "stdout": out, "stderr": err,
+                       **({"module": module, "args": list(args)} if module else {"script": args[0]})}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             pid = self._line(None)["pid"]
@@ -127,9 +129,10 @@ _ZYGOTE = Zygote()
 
 # Variables that code run inside the test process sets in os.environ as a side effect: importing cv2 (NudeNet's)
 # prepends to LD_LIBRARY_PATH, importing tools/build_toy_world.py sets OMP_WAIT_POLICY, common.determinism sets
-# CUBLAS_WORKSPACE_CONFIG. A launched script starts as from the shell that ran pytest, whatever ran in-process
-# before it (and so can still be forked from the zygote, whose environment is that shell's).
-LEAKED_VARS = ("LD_LIBRARY_PATH", "OMP_WAIT_POLICY", "CUBLAS_WORKSPACE_CONFIG")
+# CUBLAS_WORKSPACE_CONFIG, TorchInductor sets TORCHINDUCTOR_CACHE_DIR when it first looks for its cache. A launched
+# script starts as from the shell that ran pytest, whatever ran in-process before it (and so can still be forked
+# from the zygote, whose environment is that shell's).
+LEAKED_VARS = ("LD_LIBRARY_PATH", "OMP_WAIT_POLICY", "CUBLAS_WORKSPACE_CONFIG", "TORCHINDUCTOR_CACHE_DIR")
 _START_ENV = {name: os.environ[name] for name in LEAKED_VARS if name in os.environ}
 
 
@@ -139,16 +142,18 @@ def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, e
 
     Through `accelerate launch` with several processes, or when ``accelerate``
     is set (each script has tests that launch it so, as users do); otherwise
-    a single process, forked from the zygote (tests/zygote.py: the libraries
-    already imported, ~3.6 s of CPU saved a run) when the environment allows,
-    else under plain python. REVIVAL_NO_ZYGOTE=1 makes every run a new
-    interpreter.
+    a single process under plain python. Either is forked from the zygote
+    (tests/zygote.py: the libraries already imported, ~3.6 s of CPU saved a
+    run; the launcher's workers are new interpreters) when the environment
+    allows. REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
+    REVIVAL_LAUNCH_LOG=FILE appends one JSON line a launch (test, mode,
+    seconds, and why it was not forked).
     """
     start = time.monotonic()
     proc, how = _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate)
     if os.environ.get("REVIVAL_LAUNCH_LOG"):
         with open(os.environ["REVIVAL_LAUNCH_LOG"], "a") as f:
-            why = _ZYGOTE.differs(launch_env(env_extra)) if how == "python" and _ZYGOTE.env else []
+            why = _ZYGOTE.differs(launch_env(env_extra)) if "zygote" not in how and _ZYGOTE.env else []
             f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST"), "script": script, "how": how, "why": why,
                                 "seconds": round(time.monotonic() - start, 2)}) + "\n")
     return proc
@@ -169,22 +174,21 @@ def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate):
     env = launch_env(env_extra)
     if accelerate is None:
         accelerate = num_processes > 1
-    if not accelerate and _ZYGOTE.lock.acquire(blocking=False):
+    args = [str(ROOT / script), *map(str, args)]
+    module = None
+    if accelerate:
+        module = "accelerate.commands.launch"
+        args = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_processes", str(num_processes), *(["--multi_gpu"] if num_processes > 1 else []), *args]
+    cmd = [sys.executable, *(["-m", module] if module else []), *args]
+    how = f"accelerate x{num_processes}" if accelerate else "python"
+    if _ZYGOTE.lock.acquire(blocking=False):
         try:
             if _ZYGOTE.usable(env):
-                return _ZYGOTE.run([sys.executable, str(ROOT / script), *map(str, args)], str(ROOT / script),
-                                   list(map(str, args)), cwd, env, timeout), "zygote"
+                return _ZYGOTE.run(cmd, module, args, cwd, env, timeout), how + " (zygote)"
         finally:
             _ZYGOTE.lock.release()
-    cmd = [sys.executable]
-    if accelerate:
-        cmd += ["-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-        if num_processes > 1:
-            cmd.append("--multi_gpu")
-    cmd += [str(ROOT / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), \
-        (f"accelerate x{num_processes}" if accelerate else "python")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), how
 
 
 def seed_flags(assets, out_dir, **over):

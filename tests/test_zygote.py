@@ -40,3 +40,18 @@ def test_a_forked_run_matches_a_new_interpreter(tmp_path, monkeypatch):
     assert "main __main__ probe_script.py" in forked.stdout and "argv ['bad input'] probe_script.py" in forked.stdout
     assert forked.stderr.splitlines() == ["warning", "bad input"]
     assert not os.environ.get("REVIVAL_FAULT")  # the run's environment did not leak into the test process
+
+
+def test_an_accelerate_launch_forked_matches_a_new_interpreter(tmp_path, monkeypatch):
+    """The accelerate launcher is forked from the zygote too (its worker is a new interpreter either way)."""
+    script = tmp_path / "probe_script.py"
+    script.write_text(SCRIPT)
+    runs = []
+    for fresh in (False, True):
+        if fresh:
+            monkeypatch.setenv("REVIVAL_NO_ZYGOTE", "1")
+        runs.append(launch(str(script), ["3", "a b"], str(tmp_path), accelerate=True))
+    (forked, new) = runs
+    assert forked.returncode == new.returncode != 0
+    assert forked.stdout == new.stdout and "argv ['3', 'a b'] probe_script.py" in forked.stdout
+    assert "main __main__ probe_script.py" in forked.stdout

@@ -10,7 +10,8 @@ re-exec), stdin from /dev/null, stdout and stderr into files, the script run
 as ``__main__`` and the process's exit status its result.
 
 Protocol, one JSON object a line: the client writes a request
-``{"script", "args", "cwd", "env", "stdout", "stderr"}``; this process
+``{"script", "args", "cwd", "env", "stdout", "stderr"}`` (or ``"module"`` instead of
+``"script"``: ``python -m MODULE ARGS``, for the accelerate launcher, whose workers are new interpreters); this process
 answers ``{"pid": ...}`` at the fork and ``{"returncode": ...}`` when the child
 ends (negative: killed by that signal, as subprocess reports it). It answers
 ``{"ready": true}`` once the imports are done.
@@ -36,6 +37,11 @@ def preload() -> None:
     import accelerate  # noqa: F401
     from accelerate import Accelerator  # noqa: F401
     import datasets  # noqa: F401
+    # What `python -m accelerate.commands.launch` imports (not the module itself: runpy warns when asked to run a
+    # module already imported).
+    import accelerate.commands.config  # noqa: F401
+    import accelerate.commands.utils  # noqa: F401
+    import torch.distributed.run  # noqa: F401
     from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,  # noqa: F401
                            UNet2DConditionModel)
     from diffusers.optimization import get_scheduler  # noqa: F401
@@ -63,12 +69,20 @@ def _child(req: dict) -> None:
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(out, fd)
             os.close(out)
-        script = req["script"]
-        sys.argv = [script, *req["args"]]
-        sys.orig_argv = [sys.executable, script, *req["args"]]
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        script, module = req.get("script"), req.get("module")
+        if module:  # python -m MODULE ARGS (the accelerate launcher)
+            sys.argv = [module, *req["args"]]
+            sys.orig_argv = [sys.executable, "-m", module, *req["args"]]
+            sys.path[0] = req["cwd"]
+        else:
+            sys.argv = [script, *req["args"]]
+            sys.orig_argv = [sys.executable, script, *req["args"]]
+            sys.path[0] = os.path.dirname(os.path.abspath(script))
         try:
-            runpy.run_path(script, run_name="__main__")
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(script, run_name="__main__")
             code = 0
         except SystemExit as err:
             if err.code is None:
