@@ -68,6 +68,7 @@ class Zygote:
         self.env = None
         self.lock = threading.Lock()
         self.buffer = b""
+        self.worker_socket = None
 
     def _line(self, deadline: float | None) -> dict:
         fd = self.proc.stdout.fileno()
@@ -93,7 +94,9 @@ class Zygote:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             atexit.register(self.proc.kill)
             try:
-                assert self._line(time.monotonic() + 300).get("ready")
+                ready = self._line(time.monotonic() + 300)
+                assert ready.get("ready")
+                self.worker_socket = ready.get("worker_socket")
             except (EOFError, TimeoutError, AssertionError, ValueError):
                 self.proc.kill()
                 self.proc = False
@@ -144,8 +147,8 @@ def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, e
     is set (each script has tests that launch it so, as users do); otherwise
     a single process under plain python. Either is forked from the zygote
     (tests/zygote.py: the libraries already imported, ~3.6 s of CPU saved a
-    run; the launcher's workers are new interpreters) when the environment
-    allows. REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
+    process) when the environment allows, and so are the launcher's workers
+    (torchrun starts tests/zygote_worker.py in their place). REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
     REVIVAL_LAUNCH_LOG=FILE appends one JSON line a launch (test, mode,
     seconds, and why it was not forked).
     """
@@ -185,6 +188,12 @@ def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate):
     if _ZYGOTE.lock.acquire(blocking=False):
         try:
             if _ZYGOTE.usable(env):
+                if module and _ZYGOTE.worker_socket:
+                    # The launcher's workers are forked by the zygote too: torchrun starts the stand-in
+                    # (tests/zygote_worker.py) where it would start `python -u SCRIPT`.
+                    at = args.index(str(ROOT / script))
+                    args = [*args[:at], "--no_python", str(ROOT / "tests" / "zygote_worker.sh"), *args[at:]]
+                    env = dict(env, REVIVAL_ZYGOTE_WORKERS=_ZYGOTE.worker_socket, REVIVAL_ZYGOTE_PYTHON=sys.executable)
                 return _ZYGOTE.run(cmd, module, args, cwd, env, timeout), how + " (zygote)"
         finally:
             _ZYGOTE.lock.release()

@@ -8,10 +8,11 @@ from conftest import launch
 
 SCRIPT = '''
 import os, sys
-print("cwd", os.getcwd())
-print("argv", sys.argv[1:], os.path.basename(sys.argv[0]), os.path.basename(sys.orig_argv[1]))
-print("fault", os.environ.get("REVIVAL_FAULT"))
-print("main", __name__, os.path.basename(__file__))
+say = lambda *words: sys.stdout.write(" ".join(map(str, words)) + "\\n")  # one write: ranks interleave by line
+say("cwd", os.getcwd())
+say("argv", sys.argv[1:], os.path.basename(sys.argv[0]), os.path.basename(sys.orig_argv[1]))
+say("fault", os.environ.get("REVIVAL_FAULT"), "rank", os.environ.get("RANK"))
+say("main", __name__, os.path.basename(__file__))
 print("warning", file=sys.stderr)
 if sys.argv[1] == "kill":
     sys.stdout.flush()
@@ -43,15 +44,26 @@ def test_a_forked_run_matches_a_new_interpreter(tmp_path, monkeypatch):
 
 
 def test_an_accelerate_launch_forked_matches_a_new_interpreter(tmp_path, monkeypatch):
-    """The accelerate launcher is forked from the zygote too (its worker is a new interpreter either way)."""
+    """The launcher and its workers are forked from the zygote too (tests/zygote_worker.py stands in for each
+    worker): one and two processes give what new interpreters give, a worker's exit status included."""
     script = tmp_path / "probe_script.py"
     script.write_text(SCRIPT)
-    runs = []
-    for fresh in (False, True):
-        if fresh:
-            monkeypatch.setenv("REVIVAL_NO_ZYGOTE", "1")
-        runs.append(launch(str(script), ["3", "a b"], str(tmp_path), accelerate=True))
-    (forked, new) = runs
-    assert forked.returncode == new.returncode != 0
-    assert forked.stdout == new.stdout and "argv ['3', 'a b'] probe_script.py" in forked.stdout
-    assert "main __main__ probe_script.py" in forked.stdout
+    for processes in (1, 2):
+        runs = []
+        for fresh in (False, True):
+            if fresh:
+                monkeypatch.setenv("REVIVAL_NO_ZYGOTE", "1")
+            runs.append(launch(str(script), ["3", "a b"], str(tmp_path), accelerate=True,
+                               num_processes=processes))
+            monkeypatch.delenv("REVIVAL_NO_ZYGOTE", raising=False)
+        forked, new = runs
+        assert forked.returncode == new.returncode != 0
+        assert sorted(forked.stdout.splitlines()) == sorted(new.stdout.splitlines())
+        # accelerate starts one process as `python SCRIPT`, torchrun's workers as `python -u SCRIPT`
+        flag = "-u" if processes > 1 else "probe_script.py"
+        assert forked.stdout.count(f"argv ['3', 'a b'] probe_script.py {flag}") == processes
+        assert "main __main__ probe_script.py" in forked.stdout
+        if processes == 2:
+            assert {"rank 0", "rank 1"} <= {line[-6:] for line in forked.stdout.splitlines()}
+            # torchrun reports the worker's own exit status, as for a new interpreter
+            assert "exitcode  : 3" in forked.stderr and "exitcode  : 3" in new.stderr
