@@ -1,7 +1,8 @@
 # Two commands for a fresh machine: `make test` and `make demo`.
 # Each builds .venv from the pinned requirements.txt when it is missing or stale
 # (the stamp holds the sha256 of requirements.txt and pyproject.toml it was built from), and installs this
-# repository into it in editable mode, so `common` and `tools` import from anywhere.
+# repository into it in editable mode, so `common` and `tools` import from anywhere. No pip cache: where torch
+# comes from PyPI, its CUDA build and libraries (several GB) would sit on disk twice.
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,9 +19,9 @@ venv:
 	if [ "$$want" != "$$have" ]; then \
 	  echo "building $(VENV) from requirements.txt"; \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && \
-	  $(PY) -m pip install --quiet --upgrade pip && \
-	  $(PY) -m pip install --quiet -r requirements.txt && \
-	  $(PY) -m pip install --quiet --no-deps -e . && \
+	  $(PY) -m pip install --quiet --no-cache-dir --upgrade pip && \
+	  $(PY) -m pip install --quiet --no-cache-dir -r requirements.txt && \
+	  $(PY) -m pip install --quiet --no-cache-dir --no-deps -e . && \
 	  echo "$$want" > $(STAMP); \
 	fi
 
