@@ -67,3 +67,20 @@ def test_an_accelerate_launch_forked_matches_a_new_interpreter(tmp_path, monkeyp
             assert {"rank 0", "rank 1"} <= {line[-6:] for line in forked.stdout.splitlines()}
             # torchrun reports the worker's own exit status, as for a new interpreter
             assert "exitcode  : 3" in forked.stderr and "exitcode  : 3" in new.stderr
+
+
+PARENT = "import os; print(os.getppid(), os.environ.get('LD_LIBRARY_PATH'))\n"
+
+
+def test_later_tests_and_side_effect_variables_still_fork(tmp_path, monkeypatch):
+    """pytest's per-test variable and a variable an in-process import set (cv2 prepends to LD_LIBRARY_PATH) do
+    not keep a run from the zygote, and the run starts with the variable as pytest started."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    launch(str(script), [], str(tmp_path))  # the zygote started, if no earlier test did
+    before = os.environ.get("LD_LIBRARY_PATH")
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/elsewhere.py::another (call)")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/a/library/dir:{before or ''}")
+    parent, library_path = launch(str(script), [], str(tmp_path)).stdout.split()
+    assert int(parent) == conftest._ZYGOTE.proc.pid
+    assert library_path == str(before)
