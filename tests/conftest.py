@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ class Zygote:
             self.env = dict(env)
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            atexit.register(self.proc.kill)
+            atexit.register(self.stop)
             try:
                 ready = self._line(time.monotonic() + 300)
                 assert ready.get("ready")
@@ -103,6 +104,14 @@ class Zygote:
         if not self.proc or self.proc.poll() is not None:
             return False
         return not self.differs(env)
+
+    def stop(self) -> None:
+        """End the zygote and remove its socket's directory (a killed zygote cannot remove it itself)."""
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+        if self.worker_socket:
+            shutil.rmtree(os.path.dirname(self.worker_socket), ignore_errors=True)
 
     def differs(self, env: dict) -> list:
         """Names of the import-time variables in which ``env`` differs from the zygote's."""
