@@ -122,8 +122,9 @@ class Zygote:
         """``python -m MODULE ARGS`` (``module`` given) or ``python ARGS`` (the script first), forked."""
         with tempfile.TemporaryDirectory() as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            request = {"args": list(args[1:]), "cwd": str(cwd), "env": env, "stdout": out, "stderr": err,
-                       **({"module": module, "args": list(args)} if module else {"script": args[0]})}
+            request = {"cwd": str(cwd), "env": env, "stdout": out, "stderr": err}
+            request.update({"module": module, "args": list(args)} if module else
+                           {"script": args[0], "args": list(args[1:])})
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             pid = self._line(None)["pid"]
@@ -157,7 +158,8 @@ def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, e
     a single process under plain python. Either is forked from the zygote
     (tests/zygote.py: the libraries already imported, ~3.6 s of CPU saved a
     process) when the environment allows, and so are the launcher's workers
-    (torchrun starts tests/zygote_worker.py in their place). REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
+    (torchrun starts tests/zygote_worker.py in their place).
+    REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
     REVIVAL_LAUNCH_LOG=FILE appends one JSON line a launch (test, mode,
     seconds, and why it was not forked).
     """
@@ -186,25 +188,25 @@ def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate):
     env = launch_env(env_extra)
     if accelerate is None:
         accelerate = num_processes > 1
-    args = [str(ROOT / script), *map(str, args)]
-    module = None
-    if accelerate:
-        module = "accelerate.commands.launch"
-        args = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--num_processes", str(num_processes), *(["--multi_gpu"] if num_processes > 1 else []), *args]
-    cmd = [sys.executable, *(["-m", module] if module else []), *args]
     how = f"accelerate x{num_processes}" if accelerate else "python"
-    if _ZYGOTE.lock.acquire(blocking=False):
-        try:
-            if _ZYGOTE.usable(env):
-                if module and _ZYGOTE.worker_socket:
-                    # The launcher's workers are forked by the zygote too: torchrun starts the stand-in
-                    # (tests/zygote_worker.py) where it would start `python -u SCRIPT`.
-                    at = args.index(str(ROOT / script))
-                    args = [*args[:at], "--no_python", str(ROOT / "tests" / "zygote_worker.sh"), *args[at:]]
-                    env = dict(env, REVIVAL_ZYGOTE_WORKERS=_ZYGOTE.worker_socket, REVIVAL_ZYGOTE_PYTHON=sys.executable)
-                return _ZYGOTE.run(cmd, module, args, cwd, env, timeout), how + " (zygote)"
-        finally:
+    claimed = _ZYGOTE.lock.acquire(blocking=False)
+    try:
+        forked = claimed and _ZYGOTE.usable(env)
+        args = [str(ROOT / script), *map(str, args)]
+        module = None
+        if accelerate:
+            module = "accelerate.commands.launch"
+            launcher = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--num_processes", str(num_processes), *(["--multi_gpu"] if num_processes > 1 else [])]
+            if forked:  # torchrun starts the stand-in where it would start `python -u SCRIPT`: the zygote forks it
+                launcher += ["--no_python", str(ROOT / "tests" / "zygote_worker.sh")]
+                env = dict(env, REVIVAL_ZYGOTE_WORKERS=_ZYGOTE.worker_socket, REVIVAL_ZYGOTE_PYTHON=sys.executable)
+            args = [*launcher, *args]
+        cmd = [sys.executable, *(["-m", module] if module else []), *args]
+        if forked:
+            return _ZYGOTE.run(cmd, module, args, cwd, env, timeout), how + " (zygote)"
+    finally:
+        if claimed:
             _ZYGOTE.lock.release()
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), how
 

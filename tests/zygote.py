@@ -69,6 +69,7 @@ def _child(req: dict, fds=None, close=()) -> None:
     request's two files; ``close``: the zygote's own descriptors, which the run must not hold.
     """
     code = 1
+    unbuffered = bool(fds) and "TORCHELASTIC_RUN_ID" in req["env"]  # a torchrun worker: `python -u`
     try:
         for fd in close:
             os.close(fd)
@@ -86,8 +87,7 @@ def _child(req: dict, fds=None, close=()) -> None:
                 import torch
 
                 torch.set_num_threads(int(req["env"]["OMP_NUM_THREADS"]))
-            if "TORCHELASTIC_RUN_ID" in req["env"]:
-                # Unbuffered, as torchrun's `python -u`: a worker its launcher terminates loses nothing it printed.
+            if unbuffered:  # a worker its launcher terminates loses nothing it printed
                 sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
                 sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
                                               errors="backslashreplace")
@@ -105,7 +105,6 @@ def _child(req: dict, fds=None, close=()) -> None:
             sys.path[0] = req["cwd"]
         else:
             sys.argv = [script, *req["args"]]
-            unbuffered = bool(fds) and "TORCHELASTIC_RUN_ID" in req["env"]  # torchrun's workers: python -u
             sys.orig_argv = [sys.executable, *(["-u"] if unbuffered else []), script, *req["args"]]
             sys.path[0] = os.path.dirname(os.path.abspath(script))
         try:
