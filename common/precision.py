@@ -89,6 +89,62 @@ def emulate_native_amp(accelerator) -> None:
     accelerator.backward = backward_without_onednn
     accelerator.native_amp = True
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    follow_cuda_autocast_policy()
+
+
+# The ops, among those our models, losses and scorers call, that CUDA's autocast runs in float32 and CPU's in their
+# inputs' dtype (torch's autocast op reference: "CUDA Ops that can autocast to float32", against the CPU lists). Seen
+# on torch 2.14: under CPU autocast, group_norm, layer_norm, softmax, exp and sum of float16 inputs stay float16, and
+# a float16 sum of 1000 x 100.0 overflows to inf where CUDA's gives 1e5 in float32.
+CUDA_FP32_OPS = (
+    "group_norm", "layer_norm", "softmax", "log_softmax", "softplus", "cosine_similarity", "exp", "expm1", "log",
+    "log1p", "log2", "log10", "pow", "sum", "cumsum", "cumprod", "norm", "rsqrt", "reciprocal", "cosh", "sinh", "tan",
+    "acos", "asin", "erfinv", "dist", "renorm",
+)
+_cuda_policy_library = None  # the registrations live as long as this object: the rest of the process
+
+
+def follow_cuda_autocast_policy() -> list:
+    """Make CPU autocast run CUDA's float32 ops in float32 (their floating inputs cast, as CUDA's autocast casts
+    them); returns the operator overloads given that kernel. Idempotent.
+
+    Registered on the dispatcher's AutocastCPU key, where autocast's own kernels sit, so the policy also holds in a
+    gradient-checkpointed block recomputed during backward. Tests only: the fp16 emulation then overflows, and
+    mixes dtypes, where a GPU run would.
+    """
+    global _cuda_policy_library
+    if _cuda_policy_library is not None:
+        return _cuda_policy_library.registered
+    from torch.utils._pytree import tree_map
+
+    def widen(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+    def fp32_kernel(op):
+        def kernel(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+                if torch.get_autocast_dtype("cpu") == torch.float16:  # the emulation's; bf16 on a CPU is CPU's own
+                    args, kwargs = tree_map(widen, (args, kwargs))
+                return op(*args, **kwargs)
+        return kernel
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.registered = []
+    for name in CUDA_FP32_OPS:
+        packet = getattr(torch.ops.aten, name)
+        for overload in packet.overloads():
+            qualified = name if overload == "default" else f"{name}.{overload}"
+            if "out" in overload:
+                continue
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{qualified}", "AutocastCPU"):
+                    continue  # CPU autocast handles it already
+            except RuntimeError:
+                continue  # a TorchScript builtin on Python numbers (exp.int, pow.int_float, ...), not a tensor op
+            lib.impl(qualified, fp32_kernel(getattr(packet, overload)), "AutocastCPU")
+            lib.registered.append(qualified)
+    _cuda_policy_library = lib
+    return lib.registered
 
 
 def amp_mode(accelerator) -> str:

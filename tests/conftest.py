@@ -57,6 +57,7 @@ def assets(tmp_path_factory):
 # zygote's environment only in these can be forked from it.
 # (PYTEST_CURRENT_TEST is pytest's, new in every test: counted, it kept every test after a worker's first from the
 # zygote.)
+# (PYTHONPATH is read at start-up, but only to build sys.path, which a forked run builds anew from it.)
 RUNTIME_VARS = {"REVIVAL_FAULT", "REVIVAL_EMULATE_FP16", "REVIVAL_FP16_INIT_SCALE", "ACCELERATE_USE_CPU", "PYTHONPATH",
                 "PYTEST_CURRENT_TEST"}
 
@@ -149,47 +150,65 @@ LEAKED_VARS = ("LD_LIBRARY_PATH", "OMP_WAIT_POLICY", "CUBLAS_WORKSPACE_CONFIG", 
 _START_ENV = {name: os.environ[name] for name in LEAKED_VARS if name in os.environ}
 
 
+# The fresh lane: the first launch of each program in each mode (python, accelerate x1, accelerate xN) in each test
+# process is a new interpreter, whatever the test, so every program the suite launches also runs as users run it
+# (a missing import that the zygote's preload hides, an unseeded draw, a thread left running show there).
+_FRESH_DONE = set()
+
+
 def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, env_extra=None,
-           accelerate: bool | None = None):
-    """Run a top-level script on CPU; return the CompletedProcess.
+           accelerate: bool | None = None, fresh: bool | None = None):
+    """Run a top-level script on CPU; return the CompletedProcess (``.how``: how it was started).
 
     Through `accelerate launch` with several processes, or when ``accelerate``
     is set (each script has tests that launch it so, as users do); otherwise
     a single process under plain python. Either is forked from the zygote
     (tests/zygote.py: the libraries already imported, ~3.6 s of CPU saved a
     process) when the environment allows, and so are the launcher's workers
-    (torchrun starts tests/zygote_worker.py in their place).
+    (torchrun starts tests/zygote_worker.py in their place). ``fresh=True``,
+    or the first launch of the program in its mode in this test process
+    (``fresh=None``), starts new interpreters instead: several processes then
+    each get a hash seed of their own (tests/fresh_worker.sh).
     REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
     REVIVAL_LAUNCH_LOG=FILE appends one JSON line a launch (test, mode,
     seconds, and why it was not forked).
     """
     start = time.monotonic()
-    proc, how = _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate)
+    if accelerate is None:
+        accelerate = num_processes > 1
+    mode = f"accelerate x{num_processes}" if accelerate else "python"
+    key = (os.path.abspath(os.path.join(ROOT, script)), mode)
+    if fresh is None:
+        fresh = key not in _FRESH_DONE
+    proc, how = _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate, mode, fresh)
+    if "zygote" not in how:
+        _FRESH_DONE.add(key)
+    proc.how = how
     if os.environ.get("REVIVAL_LAUNCH_LOG"):
         with open(os.environ["REVIVAL_LAUNCH_LOG"], "a") as f:
-            why = _ZYGOTE.differs(launch_env(env_extra)) if "zygote" not in how and _ZYGOTE.env else []
+            why = ("fresh lane" if fresh else _ZYGOTE.differs(launch_env(env_extra))) if "zygote" not in how else []
             f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST"), "script": script, "how": how, "why": why,
                                 "seconds": round(time.monotonic() - start, 2)}) + "\n")
     return proc
 
 
 def launch_env(env_extra=None) -> dict:
-    """The environment a launched script starts in: the suite's, less what in-process code leaked into it."""
+    """The environment a launched script starts in: the suite's, less what in-process code leaked into it.
+
+    ``env_extra`` wins over the suite's own settings (PYTHONPATH, ACCELERATE_USE_CPU included).
+    """
     env = dict(os.environ)
     for name in LEAKED_VARS:
         if name in _START_ENV:
             env[name] = _START_ENV[name]
         else:
             env.pop(name, None)
-    return dict(env, ACCELERATE_USE_CPU="true", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return {**env, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), **(env_extra or {})}
 
 
-def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate):
+def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate, how, fresh):
     env = launch_env(env_extra)
-    if accelerate is None:
-        accelerate = num_processes > 1
-    how = f"accelerate x{num_processes}" if accelerate else "python"
-    claimed = _ZYGOTE.lock.acquire(blocking=False)
+    claimed = not fresh and _ZYGOTE.lock.acquire(blocking=False)
     try:
         forked = claimed and _ZYGOTE.usable(env)
         args = [str(ROOT / script), *map(str, args)]
@@ -201,6 +220,9 @@ def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate):
             if forked:  # torchrun starts the stand-in where it would start `python -u SCRIPT`: the zygote forks it
                 launcher += ["--no_python", str(ROOT / "tests" / "zygote_worker.sh")]
                 env = dict(env, REVIVAL_ZYGOTE_WORKERS=_ZYGOTE.worker_socket, REVIVAL_ZYGOTE_PYTHON=sys.executable)
+            elif num_processes > 1:  # `python -u SCRIPT` per rank, each rank with a hash seed of its own
+                launcher += ["--no_python", str(ROOT / "tests" / "fresh_worker.sh")]
+                env = dict(env, REVIVAL_FRESH_PYTHON=sys.executable)
             args = [*launcher, *args]
         cmd = [sys.executable, *(["-m", module] if module else []), *args]
         if forked:

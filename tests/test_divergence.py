@@ -81,3 +81,21 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(assets, tmp_path)
         for s, h in handlers.items():
             signal.signal(s, h)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-0"]
+
+
+def test_a_nan_loss_under_fp16_stops_the_run_though_its_scaler_skipped_the_update(assets, tmp_path):
+    """Under fp16 (emulated on the CPU) the GradScaler finds the NaN gradients of the poisoned update and skips it,
+    so no weight turns NaN; the loss is still non-finite, and the run stops as in fp32: exit 3, the checkpoint
+    before it kept (with its loss scale), nothing written after it."""
+    out = str(tmp_path / "run")
+    flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
+                                       "--start_CL": 1, "--checkpointing_steps": 2, "--save_model": "False",
+                                       "--log_file": False})
+    proc = launch(SCRIPT, flags, cwd=assets["root"], env_extra={"REVIVAL_FAULT": "nan:3",
+                                                                "REVIVAL_EMULATE_FP16": "1"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite loss (nan) in chunk 1, epoch 0")
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "scaler.pt")) and os.path.isfile(os.path.join(out, "DIVERGED"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["amp"] == "emulated on cpu"

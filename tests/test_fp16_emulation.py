@@ -65,9 +65,19 @@ def test_emulation_gives_autocast_and_a_scaler(assets, monkeypatch, fresh_accele
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
     assert all(p.dtype == torch.float32 for p in trainer.trainable)  # fp32 masters
     assert trainer.parts.text_encoder.dtype == torch.float16 and trainer.parts.vae.dtype == torch.float16
+    # CUDA's autocast policy: norms, softmax, exp and sums run in float32 (CPU autocast would keep float16 here)
+    import torch.nn.functional as F
+
+    with acc.autocast():
+        half = torch.randn(2, 8, 4, 4).half()
+        assert F.group_norm(half, 2).dtype == half.softmax(-1).dtype == torch.exp(half).dtype == torch.float32
+        assert torch.isfinite(torch.full((1000,), 100.0, dtype=torch.float16).sum())  # 1e5: inf in float16
     trainer.reset_chunk(0)
+    start = _flat(trainer.trainable)
     stats = trainer.train_epoch(ds, (0, 20), 0, 0)
-    assert stats["updates"] + stats["skipped_updates"] == 2
+    # At torch's initial scale (2**16) the tiny UNet's scaled gradients fit in float16: both updates go through.
+    assert (stats["updates"], stats["skipped_updates"]) == (2, 0)
+    assert not torch.equal(_flat(trainer.trainable), start)
 
 
 def test_negative_control_an_fp16_trainable_parameter_fails_under_the_emulation(assets, monkeypatch,
@@ -91,6 +101,7 @@ def test_without_the_emulation_fp16_falls_back_to_fp32(assets, monkeypatch, fres
 # --- the gradient scaler per chunk; skipped updates -----------------------------------------------------------------
 
 HUGE_SCALE = 2.0 ** 100  # scaled fp16 activations' gradients overflow until the scale has halved ~85 times
+PARTLY_OVERFLOWING = 2.0 ** 20  # the tiny UNet overflows above ~2**18: two updates skip, then the rest go through
 
 
 def test_overflow_skips_the_update_the_schedule_and_the_ema(assets, monkeypatch, fresh_accelerate_state):
@@ -109,19 +120,25 @@ def test_overflow_skips_the_update_the_schedule_and_the_ema(assets, monkeypatch,
 
 def test_scaler_is_reset_per_chunk_so_a_chunk_alone_trains_as_after_others(assets, monkeypatch,
                                                                           fresh_accelerate_state):
-    # A scale that overflows for a while: after chunk 0 it has shrunk, so chunk 1 would skip fewer updates than
-    # alone (--start_CL 1) if the scaler carried over.
-    trainer, ds = _trainer(assets, monkeypatch, emulate=True, init_scale=2.0 ** 88)
+    # A scale under which a chunk's first updates overflow and its later ones go through: after chunk 0 it has
+    # shrunk, so chunk 1 would skip fewer updates, and take more steps of its weights and LR schedule, than alone
+    # (--start_CL 1) if the scaler carried over.
+    trainer, ds = _trainer(assets, monkeypatch, emulate=True, init_scale=PARTLY_OVERFLOWING, lr_scheduler="linear",
+                           lr_warmup_steps=0)
     trainer.reset_chunk(0)
-    trainer.train_epoch(ds, (0, 50), 0, 0)
+    first = trainer.train_epoch(ds, (0, 50), 0, 0)
+    assert first["skipped_updates"] > 0 and first["updates"] > 0, first
     trainer.reset_chunk(1)
-    assert trainer.scaler.get_scale() == 2.0 ** 88
     after = trainer.train_epoch(ds, (50, 100), 1, 0)
-    weights_after = _flat(trainer.trainable)
+    weights_after, lr_after = _flat(trainer.trainable), trainer.lr_scheduler.get_last_lr()
     trainer.reset_chunk(1)
+    start = _flat(trainer.trainable)
     alone = trainer.train_epoch(ds, (50, 100), 1, 0)
-    assert after["skipped_updates"] == alone["skipped_updates"] > 0
+    assert not torch.equal(start, _flat(trainer.trainable))  # chunk 1 took real updates
     assert torch.equal(weights_after, _flat(trainer.trainable))
+    assert lr_after == trainer.lr_scheduler.get_last_lr()
+    assert (after["skipped_updates"], after["updates"]) == (alone["skipped_updates"], alone["updates"])
+    assert alone["skipped_updates"] > 0 and alone["updates"] > 0
 
 
 def test_compat_reference_carries_the_scaler(assets, monkeypatch, fresh_accelerate_state):
@@ -181,6 +198,9 @@ def test_scripts_run_their_fp16_path(assets, tmp_path, script, params, ema, gc):
     records = _records(out)
     assert records and all(all(map(torch.isfinite, torch.tensor(r["scores"]))) for r in records)
     assert all(isinstance(r["skipped_updates"], list) for r in records)
+    # Updates went through (at torch's initial loss scale none overflows on the tiny UNet): steps taken, none skipped.
+    trained = [r for r in records if r["chunk"] is not None]
+    assert trained and all(r["optimizer_steps"] > 0 and not any(r["skipped_updates"]) for r in trained), trained
     # The accelerate checkpoint holds the GradScaler's state, as on a GPU.
     ckpts = [d for d in os.listdir(out) if d.startswith("checkpoint-")]
     assert ckpts and all(os.path.isfile(os.path.join(out, d, "scaler.pt")) for d in ckpts)
@@ -189,9 +209,13 @@ def test_scripts_run_their_fp16_path(assets, tmp_path, script, params, ema, gc):
     if params == "lora":
         adapter = load_file(os.path.join(saved, "pytorch_lora_weights.safetensors"))
         assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+        assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k or "lora.up" in k)  # B left zero
     else:
         unet = load_file(os.path.join(saved, "unet", "diffusion_pytorch_model.safetensors"))
         assert all(t.dtype == torch.float32 for t in unet.values())
+        base = load_file(os.path.join(assets["sd"], "unet", "diffusion_pytorch_model.safetensors"))
+        moved = {k for k in unet if not torch.equal(unet[k], base[k])}
+        assert moved and (params == "full" or all("attn2.to_k" in k or "attn2.to_v" in k for k in moved))
         for part, name in (("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
             mine, theirs = load_file(os.path.join(saved, part, name)), load_file(os.path.join(assets["sd"], part, name))
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

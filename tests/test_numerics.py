@@ -155,16 +155,19 @@ def test_unsupported_cpu_is_input_error_naming_the_opt_out(monkeypatch):
         numerics.pin_process(reexec=False)
 
 
-def test_describe_records_this_process():
+def test_describe_reports_what_was_set_or_read_outside_it(probes):
+    """describe() of a child started with a lower kernel level and no pin, against what the test set itself and
+    reads itself (the CPU model line of /proc/cpuinfo, this interpreter's torch), not against describe's own calls."""
     import torch
 
-    d = numerics.describe()
-    assert d["pinned"] == numerics.is_pinned() and set(d["pin"]) == set(numerics.PIN)
-    assert d["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert d["torch_threads"] == torch.get_num_threads() and d["cpu_count"] == os.cpu_count()
-    assert d["library_versions"]["torch"] == torch.__version__.split("+")[0]
+    d, _ = probes["unpinned_default_isa"]
+    assert d["pinned"] is False and d["torch_cpu_capability"] == "DEFAULT"
+    assert d["pin"] == {**{k: None for k in numerics.PIN}, "ATEN_CPU_CAPABILITY": "default",
+                        "ONEDNN_MAX_CPU_ISA": "SSE41"}  # _clean_env: the pin's variables unset, then these two
+    assert d["library_versions"]["torch"] == torch.__version__.split("+")[0] and d["cpu_count"] == os.cpu_count()
     if os.path.isfile("/proc/cpuinfo") and d["machine"] == "x86_64":
-        assert d["cpu_model"] and "avx2" in d["cpu_isa"] or "avx2" not in numerics.cpu_info()["flags"]
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        assert d["cpu_model"] == model and "avx2" in d["cpu_isa"]
     assert d["blas"] and d["onednn"]
     json.dumps(d)  # goes into card.json and config.json
 

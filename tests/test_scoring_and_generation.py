@@ -27,7 +27,10 @@ def test_clip_score_equals_hand_cosine(assets):
 
 
 def test_image_seed_is_deterministic_and_distinct():
-    assert image_seed(0, 3) == image_seed(0, 3)
+    # Pinned values (numpy's SeedSequence of [seed, prompt, image(, stream)]): the same in every process and
+    # session, so a run's validation images never depend on the interpreter; stream 0 leaves the old seeds as they were.
+    assert image_seed(0, 3) == image_seed(0, 3, 0, 0) == 5611424052063861358
+    assert image_seed(0, 3, 0, 1) == 3388623668888174563 and image_seed(7, 0) == 4474668370826950401
     seeds = {image_seed(s, k, j) for s in range(3) for k in range(5) for j in range(2)}
     assert len(seeds) == 30
 

@@ -13,6 +13,7 @@ say("cwd", os.getcwd())
 say("argv", sys.argv[1:], os.path.basename(sys.argv[0]), os.path.basename(sys.orig_argv[1]))
 say("fault", os.environ.get("REVIVAL_FAULT"), "rank", os.environ.get("RANK"))
 say("main", __name__, os.path.basename(__file__))
+say("path", sys.path)
 print("warning", file=sys.stderr)
 if sys.argv[1] == "kill":
     sys.stdout.flush()
@@ -21,42 +22,83 @@ raise SystemExit(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])
 '''.replace("import os, sys", "import os, signal, sys")
 
 
-def _both(tmp_path, monkeypatch, args):
+def _both(tmp_path, args, script_text=SCRIPT, **kwargs):
+    """The same run forked from the zygote and in a new interpreter (each checked to have been started so)."""
     script = tmp_path / "probe_script.py"
-    script.write_text(SCRIPT)
-    forked = launch(str(script), args, str(tmp_path), env_extra={"REVIVAL_FAULT": "x:1"})
-    assert conftest._ZYGOTE.proc, "the run was not forked from the zygote"
-    monkeypatch.setenv("REVIVAL_NO_ZYGOTE", "1")
-    fresh = launch(str(script), args, str(tmp_path), env_extra={"REVIVAL_FAULT": "x:1"})
-    monkeypatch.delenv("REVIVAL_NO_ZYGOTE")
+    script.write_text(script_text)
+    forked = launch(str(script), args, str(tmp_path), fresh=False, **kwargs)
+    fresh = launch(str(script), args, str(tmp_path), fresh=True, **kwargs)
+    assert forked.how.endswith("(zygote)") and "zygote" not in fresh.how, (forked.how, fresh.how)
     return forked, fresh
 
 
-def test_a_forked_run_matches_a_new_interpreter(tmp_path, monkeypatch):
+def test_a_forked_run_matches_a_new_interpreter(tmp_path):
     for args, code in ((["0", "a b"], 0), (["3"], 3), (["kill"], -signal.SIGKILL), (["bad input"], 1)):
-        forked, fresh = _both(tmp_path, monkeypatch, args)
+        forked, fresh = _both(tmp_path, args, env_extra={"REVIVAL_FAULT": "x:1"})
         assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
         assert forked.returncode == code, (args, forked.stderr)
     assert f"cwd {tmp_path}" in forked.stdout and "fault x:1" in forked.stdout
     assert "main __main__ probe_script.py" in forked.stdout and "argv ['bad input'] probe_script.py" in forked.stdout
     assert forked.stderr.splitlines() == ["warning", "bad input"]
     assert not os.environ.get("REVIVAL_FAULT")  # the run's environment did not leak into the test process
+    # sys.path as a new interpreter's: the script's directory, PYTHONPATH, the site; not tests/ (the zygote's own)
+    path = next(line for line in forked.stdout.splitlines() if line.startswith("path "))
+    assert str(tmp_path) in path and str(conftest.ROOT / "tests") not in path
 
 
-def test_an_accelerate_launch_forked_matches_a_new_interpreter(tmp_path, monkeypatch):
+DRAWS = '''
+import random, sys, numpy, torch
+print(torch.rand(1).item(), numpy.random.random(), random.random(), hash("abc"), flush=True)
+'''
+
+
+def _draws(proc):
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [tuple(line.split()) for line in proc.stdout.splitlines()]
+
+
+def test_forked_runs_draw_their_own_random_numbers(tmp_path):
+    """torch's, numpy's and random's global generators start from the OS in every forked run, as in every new
+    interpreter (a fork would repeat the zygote's state, and hide an unseeded draw from every comparison of two
+    runs). The hash seed is the one thing a fork cannot renew: forked runs share the zygote's (the fresh lane and
+    tests/fresh_worker.sh cover what depends on it)."""
+    (f1, n1), (f2, n2) = _both(tmp_path, [], DRAWS), _both(tmp_path, [], DRAWS)
+    (a,), (b,), (c,), (d,) = map(_draws, (f1, f2, n1, n2))
+    assert all(x != y for x, y in zip(c[:3], d[:3]))  # two new interpreters differ in every generator
+    assert all(x != y for x, y in zip(a[:3], b[:3]))  # and so do two forked runs
+    assert a[3] == b[3] and c[3] != d[3]  # the hash seed: shared by forks, drawn anew by interpreters
+    # Ranks: forked workers draw their own numbers; fresh workers have hash seeds of their own.
+    forked, fresh = _both(tmp_path, [], DRAWS, accelerate=True, num_processes=2)
+    ranks_forked, ranks_fresh = _draws(forked), _draws(fresh)
+    assert len(ranks_forked) == len(ranks_fresh) == 2
+    assert all(x != y for x, y in zip(ranks_forked[0][:3], ranks_forked[1][:3]))
+    assert ranks_fresh[0][3] != ranks_fresh[1][3]
+
+
+THREAD = '''
+import sys, threading, time
+def late():
+    time.sleep(0.3)
+    print("thread done", flush=True)
+threading.Thread(target=late).start()
+print("main done", flush=True)
+'''
+
+
+def test_a_forked_run_waits_for_its_threads_as_the_interpreter_does(tmp_path):
+    forked, fresh = _both(tmp_path, [], THREAD)
+    assert forked.stdout == fresh.stdout == "main done\nthread done\n"
+
+
+def test_an_accelerate_launch_forked_matches_a_new_interpreter(tmp_path):
     """The launcher and its workers are forked from the zygote too (tests/zygote_worker.py stands in for each
     worker): one and two processes give what new interpreters give, a worker's exit status included."""
     script = tmp_path / "probe_script.py"
     script.write_text(SCRIPT)
     for processes in (1, 2):
-        runs = []
-        for fresh in (False, True):
-            if fresh:
-                monkeypatch.setenv("REVIVAL_NO_ZYGOTE", "1")
-            runs.append(launch(str(script), ["3", "a b"], str(tmp_path), accelerate=True,
-                               num_processes=processes))
-            monkeypatch.delenv("REVIVAL_NO_ZYGOTE", raising=False)
-        forked, new = runs
+        forked, new = (launch(str(script), ["3", "a b"], str(tmp_path), accelerate=True, num_processes=processes,
+                              fresh=fresh) for fresh in (False, True))
+        assert forked.how.endswith("(zygote)") and "zygote" not in new.how
         assert forked.returncode == new.returncode != 0
         assert sorted(forked.stdout.splitlines()) == sorted(new.stdout.splitlines())
         # accelerate starts one process as `python SCRIPT`, torchrun's workers as `python -u SCRIPT`
@@ -77,10 +119,10 @@ def test_later_tests_and_side_effect_variables_still_fork(tmp_path, monkeypatch)
     not keep a run from the zygote, and the run starts with the variable as pytest started."""
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
-    launch(str(script), [], str(tmp_path))  # the zygote started, if no earlier test did
+    launch(str(script), [], str(tmp_path), fresh=False)  # the zygote started, if no earlier test did
     before = os.environ.get("LD_LIBRARY_PATH")
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/elsewhere.py::another (call)")
     monkeypatch.setenv("LD_LIBRARY_PATH", f"/a/library/dir:{before or ''}")
-    parent, library_path = launch(str(script), [], str(tmp_path)).stdout.split()
+    parent, library_path = launch(str(script), [], str(tmp_path), fresh=False).stdout.split()
     assert int(parent) == conftest._ZYGOTE.proc.pid
     assert library_path == str(conftest._START_ENV.get("LD_LIBRARY_PATH"))  # as pytest started, leaks or not

@@ -33,6 +33,52 @@ import tempfile
 import traceback
 
 
+# A new interpreter's sys.path after its first entry and PYTHONPATH's: the standard library, site-packages and what
+# .pth files add, as this process found them at its start (before preload put the repository first).
+_SITE_PATH = []
+
+
+def _record_site_path() -> None:
+    pythonpath = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    _SITE_PATH[:] = [p for p in sys.path[1:] if os.path.abspath(p) not in pythonpath]
+
+
+def _new_interpreter_path(first: str, env: dict) -> list:
+    """sys.path as `python SCRIPT` (``first``: the script's real directory) or `python -m` (the cwd) would start."""
+    path = [first, *(os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p), *_SITE_PATH]
+    return list(dict.fromkeys(path))  # site.removeduppaths: the first of each
+
+
+def _fresh_random_state() -> None:
+    """Seed the global generators from the OS, as a new interpreter's are: every forked run draws its own numbers
+    (a fork would otherwise repeat the zygote's state in every run and every rank, and hide a stray global draw)."""
+    import random
+
+    import numpy
+    import torch
+
+    random.seed()
+    numpy.random.seed()
+    torch.seed()
+
+
+def _exit_as_the_interpreter(code: int) -> None:
+    """What Py_FinalizeEx does before the process ends: join non-daemon threads, then run the atexit functions."""
+    import threading
+
+    try:
+        threading._shutdown()
+    except BaseException:  # noqa: BLE001 - the interpreter prints and goes on
+        traceback.print_exc()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
 def preload() -> None:
     """Import what the scripts import, without running any torch computation (no thread pools before a fork)."""
     import numpy  # noqa: F401
@@ -98,15 +144,16 @@ def _child(req: dict, fds=None, close=()) -> None:
                 out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(out, fd)
                 os.close(out)
+        _fresh_random_state()
         script, module = req.get("script"), req.get("module")
         if module:  # python -m MODULE ARGS (the accelerate launcher)
             sys.argv = [module, *req["args"]]
             sys.orig_argv = [sys.executable, "-m", module, *req["args"]]
-            sys.path[0] = req["cwd"]
+            sys.path[:] = _new_interpreter_path(os.getcwd(), req["env"])
         else:
             sys.argv = [script, *req["args"]]
             sys.orig_argv = [sys.executable, *(["-u"] if unbuffered else []), script, *req["args"]]
-            sys.path[0] = os.path.dirname(os.path.abspath(script))
+            sys.path[:] = _new_interpreter_path(os.path.dirname(os.path.realpath(script)), req["env"])
         try:
             if module:
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -124,19 +171,8 @@ def _child(req: dict, fds=None, close=()) -> None:
         except BaseException:  # noqa: BLE001 - what the interpreter would print, then exit status 1
             traceback.print_exc()
             code = 1
-        atexit._run_exitfuncs()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
-
-
-def _reply(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+        _exit_as_the_interpreter(code)
 
 
 class WorkerServer:
@@ -219,6 +255,7 @@ def _reply(obj: dict) -> None:
 
 
 def serve() -> None:
+    _record_site_path()
     preload()
     # Removed by this process when its client hangs up (not by atexit: a forked run runs the exit functions).
     workers = WorkerServer(os.path.join(tempfile.mkdtemp(prefix="zygote-"), "workers.sock"))

@@ -39,11 +39,15 @@ python tools/train_classifier.py --train_dir "$E/classifier_data" --concept "red
 python tools/unlearn.py --method uce --erase "a red circle" "a photo of a red circle" \
     --preserve "a red square" "a blue circle" --pretrained_model_name_or_path "$W/sd_base" --output_dir "$E/uce"
 
-# 4. Measure revival (sequential protocol, both criteria; thresholds as in the demo).
+# 4. Measure revival (sequential protocol, both criteria), at the demo's thresholds: derived by its rule
+#    (tools/demo.py, calibrate) from this world's own scores in its card.
+read -r CLIP_TH BC_TH < <(python -c "import json, sys; from tools.demo import calibrate; \
+t = calibrate(json.load(open(sys.argv[1]))); print(t['clip_threshold'], t['bc_threshold'])" "$W/card.json")
+echo "thresholds: CLIP $CLIP_TH, classifier $BC_TH"
 $ACC finetuning_sequential.py --pretrained_model_name_or_path "$E/uce" --train_data_dir "$E/data" \
     --caption_column prompt --resolution 32 --train_batch_size 10 --learning_rate 1e-4 --num_train_epochs 8 \
     --curriculum 50,100,150,200 --validation_prompts "$W/prompts/a_red_circle.txt" --clip_model "$W/clip" \
-    --model_path "$E/classifier" --clip_threshold 0.838 --bc_threshold 0.6 --num_inference_steps 20 \
+    --model_path "$E/classifier" --clip_threshold "$CLIP_TH" --bc_threshold "$BC_TH" --num_inference_steps 20 \
     --output_dir "$E/run" --resume_from_checkpoint latest
 
 # 5. Report.
