@@ -303,3 +303,13 @@ def test_a_shared_flag_takes_the_chosen_attack_s_default_and_its_help_names_each
     assert "unlearndiffatk: Adam learning rate" in helps["lr"] and "p4d-n/p4d-k: AdamW learning rate" in helps["lr"]
     assert "default 0.01;" in helps["lr"] and helps["lr"].endswith("default 0.1")
     assert helps["timesteps"].endswith("(default 50)")  # a flag of one attack: its help as written
+
+
+def test_the_command_itself_in_a_new_interpreter_gives_the_probe_s_records(assets, toy, tmp_path):
+    """tools/attack_prompts.py run directly, as users run it, in a new interpreter (the fresh lane; the other tests
+    go through the launcher that registers the toy search): the built-in replay gives the fixture's probe records."""
+    out = str(tmp_path / "probe")
+    proc = launch("tools/attack_prompts.py", flags(assets, toy, "replay", out, threshold=-1.0), cwd=assets["root"],
+                  env_extra=THREADS, fresh=True)
+    assert proc.returncode == 0 and "zygote" not in proc.how, proc.stderr[-3000:]
+    assert timeless(records(out)) == timeless(records(str(toy["root"] / "probe")))

@@ -35,3 +35,11 @@ def test_every_docs_page_is_linked_from_the_readme():
     pages = {page.name for page in (ROOT / "docs").glob("*.md")}
     assert pages, "no pages found: the pattern is wrong"
     assert pages <= linked, f"pages the README does not link: {sorted(pages - linked)}"
+
+
+def test_the_flags_reference_command_checks_in_a_new_interpreter():
+    """tools/flags_reference.py --check as a new interpreter (the fresh lane): exit 0, docs/flags.md current."""
+    from conftest import launch
+
+    proc = launch("tools/flags_reference.py", ["--check"], cwd=str(ROOT), fresh=True)
+    assert proc.returncode == 0 and "zygote" not in proc.how, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, launch
 
 from tools import report  # noqa: E402
 
@@ -36,6 +36,11 @@ def test_tables_and_plots(tmp_path):
                 [("clip", 50, 0.25), ("classifier", 50, 0.0), ("clip", 100, 0.33), ("classifier", 100, 0.1)]])
     out = str(tmp_path / "report")
     header, rows, plots = report.main(report.parse_args([ind, seq, "--out", out]))
+    # The command itself, in a new interpreter (the fresh lane), writes the same table.
+    fresh = launch("tools/report.py", [ind, seq, "--out", str(tmp_path / "fresh")], cwd=str(tmp_path), fresh=True)
+    assert fresh.returncode == 0 and "zygote" not in fresh.how, fresh.stderr[-2000:]
+    table = "revival_table.md"
+    assert open(os.path.join(out, table)).read() == open(tmp_path / "fresh" / table).read()
     assert header == ["method", "concept", "data", "criterion", "threshold", "chunk 0", "chunk 1", "Revival Point"]
     assert rows == [["esd-x", "target", "related", "clip", 0.31, "4", ">90", ""],
                     ["uce", "target", "related", "clip", 0.31, "", "", "chunk 1 (100 images)"],

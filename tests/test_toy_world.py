@@ -455,3 +455,24 @@ def _save_rank(rank, init, args, path):
     torch.set_num_threads(1)
     unet, figures = build._train_unet_part(rank, 2, init, *args, log=lambda *_: None)
     torch.save({"state": unet.state_dict(), "figures": figures}, path)
+
+
+def test_the_build_command_in_a_new_interpreter_reuses_the_cached_world(world):
+    """tools/build_toy_world.py as users run it (a new interpreter, the fresh lane): the world this module built in
+    process (unpinned, hence --no_pin) is recognised as the same world and reused, its card untouched."""
+    card = os.path.join(world["dir"], "card.json")
+    before = os.path.getmtime(card)
+    proc = launch("tools/build_toy_world.py", ["--out_dir", world["dir"], "--scale", "reduced", "--no_pin"],
+                  cwd=world["dir"], fresh=True)
+    assert proc.returncode == 0 and "zygote" not in proc.how, proc.stderr[-3000:]
+    assert "reusing" in proc.stdout + proc.stderr and os.path.getmtime(card) == before
+
+
+def test_the_demo_command_in_a_new_interpreter_refuses_bad_input(tmp_path):
+    """tools/demo.py's own run is `make demo` (always a new interpreter); in the suite it starts as one to refuse a
+    bad flag before it builds anything."""
+    proc = launch("tools/demo.py", ["--run_seeds", "0,x", "--out", str(tmp_path / "out")], cwd=str(tmp_path),
+                  fresh=True)
+    last = proc.stderr.strip().splitlines()[-1]  # argparse: its usage line, then the error
+    assert proc.returncode == 2 and "error: --run_seeds '0,x'" in last, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out")
