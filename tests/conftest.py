@@ -6,7 +6,6 @@ import atexit
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +69,6 @@ class Zygote:
         self.env = None
         self.lock = threading.Lock()
         self.buffer = b""
-        self.worker_socket = None
 
     def _line(self, deadline: float | None) -> dict:
         fd = self.proc.stdout.fileno()
@@ -96,9 +94,7 @@ class Zygote:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             atexit.register(self.stop)
             try:
-                ready = self._line(time.monotonic() + 300)
-                assert ready.get("ready")
-                self.worker_socket = ready.get("worker_socket")
+                assert self._line(time.monotonic() + 300).get("ready")
             except (EOFError, TimeoutError, AssertionError, ValueError):
                 self.proc.kill()
                 self.proc = False
@@ -107,12 +103,10 @@ class Zygote:
         return not self.differs(env)
 
     def stop(self) -> None:
-        """End the zygote and remove its socket's directory (a killed zygote cannot remove it itself)."""
+        """End the zygote."""
         if self.proc:
             self.proc.kill()
             self.proc.wait()
-        if self.worker_socket:
-            shutil.rmtree(os.path.dirname(self.worker_socket), ignore_errors=True)
 
     def differs(self, env: dict) -> list:
         """Names of the import-time variables in which ``env`` differs from the zygote's."""
@@ -162,13 +156,13 @@ def launch(script: str, args, cwd, num_processes: int = 1, timeout: int = 900, e
 
     Through `accelerate launch` with several processes, or when ``accelerate``
     is set (each script has tests that launch it so, as users do); otherwise
-    a single process under plain python. Either is forked from the zygote
-    (tests/zygote.py: the libraries already imported, ~3.6 s of CPU saved a
-    process) when the environment allows, and so are the launcher's workers
-    (torchrun starts tests/zygote_worker.py in their place). ``fresh=True``,
-    or the first launch of the program in its mode in this test process
-    (``fresh=None``), starts new interpreters instead: several processes then
-    each get a hash seed of their own (tests/fresh_worker.sh).
+    a single process under plain python. The plain run, or the launcher, is
+    forked from the zygote (tests/zygote.py: the libraries already imported,
+    ~3.6 s of CPU saved a process) when the environment allows; a launch's
+    workers are always new interpreters, each rank with a hash seed of its
+    own (tests/fresh_worker.sh). ``fresh=True``, or the first launch of the
+    program in its mode in this test process (``fresh=None``), starts the
+    run or launcher as a new interpreter too.
     REVIVAL_NO_ZYGOTE=1 makes every run a new interpreter;
     REVIVAL_LAUNCH_LOG=FILE appends one JSON line a launch (test, mode,
     seconds, and why it was not forked).
@@ -217,10 +211,7 @@ def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate, ho
             module = "accelerate.commands.launch"
             launcher = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "--num_processes", str(num_processes), *(["--multi_gpu"] if num_processes > 1 else [])]
-            if forked:  # torchrun starts the stand-in where it would start `python -u SCRIPT`: the zygote forks it
-                launcher += ["--no_python", str(ROOT / "tests" / "zygote_worker.sh")]
-                env = dict(env, REVIVAL_ZYGOTE_WORKERS=_ZYGOTE.worker_socket, REVIVAL_ZYGOTE_PYTHON=sys.executable)
-            elif num_processes > 1:  # `python -u SCRIPT` per rank, each rank with a hash seed of its own
+            if num_processes > 1:  # `python -u SCRIPT` per rank, each rank with a hash seed of its own
                 launcher += ["--no_python", str(ROOT / "tests" / "fresh_worker.sh")]
                 env = dict(env, REVIVAL_FRESH_PYTHON=sys.executable)
             args = [*launcher, *args]

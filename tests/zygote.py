@@ -7,7 +7,12 @@ single-process runs here instead: the child of a fork has all of that
 imported already, then behaves as ``python SCRIPT ARGS`` would: its own
 working directory, environment, argv (``sys.orig_argv`` too, for a
 re-exec), stdin from /dev/null, stdout and stderr into files, the script run
-as ``__main__`` and the process's exit status its result.
+as ``__main__`` and the process's exit status its result. It also starts as a
+new interpreter would in what a fork would otherwise inherit: torch's,
+numpy's and random's global generators seeded from the OS, a new
+interpreter's sys.path (not tests/), non-daemon threads joined before the
+atexit functions. The one thing a fork cannot renew is the hash seed: forked
+runs share the zygote's (the fresh lane covers what depends on it).
 
 Protocol, one JSON object a line: the client writes a request
 ``{"script", "args", "cwd", "env", "stdout", "stderr"}`` (or ``"module"`` instead of
@@ -20,16 +25,10 @@ ends (negative: killed by that signal, as subprocess reports it). It answers
 from __future__ import annotations
 
 import atexit
-import io
 import json
 import os
 import runpy
-import selectors
-import shutil
-import signal
-import socket
 import sys
-import tempfile
 import traceback
 
 
@@ -108,42 +107,20 @@ def preload() -> None:
     import common.training  # noqa: F401
 
 
-def _child(req: dict, fds=None, close=()) -> None:
-    """Become ``python SCRIPT ARGS`` in the request's directory and environment; never returns.
-
-    Its stdin, stdout and stderr are ``fds`` (a worker's, passed by its stand-in) or else /dev/null and the
-    request's two files; ``close``: the zygote's own descriptors, which the run must not hold.
-    """
+def _child(req: dict) -> None:
+    """Become ``python SCRIPT ARGS`` (or ``python -m MODULE ARGS``) in the request's directory and environment,
+    stdin from /dev/null, stdout and stderr into the request's two files; never returns."""
     code = 1
-    unbuffered = bool(fds) and "TORCHELASTIC_RUN_ID" in req["env"]  # a torchrun worker: `python -u`
     try:
-        for fd in close:
-            os.close(fd)
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        if fds:
-            for fd, passed in zip((0, 1, 2), fds):
-                os.dup2(passed, fd)
-            for passed in fds:
-                if passed > 2:
-                    os.close(passed)
-            # torchrun gives each worker OMP_NUM_THREADS (1 unless set), which torch read here at import time.
-            if req["env"].get("OMP_NUM_THREADS", "").isdigit():
-                import torch
-
-                torch.set_num_threads(int(req["env"]["OMP_NUM_THREADS"]))
-            if unbuffered:  # a worker its launcher terminates loses nothing it printed
-                sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
-                sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
-                                              errors="backslashreplace")
-        else:
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(out, fd)
-                os.close(out)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
         _fresh_random_state()
         script, module = req.get("script"), req.get("module")
         if module:  # python -m MODULE ARGS (the accelerate launcher)
@@ -152,7 +129,7 @@ def _child(req: dict, fds=None, close=()) -> None:
             sys.path[:] = _new_interpreter_path(os.getcwd(), req["env"])
         else:
             sys.argv = [script, *req["args"]]
-            sys.orig_argv = [sys.executable, *(["-u"] if unbuffered else []), script, *req["args"]]
+            sys.orig_argv = [sys.executable, script, *req["args"]]
             sys.path[:] = _new_interpreter_path(os.path.dirname(os.path.realpath(script)), req["env"])
         try:
             if module:
@@ -175,80 +152,6 @@ def _child(req: dict, fds=None, close=()) -> None:
         _exit_as_the_interpreter(code)
 
 
-class WorkerServer:
-    """Forks the workers of an accelerate launch that this process forked (tests/zygote_worker.py asks).
-
-    torchrun starts each worker as ``zygote_worker SCRIPT ARGS`` (``--no_python``): that stand-in passes its
-    environment (RANK, WORLD_SIZE, MASTER_PORT, ...), directory, argv and stdin/stdout/stderr here over a Unix
-    socket, this process forks the worker with them, and the stand-in relays signals to it and ends with its
-    exit status. One thread: the launcher, the stand-ins' connections and the workers are all waited on here.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(16)
-        self.listener.setblocking(False)
-
-    def serve_until(self, launcher: int) -> int:
-        """Serve worker requests until the forked ``launcher`` ends; return its exit status."""
-        sel = selectors.DefaultSelector()
-        sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
-        sel.register(os.pidfd_open(launcher), selectors.EVENT_READ, ("launcher", launcher))
-        workers = {}  # pid -> (pidfd, connection)
-        code = None
-        while code is None:
-            for key, _ in sel.select():
-                kind, obj = key.data
-                if kind == "accept":
-                    conn, _ = self.listener.accept()
-                    conn.setblocking(True)
-                    pid = self._fork_worker(conn, {k.fd for k in sel.get_map().values()} | {conn.fileno()})
-                    pidfd = os.pidfd_open(pid)
-                    workers[pid] = (pidfd, conn)
-                    sel.register(pidfd, selectors.EVENT_READ, ("worker", pid))
-                elif kind == "worker":
-                    pidfd, conn = workers.pop(obj)
-                    sel.unregister(pidfd)
-                    os.close(pidfd)
-                    _, status = os.waitpid(obj, 0)
-                    try:
-                        conn.sendall((json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
-                    except OSError:
-                        pass  # the stand-in was killed (SIGKILL): nobody to tell
-                    conn.close()
-                else:
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    _, status = os.waitpid(obj, 0)
-                    code = os.waitstatus_to_exitcode(status)
-        for pid, (pidfd, conn) in workers.items():  # a launcher that died before its workers: no orphans
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(pidfd)
-            conn.close()
-        sel.unregister(self.listener)
-        sel.close()
-        return code
-
-    def _fork_worker(self, conn, zygote_fds) -> int:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        while not data.endswith(b"\n"):
-            more = conn.recv(1 << 20)
-            if not more:
-                raise EOFError("a worker stand-in hung up mid-request")
-            data += more
-        req = json.loads(data)
-        pid = os.fork()
-        if pid == 0:
-            _child(req, fds, close=zygote_fds)
-        for fd in fds:
-            os.close(fd)
-        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-        return pid
-
-
 def _reply(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -257,16 +160,7 @@ def _reply(obj: dict) -> None:
 def serve() -> None:
     _record_site_path()
     preload()
-    # Removed by this process when its client hangs up (not by atexit: a forked run runs the exit functions).
-    workers = WorkerServer(os.path.join(tempfile.mkdtemp(prefix="zygote-"), "workers.sock"))
-    try:
-        _serve(workers)
-    finally:
-        shutil.rmtree(os.path.dirname(workers.path), ignore_errors=True)
-
-
-def _serve(workers: WorkerServer) -> None:
-    _reply({"ready": True, "worker_socket": workers.path})
+    _reply({"ready": True})
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -275,14 +169,10 @@ def _serve(workers: WorkerServer) -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(req, close=[workers.listener.fileno()])
+            _child(req)
         _reply({"pid": pid})
-        if req.get("module"):  # a launcher: its workers come back here to be forked
-            code = workers.serve_until(pid)
-        else:
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        _reply({"returncode": code})
+        _, status = os.waitpid(pid, 0)
+        _reply({"returncode": os.waitstatus_to_exitcode(status)})
 
 
 if __name__ == "__main__":
