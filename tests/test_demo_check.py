@@ -142,22 +142,30 @@ def test_only_tables_the_report_writes_are_read():
 
 
 def test_the_demo_page_shows_the_expected_figures():
-    """docs/demo.md's revival table and thresholds are the recorded run's (tools/toy_world/expected_demo.json):
+    """docs/demo.md's revival table (sequential and individual rows) and thresholds are the recorded run's (tools/toy_world/expected_demo.json):
     a re-recorded demo whose page was not updated fails here."""
     figures = expected.load_expected()["sections"]["demo"]["figures"]
     page = (ROOT / "docs" / "demo.md").read_text()
     assert f"**{figures['thresholds: CLIP']}**" in page and f"**{figures['thresholds: classifier']}**" in page
     names = {"ESD-x": "esd-x", "UCE": "uce", "ESD-x (LoRA)": "esd-x (LoRA)", "UCE (LoRA)": "uce (LoRA)",
              "base (control)": "base (control)", "base (LoRA) (control)": "base (LoRA) (control)"}
-    rows = 0
+    rows = individual = 0
     for line in page.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 6 or cells[0] not in names or not cells[5]:
+        if len(cells) != 6 or cells[0] not in names or not (cells[5] or cells[4]):
             continue
-        method, data, criterion, threshold, _, point = cells
+        method, data, criterion, threshold, per_chunk, point = cells
+        if criterion.endswith(" (individual)"):  # "chunks 4-9: 14, >31, ...": epochs to revival per chunk
+            key = f"revival_table: {names[method]} a red circle {data} {criterion[:-13].lower()} (row 2)"
+            first, values = per_chunk.replace("**", "").removeprefix("chunks ").split(": ")
+            start = int(first.split("-")[0])
+            for k, value in enumerate(values.split(", ")):
+                assert figures[f"{key} / chunk {start + k}"] == value, (key, start + k)
+            individual += 1
+            continue
         key = f"revival_table: {names[method]} a red circle {data} {criterion.lower()}"
         assert figures[f"{key} / threshold"] == threshold, key
         got = point.replace("**", "").replace(" (met before training too)", " (50 images)")
         assert figures[f"{key} / Revival Point"] == got, key
         rows += 1
-    assert rows == 16  # every sequential row of the page's revival table
+    assert rows == 16 and individual == 2  # every sequential and individual row of the page's revival table

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, launch
@@ -117,7 +118,8 @@ def test_epochs_to_revival_figure_shows_something_when_nothing_revived(tmp_path)
     left, right = fig.axes
     # Left: no revival line with points, one 'not revived' marker per chunk at the last epoch trained.
     (revived, missed) = left.get_lines()
-    assert len(revived.get_xdata()) == 0 and list(missed.get_xdata()) == [0, 1] and list(missed.get_ydata()) == [6, 6]
+    assert np.isnan(revived.get_ydata()).all()
+    assert list(missed.get_xdata()) == [0, 1] and list(missed.get_ydata()) == [6, 6]
     assert "not revived by epoch 6" in missed.get_label()
     # Right: each chunk's best score against the threshold line.
     best, threshold = right.get_lines()
@@ -126,7 +128,15 @@ def test_epochs_to_revival_figure_shows_something_when_nothing_revived(tmp_path)
     some = _individual(tmp_path / "some", {1}, recs)
     left, _ = report.epochs_to_revival_figure([some], "t").axes
     (revived, missed) = left.get_lines()
-    assert (list(revived.get_xdata()), list(revived.get_ydata())) == ([1], [2]) and list(missed.get_xdata()) == [0]
+    assert list(revived.get_xdata()) == [0, 1] and np.isnan(revived.get_ydata()[0]) and revived.get_ydata()[1] == 2
+    assert list(missed.get_xdata()) == [0]
+    # Chunks 0 and 2 revived, 1 did not: the line is broken at chunk 1 (a NaN), not drawn from 0 to 2 across it.
+    chunks = [{"chunk": c, "revived": c != 1, "revival_epoch": None if c == 1 else 2 + c, "epochs_trained": 7}
+              for c in range(3)]
+    gap = dict(some, summary={**some["summary"], "chunks": chunks})
+    (revived, _) = report.epochs_to_revival_figure([gap], "t").axes[0].get_lines()
+    y = list(revived.get_ydata())
+    assert y[0] == 2 and np.isnan(y[1]) and y[2] == 4
 
 
 def test_sequential_figure_marks_threshold_and_revival_point(tmp_path):

@@ -50,7 +50,7 @@ def _new_interpreter_path(first: str, env: dict) -> list:
 
 def _fresh_random_state() -> None:
     """Seed the global generators from the OS, as a new interpreter's are: every forked run draws its own numbers
-    (a fork would otherwise repeat the zygote's state in every run and every rank, and hide a stray global draw)."""
+    (a fork would otherwise repeat the zygote's state in every run, and hide a stray global draw)."""
     import random
 
     import numpy

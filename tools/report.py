@@ -450,8 +450,10 @@ def epochs_to_revival_figure(individual, title: str):
         chunks = r["summary"]["chunks"]
         revived = [c for c in chunks if c["revived"]]
         missed = [c for c in chunks if not c["revived"]]
-        left.plot([c["chunk"] for c in revived], [c["revival_epoch"] for c in revived], "o-", color=colour,
-                  label=f"{name}: revived" if revived else "_none revived")
+        # One point per chunk, NaN where it did not revive: the line joins neighbouring revived chunks only, never
+        # across a chunk that did not revive.
+        left.plot([c["chunk"] for c in chunks], [c["revival_epoch"] if c["revived"] else float("nan") for c in chunks],
+                  "o-", color=colour, label=f"{name}: revived" if revived else "_none revived")
         if missed:  # side by side when several runs missed the same chunk
             left.plot([c["chunk"] + 0.1 * k for c in missed], [c["epochs_trained"] - 1 for c in missed], "x",
                       color=colour, ls="none",
