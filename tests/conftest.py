@@ -30,6 +30,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
         os.environ.setdefault(_var, "1")
 
 RESOLUTION = 32
+VALIDATION_PROMPTS = ("a red circle", "a blue square", "a green triangle")  # the tiny runs' --validation_prompts
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def assets(tmp_path_factory):
     vit = tiny.build_tiny_vit_classifier(str(root / "classifier"), seed=2, image_size=RESOLUTION)
     timm_sd = tiny.build_tiny_timm_classifier(str(root / "style.safetensors"), seed=3)
     prompts = root / "prompts.txt"
-    prompts.write_text("a red circle\n\na blue square\na green triangle\n")
+    prompts.write_text("\n\n".join(VALIDATION_PROMPTS[:2]) + "\n" + VALIDATION_PROMPTS[2] + "\n")  # a blank line too
     return {"root": root, "sd": sd, "clip": clip, "data": data, "prompts": str(prompts), "tokenizer": tok,
             "classifier": vit, "timm": timm_sd}
 
