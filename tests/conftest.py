@@ -48,7 +48,8 @@ def assets(tmp_path_factory):
     vit = tiny.build_tiny_vit_classifier(str(root / "classifier"), seed=2, image_size=RESOLUTION)
     timm_sd = tiny.build_tiny_timm_classifier(str(root / "style.safetensors"), seed=3)
     prompts = root / "prompts.txt"
-    prompts.write_text("\n\n".join(VALIDATION_PROMPTS[:2]) + "\n" + VALIDATION_PROMPTS[2] + "\n")  # a blank line too
+    first, second, third = VALIDATION_PROMPTS
+    prompts.write_text(f"{first}\n\n{second}\n{third}\n")  # a blank line, skipped
     return {"root": root, "sd": sd, "clip": clip, "data": data, "prompts": str(prompts), "tokenizer": tok,
             "classifier": vit, "timm": timm_sd}
 

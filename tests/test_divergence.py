@@ -12,12 +12,13 @@ from conftest import launch, seed_flags
 SCRIPT = "finetuning_individual_CLIP.py"
 
 
-def _run(assets, out, fault=None, **over):
+def _run(assets, out, fault=None, env=None, **over):
     # One process: plain python (accelerate's launcher would turn the exit status into its own).
     flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
                                        "--start_CL": 1, "--checkpointing_steps": 2, "--save_model": "False",
                                        "--log_file": False, **over})
-    return launch(SCRIPT, flags, cwd=assets["root"], env_extra={"REVIVAL_FAULT": fault} if fault else None)
+    return launch(SCRIPT, flags, cwd=assets["root"], env_extra={**({"REVIVAL_FAULT": fault} if fault else {}),
+                                                                 **(env or {})} or None)
 
 
 def test_diverged_run_exits_3_keeps_its_last_good_checkpoint_and_refuses_a_blind_resume(assets, tmp_path):
@@ -88,11 +89,7 @@ def test_a_nan_loss_under_fp16_stops_the_run_though_its_scaler_skipped_the_updat
     so no weight turns NaN; the loss is still non-finite, and the run stops as in fp32: exit 3, the checkpoint
     before it kept (with its loss scale), nothing written after it."""
     out = str(tmp_path / "run")
-    flags = seed_flags(assets, out, **{"--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
-                                       "--start_CL": 1, "--checkpointing_steps": 2, "--save_model": "False",
-                                       "--log_file": False})
-    proc = launch(SCRIPT, flags, cwd=assets["root"], env_extra={"REVIVAL_FAULT": "nan:3",
-                                                                "REVIVAL_EMULATE_FP16": "1"})
+    proc = _run(assets, out, fault="nan:3", env={"REVIVAL_EMULATE_FP16": "1"})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite loss (nan) in chunk 1, epoch 0")
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]

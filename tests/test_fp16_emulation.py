@@ -16,16 +16,19 @@ from conftest import ROOT, launch, seed_flags
 EMULATE = {"REVIVAL_EMULATE_FP16": "1"}
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process Accelerators of another precision need accelerate's singleton state cleared, before and after."""
+def _reset_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process Accelerators of another precision need accelerate's singleton state cleared, before and after."""
+    _reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    _reset_accelerate_state()
 
 
 def _trainer(assets, monkeypatch, emulate: bool, unet_dtype=torch.float32, init_scale=None, **cfg):
@@ -131,10 +134,7 @@ def test_scaler_is_reset_per_chunk_so_a_chunk_alone_trains_as_after_others(asset
     trainer.reset_chunk(1)
     after = trainer.train_epoch(ds, (50, 100), 1, 0)
     # Chunk 1 alone: a trainer of its own (another reset of the same trainer would carry the same state).
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    _reset_accelerate_state()
     solo, _ = _trainer(assets, monkeypatch, emulate=True, init_scale=PARTLY_OVERFLOWING, lr_scheduler="linear",
                        lr_warmup_steps=0)
     solo.reset_chunk(1)

@@ -15,7 +15,7 @@ def _records(out):
     return [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
 
 
-def _run_both(assets, tmp_path, script, over, batches=((1, 10), (2, 5)), fresh_ranks=False):
+def _run_both(assets, tmp_path, script, over, batches=((1, 10), (2, 5)), fresh_ranks=False, env=None):
     """Runs on 1 and 2 processes; ``fresh_ranks``: the 2-process launch in new interpreters, each rank with a hash
     seed of its own (tests/fresh_worker.sh), as a user's ranks are (forked ranks share the random state a set()'s
     order depends on)."""
@@ -23,7 +23,7 @@ def _run_both(assets, tmp_path, script, over, batches=((1, 10), (2, 5)), fresh_r
     for procs, batch in batches:
         out = str(tmp_path / f"p{procs}")
         proc = launch(script, seed_flags(assets, out, **{**over, "--train_batch_size": batch}), cwd=assets["root"],
-                      num_processes=procs, fresh=True if procs > 1 and fresh_ranks else None)
+                      num_processes=procs, fresh=True if procs > 1 and fresh_ranks else None, env_extra=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not (procs > 1 and fresh_ranks) or "zygote" not in proc.how
         outs[procs] = out
@@ -93,17 +93,10 @@ def test_individual_two_processes_match_one_under_fp16(assets, tmp_path):
     """fp16 (emulated: autocast and a GradScaler on each process) on 2 processes: the same updates go through as
     on one, none skipped at torch's initial scale, and the same scores within fp16's rounding of a batch split
     in two."""
-    env = {"REVIVAL_EMULATE_FP16": "1"}
-    outs = {}
-    for procs, batch in ((1, 10), (2, 5)):
-        out = str(tmp_path / f"p{procs}")
-        flags = seed_flags(assets, out, **{"--curriculum": "20,40", "--clip_threshold": 1.0, "--clip_epoch": 0,
-                                           "--validation_epochs": 1, "--learning_rate": "1e-4",
-                                           "--train_batch_size": batch, "--save_model": "False"})
-        proc = launch("finetuning_individual_CLIP.py", flags, cwd=assets["root"], num_processes=procs, env_extra=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert json.load(open(os.path.join(out, "config.json")))["amp"] == "emulated on cpu"
-        outs[procs] = out
+    outs = _run_both(assets, tmp_path, "finetuning_individual_CLIP.py",
+                     {"--curriculum": "20,40", "--clip_threshold": 1.0, "--clip_epoch": 0, "--validation_epochs": 1,
+                      "--learning_rate": "1e-4", "--save_model": "False"}, env={"REVIVAL_EMULATE_FP16": "1"})
+    assert all(json.load(open(os.path.join(o, "config.json")))["amp"] == "emulated on cpu" for o in outs.values())
     one, two = _records(outs[1]), _records(outs[2])
     key = lambda r: (r["chunk"], r["epoch"], r["optimizer_steps"], r["skipped_updates"], r["images_seen"])  # noqa
     assert [key(r) for r in one] == [key(r) for r in two]

@@ -476,3 +476,24 @@ def test_the_demo_command_in_a_new_interpreter_refuses_bad_input(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]  # argparse: its usage line, then the error
     assert proc.returncode == 2 and "error: --run_seeds '0,x'" in last, proc.stderr[-2000:]
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_worked_example_takes_the_demo_s_thresholds_from_the_world_s_card(world):
+    """tools/worked_example.sh's threshold line, run by bash in a new interpreter on this world's card, gives what
+    the demo's rule (tools/demo.py, calibrate) gives for that card."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from tools.demo import calibrate
+
+    script = (ROOT / "tools" / "worked_example.sh").read_text()
+    start = script.index("read -r CLIP_TH BC_TH")
+    end = script.index('"$W/card.json")', start) + len('"$W/card.json")')
+    env = dict(os.environ, W=world["dir"], PYTHONPATH=str(ROOT),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["bash", "-c", script[start:end] + '\necho "$CLIP_TH $BC_TH"'], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    th = calibrate(world["card"])
+    assert proc.stdout.split() == [str(th["clip_threshold"]), str(th["bc_threshold"])]

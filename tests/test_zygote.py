@@ -129,3 +129,10 @@ def test_later_tests_and_side_effect_variables_still_fork(tmp_path, monkeypatch)
     parent, library_path = launch(str(script), [], str(tmp_path), fresh=False).stdout.split()
     assert int(parent) == conftest._ZYGOTE.proc.pid
     assert library_path == str(conftest._START_ENV.get("LD_LIBRARY_PATH"))  # as pytest started, leaks or not
+
+
+def test_a_launch_s_own_variables_win_over_the_suite_s():
+    """conftest.launch_env: env_extra may set what the suite sets itself (it raised TypeError on PYTHONPATH)."""
+    env = conftest.launch_env({"PYTHONPATH": "/elsewhere", "ACCELERATE_USE_CPU": "false", "REVIVAL_FAULT": "x:1"})
+    assert (env["PYTHONPATH"], env["ACCELERATE_USE_CPU"], env["REVIVAL_FAULT"]) == ("/elsewhere", "false", "x:1")
+    assert conftest.launch_env()["PYTHONPATH"] == str(conftest.ROOT)
