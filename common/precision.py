@@ -60,6 +60,7 @@ def make_accelerator(mixed_precision: str, **kwargs):
 
     kwargs.setdefault("cpu", not torch.cuda.is_available())
     acc = Accelerator(mixed_precision=mixed_precision, **kwargs)
+    destroy_process_group_at_exit()
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and not acc.native_amp:
         emulate_native_amp(acc)
     return acc
@@ -70,7 +71,34 @@ def process_state():
     ``accelerate launch --num_processes N`` gives N processes that each believe they are alone."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    destroy_process_group_at_exit()
+    return state
+
+
+_group_destroyed_at_exit = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group (if any is still alive) when the interpreter exits, however the run ends.
+
+    A rank that exits with gloo's threads still holding work aborts in the interpreter's finalization
+    ("terminate called without an active exception", SIGABRT): seen once in a two-process run of
+    tools/attack_prompts.py, which, like tools/generate_training_data.py, never ended its group (the fine-tuning
+    scripts' Accelerator.end_training does, on their success and error paths alike). An atexit function runs while
+    the interpreter is still whole.
+    """
+    global _group_destroyed_at_exit
+    if _group_destroyed_at_exit:
+        return
+    import atexit
+
+    def destroy():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+    _group_destroyed_at_exit = True
 
 
 def emulate_native_amp(accelerator) -> None:

@@ -106,3 +106,26 @@ def test_individual_two_processes_match_one_under_fp16(assets, tmp_path):
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
     for a, b in zip(one, two):
         assert a["scores"] == pytest.approx(b["scores"], abs=2e-3)
+
+
+EXIT_PROBE = """
+import atexit, sys, torch
+# Registered first, so it runs last: after common.precision's own exit function. (One write a line: ranks share
+# the output.)
+atexit.register(lambda: sys.stdout.write(f"group alive at exit: {torch.distributed.is_initialized()}\\n"))
+from accelerate.utils import gather_object
+from common.precision import process_state
+state = process_state()
+sys.stdout.write(f"gathered {gather_object([state.process_index])}\\n")
+"""
+
+
+def test_every_rank_ends_its_process_group_before_the_interpreter_finalizes(tmp_path):
+    """A gloo group left alive at exit can abort a rank in finalization (SIGABRT, seen once with
+    tools/attack_prompts.py on 2 processes): common.precision destroys it from an atexit function."""
+    script = tmp_path / "exit_probe.py"
+    script.write_text(EXIT_PROBE)
+    proc = launch(str(script), [], cwd=str(tmp_path), num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gathered [0, 1]") == 2
+    assert proc.stdout.count("group alive at exit: False") == 2, proc.stdout
