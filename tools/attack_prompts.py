@@ -27,16 +27,12 @@ import os
 import sys
 from typing import Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file (python tools/attack_prompts.py): the toolkit's packages are beside it
-    sys.path.insert(0, ROOT)
-
-from common import cli  # noqa: E402
-from common.clip_score import DEFAULT_CLIP, check_clip_spec  # noqa: E402
-from common.errors import InputError  # noqa: E402
-from common.models import check_pipeline_dir  # noqa: E402
-from tools import attacks  # noqa: E402
-from tools.attacks import harness  # noqa: E402
+from common import cli
+from common.clip_score import DEFAULT_CLIP, check_clip_spec
+from common.errors import InputError
+from common.models import check_pipeline_dir
+from tools import attacks
+from tools.attacks import harness
 
 PROG = "attack_prompts.py"
 SCRIPT = "tools/attack_prompts.py"  # config.json's "script"
