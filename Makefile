@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements.sha256
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo demo-seeds world clean-venv
+.PHONY: venv test demo demo-seeds world clean-venv gpu-wheels gpu-rehearsal
 
 venv:
 	@want=$$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1); \
@@ -52,3 +52,14 @@ world: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The lent GPU machine has no package registry: .whl/ holds the wheels it lacks (diffusers, datasets, open_clip_torch
+# and their missing dependencies, nudenet; ~20 MB; NUDENET=0 leaves nudenet out), to carry and install there as
+# tools/gpu_wheels.sh says.
+gpu-wheels:
+	tools/gpu_wheels.sh
+
+# Its run of tools/gpu_check.py, rehearsed here on the CPU under its package versions (Python 3.12, torch 2.11,
+# transformers 5.17, huggingface_hub 1.33) plus .whl/: tools/gpu_rehearsal.sh. The first build downloads several GB.
+gpu-rehearsal:
+	tools/gpu_rehearsal.sh

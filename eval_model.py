@@ -61,8 +61,9 @@ def build_parser():
                              "(default; the weights the run validated and its Revival Points describe) or 'ema'. "
                              "The table's weights column says which was used ('single': the folder has one UNet)")
     parser.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
-                        help="generation precision (default: fp16 on CUDA, fp32 on the CPU; fp16 without CUDA "
-                             "falls back to fp32 with a warning)")
+                        help="generation precision: text encoder and VAE in it, the UNet in fp32 under autocast, "
+                             "as the fine-tuning scripts validate (default: fp16 on CUDA, fp32 on the CPU; fp16 "
+                             "without CUDA falls back to fp32 with a warning)")
     cli.add_classifier_options(parser.add_argument_group("concept classifier"), compat=False)
     return parser
 

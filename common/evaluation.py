@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from . import numerics
 from .errors import InputError
 from .models import EMA_UNET, LORA_BASE_FILE, LORA_EMA_FILE, LORA_FILE, TRAINED_UNET, is_lora_dir, resolve_model_path
 from .results import atomic_write_text, writing
-from .validation import generate_images, image_seed
+from .validation import generate_images, generation_precision, image_seed
 
 CURRICULUM_DIR = re.compile(r"^curriculum-(\d+)$")
 
@@ -82,15 +83,19 @@ def unet_folder(path: str, weights: str) -> tuple:
 
 
 def generation_dtype(requested: Optional[str], cuda: bool) -> torch.dtype:
-    """eval_model.py's precision: --mixed_precision, by default fp16 on CUDA and fp32 on the CPU (fp16 needs CUDA)."""
+    """eval_model.py's precision, the text encoder's and VAE's dtype and autocast's (the UNet stays fp32):
+    --mixed_precision, by default fp16 on CUDA and fp32 on the CPU (fp16 needs CUDA)."""
     from .models import effective_mixed_precision, weight_dtype_for
 
     return weight_dtype_for(effective_mixed_precision(requested or ("fp16" if cuda else "no"), cuda))
 
 
 def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: str = "trained"):
-    """The pipeline at ``path`` with the requested UNet weights (see ``unet_folder``)."""
+    """The pipeline at ``path`` with the requested UNet weights (see ``unet_folder``): text encoder and VAE in
+    ``dtype``, the UNet in fp32, as a run validates (drawn under ``validation.generation_precision``)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from .precision import MASTER_DTYPE
 
     sub, _ = unet_folder(path, weights)
     if is_lora_dir(path):
@@ -99,9 +104,11 @@ def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: 
         pipe = load_pipeline(lora_base(path), device, dtype)
         pipe.load_lora_weights(path, weight_name=sub)
         return pipe.to(device)
-    extra = {} if sub == "unet" else {"unet": UNet2DConditionModel.from_pretrained(path, subfolder=sub, dtype=dtype)}
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, **extra)
+    # The UNet in fp32 whatever ``dtype``, as validation runs the trained weights (fp32 masters under autocast): an
+    # fp16 copy would differ where autocast computes in float32 (norms), and its outputs would not be autocast's.
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder=sub, dtype=MASTER_DTYPE)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, unet=unet, safety_checker=None,
+                                                   requires_safety_checker=False)
     numerics.portable_scheduler(pipe.scheduler)  # its step's roots: the same bits on every CPU
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -139,8 +146,10 @@ def evaluate_checkpoint(
     jobs = [(k, j) for k in range(len(prompts)) for j in range(images_per_prompt)]
     texts = [prompts[k] for k, _ in jobs]
     images = generate_images(pipe, texts, [image_seed(seed, k, j) for k, j in jobs], batch_size,
-                             num_inference_steps, guidance_scale, resolution, progress=True,
+                             num_inference_steps, guidance_scale, resolution,
+                             autocast=functools.partial(generation_precision, pipe), progress=True,
                              desc=checkpoint_label(path))
+    unet_dtype = pipe.unet.dtype
     # A fresh folder per checkpoint: a rerun never mixes in stale images. The metadata lets
     # `eval_model.py --images` score the folder again later without the model.
     shutil.rmtree(image_dir, ignore_errors=True)
@@ -154,7 +163,9 @@ def evaluate_checkpoint(
         atomic_write_text(os.path.join(image_dir, IMAGE_METADATA), "".join(meta))
     del pipe
     row = score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
-    return {**row, "weights": unet_folder(path, weights)[1], "dtype": str(dtype).replace("torch.", "")}
+    # dtype: the text encoder's and VAE's, and autocast's when not float32; unet_dtype: the UNet's weights.
+    return {**row, "weights": unet_folder(path, weights)[1], "dtype": str(dtype).replace("torch.", ""),
+            "unet_dtype": str(unet_dtype).replace("torch.", "")}
 
 
 def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_scorer, classifier,
@@ -243,7 +254,7 @@ def result_fields() -> tuple:
     from .criteria import result_columns
 
     return ("label", "weights", "concept", "images", *[key for key, *_ in result_columns()],
-            "checkpoint", "image_dir", "dtype", "wall_s")
+            "checkpoint", "image_dir", "dtype", "unet_dtype", "wall_s")
 
 
 def write_results(output_dir: str, rows: Sequence[dict]) -> None:

@@ -3,7 +3,8 @@
 Policy: every model the toolkit trains or scores is loaded in fp32 (the master
 weights); under ``--mixed_precision fp16|bf16`` only the frozen copies used
 under autocast (the VAE and text encoder during fine-tuning) are cast to the
-weight dtype, and the forward pass runs under autocast. fp16 needs CUDA:
+weight dtype, and the forward pass runs under autocast. Images are drawn the
+same way, in validation and in eval_model.py alike (``validation.generation_precision``). fp16 needs CUDA:
 without it we fall back to full precision with one warning, so GPU command
 lines also run on a CPU.
 
@@ -51,6 +52,19 @@ def effective_mixed_precision(requested: str, cuda_available: Optional[bool] = N
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     """dtype of the frozen parts (and of inference) for a mixed-precision mode."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def autocast_to(device_type: str, dtype: torch.dtype):
+    """torch.autocast to ``dtype`` on ``device_type``, off for fp32; on the CPU under the fp16 emulation with CUDA's
+    fp32 op policy, as the emulated Accelerator's autocast has it (a process without an Accelerator, eval_model.py,
+    gets the same kernels)."""
+    import contextlib
+
+    if dtype == MASTER_DTYPE:
+        return contextlib.nullcontext()
+    if device_type == "cpu" and dtype == torch.float16 and emulating_fp16():
+        follow_cuda_autocast_policy()
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def make_accelerator(mixed_precision: str, **kwargs):

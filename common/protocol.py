@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -13,7 +14,7 @@ from .checkpointing import STATE_FILE
 from .faults import maybe_fail
 from .results import RunRecorder, score_stats
 from .training import check_finite
-from .validation import RETENTION_STREAM, BatchLimit, generate_images, image_seed, shard
+from .validation import RETENTION_STREAM, BatchLimit, generate_images, generation_precision, image_seed, shard
 
 
 @dataclass
@@ -80,11 +81,13 @@ class Validator:
         acc, cfg = self.accelerator, self.cfg
         if not prompts:
             return []
+        # eval_model.py's precision, not the accelerator's (whose UNet returns fp32): the same seed, the same image.
         return generate_images(
             self.pipe, prompts, [image_seed(cfg.seed, k, 0, stream) for k in indices],
             batch_size=cfg.batch_size or max(1, len(prompts)),
             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            resolution=cfg.resolution, autocast=acc.autocast, progress=acc.is_local_main_process, desc=desc,
+            resolution=cfg.resolution, autocast=functools.partial(generation_precision, self.pipe),
+            progress=acc.is_local_main_process, desc=desc,
             limit=self.batch_limit,
         )
 

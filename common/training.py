@@ -166,11 +166,15 @@ def diffusion_loss(
     noise_scheduler,
     snr_gamma: Optional[float],
     sample_weights: Optional[torch.Tensor] = None,
+    alphas: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-batch MSE with optional Min-SNR-gamma weighting; ``sample_weights`` rescale samples (sum-normalised by caller)."""
+    """Per-batch MSE with optional Min-SNR-gamma weighting; ``sample_weights`` rescale samples (sum-normalised by caller).
+
+    ``alphas``: alpha_bar at ``timesteps`` on the loss's device (see ``alpha_bars``), None to look them up here.
+    """
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
-        snr = signal_to_noise(noise_scheduler, timesteps)
+        snr = signal_to_noise(noise_scheduler, timesteps, alphas)
         weights = torch.clamp(snr, max=snr_gamma) / snr
         if noise_scheduler.config.prediction_type == "v_prediction":
             weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)
@@ -211,32 +215,49 @@ def draw_batch(generator: torch.Generator, n: int, latent_shape, num_train_times
     return draws
 
 
-def signal_to_noise(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+def alpha_bars(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t at ``timesteps`` (float32), looked up in the scheduler's table where ``timesteps`` are.
+
+    The table is a host tensor (diffusers never moves a scheduler). The
+    trainer looks its draws up on the host and sends the values with them
+    through ``to_device`` (pinned, non-blocking); device ``timesteps`` copy the
+    table over first, a blocking copy (callers outside the training loop).
+    """
+    table = noise_scheduler.alphas_cumprod
+    if table.device != timesteps.device:
+        table = table.to(timesteps.device)
+    return table[timesteps].float()
+
+
+def signal_to_noise(noise_scheduler, timesteps: torch.Tensor, alphas: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR weighting, https://arxiv.org/abs/2303.09556).
 
     diffusers' ``compute_snr`` squares torch roots of the same table, whose last
     bits depend on the CPU vendor (common.numerics); the ratio needs no root.
+    ``alphas``: alpha_bar at ``timesteps`` already (``alpha_bars``), else looked up.
     """
-    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    alphas = alpha_bars(noise_scheduler, timesteps) if alphas is None else alphas
     return alphas / (1 - alphas)
 
 
-def noise_levels(noise_scheduler, timesteps: torch.Tensor, like: torch.Tensor):
+def noise_levels(noise_scheduler, timesteps: torch.Tensor, like: torch.Tensor,
+                 alphas: Optional[torch.Tensor] = None):
     """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) at ``timesteps``, shaped to scale ``like``.
 
     The values of diffusers' ``add_noise`` (float32 table, DDPM eq. 4,
     https://arxiv.org/abs/2006.11239) with correctly rounded roots, so that
     the noised latents are the same bits on every CPU (common.numerics).
+    ``alphas``: alpha_bar at ``timesteps`` already (``alpha_bars``), else looked up.
     """
-    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    alphas = alpha_bars(noise_scheduler, timesteps) if alphas is None else alphas
     shape = (-1,) + (1,) * (like.ndim - 1)
     return (numerics.exact_sqrt(alphas).to(like.dtype).view(shape),
             numerics.exact_sqrt(1 - alphas).to(like.dtype).view(shape))
 
 
-def noisy_inputs(latents, noise_scheduler, noise, applied_noise, timesteps):
-    """Noised latents and the regression target (epsilon or v) for given draws."""
-    signal, sigma = noise_levels(noise_scheduler, timesteps, latents)
+def noisy_inputs(latents, noise_scheduler, noise, applied_noise, timesteps, alphas: Optional[torch.Tensor] = None):
+    """Noised latents and the regression target (epsilon or v) for given draws (``alphas``: see ``noise_levels``)."""
+    signal, sigma = noise_levels(noise_scheduler, timesteps, latents, alphas)
     noisy = signal * latents + sigma * applied_noise
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -457,6 +478,9 @@ class ChunkTrainer:
             draws = draw_batch(step_generator(cfg.seed, chunk, epoch, u), group_rows, self.encoder.latent_shape,
                                self.parts.noise_scheduler.config.num_train_timesteps, cfg.noise_offset,
                                cfg.input_perturbation)
+            # The noise schedule's values at the drawn timesteps, looked up on the host (where the table is) and sent
+            # with the draws: copying the table to the device per micro-step would be a blocking copy.
+            draws["alphas"] = alpha_bars(self.parts.noise_scheduler, draws["timesteps"])
             offset = 0
             group_loss = torch.zeros((), device=acc.device)
             for j, batch in enumerate(group):
@@ -519,8 +543,9 @@ class ChunkTrainer:
         latents, text_embeds = self.encoder(dataset, rows, draws["flip"][mine], draws["crop"][mine],
                                             draws["latent_noise"][mine])
         timesteps = to_device(draws["timesteps"][mine], dev)  # (no host wait: common/encoding.py)
+        alphas = to_device(draws["alphas"][mine], dev)
         noisy, target = noisy_inputs(latents, self.parts.noise_scheduler, to_device(draws["noise"][mine], dev),
-                                     to_device(draws["applied_noise"][mine], dev), timesteps)
+                                     to_device(draws["applied_noise"][mine], dev), timesteps, alphas)
         with acc.autocast():
             pred = self.unet(noisy, timesteps, text_embeds, return_dict=False)[0]
         # DDP averages gradients over num_processes, so a weight of P / divisor per
@@ -528,4 +553,4 @@ class ChunkTrainer:
         # (divisor = the group's rows: the group mean).
         weight = (acc.num_processes / divisor) if real else 0.0
         weights = torch.full((latents.shape[0],), weight, device=dev)
-        return diffusion_loss(pred, target, timesteps, self.parts.noise_scheduler, self.cfg.snr_gamma, weights)
+        return diffusion_loss(pred, target, timesteps, self.parts.noise_scheduler, self.cfg.snr_gamma, weights, alphas)

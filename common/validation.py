@@ -3,6 +3,11 @@
 Image j of prompt k is drawn from its own CPU generator seeded by
 (seed, k, j), so it does not depend on batch size, order or the number of
 processes; prompts are split across processes and results gathered.
+
+A run's validation and eval_model.py draw in one precision
+(``generation_precision``): under fp16 the text encoder and VAE in fp16, the
+UNet's fp32 weights under autocast, latents in fp16. The same seed then gives
+the same image in both, on a GPU too (given the same kernels: docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,40 @@ def build_pipeline(parts, unet):
     return pipe
 
 
+@contextlib.contextmanager
+def unet_outputs_as_computed(unet):
+    """Inside: ``unet`` without accelerate's fp32 conversion of its outputs; training's forward is put back after.
+
+    Under native AMP, accelerator.prepare wraps the module's forward in autocast and a cast of its outputs to fp32
+    (for the loss), and unwrap_model keeps that wrapper; inside a pipeline the fp32 noise prediction would turn the
+    fp16 latents fp32 from the first step on. The wrapper stays on the module for training: only the forward that
+    accelerate saved (``_original_forward``) is lent to generation, which runs under its own autocast.
+    """
+    wrapped, original = unet.__dict__.get("forward"), unet.__dict__.get("_original_forward")
+    if wrapped is None or original is None:  # no wrapper (fp32, or a model loaded for eval_model.py)
+        yield unet
+        return
+    unet.forward = original
+    try:
+        yield unet
+    finally:
+        unet.forward = wrapped
+
+
+@contextlib.contextmanager
+def generation_precision(pipe):
+    """The one precision images are drawn in, validation's and eval_model.py's (docs/gpu.md: fp16).
+
+    Autocast to the dtype of the pipeline's text encoder and VAE (the weight dtype: fp16 or bf16; off for fp32) on
+    its device, the UNet (fp32 weights) without fp32 outputs, so the latents stay in the prompt embeddings' dtype
+    as in plain diffusers half-precision inference. eval_model.py loads its pipelines in these dtypes.
+    """
+    from .precision import autocast_to
+
+    with autocast_to(pipe.device.type, pipe.text_encoder.dtype), unet_outputs_as_computed(pipe.unet):
+        yield
+
+
 class BatchLimit:
     """The largest generation batch known to fit: halved on a CUDA out-of-memory error and kept for every later
     call (a run's later validations start at the size that worked, not at the one that failed)."""
@@ -90,6 +129,9 @@ def generate_images(
     limit: Optional[BatchLimit] = None,
 ) -> List:
     """Generate one PIL image per (prompt, seed) pair, ``batch_size`` at a time.
+
+    Each batch is drawn inside ``autocast()``: ``functools.partial(generation_precision, pipe)`` for the toolkit's
+    generation precision (validation and eval_model.py pass it); by default the pipeline runs as loaded.
 
     On a CUDA out-of-memory error the batch is halved and retried ("all prompts that fit"); ``limit`` carries the
     size that worked to later calls (without it, to the rest of this call only).

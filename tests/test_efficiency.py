@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers.training_utils import EMAModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.ema import OffloadedEMA, make_ema, round_trip_step
 
@@ -46,6 +47,61 @@ def test_round_trip_updates_the_same_host_buffers_with_the_plain_update():
     for s, r in zip(ema.shadow_params, reference.shadow_params):
         torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-7)
     assert not torch.equal(ema.shadow_params[0], _params()[0])  # it did move
+
+
+class LiveBytes(TorchDispatchMode):
+    """The most bytes alive at once in storages made inside the mode: on the CPU, a stand-in for a device's peak
+    allocation (every tensor an op makes is counted until the last tensor on its storage is gone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage address -> (bytes, weak references of the tensors on it)
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if any(r() is not None for r in v[1])}  # freed: gone
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key in self.live:
+                    self.live[key][1].append(weakref.ref(t))
+                elif key not in inputs:  # new memory (not a view or an in-place result)
+                    self.live[key] = (t.untyped_storage().nbytes(), [weakref.ref(t)])
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return out
+
+
+def _model_params(seed=0, sizes=((40, 25), (1000,), (7, 3, 3), (300,))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in sizes]
+
+
+def _update(params, k):
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(torch.sin(torch.arange(p.numel(), dtype=torch.float32) * (k + 1) + i).view_as(p))
+
+
+def test_offloaded_update_holds_one_chunk_on_the_device_not_the_whole_copy(monkeypatch):
+    """The round trip's device memory: the module's chunk (a buffer) and the foreach update's temporary of at most as
+    many bytes, however large the EMA copy (here 4x the chunk)."""
+    import common.ema as ema_module
+
+    params = _model_params()
+    ema_bytes = sum(p.numel() * 4 for p in params)  # 9252 bytes of fp32
+    chunk = 2048
+    monkeypatch.setattr(ema_module, "ROUND_TRIP_CHUNK_BYTES", chunk, raising=False)
+    ema = OffloadedEMA(params, decay=0.9, foreach=True)
+    _update(params, 0)
+    with LiveBytes() as live:
+        round_trip_step(ema, params, torch.device("cpu"))  # the CPU stands in for the device: every copy is real
+    assert 0 < live.peak <= 2 * chunk + 64 * 4, f"peak {live.peak} bytes for a {chunk}-byte chunk (EMA {ema_bytes})"
 
 
 class _Event:
@@ -90,8 +146,8 @@ def test_to_device_pins_and_copies_without_blocking_for_cuda():
 
 
 def test_every_host_to_device_copy_of_a_micro_step_goes_through_to_device(assets, monkeypatch):
-    """Cached encoder: row indices, flips and latent noise; trainer: timesteps, noise, applied noise (6 per
-    micro-batch), and the same losses as before."""
+    """Cached encoder: row indices, flips and latent noise; trainer: timesteps, the noise schedule's values at them,
+    noise, applied noise (7 per micro-batch), and the same losses as before."""
     from accelerate import Accelerator
 
     import common.encoding as encoding
@@ -121,9 +177,145 @@ def test_every_host_to_device_copy_of_a_micro_step_goes_through_to_device(assets
         calls.clear()  # the chunk's encoding is done once, not per micro-step
         losses.append(trainer.train_epoch(ds, (0, 10), 0, 0)["update_losses"])
     micro_batches = 2
-    assert len(calls) == 6 * micro_batches
+    assert len(calls) == 7 * micro_batches
     assert sorted(set(calls)) == sorted({(5,), (5, 4, 8, 8)})  # indices/flips/timesteps and noise-shaped draws
     assert losses[0] == losses[1]
+
+
+_NAMES = {}  # torch function -> its qualified name (resolve_name is slow)
+
+
+class HostDeviceTracker(torch.overrides.TorchFunctionMode):
+    """Tells, on the CPU, which tensors a GPU run would hold in host memory, and records every copy of one to the
+    device that bypasses common.data.to_device (a pageable or blocking copy: the host waits), and every read of a
+    device tensor on the host (a sync).
+
+    On the CPU every such copy is a no-op that never reaches the dispatcher (the tensor is on the CPU already), so
+    a dispatch mode sees nothing. A torch-function mode sees every Python-level call with the destination it names,
+    no-ops included, and follows where each tensor lives in a GPU run: on the host when made by a factory that
+    names no device (the CPU generator's draws, host index tensors, tokenizer ids, transformed pixels) or by an op
+    whose tensor inputs are all on the host, or when pre-registered (``host``: the noise scheduler's tables, which
+    diffusers never moves); on the device otherwise (model weights, the latent cache, gradients, factories given
+    the run's device, and whatever to_device returns).
+    """
+
+    COPIES = {"torch.Tensor.to", "torch.Tensor.cuda", "torch.Tensor.copy_", "torch.Tensor.new_tensor",
+              "torch.tensor", "torch.as_tensor", "torch.asarray", "torch._foreach_copy_"}
+    READS = {"torch.Tensor.item", "torch.Tensor.tolist", "torch.Tensor.cpu", "torch.Tensor.numpy",
+             "torch.Tensor.__bool__", "torch.Tensor.__float__", "torch.Tensor.__int__", "torch.Tensor.__index__"}
+
+    def __init__(self, host=()):
+        super().__init__()
+        self._host = {}  # id -> weak reference of each tensor a GPU run would hold in host memory
+        self._tag(host)
+        self.bypassing, self.via_helper, self.reads = [], 0, []
+
+    def _tag(self, tensors) -> None:
+        import weakref
+
+        for t in tensors:
+            self._host[id(t)] = weakref.ref(t, lambda _, key=id(t): self._host.pop(key, None))
+
+    def on_host(self, t) -> bool:
+        """Whether a GPU run would hold ``t`` in host memory."""
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t
+
+    @staticmethod
+    def _caller():
+        """file:line function of the first frame outside torch (where the call was made), and whether to_device is
+        on the stack."""
+        import sys
+
+        from common.data import to_device
+
+        frame, via, caller = sys._getframe(2), False, None
+        while frame is not None:
+            if caller is None and not frame.f_code.co_filename.startswith(os.path.dirname(torch.__file__)):
+                caller = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+            via = via or frame.f_code is to_device.__code__
+            frame = frame.f_back
+        return caller, via
+
+    @staticmethod
+    def _names_device(name, args, kwargs) -> bool:
+        """Whether a copying call names a destination device (a dtype-only .to or a host-side tensor() does not)."""
+        if name in ("torch.Tensor.cuda", "torch.Tensor.copy_", "torch._foreach_copy_", "torch.Tensor.new_tensor"):
+            return True
+        if name != "torch.Tensor.to":
+            return kwargs.get("device") is not None
+        return any(isinstance(a, (torch.Tensor, torch.device, str)) or (isinstance(a, int) and not isinstance(a, bool))
+                   for a in (*args[1:], kwargs.get("device"), kwargs.get("other")) if a is not None)
+
+    def __enter__(self):
+        self._from_numpy = torch.from_numpy  # not a torch function a mode sees: tag what it makes (pixels)
+        torch.from_numpy = lambda array: self._tagged(self._from_numpy(array))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.from_numpy = self._from_numpy
+        return super().__exit__(*exc)
+
+    def _tagged(self, t):
+        self._tag([t])
+        return t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        kwargs = kwargs or {}
+        name = _NAMES.get(func) or _NAMES.setdefault(func, torch.overrides.resolve_name(func) or "?")
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        out = func(*args, **kwargs)
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in self.COPIES and self._names_device(name, args, kwargs):
+            caller, via = self._caller()
+            source = inputs[-1:] if name in ("torch.Tensor.copy_", "torch._foreach_copy_") else inputs[:1]
+            from_host = not inputs or all(self.on_host(t) for t in source)  # tensor(data, device=...): host data
+            if from_host and via:
+                self.via_helper += 1
+            elif from_host:
+                self.bypassing.append((name, caller))
+            for t in outputs:
+                if via or not any(t is i for i in inputs):  # on the CPU .to returns its tensor: the helper's is sent
+                    self._host.pop(id(t), None)
+            return out
+        if name in self.READS and inputs and not self.on_host(inputs[0]):
+            self.reads.append((name, self._caller()[0]))
+        if name in ("torch.Tensor.cpu", "torch.Tensor.numpy"):
+            self._tag(outputs)
+        elif all(self.on_host(t) for t in inputs) and not (not inputs and kwargs.get("device") is not None):
+            self._tag(t for t in outputs if not any(t is i for i in inputs))  # in place: keeps its tag
+        return out
+
+
+@pytest.mark.parametrize("encoder, snr_gamma", [("cached", None), ("cached", 5.0), ("online", 5.0)])
+def test_no_host_to_device_copy_of_the_training_loop_bypasses_to_device(assets, encoder, snr_gamma):
+    """Every copy to the device in an epoch (micro-steps, clipping, optimizer, EMA, LR schedule) goes through
+    to_device, whoever makes it: the noise schedule's table included (--snr_gamma reads it a second time)."""
+    from accelerate import Accelerator
+
+    import common.encoding as encoding
+    import common.training as training
+    from common.data import ImageTransform, load_training_data
+    from common.models import load_sd_parts
+
+    ds = load_training_data(assets["data"], None, "prompt")
+    cfg = training.TrainConfig(learning_rate=1e-4, train_batch_size=5, seed=3, use_ema=True, snr_gamma=snr_gamma)
+    parts = load_sd_parts(assets["sd"])
+    make = encoding.CachedEncoder if encoder == "cached" else encoding.OnlineEncoder
+    enc = make(parts, ImageTransform(32, center_crop=True, random_flip=True), "cpu", torch.float32)
+    trainer = training.ChunkTrainer(Accelerator(cpu=True), parts, enc, cfg, 10)
+    trainer.reset_chunk(0)
+    enc.prepare(ds, (0, 10))  # the chunk's encoding: once per chunk, not per micro-step
+    scheduler_tables = [v for v in vars(parts.noise_scheduler).values() if isinstance(v, torch.Tensor)]
+    with HostDeviceTracker(host=scheduler_tables) as tracker:
+        trainer.train_epoch(ds, (0, 10), 0, 0)
+    micro_batches = 2
+    assert sorted(set(tracker.bypassing)) == [], \
+        f"host-to-device copies outside common.data.to_device: {sorted(set(tracker.bypassing))}"
+    assert tracker.via_helper >= 6 * micro_batches  # the tracker does see the copies (to_device's own)
+    assert [name for name, _ in tracker.reads] == ["torch.Tensor.tolist"]  # one host read: the epoch's losses
 
 
 def test_make_accelerator_sets_bucket_views_and_deterministic(tmp_path, monkeypatch):

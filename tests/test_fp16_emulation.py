@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -350,3 +351,120 @@ def test_fp16_killed_run_resumes_to_the_same_results(assets, tmp_path):
     assert sum(sum(r["skipped_updates"]) for r in a) > 0
     for x, y in zip(a, b):
         assert x["scores"] == pytest.approx(y["scores"], abs=1e-6)
+
+
+# --- validation and eval_model.py: one generation precision ---------------------------------------------------------
+
+class _NoClip:
+    """A CLIP scorer stand-in: these tests compare the images themselves, not their scores."""
+
+    def score(self, images, texts):
+        return [0.0] * len(images)
+
+
+@pytest.fixture
+def unet_calls():
+    """(latents' dtype, UNet weights' dtype, autocast on, output dtype) of every UNet forward, whoever calls it."""
+    from diffusers import UNet2DConditionModel
+    from torch.nn.modules import module as nn_module
+
+    seen = []
+
+    def record(module, args, output):
+        if isinstance(module, UNet2DConditionModel):
+            out = output[0] if isinstance(output, tuple) else output.sample
+            seen.append((args[0].dtype, module.dtype, torch.is_autocast_enabled("cpu"), out.dtype))
+
+    handle = nn_module.register_module_forward_hook(record)
+    yield seen
+    handle.remove()
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("emulate", [True, False], ids=["fp16", "fp32"])
+def test_validation_and_eval_model_draw_the_same_image_bits(assets, monkeypatch, fresh_accelerate_state, tmp_path,
+                                                            unet_calls, emulate):
+    """The same seed gives the same image in a run's validation and in eval_model.py on the pipeline it saved:
+    under fp16 both run the frozen parts in fp16, the fp32 UNet under autocast, and latents in fp16 (no fp32
+    outputs); without the emulation (fp16 falls back) both run fp32 without autocast, as before."""
+    from common.data import read_prompts
+    from common.evaluation import evaluate_checkpoint, generation_dtype
+    from common.models import save_pipeline
+    from common.protocol import ValidationConfig, Validator
+    from common.validation import build_pipeline
+
+    if not emulate:
+        monkeypatch.delenv("REVIVAL_EMULATE_FP16", raising=False)
+    trainer, ds = _trainer(assets, monkeypatch, emulate=emulate)
+    acc = trainer.accelerator
+    trainer.reset_chunk(0)
+    trainer.train_epoch(ds, (0, 20), 0, 0)  # weights the base model does not have
+    unet = acc.unwrap_model(trainer.unet)
+    training_forward = unet.__dict__.get("forward")  # fp16: accelerate's (autocast, outputs in fp32); fp32: none
+    prompts = read_prompts(assets["prompts"], "--prompt_file")
+    validator = Validator(acc, build_pipeline(trainer.parts, unet),
+                          ValidationConfig(prompts, seed=7, num_inference_steps=3, resolution=32), criteria=[])
+    unet_calls.clear()  # training's
+    validator("chunk0-epoch0")
+    validation = [np.asarray(im) for im in validator.last_images]
+    validated = list(unet_calls)
+    # Training's forward is left as it was: still accelerate's, its outputs still fp32 under autocast.
+    assert unet.__dict__.get("forward") is training_forward and (training_forward is not None) == emulate
+    with acc.autocast():
+        out = trainer.unet(torch.randn(1, unet.config.in_channels, 4, 4), torch.tensor([1]),
+                           torch.randn(1, 77, unet.config.cross_attention_dim), return_dict=False)[0]
+    assert out.dtype == torch.float32
+    unet_calls.clear()
+    half = torch.float16 if emulate else torch.float32
+
+    saved = str(tmp_path / "pipe")
+    save_pipeline(trainer.parts, unet, saved)
+    dtype = generation_dtype("fp16", cuda=False)
+    assert dtype == half  # the emulation: fp16 on the CPU, as on CUDA
+    row = evaluate_checkpoint(saved, prompts, "red circle", _NoClip(), None, 1, 7, len(prompts), 3, 7.5, 32,
+                              str(tmp_path / "images"), torch.device("cpu"), dtype)
+    evaluated = list(unet_calls)
+    # Both paths: fp16 latents into an fp32 UNet under autocast, fp16 noise predictions out (fp32: all fp32).
+    assert validated and set(validated) == {(half, torch.float32, emulate, half)}, set(validated)
+    assert evaluated == validated
+    assert (row["dtype"], row["unet_dtype"]) == (str(half).replace("torch.", ""), "float32")
+    names = sorted(n for n in os.listdir(row["image_dir"]) if n.endswith(".png"))
+    assert len(names) == len(validation) == 3
+    for mine, name in zip(validation, names):
+        assert np.array_equal(mine, _png(os.path.join(row["image_dir"], name))), name
+
+
+@pytest.mark.slow
+def test_eval_model_redraws_a_fp16_runs_validation_images_bit_for_bit(assets, tmp_path):
+    """End to end under the emulation: eval_model.py --mixed_precision fp16 on a run's curriculum-0 draws, at the
+    same seed, the PNGs the run saved at its validation of those weights."""
+    out = str(tmp_path / "run")
+    # Revived at its first validation (any CLIP mean is above -1): chunk 0 stops there and is saved.
+    flags = _script_flags(assets, out, "finetuning_individual_CLIP.py", "full", False, False,
+                          **{"--clip_threshold": -1, "--end_CL": 1, "--save_validation_images": None,
+                             "--checkpointing_steps": 100, "--log_file": False})
+    run = launch("finetuning_individual_CLIP.py", flags, cwd=assets["root"], env_extra=EMULATE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (last,) = _records(out)
+    assert (last["chunk"], last["epoch"], last["revived"]) == (0, 0, True) and last["optimizer_steps"] > 0
+    evaluated = str(tmp_path / "eval")
+    proc = launch("eval_model.py", [os.path.join(out, "curriculum-0"), "none", "red circle",
+                                    f"--prompt_file={assets['prompts']}", "--images_per_prompt", "1",
+                                    "--num_inference_steps", "2", "--resolution", "32", "--mixed_precision", "fp16",
+                                    "--clip_model", assets["clip"], "--output_dir", evaluated],
+                  assets["root"], env_extra=EMULATE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in open(os.path.join(evaluated, "results.jsonl"))]
+    assert (row["weights"], row["dtype"], row["unet_dtype"]) == ("single", "float16", "float32")
+    names = sorted(n for n in os.listdir(row["image_dir"]) if n.endswith(".png"))
+    assert len(names) == len(last["scores"]) == 3
+    for k, name in enumerate(names):
+        validated = _png(os.path.join(out, "validation_images", "chunk0-epoch0", f"{k:04d}.png"))
+        assert np.array_equal(validated, _png(os.path.join(row["image_dir"], name))), name
+    assert row["clip_cosine"] == pytest.approx(last["mean"], abs=1e-6)  # the same images, the same CLIP

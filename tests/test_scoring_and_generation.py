@@ -54,6 +54,34 @@ def test_validation_image_does_not_depend_on_batch_size(assets):
     assert np.abs(a[0] - a[1]).max() > 10  # different seeds give different images
 
 
+def test_generation_precision_leaves_fp32_as_it_was_and_autocasts_half_precision(assets, monkeypatch):
+    """eval_model.py's pipelines in the generation precision: all fp32 on a CPU (no autocast, the same images as
+    without the policy); under bf16 the text encoder and VAE in bf16, the UNet in fp32 under autocast."""
+    import functools
+
+    from common.evaluation import generation_dtype, load_pipeline
+    from common.validation import generation_precision
+
+    monkeypatch.delenv("REVIVAL_EMULATE_FP16", raising=False)
+    prompts, seeds = ["a red circle", "a blue square"], [image_seed(3, k) for k in range(2)]
+    dtype = generation_dtype("fp16", cuda=False)  # fp16 needs CUDA: fp32 here
+    pipe = load_pipeline(assets["sd"], torch.device("cpu"), dtype)
+    assert dtype == torch.float32 and {pipe.text_encoder.dtype, pipe.vae.dtype, pipe.unet.dtype} == {torch.float32}
+    with generation_precision(pipe):
+        assert not torch.is_autocast_enabled("cpu")
+    plain = generate_images(pipe, prompts, seeds, 2, num_inference_steps=2, resolution=32)
+    policy = generate_images(pipe, prompts, seeds, 2, num_inference_steps=2, resolution=32,
+                             autocast=functools.partial(generation_precision, pipe))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, policy))
+    half = load_pipeline(assets["sd"], torch.device("cpu"), generation_dtype("bf16", cuda=False))
+    assert (half.text_encoder.dtype, half.vae.dtype, half.unet.dtype) == (torch.bfloat16, torch.bfloat16,
+                                                                           torch.float32)
+    with generation_precision(half):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert len(generate_images(half, prompts, seeds, 2, num_inference_steps=2, resolution=32,
+                               autocast=functools.partial(generation_precision, half))) == 2
+
+
 def test_open_clip_models_are_selectable_and_score_by_hand(tmp_path):
     import json
 

@@ -1,7 +1,6 @@
 """Validation out of memory: the batch that fits is kept for every later validation (logged once), and the failed
 attempt's tensors are freed before the retry (docs/protocols.md: robustness)."""
 
-import contextlib
 import gc
 import logging
 import weakref
@@ -23,6 +22,8 @@ class FakePipe:
     def __init__(self, fits: int):
         self.fits = fits
         self.unet = torch.nn.Linear(1, 1)
+        self.text_encoder = SimpleNamespace(dtype=torch.float32)  # fp32: drawn without autocast
+        self.device = torch.device("cpu")
         self.calls = []  # batch size of every attempt
         self.failed = []  # weak references to the tensors of failed attempts
         self.alive_at_retry = []  # how many of them were still alive when the next attempt started
@@ -40,8 +41,7 @@ class FakePipe:
 
 
 def _validator(pipe, prompts, batch_size):
-    acc = SimpleNamespace(num_processes=1, process_index=0, autocast=contextlib.nullcontext,
-                          is_local_main_process=False)
+    acc = SimpleNamespace(num_processes=1, process_index=0, is_local_main_process=False)
     pixel = Criterion("clip", 0.5, lambda images, texts: [float(np.asarray(im)[0, 0, 0]) for im in images])
     return Validator(acc, pipe, ValidationConfig(prompts=prompts, seed=7, batch_size=batch_size), [pixel])
 
