@@ -134,8 +134,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         f"(default {','.join(LORA_TARGETS)}: every attention projection)")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config; fp16 without CUDA falls back to fp32")
-    g.add_argument("--allow_tf32", action="store_true",
-                   help="TF32 matrix multiplies on Ampere or newer GPUs (faster, slightly less exact)")
+    add_tf32_arg(g)
     g.add_argument("--seed", type=int, default=0,
                    help="seeds shuffles, noise, timesteps, flips and every validation image; runs with the same "
                         "seed and settings repeat each other")
@@ -150,6 +149,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 CLIP_MODEL_HELP = "transformers CLIP directory or id, or open_clip:ARCH[:PRETRAINED]"
+
+
+def add_tf32_arg(g) -> None:
+    """--allow_tf32, for every program that runs matrix multiplies in fp32 on a GPU."""
+    g.add_argument("--allow_tf32", action="store_true",
+                   help="TF32 matrix multiplies on Ampere or newer GPUs (faster, slightly less exact)")
 
 
 def add_sampling_args(g, batch_help: str = "prompts per generation batch (0: all of a process's prompts at once)"

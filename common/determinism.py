@@ -20,7 +20,8 @@ CUBLAS_WORKSPACE = ":4096:8"  # 8 workspaces of 4 MiB: NVIDIA's larger documente
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Switch PyTorch's deterministic algorithms, cuDNN's deterministic mode and cuBLAS's workspace on or off.
+    """Switch PyTorch's deterministic algorithms, cuDNN's deterministic mode and cuBLAS's workspace on or off
+    (cuDNN's benchmarking the other way round).
 
     Call it before the first CUDA matrix multiply: cuBLAS reads its workspace setting when it starts. Turning it
     off leaves ``CUBLAS_WORKSPACE_CONFIG`` as it is (harmless: it only limits cuBLAS's workspace).
@@ -29,7 +30,10 @@ def set_deterministic(enabled: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = False  # benchmarking picks kernels by timing, which varies run to run
+    # Benchmarking times cuDNN's convolution algorithms for each new shape and keeps the fastest: a training run's
+    # shapes repeat every step, so it pays after the first; but the choice varies run to run, hence off when
+    # deterministic.
+    torch.backends.cudnn.benchmark = not enabled
 
 
 def deterministic_state() -> dict:

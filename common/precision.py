@@ -67,13 +67,33 @@ def autocast_to(device_type: str, dtype: torch.dtype):
     return torch.autocast(device_type, dtype=dtype)
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 matrix multiplies (Ampere and newer; --allow_tf32): ~8x the fp32 rate on tensor cores, 10-bit mantissas
+    in the products (https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-and-later-devices).
+    cuDNN's convolutions use TF32 by PyTorch's own default either way."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+
+
+DYNAMO_ENV = "ACCELERATE_DYNAMO_BACKEND"  # what `accelerate config` / `accelerate launch --dynamo_backend` set
+
+
 def make_accelerator(mixed_precision: str, **kwargs):
     """An Accelerator in ``mixed_precision`` (already resolved by effective_mixed_precision); on the CPU under
-    the fp16 emulation, with the native AMP and GradScaler a CUDA device would get."""
+    the fp16 emulation, with the native AMP and GradScaler a CUDA device would get.
+
+    The model is never compiled: an accelerate config that asks for a dynamo backend is overridden (and said so),
+    because compiling the UNet has not been tested with the toolkit's hooks (gradient checkpointing, autocast
+    policy, the scaler's skip detection, LoRA) and its first minutes of compilation change every timing."""
+    import logging
+
     from accelerate import Accelerator
 
     kwargs.setdefault("cpu", not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=mixed_precision, **kwargs)
+    asked = os.environ.get(DYNAMO_ENV, "no")
+    if asked.lower() != "no" and int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger(__name__).warning(f"{DYNAMO_ENV}={asked} (accelerate config): not used; the toolkit runs "
+                                            "the model uncompiled")
+    acc = Accelerator(mixed_precision=mixed_precision, dynamo_backend="no", **kwargs)
     destroy_process_group_at_exit()
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and not acc.native_amp:
         emulate_native_amp(acc)

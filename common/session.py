@@ -101,8 +101,7 @@ def make_accelerator(requested_precision: Optional[str], output_dir: str, loggin
     set_deterministic(deterministic)
     requested = requested_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     mixed = effective_mixed_precision(requested, warn=int(os.environ.get("RANK", "0")) == 0)
-    if allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    precision.set_tf32(allow_tf32)
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, logging_dir))
     # Several processes: the gradients live in DDP's all-reduce buckets instead of beside them (one copy of the
     # trainable parameters' size less; common/memory.py counts the buckets).

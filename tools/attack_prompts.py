@@ -112,6 +112,7 @@ def build_parser() -> cli.Parser:
                         "else the sorted images in turn")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds each case's search, a prompt file's evaluation seeds and the held-out seeds")
+    cli.add_tf32_arg(g)
 
     g = p.add_argument_group("images")
     cli.add_sampling_args(g, batch_help="images per generation batch of a case's held-out seeds (0: all at once)")
@@ -308,6 +309,9 @@ def plan(args: argparse.Namespace) -> harness.Plan:
 
 def main(args: argparse.Namespace) -> dict:
     """Attack every case (continuing a killed run), then write the summary and the replay CSV."""
+    from common.precision import set_tf32
+
+    set_tf32(args.allow_tf32)
     return harness.run(args, plan(args))
 
 

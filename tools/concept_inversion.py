@@ -81,6 +81,7 @@ def build_parser() -> cli.Parser:
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the images, templates, noise and timesteps of every step and every validation image")
     g.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    cli.add_tf32_arg(g)
 
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompts", required=True,
@@ -395,11 +396,13 @@ def main(args: argparse.Namespace) -> Inversion:
     from common.data import ImageTransform, load_training_data
     from common.encoding import make_encoder
     from common.models import load_sd_parts
+    from common.precision import set_tf32
     from common.results import RunRecorder
     from common.validation import build_pipeline
     from tools.unlearn import resolve_device
 
     device = torch.device(resolve_device(args.device))
+    set_tf32(args.allow_tf32)
     torch.manual_seed(args.seed)
     prompts, templates = read_prompts(args.validation_prompts), read_templates(args.templates)
     recorder = RunRecorder(args.output_dir, is_main=True, logger_name="concept_inversion")

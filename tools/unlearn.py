@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common.cli import Parser, check_resolution  # noqa: E402
+from common.cli import Parser, add_tf32_arg, check_resolution  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import check_pipeline_dir, resolve_model_path, vae_scale_factor  # noqa: E402
 from common.training import select_trainable  # noqa: E402
@@ -52,6 +52,7 @@ def build_parser() -> Parser:
     p.add_argument("--concept", default=None, help="the concept to erase, as a prompt (ESD: required)")
     p.add_argument("--seed", type=int, default=0, help="seeds the method's sampling and noise (ESD)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    add_tf32_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("ESD (esd-x, esd-u)")
@@ -189,6 +190,7 @@ class Request:
     seed: int
     quiet: bool
     argv: tuple  # the command line, for the card
+    allow_tf32: bool = False
 
 
 def validate(args: argparse.Namespace, argv) -> Request:
@@ -207,7 +209,7 @@ def validate(args: argparse.Namespace, argv) -> Request:
                  f"--output_dir {args.output_dir}: is the base model's directory; write the unlearned copy elsewhere")
     settings = method.check(_settings(args, method), args.concept, model_dir if local else None)
     return Request(args.method, settings, args.pretrained_model_name_or_path, args.output_dir, device, args.seed,
-                   args.quiet, tuple(argv))
+                   args.quiet, tuple(argv), args.allow_tf32)
 
 
 def parse_args(argv=None) -> Request:
@@ -330,9 +332,11 @@ def main(request: Request) -> dict:
 
     from common import numerics
     from common.models import load_sd_parts, save_pipeline
+    from common.precision import set_tf32
     from common.results import atomic_write_json, library_versions
 
     method, settings = METHODS_BY_NAME[request.method], request.settings
+    set_tf32(request.allow_tf32)
     torch.manual_seed(request.seed)
     device = torch.device(request.device)
     base = resolve_model_path(request.model)
