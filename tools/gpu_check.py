@@ -482,7 +482,7 @@ def measure_validation(accelerator, parts, trainer, shapes: Shapes) -> List[Row]
                 f"batched is {batched / single:.2f}x this", data={"images_per_s": single,
                                                                    "batched_over_single": batched / single})]
     limit = BatchLimit(log=lambda line: None)
-    with forced_out_of_memory(accelerator.device, pipe, shapes.resolution) as how:
+    with forced_out_of_memory(accelerator.device, pipe, shapes.resolution, accelerator.autocast) as how:
         images = generate(len(prompts), limit)
     ok = len(images) == len(prompts) and limit.limit is not None and limit.limit < len(prompts)
     rows.append(Row(f"validation out of memory ({how})",
@@ -498,8 +498,8 @@ class forced_out_of_memory:
     raising CUDA's out-of-memory error from the UNet for any batch of more than one prompt (the fallback's logic,
     without the memory)."""
 
-    def __init__(self, device, pipe, resolution: int):
-        self.device, self.pipe, self.resolution = device, pipe, resolution
+    def __init__(self, device, pipe, resolution: int, autocast):
+        self.device, self.pipe, self.resolution, self.autocast = device, pipe, resolution, autocast
 
     def __enter__(self) -> str:
         if self.device.type == "cuda":
@@ -529,7 +529,7 @@ class forced_out_of_memory:
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         generate_images(self.pipe, ["a red circle"], [0], 1, num_inference_steps=2, guidance_scale=7.5,
-                        resolution=self.resolution)
+                        resolution=self.resolution, autocast=self.autocast)
         return max(torch.cuda.max_memory_allocated(self.device) - base, 1)
 
     def __exit__(self, *exc):
