@@ -4,9 +4,10 @@ Policy: every model the toolkit trains or scores is loaded in fp32 (the master
 weights); under ``--mixed_precision fp16|bf16`` only the frozen copies used
 under autocast (the VAE and text encoder during fine-tuning) are cast to the
 weight dtype, and the forward pass runs under autocast. Images are drawn the
-same way, in validation and in eval_model.py alike (``validation.generation_precision``). fp16 needs CUDA:
-without it we fall back to full precision with one warning, so GPU command
-lines also run on a CPU.
+same way, in validation and in eval_model.py alike
+(``validation.generation_precision``). fp16 needs CUDA: without it we fall
+back to full precision with one warning, so GPU command lines also run on a
+CPU.
 
 The fall-back hides the fp16 code path from a CPU-only test suite:
 ``Accelerator(mixed_precision="fp16", cpu=True)`` silently runs fp32 (no

@@ -401,6 +401,7 @@ def test_validation_and_eval_model_draw_the_same_image_bits(assets, monkeypatch,
 
     if not emulate:
         monkeypatch.delenv("REVIVAL_EMULATE_FP16", raising=False)
+    half = torch.float16 if emulate else torch.float32  # without the emulation fp16 falls back to fp32
     trainer, ds = _trainer(assets, monkeypatch, emulate=emulate)
     acc = trainer.accelerator
     trainer.reset_chunk(0)
@@ -421,12 +422,11 @@ def test_validation_and_eval_model_draw_the_same_image_bits(assets, monkeypatch,
                            torch.randn(1, 77, unet.config.cross_attention_dim), return_dict=False)[0]
     assert out.dtype == torch.float32
     unet_calls.clear()
-    half = torch.float16 if emulate else torch.float32
 
     saved = str(tmp_path / "pipe")
     save_pipeline(trainer.parts, unet, saved)
     dtype = generation_dtype("fp16", cuda=False)
-    assert dtype == half  # the emulation: fp16 on the CPU, as on CUDA
+    assert dtype == half  # eval_model.py's precision is the run's
     row = evaluate_checkpoint(saved, prompts, "red circle", _NoClip(), None, 1, 7, len(prompts), 3, 7.5, 32,
                               str(tmp_path / "images"), torch.device("cpu"), dtype)
     evaluated = list(unet_calls)
@@ -461,10 +461,10 @@ def test_eval_model_redraws_a_fp16_runs_validation_images_bit_for_bit(assets, tm
                   assets["root"], env_extra=EMULATE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in open(os.path.join(evaluated, "results.jsonl"))]
-    assert (row["weights"], row["dtype"], row["unet_dtype"]) == ("single", "float16", "float32")
     names = sorted(n for n in os.listdir(row["image_dir"]) if n.endswith(".png"))
     assert len(names) == len(last["scores"]) == 3
     for k, name in enumerate(names):
         validated = _png(os.path.join(out, "validation_images", "chunk0-epoch0", f"{k:04d}.png"))
         assert np.array_equal(validated, _png(os.path.join(row["image_dir"], name))), name
     assert row["clip_cosine"] == pytest.approx(last["mean"], abs=1e-6)  # the same images, the same CLIP
+    assert (row["weights"], row["dtype"], row["unet_dtype"]) == ("single", "float16", "float32")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import importlib
 import json
@@ -456,16 +457,16 @@ def _prompts(shapes: Shapes) -> list:
 def measure_validation(accelerator, parts, trainer, shapes: Shapes) -> List[Row]:
     """Images/s of one batched validation (all prompts in one batch, guided) after a warm-up one, against one
     prompt at a time (the published scripts); then the out-of-memory fallback."""
-    from common.validation import BatchLimit, build_pipeline, generate_images, image_seed
+    from common.validation import BatchLimit, build_pipeline, generate_images, generation_precision, image_seed
 
     pipe = build_pipeline(parts, accelerator.unwrap_model(trainer.unet))
     prompts = _prompts(shapes)
     seeds = [image_seed(0, k) for k in range(len(prompts))]
+    precision = functools.partial(generation_precision, pipe)  # validation's own (common/protocol.py)
 
     def generate(batch, limit=None):
         return generate_images(pipe, prompts, seeds, batch, num_inference_steps=shapes.inference_steps,
-                               guidance_scale=7.5, resolution=shapes.resolution, autocast=accelerator.autocast,
-                               limit=limit)
+                               guidance_scale=7.5, resolution=shapes.resolution, autocast=precision, limit=limit)
 
     def timed(batch) -> float:
         _sync(accelerator.device)
@@ -482,7 +483,7 @@ def measure_validation(accelerator, parts, trainer, shapes: Shapes) -> List[Row]
                 f"batched is {batched / single:.2f}x this", data={"images_per_s": single,
                                                                    "batched_over_single": batched / single})]
     limit = BatchLimit(log=lambda line: None)
-    with forced_out_of_memory(accelerator.device, pipe, shapes.resolution, accelerator.autocast) as how:
+    with forced_out_of_memory(accelerator.device, pipe, shapes.resolution, precision) as how:
         images = generate(len(prompts), limit)
     ok = len(images) == len(prompts) and limit.limit is not None and limit.limit < len(prompts)
     rows.append(Row(f"validation out of memory ({how})",
