@@ -89,30 +89,30 @@ def round_trip_step(ema: EMAModel, parameters: list, device: torch.device,
     ``device`` is the CPU (the tests' stand-in for a GPU).
     """
     cuda = device.type == "cuda"
-    host = ema.shadow_params
+    host, step, foreach = ema.shadow_params, ema.optimization_step, ema.foreach
     plan = chunk_plan(host, parameters, ROUND_TRIP_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
-    step = ema.optimization_step
-    buffer = None
+    chunks = [([_piece(host[i], a, b) for i, a, b in c], [_piece(parameters[i], a, b) for i, a, b in c])
+              for c in plan or [[]]]  # no tensors: one empty chunk, so the step still counts
+    layouts = [_offsets(pieces) for pieces, _ in chunks]
+    buffer = torch.empty(max(1, *(size for _, size in layouts)), dtype=torch.uint8, device=device)  # largest chunk
     try:
-        for chunk in plan or [[]]:  # no tensors: the step still counts
-            pieces = [_piece(host[i], a, b) for i, a, b in chunk]
-            offsets, size = _offsets(pieces)
-            if buffer is None or buffer.numel() < size:
-                buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=device)  # the largest chunk: the first
+        for (pieces, params), (offsets, _) in zip(chunks, layouts):
             on_device = [buffer[o:o + h.numel() * h.element_size()].view(h.dtype).view(h.shape)
                          for o, h in zip(offsets, pieces)]
             with torch.no_grad():
                 for d, h in zip(on_device, pieces):
                     d.copy_(h, non_blocking=cuda)  # pinned: no host wait
             ema.shadow_params, ema.optimization_step = on_device, step  # every chunk takes this update's decay
-            EMAModel.step(ema, [_piece(parameters[i], a, b) for i, a, b in chunk])  # the library's, whatever subclass
+            # The library's foreach path needs a trained tensor; without one its per-tensor path does the same copy.
+            ema.foreach = foreach and any(p.requires_grad for p in params)
+            EMAModel.step(ema, params)  # the library's update, whatever subclass ``ema`` is
             with torch.no_grad():
                 for h, d in zip(pieces, on_device):
                     # Into the same pinned buffers (no allocation, no re-pin). The next chunk's copy into the device
                     # buffer is queued after this one on the same stream, so reusing the buffer needs no wait.
                     h.copy_(d, non_blocking=cuda)
     finally:
-        ema.shadow_params = host
+        ema.shadow_params, ema.foreach = host, foreach
     if not cuda:
         return None
     event = torch.cuda.Event()

@@ -8,14 +8,18 @@ states plus one fp32 scale per 256 values), the EMA copy, the unlearned
 weights kept for the per-chunk restore, the frozen text encoder and VAE, and
 with several processes DDP's all-reduce buckets beyond the gradients (none
 with ``gradient_as_bucket_view``, which our accelerator sets: the gradients are
-views of the buckets; otherwise a second copy of the gradients).
+views of the buckets; otherwise a second copy of the gradients), the device
+memory an offloaded EMA update holds (one chunk and its update's temporary:
+common/ema.py), and the scoring models the run keeps on the accelerator
+between validations (CLIP, the concept classifier: fp32 parameters and
+buffers, loaded once and never moved off).
 Activations are not in it: they depend on batch and resolution and are
 measured as the CUDA peak per chunk (validations.jsonl, ``peak_gpu_bytes``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -65,10 +69,47 @@ def ddp_bucket_bytes(model: torch.nn.Module, trainable) -> dict:
     return {"bytes": 0 if model.gradient_as_bucket_view else nbytes(trainable), "device": _device(trainable)}
 
 
-def memory_budget(trainer, parts, largest_chunk: int = 0) -> Dict[str, dict]:
+def ema_update_bytes(trainer) -> dict:
+    """What an offloaded EMA update holds on the device (a chunk and its temporary); nothing when the EMA stays on
+    the device, and nothing on a CPU run (where the host copy is updated in place)."""
+    device = trainer.accelerator.device
+    if not (trainer.cfg.use_ema and trainer.cfg.offload_ema) or device.type == "cpu":
+        return {"bytes": 0, "device": "-"}
+    from .ema import round_trip_bytes
+
+    return {"bytes": round_trip_bytes(trainer.trainable), "device": str(device)}
+
+
+def scorer_model(score) -> Optional[torch.nn.Module]:
+    """The torch model behind a scoring function (a ClipScorer's or ConceptClassifier's method), or None (NudeNet:
+    onnxruntime on the host)."""
+    model = getattr(getattr(score, "__self__", None), "model", None)
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def scorer_components(criteria: Sequence = (), retention=None) -> Dict[str, dict]:
+    """``scorer_<name>`` per criterion with a torch model (and ``scorer_retention`` for a CLIP model of its own),
+    each model counted once."""
+    scores = [(f"scorer_{c.name}", c.score_images) for c in criteria]
+    if retention is not None:
+        scores.append(("scorer_retention", retention))
+    out, seen = {}, set()
+    for name, score in scores:
+        model = scorer_model(score)
+        if model is None or id(model) in seen:  # the retention prompts share the CLIP criterion's model
+            continue
+        seen.add(id(model))
+        tensors = _module_tensors(model)
+        out[name] = {"bytes": nbytes(tensors), "device": _device(tensors)}
+    return out
+
+
+def memory_budget(trainer, parts, largest_chunk: int = 0, criteria: Sequence = (),
+                  retention=None) -> Dict[str, dict]:
     """Bytes and device of each component of a ChunkTrainer's run, plus the total on the accelerator.
 
-    ``largest_chunk`` (rows) sizes the latent cache, which holds one chunk at a time.
+    ``largest_chunk`` (rows) sizes the latent cache, which holds one chunk at a time. ``criteria`` (common.protocol
+    Criterion) and ``retention`` (the retention prompts' scoring function): the scoring models, which stay loaded.
     """
     encoder = trainer.encoder
     cache = encoder.cache_bytes(largest_chunk) if hasattr(encoder, "cache_bytes") else 0
@@ -87,6 +128,8 @@ def memory_budget(trainer, parts, largest_chunk: int = 0) -> Dict[str, dict]:
                          "device": _device(_module_tensors(parts.text_encoder))},
         "vae": {"bytes": nbytes(_module_tensors(parts.vae)), "device": _device(_module_tensors(parts.vae))},
         "latent_cache": {"bytes": cache, "device": str(encoder.device) if cache else "-"},
+        "ema_update_buffers": ema_update_bytes(trainer),
+        **scorer_components(criteria, retention),
     }
     on_accelerator = sum(c["bytes"] for c in budget.values() if c["device"] not in ("cpu", "-", "disk"))
     host = sum(c["bytes"] for c in budget.values() if c["device"] == "cpu")

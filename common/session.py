@@ -171,7 +171,7 @@ def open_run(
     for line in notes:
         recorder.log(line)
     # Where the memory goes, from the run's own tensors (activations: the per-chunk CUDA peak in the records).
-    budget = memory_budget(trainer, parts, largest_chunk=largest)
+    budget = memory_budget(trainer, parts, largest_chunk=largest, criteria=criteria, retention=retention)
     for line in budget_lines(budget):
         recorder.log(line)
     config = {**config_record, "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,

@@ -168,10 +168,8 @@ def diffusion_loss(
     sample_weights: Optional[torch.Tensor] = None,
     alphas: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-batch MSE with optional Min-SNR-gamma weighting; ``sample_weights`` rescale samples (sum-normalised by caller).
-
-    ``alphas``: alpha_bar at ``timesteps`` on the loss's device (see ``alpha_bars``), None to look them up here.
-    """
+    """Per-batch MSE with optional Min-SNR-gamma weighting; ``sample_weights`` rescale samples (sum-normalised
+    by caller); ``alphas``: alpha_bar at ``timesteps`` on the loss's device (``alpha_bars``), None: looked up here."""
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = signal_to_noise(noise_scheduler, timesteps, alphas)

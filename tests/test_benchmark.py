@@ -40,8 +40,8 @@ def test_benchmark_memory_mode_budget_per_lever_combination(tmp_path):
     # Each combination is the components it keeps on the GPU plus batch x activations per sample (bytes, exact).
     static = sum(f[f"component_{k}_bytes"] for k in ("trainable_parameters", "frozen_unet_parameters", "gradients",
                                                       "text_encoder", "vae"))
-    lean = static + f["optimizer_state_8bit_bytes"] + f["activations_per_pass_checkpointed_bytes"] \
-        + 10 * f["activations_per_sample_checkpointed_bytes"]
+    lean = static + f["optimizer_state_8bit_bytes"] + f["offloaded_ema_update_bytes"] \
+        + f["activations_per_pass_checkpointed_bytes"] + 10 * f["activations_per_sample_checkpointed_bytes"]
     assert f["gpu_budget_bytes[+ --use_8bit_adam (leanest)]"] == lean
     default = static + f["component_optimizer_state_bytes"] + f["component_ema_bytes"] \
         + f["activations_per_pass_bytes"] + 10 * f["activations_per_sample_bytes"]
@@ -53,3 +53,8 @@ def test_benchmark_memory_mode_budget_per_lever_combination(tmp_path):
     assert f["component_optimizer_state_bytes"] == 8 * n
     assert 2 * n < f["optimizer_state_8bit_bytes"] < 8 * n / 3
     assert "gpu_budget_gb[default (--use_ema)]" in proc.stdout
+    # The offloaded EMA's update holds a chunk and its temporary: here the whole tiny copy (under one chunk) twice,
+    # each tensor's piece 64-byte aligned in the chunk buffer.
+    assert 0 < 2 * f["component_ema_bytes"] <= f["offloaded_ema_update_bytes"] <= 2.5 * f["component_ema_bytes"]
+    # The scoring models the runs keep on the GPU: CLIP ViT-B/32 (151.3M) and the ViT-L/16 classifier (303.3M), fp32.
+    assert f["scorer_clip_vit_b32_bytes"] == 605110268 and f["scorer_vit_l16_classifier_bytes"] == 1213214728

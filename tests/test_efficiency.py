@@ -1,6 +1,7 @@
-"""GPU efficiency the CPU can only partly show (docs/gpu.md): the offloaded EMA's one round trip into the same
-host buffers, foreach EMA updates, DDP gradients as bucket views (and the budget's count of the buckets),
-host-to-device copies through one non-blocking helper, and --deterministic's switches.
+"""GPU efficiency the CPU can only partly show (docs/gpu.md): the offloaded EMA's round trip in chunks into the
+same host buffers (one chunk on the device at a time, diffusers' numbers bit for bit), foreach EMA updates, DDP
+gradients as bucket views (and the budget's count of the buckets), every host-to-device copy of the training loop
+through one non-blocking helper (whoever makes it: HostDeviceTracker), and --deterministic's switches.
 
 What a CPU cannot show, and these tests do not claim: that the GPU stream really overlaps the copies, or that no
 host sync happens on CUDA. They pin the code paths and that results are unchanged by them.
@@ -94,7 +95,7 @@ def test_offloaded_update_holds_one_chunk_on_the_device_not_the_whole_copy(monke
     import common.ema as ema_module
 
     params = _model_params()
-    ema_bytes = sum(p.numel() * 4 for p in params)  # 9252 bytes of fp32
+    ema_bytes = sum(p.numel() * 4 for p in params)  # 9452 bytes of fp32
     chunk = 2048
     monkeypatch.setattr(ema_module, "ROUND_TRIP_CHUNK_BYTES", chunk, raising=False)
     ema = OffloadedEMA(params, decay=0.9, foreach=True)
@@ -102,6 +103,49 @@ def test_offloaded_update_holds_one_chunk_on_the_device_not_the_whole_copy(monke
     with LiveBytes() as live:
         round_trip_step(ema, params, torch.device("cpu"))  # the CPU stands in for the device: every copy is real
     assert 0 < live.peak <= 2 * chunk + 64 * 4, f"peak {live.peak} bytes for a {chunk}-byte chunk (EMA {ema_bytes})"
+
+
+@pytest.mark.parametrize("chunk_bytes", [4, 36, 1000, 4004, 2 ** 30])
+def test_chunked_round_trip_equals_the_library_update_bit_for_bit(chunk_bytes):
+    """Any chunk size (one value, pieces of tensors, whole tensors, everything at once): the numbers of diffusers'
+    EMAModel.step over the whole copy, its decay schedule and step count, frozen tensors copied, the same buffers."""
+    params = _model_params(sizes=((40, 25), (1001,), (7, 3, 3), (300,), (6, 5)))
+    params[2].requires_grad_(False)  # copied, not averaged (EMAModel.step's rule)
+    params[4] = torch.nn.Parameter(params[4].detach().t())  # not contiguous: travels whole
+    reference = EMAModel(params, decay=0.999, foreach=True)  # what the run uses on the device, never moved
+    ema = OffloadedEMA(params, decay=0.999, foreach=True)
+    buffers = [s.data_ptr() for s in ema.shadow_params]
+    for k in range(4):
+        _update(params, k)
+        reference.step(params)
+        assert round_trip_step(ema, params, torch.device("cpu"), chunk_bytes=chunk_bytes) is None
+        assert ema.optimization_step == reference.optimization_step == k + 1
+        assert ema.cur_decay_value == reference.cur_decay_value  # get_decay's warm-up: 0, 2/11, 3/12, 4/13
+        assert all(torch.equal(s, r) for s, r in zip(ema.shadow_params, reference.shadow_params)), k
+    assert [s.data_ptr() for s in ema.shadow_params] == buffers and ema.foreach
+
+
+def test_chunk_plan_covers_every_value_once_within_the_chunk():
+    from common.ema import chunk_plan, round_trip_bytes
+
+    tensors = [torch.zeros(10), torch.zeros(3, 7).t(), torch.zeros(25), torch.zeros(0),
+               torch.zeros(4, dtype=torch.float64)]
+    for chunk in (4, 12, 40, 100, 10 ** 6):
+        plan = chunk_plan(tensors, tensors, chunk)
+        covered = sorted((i, a, b) for c in plan for i, a, b in c)
+        for i, t in enumerate(tensors):  # each tensor's ranges tile it exactly
+            ends = [(a, b) for j, a, b in covered if j == i]
+            if t.numel() == 0:
+                assert ends == []  # nothing to move
+                continue
+            assert [a for a, _ in ends] == [0] + [b for _, b in ends[:-1]] and ends[-1][1] == t.numel()
+        for c in plan:
+            size = sum((b - a) * tensors[i].element_size() for i, a, b in c)
+            # Over the chunk only: the non-contiguous tensor (whole) or a single value larger than the chunk.
+            assert size <= chunk or (len(c) == 1 and (c[0][0] == 1 or c[0][2] - c[0][1] == 1)), (chunk, c)
+    assert len(chunk_plan(tensors, tensors, 10 ** 6)) == 1
+    assert round_trip_bytes([torch.zeros(1000)], 1024) == 2 * 1024  # the buffer and the update's temporary
+    assert round_trip_bytes([torch.zeros(100)], 1024) == 2 * 400  # never more than the copy itself
 
 
 class _Event:
@@ -316,6 +360,26 @@ def test_no_host_to_device_copy_of_the_training_loop_bypasses_to_device(assets, 
         f"host-to-device copies outside common.data.to_device: {sorted(set(tracker.bypassing))}"
     assert tracker.via_helper >= 6 * micro_batches  # the tracker does see the copies (to_device's own)
     assert [name for name, _ in tracker.reads] == ["torch.Tensor.tolist"]  # one host read: the epoch's losses
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_alphas_sent_with_the_draws_give_the_same_bits(prediction_type):
+    """The trainer's alpha_bar values, looked up on the host and sent: the same noised latents, targets and Min-SNR
+    loss, bit for bit, as looking them up in the scheduler's table where the timesteps are."""
+    from diffusers import DDPMScheduler
+
+    from common.training import alpha_bars, diffusion_loss, noisy_inputs
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    latents, noise, pred = (torch.randn(6, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.randint(0, 1000, (6,), generator=g)
+    alphas = alpha_bars(sched, t)
+    looked_up = noisy_inputs(latents, sched, noise, noise, t)
+    sent = noisy_inputs(latents, sched, noise, noise, t, alphas)
+    assert all(torch.equal(a, b) for a, b in zip(looked_up, sent))
+    assert torch.equal(diffusion_loss(pred, sent[1], t, sched, 5.0), diffusion_loss(pred, sent[1], t, sched, 5.0,
+                                                                                     alphas=alphas))
 
 
 def test_make_accelerator_sets_bucket_views_and_deterministic(tmp_path, monkeypatch):

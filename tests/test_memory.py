@@ -65,6 +65,64 @@ def test_budget_equals_the_real_tensors(trainer):
     assert after["optimizer_state"]["bytes"] >= before["optimizer_state"]["bytes"]  # now the real state (+ step)
 
 
+class _OnDevice:
+    """A scorer whose model stands on another device than the CPU ("meta": no memory, real shapes), as a GPU run's."""
+
+    def __init__(self, model):
+        self.model = model.to("meta")
+
+    def score(self, images, prompts):
+        return [0.0] * len(images)
+
+
+def test_budget_counts_the_scoring_models_on_the_accelerator(trainer, assets):
+    """CLIP and the classifier stay on the accelerator in fp32 for the whole run: the budget grows by each model's
+    parameter and buffer bytes, and a model the retention prompts share with the CLIP criterion counts once."""
+    from common.classifier import ConceptClassifier
+    from common.clip_score import ClipScorer
+    from common.memory import memory_budget
+    from common.protocol import Criterion
+
+    tr, parts, _ = trainer
+    clip = ClipScorer(assets["clip"], "cpu")
+    clip_bytes = _bytes([*clip.model.parameters(), *clip.model.buffers()])
+    classifier = ConceptClassifier(assets["classifier"], None, "cpu")
+    classifier_bytes = _bytes([*classifier.model.parameters(), *classifier.model.buffers()])
+    clip_scorer, classifier_scorer = _OnDevice(clip.model), _OnDevice(classifier.model)
+    criteria = [Criterion("clip", 0.3, clip_scorer.score), Criterion("classifier", 0.5, classifier_scorer.score)]
+    bare = memory_budget(tr, parts)
+    scored = memory_budget(tr, parts, criteria=criteria, retention=clip_scorer.score)
+    c = scored["components"]
+    assert c["scorer_clip"] == {"bytes": clip_bytes, "device": "meta"} and clip_bytes > 0
+    assert c["scorer_classifier"] == {"bytes": classifier_bytes, "device": "meta"} and classifier_bytes > 0
+    assert "scorer_retention" not in c  # the CLIP criterion's own model
+    assert scored["accelerator_bytes_before_activations"] - bare["accelerator_bytes_before_activations"] \
+        == clip_bytes + classifier_bytes
+    # A CLIP model of the retention prompts' own (a run without a CLIP criterion) counts; NudeNet (no torch) not.
+    alone = memory_budget(tr, parts, criteria=[Criterion("classifier", 0.5, lambda images, prompts: [])],
+                          retention=_OnDevice(ClipScorer(assets["clip"], "cpu").model).score)["components"]
+    assert alone["scorer_retention"]["bytes"] == clip_bytes and "scorer_classifier" not in alone
+
+
+def test_budget_counts_one_chunk_of_the_offloaded_ema_update():
+    """--offload_ema on a GPU: the update holds one chunk buffer and its temporary on the device (common/ema.py),
+    not the whole copy twice; a CPU run updates the host copy in place."""
+    from types import SimpleNamespace
+
+    from common.ema import ROUND_TRIP_CHUNK_BYTES
+    from common.memory import ema_update_bytes
+
+    def stub(device, offload=True, numel=(3 * 2 ** 28,)):  # 3 GiB of fp32 on "meta": shapes, no memory
+        return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device(device)),
+                               cfg=SimpleNamespace(use_ema=True, offload_ema=offload),
+                               trainable=[torch.empty(n, device="meta") for n in numel])
+
+    assert ema_update_bytes(stub("meta")) == {"bytes": 2 * ROUND_TRIP_CHUNK_BYTES, "device": "meta"}
+    assert ema_update_bytes(stub("meta", numel=(1000,))) == {"bytes": 8000, "device": "meta"}  # a small copy: itself
+    assert ema_update_bytes(stub("meta", offload=False)) == {"bytes": 0, "device": "-"}  # the EMA lives there
+    assert ema_update_bytes(stub("cpu")) == {"bytes": 0, "device": "-"}
+
+
 def _records(out):
     return [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
 
@@ -98,6 +156,7 @@ def test_offload_ema_and_restore_from_disk_leave_results_unchanged(assets, tmp_p
     assert_same_run(outs["default"], outs["levers"])
     budget = json.load(open(os.path.join(outs["levers"], "config.json")))["memory_budget"]["components"]
     assert budget["restore_copy"] == {"bytes": 0, "device": "disk"} and budget["ema"]["device"] == "cpu"
+    assert budget["scorer_clip"]["bytes"] > 0  # the run's scoring model is in its budget (it stays loaded)
     default = json.load(open(os.path.join(outs["default"], "config.json")))["memory_budget"]["components"]
     assert default["restore_copy"]["bytes"] == default["trainable_parameters"]["bytes"] > 0
     assert "memory budget (before activations):" in open(os.path.join(outs["levers"], "train.log")).read()

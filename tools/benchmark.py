@@ -345,11 +345,26 @@ LEVER_COMBINATIONS = (  # (name, gradient checkpointing, EMA on the GPU, 8-bit A
 )
 
 
+def scorer_bytes() -> dict:
+    """fp32 parameter and buffer bytes of the published scoring models, built from their configurations on the meta
+    device (shapes, no memory, no download): CLIP ViT-B/32 and the ViT-L/16 concept classifier (2 classes)."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTForImageClassification
+
+    from common.memory import nbytes
+
+    vit_l16 = ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                        patch_size=16, image_size=224, num_labels=2)
+    with torch.device("meta"):
+        models = {"clip_vit_b32": CLIPModel(CLIPConfig()), "vit_l16_classifier": ViTForImageClassification(vit_l16)}
+    return {f"scorer_{k}_bytes": nbytes([*m.parameters(), *m.buffers()]) for k, m in models.items()}
+
+
 def memory_figures(args, model_dir):
     """Budget per lever combination: the run's components from real tensors + batch x measured activations."""
     from accelerate import Accelerator
 
     from common.data import ImageTransform
+    from common.ema import round_trip_bytes
     from common.encoding import make_encoder
     from common.memory import memory_budget, optimizer_state_bytes
     from common.models import load_sd_parts
@@ -364,6 +379,7 @@ def memory_figures(args, model_dir):
     trainer = ChunkTrainer(acc, parts, enc, TrainConfig(use_ema=True), horizon_updates=1)
     c = memory_budget(trainer, parts)["components"]
     eight_bit = optimizer_state_bytes(trainer.raw_optimizer, trainer.trainable, eight_bit=True)
+    ema_update = round_trip_bytes(trainer.trainable)  # an offloaded EMA's update: one chunk and its temporary
     trainer = None
     release(acc)
     # Measured at batch 1 and 2: per sample = the difference; the rest (autocast's half-precision copies of the
@@ -374,6 +390,8 @@ def memory_figures(args, model_dir):
         act[gc], fixed[gc] = two - one, 2 * one - two
     out = {f"component_{k}_bytes": v["bytes"] for k, v in c.items()}
     out["optimizer_state_8bit_bytes"] = eight_bit
+    out["offloaded_ema_update_bytes"] = ema_update
+    out.update(scorer_bytes())
     out["activations_per_sample_bytes"] = act[False]
     out["activations_per_pass_bytes"] = fixed[False]
     out["activations_per_sample_checkpointed_bytes"] = act[True]
@@ -382,7 +400,7 @@ def memory_figures(args, model_dir):
         + c["text_encoder"]["bytes"] + c["vae"]["bytes"]
     for name, gc, ema_on_gpu, adam8 in LEVER_COMBINATIONS:
         total = static + (eight_bit if adam8 else c["optimizer_state"]["bytes"]) \
-            + (c["ema"]["bytes"] if ema_on_gpu else 0) + fixed[gc] + args.batch_size * act[gc]
+            + (c["ema"]["bytes"] if ema_on_gpu else ema_update) + fixed[gc] + args.batch_size * act[gc]
         out[f"gpu_budget_bytes[{name}]"] = total
     out["host_restore_copy_bytes"] = c["restore_copy"]["bytes"]
     return out
