@@ -39,8 +39,9 @@ def test_table_has_every_row_and_passes_on_tiny_shapes(rows):
 
     checks = [r.check for r in rows]
     assert checks[0] == "device" and rows[0].measured.startswith("cpu")
-    assert sum(c.startswith("peak GPU memory") for c in checks) == 2
+    assert sum(c.startswith("peak GPU memory") for c in checks) == 3
     for prefix in ("training speed (the toolkit", "training speed, default", "training speed, leanest",
+                   "training speed, --gradient_checkpointing",
                    "training speed, published-style", "training speed, bare UNet", "host syncs per update",
                    "fp16 updates skipped in the first 3", "trainable parameters dtype",
                    "frozen text encoder + VAE dtype", "autocast in the UNet forward", "GradScaler",
@@ -56,13 +57,14 @@ def test_table_has_every_row_and_passes_on_tiny_shapes(rows):
 
 
 def test_memory_rows_carry_the_budget_of_each_lever_combination(rows):
-    default, leanest = (r for r in rows if r.check.startswith("peak GPU memory"))
-    assert default.measured == leanest.measured == "n/a (no CUDA)"
+    default, checkpointed, leanest = (r for r in rows if r.check.startswith("peak GPU memory"))
+    assert default.measured == checkpointed.measured == leanest.measured == "n/a (no CUDA)"
+    assert checkpointed.data["levers"] == {"use_ema": True, "gradient_checkpointing": True}
     assert "8-bit Adam left out" in leanest.check  # no bitsandbytes on a CPU
     assert default.data["levers"] == {"use_ema": True} and default.data["predicted_bytes"] is None  # tiny: none
     assert leanest.data["levers"] == {"use_ema": True, "gradient_checkpointing": True, "offload_ema": True}
     # On the CPU the budget counts everything as host memory (nothing on an accelerator), the peak is not measured.
-    for r in (default, leanest):
+    for r in (default, checkpointed, leanest):
         assert r.data["peak_bytes"] is None and r.data["budget_bytes"] == 0 and r.data["host_bytes"] > 0
         assert r.reference == "budget before activations 0.00 GiB"
 
@@ -243,3 +245,15 @@ def test_a_failing_section_becomes_one_fail_row():
     assert row.verdict == "FAIL" and row.check == "--deterministic"
     assert row.measured == ("error: RuntimeError: upsample_bilinear2d_backward_out_cuda does not have a "
                             "deterministic implementation")
+
+
+def test_the_activation_figures_are_docs_memory_md_s():
+    """The predicted peak uses the activations docs/memory.md quotes from tools/benchmark.py --memory: a new
+    measurement there must reach the check."""
+    from tools.gpu_check import ACTIVATIONS, GiB
+
+    text = (ROOT / "docs" / "memory.md").read_text()
+    per_pass = re.search(r"\| activations: half-precision copies .* \| ([\d.]+) \(([\d.]+) checkpointed\) \|", text)
+    per_sample = re.search(r"\| activations per sample \| ([\d.]+) \(([\d.]+) checkpointed\) \|", text)
+    for checkpointed, group in ((False, 1), (True, 2)):
+        assert ACTIVATIONS[checkpointed] == (float(per_pass.group(group)) * GiB, float(per_sample.group(group)) * GiB)

@@ -13,8 +13,9 @@ The model is a randomly initialised one of Stable Diffusion 1.4's shapes (UNet 8
 tools/benchmark.py's ``build_sd14``), trained at 512 px, fp16, batch 10, on drawn shapes (latent cache, centre
 crop, flips). Each section starts from a fresh gradient scaler, as a run does. The rows:
 
-- peak ``torch.cuda.max_memory_allocated`` of training with the default levers (``--use_ema``) and with the leanest
-  (``--gradient_checkpointing --offload_ema``, plus ``--use_8bit_adam`` where bitsandbytes is installed), against
+- peak ``torch.cuda.max_memory_allocated`` of training with the default levers (``--use_ema``), with
+  ``--gradient_checkpointing`` and with the leanest (``--gradient_checkpointing --offload_ema``, plus
+  ``--use_8bit_adam`` where bitsandbytes is installed), against
   the total docs/memory.md predicts (the budget common/memory.py takes from the run's tensors, plus the activations
   measured by ``tools/benchmark.py --memory``), and the speed of each;
 - training samples/s against one H100's compute limit (docs/performance.md), and the same run as the published
@@ -244,8 +245,10 @@ def _bitsandbytes() -> bool:
 
 # ---- memory ------------------------------------------------------------------------------------------------------
 
-LEVERS = (  # (row name, TrainConfig levers); the leanest drops 8-bit Adam where bitsandbytes cannot run
+LEVERS = (  # (row name, TrainConfig levers); the leanest drops 8-bit Adam where bitsandbytes cannot run. The middle
+    # one isolates what --offload_ema costs in speed (without bitsandbytes, the leanest differs from it by that alone).
     ("default (--use_ema)", {"use_ema": True}),
+    ("--gradient_checkpointing", {"use_ema": True, "gradient_checkpointing": True}),
     ("leanest (--gradient_checkpointing --offload_ema --use_8bit_adam)",
      {"use_ema": True, "gradient_checkpointing": True, "offload_ema": True, "use_8bit_adam": True}),
 )
