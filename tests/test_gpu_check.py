@@ -257,3 +257,15 @@ def test_the_activation_figures_are_docs_memory_md_s():
     per_sample = re.search(r"\| activations per sample \| ([\d.]+) \(([\d.]+) checkpointed\) \|", text)
     for checkpointed, group in ((False, 1), (True, 2)):
         assert ACTIVATIONS[checkpointed] == (float(per_pass.group(group)) * GiB, float(per_sample.group(group)) * GiB)
+
+
+def test_launched_programs_keep_the_callers_pythonpath(monkeypatch):
+    """On the GPU machine the carried packages are on PYTHONPATH (no pip install): a program that gpu_check, the
+    demo or the benchmark launches must see them too, with the repository first."""
+    from tools import child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    env = child_env(HF_HUB_OFFLINE="1")
+    assert env["PYTHONPATH"] == f"{ROOT}{os.pathsep}/tmp/site" and env["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env()["PYTHONPATH"] == str(ROOT)

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from common.models import assemble_pipeline  # noqa: E402
-from tools import tiny  # noqa: E402
+from tools import child_env, tiny  # noqa: E402
 
 
 def build_parser():
@@ -279,7 +279,7 @@ def whole_run_figures(args, model_dir, data_dir, clip_dir, work):
                f"--clip_model={clip_dir}", "--save_model=False", f"--output_dir={os.path.join(work, 'run-' + name)}",
                *levers]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if proc.returncode:
             raise SystemExit(f"whole run ({name}) failed:\n{proc.stderr[-2000:]}")
         out[f"run_levers_{name}_s"] = time.perf_counter() - t0

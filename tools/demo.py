@@ -46,7 +46,7 @@ from typing import List, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from tools import toy_world  # noqa: E402
+from tools import child_env, toy_world  # noqa: E402
 from tools.toy_world import expected as demo_expected  # noqa: E402
 from common import numerics  # noqa: E402
 from common.errors import exit_on_input_error  # noqa: E402
@@ -132,7 +132,7 @@ def launch(script: str, flags: dict, log_path: str, accelerate: bool = True) -> 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"] if accelerate else [sys.executable]
     cmd += [os.path.join(ROOT, script), *flag_list(flags)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT)
+    env = child_env(HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
     t0 = time.time()
     with open(log_path, "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

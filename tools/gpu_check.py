@@ -582,8 +582,9 @@ def measure_determinism(accelerator, world: dict, dataset, shapes: Shapes,
 def _run(cmd: list, log: str, env_extra: Optional[dict] = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one command from the repository root (the repository on PYTHONPATH: tools/*.py import ``common``
     without a pip install), its output appended to ``log``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-               HF_HUB_OFFLINE="1", **(env_extra or {}))
+    from tools import child_env
+
+    env = child_env(HF_HUB_OFFLINE="1", **(env_extra or {}))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n[exit {proc.returncode}]\n{proc.stdout}\n{proc.stderr}\n")
