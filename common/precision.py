@@ -38,10 +38,40 @@ def emulating_fp16() -> bool:
     return os.environ.get(EMULATE_FP16_ENV) == "1" and not torch.cuda.is_available()
 
 
+REQUIRE_CUDA_ENV = "REVIVAL_REQUIRE_CUDA"  # 1: stop without CUDA, as inside a SLURM job that requested GPUs
+SLURM_GPU_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")  # set by SLURM where GPUs were granted
+# The pinned torch is a CUDA 13.0 build: NVIDIA's release notes require driver 580 or newer for CUDA 13.0.
+CUDA_DRIVER_NOTE = "the pinned torch is built for CUDA 13.0, which needs NVIDIA driver 580 or newer"
+
+
+def cuda_expected() -> Optional[str]:
+    """Why this process must see a CUDA device (a SLURM job granted GPUs, or REVIVAL_REQUIRE_CUDA=1), else None."""
+    if os.environ.get(REQUIRE_CUDA_ENV) == "1":
+        return f"{REQUIRE_CUDA_ENV}=1"
+    for name in SLURM_GPU_VARS:
+        value = os.environ.get(name, "")
+        if value and value != "0":
+            return f"this SLURM job was granted GPUs ({name}={value})"
+    return None
+
+
+def check_cuda(cuda_available: Optional[bool] = None) -> None:
+    """Stop before any model loads (InputError: one line, exit 2) where a GPU was asked for and torch sees none: a
+    GPU job must not run for hours at CPU speed (or at fp32 where it asked for fp16)."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    why = cuda_expected()
+    if why and not cuda and not emulating_fp16():
+        from .errors import InputError
+
+        raise InputError(f"no CUDA device, but {why}: torch {torch.__version__} sees none (check nvidia-smi, "
+                         f"CUDA_VISIBLE_DEVICES, and the driver: {CUDA_DRIVER_NOTE}); stopped before loading models")
+
+
 def effective_mixed_precision(requested: str, cuda_available: Optional[bool] = None, warn: bool = True) -> str:
     """The mixed-precision mode we actually run: fp16 without CUDA falls back to 'no' with one warning
-    (unless the CPU emulation is on)."""
+    (unless the CPU emulation is on), except in a job that asked for a GPU (``check_cuda``: it stops)."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    check_cuda(cuda)
     if requested == "fp16" and not cuda and not emulating_fp16():
         if warn:
             print("warning: --mixed_precision fp16 needs CUDA; running in full precision (fp32) on this machine",
@@ -106,6 +136,7 @@ def process_state():
     ``accelerate launch --num_processes N`` gives N processes that each believe they are alone."""
     from accelerate import PartialState
 
+    check_cuda()
     state = PartialState(cpu=not torch.cuda.is_available())
     destroy_process_group_at_exit()
     return state

@@ -111,9 +111,13 @@ def _finite(value: float, flag: str, low: float, strict: bool) -> None:
 
 
 def resolve_device(value: str) -> str:
-    """'auto' -> cuda when available, else cpu; anything else must name a device this machine has."""
+    """'auto' -> cuda when available, else cpu (unless a GPU was asked for: common.precision.check_cuda); anything
+    else must name a device this machine has."""
     import torch
 
+    from common.precision import check_cuda
+
+    check_cuda()
     if value == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
