@@ -185,25 +185,32 @@ def training_figures(args, model_dir, data_dir):
     budget = memory_budget(trainer, parts)
     out["budget_accelerator_gb_before_activations"] = round(budget["accelerator_bytes_before_activations"] / GB, 3)
     out["budget_host_gb"] = round(budget["host_bytes"] / GB, 3)
-    # Bare UNet forward+backward on one ready batch (the floor a training step can reach).
-    unet = trainer.unet
-    from common.training import draw_batch
-
-    d = draw_batch(torch.Generator().manual_seed(0), args.batch_size, enc.latent_shape, 1000, 0.0, 0.0)
-    lat, txt = enc(ds, list(range(args.batch_size)), d["flip"], d["crop"], d["latent_noise"])
-    t = d["timesteps"].to(lat.device)
-
-    def bare():
-        with acc.autocast():
-            loss = unet(lat, t, txt, return_dict=False)[0].float().pow(2).mean()
-        loss.backward()
-
+    bare = bare_step(trainer, ds, acc, args.batch_size)
     out["bare_fwd_bwd_samples_per_s"] = args.batch_size / timed(bare, args.steps)
     out["cached_step_vs_bare"] = out["bare_fwd_bwd_samples_per_s"] / out["cached_samples_per_s"]
     out["cache_speedup"] = out["cached_samples_per_s"] / out["uncached_samples_per_s"]
     if "deterministic_cached_samples_per_s" in out:  # what --deterministic costs (CUDA only)
         out["deterministic_cost"] = out["cached_samples_per_s"] / out["deterministic_cached_samples_per_s"]
     return acc, parts, out
+
+
+def bare_step(trainer, dataset, accelerator, batch_size: int):
+    """A bare UNet forward+backward on one ready batch (encoded once, outside the timing): the floor a training
+    update can reach. Returns the step as a function of no arguments."""
+    from common.training import draw_batch
+
+    enc, unet = trainer.encoder, trainer.unet
+    d = draw_batch(torch.Generator().manual_seed(0), batch_size, enc.latent_shape, 1000, 0.0, 0.0)
+    with torch.no_grad():
+        lat, txt = enc(dataset, list(range(batch_size)), d["flip"], d["crop"], d["latent_noise"])
+    t = d["timesteps"].to(lat.device)
+
+    def bare():
+        with accelerator.autocast():
+            loss = unet(lat, t, txt, return_dict=False)[0].float().pow(2).mean()
+        loss.backward()
+
+    return bare
 
 
 def validation_figures(args, acc, parts):

@@ -412,23 +412,13 @@ def dtype_rows(trainer, parts, accelerator, seen: dict, fp16: bool) -> List[Row]
 def measure_paths(accelerator, world: dict, dataset, shapes: Shapes, toolkit_samples_per_s: float) -> List[Row]:
     """The same updates as the published scripts run them (every step encodes its images and captions) and as a
     bare UNet forward+backward on one ready batch (the floor an update can reach), against the toolkit's speed."""
-    from common.training import draw_batch
+    from tools.benchmark import bare_step
 
     free(accelerator)
     trainer, parts = new_trainer(accelerator, world["model"], shapes, cache=False)
     train_updates(trainer, dataset, shapes, 1)  # warm-up
     published, _ = timed_updates(trainer, dataset, shapes, shapes.path_updates, accelerator.device)
-    enc, unet = trainer.encoder, trainer.unet
-    d = draw_batch(torch.Generator().manual_seed(0), shapes.batch_size, enc.latent_shape, 1000, 0.0, 0.0)
-    with torch.no_grad():
-        lat, txt = enc(dataset, list(range(shapes.batch_size)), d["flip"], d["crop"], d["latent_noise"])
-    t = d["timesteps"].to(lat.device)
-
-    def bare():
-        with accelerator.autocast():
-            loss = unet(lat, t, txt, return_dict=False)[0].float().pow(2).mean()
-        loss.backward()
-
+    bare = bare_step(trainer, dataset, accelerator, shapes.batch_size)
     bare()
     _sync(accelerator.device)
     t0 = time.perf_counter()
@@ -436,7 +426,7 @@ def measure_paths(accelerator, world: dict, dataset, shapes: Shapes, toolkit_sam
         bare()
     _sync(accelerator.device)
     bare_speed = shapes.path_updates * shapes.batch_size / (time.perf_counter() - t0)
-    trainer = parts = unet = None
+    trainer = parts = bare = None
     free(accelerator)
     return [
         Row("training speed, published-style (encode every step)", f"{published:.2f} samples/s",
