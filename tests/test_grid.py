@@ -23,10 +23,13 @@ def test_example_grid_renders_the_cross_product():
     assert len(runs) == 8  # 2 methods x 2 concepts x 2 datasets
     assert [(r.method, r.concept, r.dataset) for r in runs[:3]] == [
         ("esd-x", "golf ball", "related"), ("esd-x", "golf ball", "unrelated"), ("esd-x", "church", "related")]
-    cmd = shlex.split(grid.launch_command(runs[5], num_processes=4))
-    assert cmd[:8] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "--num_machines", "1",
+    cmd = shlex.split(grid.launch_command(runs[5], num_processes=2))
+    assert cmd[:8] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                        "finetuning_sequential.py"]
     flags = cmd[8:]
+    # The README command's flags (the latent cache needs --center_crop), and the protocol's global batch of 10.
+    assert {"--center_crop", "--random_flip", "--gradient_checkpointing"} <= set(flags)
+    assert [f for f in flags if f.startswith("--train_batch_size")] == ["--train_batch_size=5"]
     assert "--pretrained_model_name_or_path=models/golf_ball/uce" in flags
     assert "--train_data_dir=data/golf_ball/unrelated" in flags
     assert "--curriculum=50,100,150,200,250,300,350,400,450,500" in flags
@@ -40,6 +43,41 @@ def test_example_grid_renders_the_cross_product():
     with pytest.raises(SystemExit) as err:
         finetuning_sequential.parse_args(flags)
     assert err.value.code == 2  # models/golf_ball/uce does not exist here: one clear error, not a parse failure
+
+
+def test_the_global_batch_is_the_grid_s_on_any_number_of_gpus():
+    """--train_batch_size is per process in the scripts; a grid's cell is the protocol's batch, divided among the
+    GPUs the job got, and refused with the arithmetic where they do not divide it."""
+    run = grid.read_grid(str(SLURM / "example_grid.csv"), "runs")[0]
+    for gpus, per_process in ((1, 10), (2, 5), (5, 2), (10, 1)):
+        flags = shlex.split(grid.launch_command(run, num_processes=gpus))
+        assert [f for f in flags if f.startswith("--train_batch_size")] == [f"--train_batch_size={per_process}"]
+    with pytest.raises(InputError, match=r"--train_batch_size 10 on 4 processes: each would take 10 and the global "
+                                         r"batch would be 40, not the protocol's 10; run on 1, 2, 5, 10 GPUs"):
+        grid.launch_command(run, num_processes=4)
+    # Without the column, the scripts' default (10) is the protocol's batch.
+    bare = grid.GridRun(0, "m", "c", "d", "finetuning_individual_CLIP.py", (), "out")
+    assert "--train_batch_size=5" in shlex.split(grid.launch_command(bare, num_processes=2))
+    other = grid.GridRun(0, "m", "c", "d", "tools/unlearn.py", (), "out")  # not a fine-tuning script: untouched
+    assert not any(f.startswith("--train_batch_size") for f in shlex.split(grid.launch_command(other, 2)))
+
+
+def test_grid_sbatch_keeps_the_global_batch_with_one_and_two_gpus(tmp_path):
+    """The job script with SLURM_GPUS_ON_NODE=1 and =2 (a fake accelerate logs its command line)."""
+    env = _fake_cluster(tmp_path)
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "accelerate").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'accelerate.log'}\n")
+    (bin_dir / "accelerate").chmod(0o755)
+    for gpus in ("1", "2"):
+        r = subprocess.run(["bash", str(SLURM / "grid.sbatch"), str(SLURM / "example_grid.csv"), str(tmp_path / "runs")],
+                           env=dict(env, SLURM_ARRAY_TASK_ID="0", SLURM_GPUS_ON_NODE=gpus), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    one, two = ((tmp_path / "accelerate.log").read_text().splitlines())
+    for line, gpus, batch in ((one, 1, 10), (two, 2, 5)):
+        args = line.split()
+        assert args[args.index("--num_processes") + 1] == str(gpus) and f"--train_batch_size={batch}" in args
+        assert ("--multi_gpu" in args) == (gpus > 1)
 
 
 def test_grid_placeholders_bare_flags_and_errors(tmp_path):

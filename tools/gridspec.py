@@ -120,15 +120,37 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
     return runs
 
 
+DEFAULT_BATCH = 10  # the fine-tuning scripts' --train_batch_size default (common/cli.py): the protocol's batch
+
+
+def per_process_batch(run: GridRun, processes: int) -> int:
+    """The --train_batch_size each of ``processes`` processes gets so that the global batch stays the grid's (its
+    --train_batch_size cell is the protocol's batch, as on one GPU); InputError when the processes do not divide it."""
+    cells = dict(run.flags)
+    batch = int(cells.get("--train_batch_size") or DEFAULT_BATCH)
+    if batch % processes:
+        divisors = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+        raise InputError(f"--train_batch_size {batch} on {processes} processes: each would take {batch} and the "
+                         f"global batch would be {batch * processes}, not the protocol's {batch}; run on {divisors} "
+                         "GPUs (numbers that divide it)")
+    return batch // processes
+
+
 def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) -> str:
-    """The shell command of one run: ``accelerate launch`` with its flags, resuming from its latest checkpoint."""
+    """The shell command of one run: ``accelerate launch`` with its flags, resuming from its latest checkpoint; the
+    fine-tuning scripts' batch divided among the processes (the global batch is the grid's whatever the GPUs)."""
     cmd = ["accelerate", "launch"]
     if num_processes > 1:
         cmd += ["--multi_gpu"]
     cmd += ["--num_processes", str(num_processes), "--num_machines", str(num_machines), run.script]
+    finetuning = os.path.basename(run.script).startswith("finetuning_")
     for flag, value in run.flags:
+        if flag == "--train_batch_size" and finetuning:
+            continue  # below, per process
         cmd += [flag] if value is None else [f"{flag}={value}"]
-    if os.path.basename(run.script).startswith("finetuning_"):
+    if finetuning:
+        cmd += [f"--train_batch_size={per_process_batch(run, num_processes)}"]
+    if finetuning:
         # The run's names, so tools/report.py labels it from its config.json, whatever the paths are called.
         cmd += [f"--tag=method={run.method}", f"--tag=concept={run.concept}", f"--tag=data={run.dataset}"]
         if run.seed is not None:
