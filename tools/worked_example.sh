@@ -5,9 +5,9 @@
 #   make demo                      # once: builds toy_world/
 #   bash tools/worked_example.sh [TOY_WORLD_DIR] [OUT_DIR]
 #
-# On a GPU node replace toy_world/sd_base by a real SD directory, the toy CLIP by open_clip:ViT-H-14 (or
-# openai/clip-vit-base-patch32), the classifier backbone by google/vit-large-patch16-224-in21k, and the
-# resolution and step counts by the paper's.
+# On a GPU node replace toy_world/sd_base by a real SD directory, the toy CLIP by openai/clip-vit-base-patch32 (the
+# model the 0.31 CLIP threshold was set for: another CLIP model needs a threshold of its own), the classifier
+# backbone by google/vit-large-patch16-224-in21k, and the resolution and step counts by the paper's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-toy_world}"
