@@ -4,7 +4,8 @@
 # them (--no-index --no-deps --target a site dir, then PYTHONPATH=site:repo root; no editable install there).
 #   tools/gpu_rehearsal.sh               # python -m tools.gpu_check --rehearse --json $DIR/gpu_check.json
 #   tools/gpu_rehearsal.sh CMD [ARG...]  # any other command in that environment, e.g. python -m pytest -q tests/...
-# GPU_REHEARSAL_DIR (default /tmp/gpu-rehearsal) holds the environment; it is rebuilt when the pin list changes.
+# GPU_REHEARSAL_DIR (default /tmp/gpu-rehearsal) holds the environment; it is rebuilt when the pin list changes and
+# removed after the run unless GPU_REHEARSAL_KEEP=1.
 # GPU_REHEARSAL_PTH=1 also puts the site dir in the environment through a .pth file: for the test suite, whose launched
 # scripts get PYTHONPATH=<repo root> alone (tests/conftest.launch_env) and would not see the site dir otherwise.
 set -euo pipefail
@@ -43,4 +44,12 @@ if [ "${GPU_REHEARSAL_PTH:-0}" = 1 ]; then echo "$SITE" > "$pth"; else rm -f "$p
 
 export PATH=$VENV/bin:$PATH PYTHONPATH=$SITE:$ROOT HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 [ $# -gt 0 ] || set -- python -m tools.gpu_check --rehearse --json "$DIR/gpu_check.json"
-exec "$@"
+status=0
+"$@" || status=$?
+# The environment is 5.5 GB (a second torch with its CUDA libraries): removed after the run unless
+# GPU_REHEARSAL_KEEP=1 (several runs in a row; the next build takes a minute or two and downloads it again).
+if [ "${GPU_REHEARSAL_KEEP:-0}" != 1 ]; then
+  rm -rf "$VENV" "$SITE"
+  echo "gpu_rehearsal: removed $VENV and $SITE (GPU_REHEARSAL_KEEP=1 keeps them)"
+fi
+exit "$status"
