@@ -1,6 +1,7 @@
 """The documentation that is generated or quoted from the code stays current, and the README stays a short
 entry point to the pages under docs/."""
 
+import json
 import re
 
 from conftest import ROOT
@@ -43,3 +44,35 @@ def test_the_flags_reference_command_checks_in_a_new_interpreter():
 
     proc = launch("tools/flags_reference.py", ["--check"], cwd=str(ROOT), fresh=True)
     assert proc.returncode == 0 and "zygote" not in proc.how, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _demo_figures() -> dict:
+    return json.loads((ROOT / "tools" / "toy_world" / "expected_demo.json").read_text())["sections"]["demo"]["figures"]
+
+
+def test_outputs_md_examples_are_the_demo_s_figures():
+    """docs/outputs.md quotes make demo's log and evaluation table: every figure there that the demo's expected
+    figures hold must equal them, so a changed demo cannot leave the page stale (it was, by three demo changes)."""
+    text = (ROOT / "docs" / "outputs.md").read_text()
+    figures = _demo_figures()
+    related = "revival_table: esd-x a red circle related"
+    # The log: thresholds, the chunk means that the evaluation of the same checkpoints repeats, the Revival Points.
+    means = re.findall(r"INFO after chunk (\d) \(\d+ images\): (clip|classifier) mean ([\d.]+) \(threshold ([\d.]+)\)",
+                       text)
+    assert len(means) == 4
+    for chunk, criterion, mean, threshold in means:
+        assert threshold == figures[f"{related} {criterion} / threshold"]
+        key = "clip_cosine" if criterion == "clip" else "classifier_accuracy"
+        assert mean == figures[f"eval: seq-esd-x-related/curriculum-{chunk} / {key}"], (chunk, criterion)
+    for criterion, chunk, images in re.findall(r"INFO Revival Point \((\w+)\): chunk (\d+), (\d+) images", text):
+        assert figures[f"{related} {criterion} / Revival Point"] == f"chunk {chunk} ({images} images)"
+    assert re.findall(r"clip mean [\d.]+ \(threshold ([\d.]+)\) -> not revived", text) == \
+        [figures["revival_table: uce a red circle related clip / threshold"]]
+    # The evaluation's table.
+    rows = re.findall(r"^    (\S+) +(single|trained) +([\d.]+) +([\d.]+) +([\d.]+)$", text, re.M)
+    assert [r[0] for r in rows] == ["sd_base", "esd-x", "uce", "seq-esd-x-related",
+                                    "seq-esd-x-related/curriculum-4", "seq-esd-x-related/curriculum-9"]
+    for label, _, cosine, logit, accuracy in rows:
+        assert cosine == figures[f"eval: {label} / clip_cosine"], label
+        assert float(logit) == round(float(figures[f"eval: {label} / clip_logit_scale"]), 2), label
+        assert float(accuracy) == round(float(figures[f"eval: {label} / classifier_accuracy"]), 3), label
