@@ -89,10 +89,12 @@ class Zygote:
         """Whether a run in ``env`` can be forked from the zygote (started now if need be)."""
         if os.environ.get("REVIVAL_NO_ZYGOTE") or not hasattr(os, "fork"):
             return False
-        base = {k: v for k, v in env.items() if k not in RUNTIME_VARS}
         if self.proc is None:
-            self.env = dict(env)
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, env=env,
+            # Started in the suite's own launch environment, whatever the run that first asks for it: a first run
+            # with extra variables (a fake SLURM job, say) would otherwise make every later run differ from it
+            # and never fork.
+            self.env = launch_env()
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, env=self.env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             atexit.register(self.stop)
             try:

@@ -136,3 +136,17 @@ def test_a_launch_s_own_variables_win_over_the_suite_s():
     env = conftest.launch_env({"PYTHONPATH": "/elsewhere", "ACCELERATE_USE_CPU": "false", "REVIVAL_FAULT": "x:1"})
     assert (env["PYTHONPATH"], env["ACCELERATE_USE_CPU"], env["REVIVAL_FAULT"]) == ("/elsewhere", "false", "x:1")
     assert conftest.launch_env()["PYTHONPATH"] == str(conftest.ROOT)
+
+
+def test_the_zygote_starts_in_the_suite_s_environment_whoever_asks_first():
+    """The first run to ask for the zygote may carry variables of its own (a fake SLURM GPU job): the zygote
+    still starts in the suite's launch environment, so that run is not forked and every later run still is.
+    (Before: the zygote took the first asker's environment and no later run of that worker forked.)"""
+    zygote = conftest.Zygote()
+    try:
+        slurm = conftest.launch_env({"SLURM_GPUS_ON_NODE": "1"})
+        assert not zygote.usable(slurm)  # started, but this run differs from it
+        assert zygote.env == conftest.launch_env() and zygote.differs(slurm) == ["SLURM_GPUS_ON_NODE"]
+        assert zygote.usable(conftest.launch_env())
+    finally:
+        zygote.stop()
