@@ -116,7 +116,7 @@ FAKE_RUN = r'''
 import argparse, json, os, signal, sys, time
 p = argparse.ArgumentParser()
 p.add_argument("--output_dir"); p.add_argument("--resume_from_checkpoint"); p.add_argument("--mode")
-a = p.parse_args()
+a, _ = p.parse_known_args()  # a stand-in for a fine-tuning script: its other flags are not read
 os.makedirs(a.output_dir, exist_ok=True)
 open(os.path.join(a.output_dir, "started"), "a").write(f"{a.resume_from_checkpoint}\n")
 if a.mode == "finish":
@@ -135,10 +135,10 @@ sys.exit(1)
 
 def _fake_cluster(tmp_path):
     """A grid of two fake runs, a fake scontrol that logs its arguments, and accelerate on PATH."""
-    (tmp_path / "fake_run.py").write_text(FAKE_RUN)
+    (tmp_path / "finetuning_fake.py").write_text(FAKE_RUN)
     (tmp_path / "grid.csv").write_text(f"script,method,concept,dataset,--mode\n"
-                                       f"{tmp_path / 'fake_run.py'},m,c,d,preempt\n"
-                                       f"{tmp_path / 'fake_run.py'},m,c,e,finish\n")
+                                       f"{tmp_path / 'finetuning_fake.py'},m,c,d,preempt\n"
+                                       f"{tmp_path / 'finetuning_fake.py'},m,c,e,finish\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
@@ -155,11 +155,11 @@ def test_grid_job_requeues_on_preemption_and_finishes_otherwise(tmp_path):
     # Task 1 finishes: exit 0, no requeue.
     r = subprocess.run(cmd, env=dict(env, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (out_root / "fake_run" / "m" / "c" / "e" / "started").read_text() == "latest\n"
+    assert (out_root / "finetuning_fake" / "m" / "c" / "e" / "started").read_text() == "latest\n"
     assert not (tmp_path / "scontrol.log").exists()
     # Task 0 is preempted: SIGUSR1 to the batch shell (as --signal=B:USR1 does) reaches the run, which
     # checkpoints; the job waits for it, then requeues itself and exits 75.
-    out = out_root / "fake_run" / "m" / "c" / "d"
+    out = out_root / "finetuning_fake" / "m" / "c" / "d"
     proc = subprocess.Popen(cmd, env=dict(env, SLURM_ARRAY_TASK_ID="0"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -177,12 +177,22 @@ def test_grid_job_requeues_on_preemption_and_finishes_otherwise(tmp_path):
 def test_run_one_job_passes_flags_and_output_dir(tmp_path):
     env = _fake_cluster(tmp_path)
     out = tmp_path / "one run"  # a space: the command must be quoted
-    r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out), str(tmp_path / "fake_run.py"), "--mode",
+    r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out), str(tmp_path / "finetuning_fake.py"), "--mode",
                         "finish"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "started").read_text() == "latest\n"
     r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out)], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+    # A tool (not a fine-tuning script) gets no --resume_from_checkpoint, which it would refuse: it continues a
+    # killed run from its output directory by itself.
+    tool = tmp_path / "attack_tool.py"
+    tool.write_text((tmp_path / "finetuning_fake.py").read_text())
+    r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(tmp_path / "tool run"), str(tool), "--mode",
+                        "finish"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "tool run" / "started").read_text() == "None\n"
+    grid_tool = grid.GridRun(0, "m", "c", "d", "tools/attack_prompts.py", (), "out")
+    assert "--resume_from_checkpoint=latest" not in grid.launch_command(grid_tool)
 
 
 def test_seed_is_a_grid_axis(tmp_path):

@@ -8,8 +8,9 @@ whose name starts with ``--`` is passed as that flag; its cell may use
 ``{method}``, ``{concept}``, ``{concept_slug}``, ``{dataset}`` and
 ``{out_root}``; an empty cell leaves the flag out and ``on`` passes it bare
 (``--use_ema``). Without an ``--output_dir`` column a run writes to
-``{out_root}/{script}/{method}/{concept_slug}/{dataset}``. Every run gets
-``--resume_from_checkpoint latest``, so the same command starts and restarts it.
+``{out_root}/{script}/{method}/{concept_slug}/{dataset}``. Every fine-tuning run gets
+``--resume_from_checkpoint latest``, so the same command starts and restarts it (the tools continue a killed run
+from their output directory without the flag, which they do not take).
 
 An optional ``seed`` column is a fourth axis (``0;1;2``): each seed is its own
 run with ``--seed``, a ``{seed}`` placeholder, and ``seed{N}`` appended to the
@@ -137,8 +138,9 @@ def per_process_batch(run: GridRun, processes: int) -> int:
 
 
 def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) -> str:
-    """The shell command of one run: ``accelerate launch`` with its flags, resuming from its latest checkpoint; the
-    fine-tuning scripts' batch divided among the processes (the global batch is the grid's whatever the GPUs)."""
+    """The shell command of one run: ``accelerate launch`` with its flags; a fine-tuning script resumes from its
+    latest checkpoint and gets its batch divided among the processes (the global batch is the grid's whatever the
+    GPUs)."""
     cmd = ["accelerate", "launch"]
     if num_processes > 1:
         cmd += ["--multi_gpu"]
@@ -155,5 +157,7 @@ def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) 
         cmd += [f"--tag=method={run.method}", f"--tag=concept={run.concept}", f"--tag=data={run.dataset}"]
         if run.seed is not None:
             cmd += [f"--tag=seed={run.seed}"]
-    cmd += [f"--output_dir={run.output_dir}", "--resume_from_checkpoint=latest"]
+    cmd += [f"--output_dir={run.output_dir}"]
+    if finetuning:  # the only programs with the flag; the tools continue from their output directory unasked
+        cmd += ["--resume_from_checkpoint=latest"]
     return shlex.join(cmd)
