@@ -652,12 +652,11 @@ def measure_end_to_end(world: dict, shapes: Shapes) -> List[Row]:
     return rows
 
 
-def measure_tools(world: dict, device) -> List[Row]:
-    """Short runs of the tools that train or search on the device, on the tiny model: exit 0 and their outputs."""
+def tool_runs(world: dict, dev: str) -> dict:
+    """The smoke runs, by name: (the tool and its flags, the file a finished run leaves), on the tiny model."""
     _tiny_world(world)
-    work, log = world["work"], os.path.join(world["work"], "end_to_end.log")
+    work = world["work"]
     sd, clip, data = world["tiny_sd"], world["clip"], world["tiny_data"]
-    dev = "cuda" if device.type == "cuda" else "cpu"
     prompts = os.path.join(work, "tool_prompts.txt")
     with open(prompts, "w") as f:
         f.write("a photo of a <concept>\na red circle\n")
@@ -682,8 +681,15 @@ def measure_tools(world: dict, device) -> List[Row]:
              "--heldout_seeds", "1", "--output_dir", os.path.join(work, "attack"), "--quiet"],
             os.path.join(work, "attack", "summary.json")),
     }
+    return runs
+
+
+def measure_tools(world: dict, device) -> List[Row]:
+    """Short runs of the tools that train or search on the device, on the tiny model: exit 0 and their outputs."""
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    log = os.path.join(world["work"], "end_to_end.log")
     rows = []
-    for name, (argv, product) in runs.items():
+    for name, (argv, product) in tool_runs(world, dev).items():
         t0 = time.perf_counter()
         proc = _run([sys.executable, *argv], log)
         ok = proc.returncode == 0 and os.path.exists(product)
