@@ -123,9 +123,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
                    help="training target (default: the model's scheduler config; SD-1.x: epsilon)")
     g.add_argument("--params", default="full", choices=("full", "xattn", "lora"),
-                   help="trained parameters: the whole UNet, the cross-attention key and value projections "
-                        "(attn2.to_k, attn2.to_v) as the published scripts, or a LoRA adapter (peft; the UNet "
-                        "frozen, curriculum-{i} folders hold the adapter: pytorch_lora_weights.safetensors)")
+                   help="trained parameters: the whole UNet (the default, as the published command lines train), "
+                        "the cross-attention key and value projections (attn2.to_k, attn2.to_v, as the published "
+                        "scripts' xattn option), or a LoRA adapter (peft; the UNet frozen, curriculum-{i} folders "
+                        "hold the adapter: pytorch_lora_weights.safetensors)")
     g.add_argument("--lora_rank", type=int, default=None, help=f"--params lora: the adapter's rank (default {LORA_RANK})")
     g.add_argument("--lora_alpha", type=float, default=None,
                    help="--params lora: its alpha; the update is scaled by alpha / rank (default: the rank)")
