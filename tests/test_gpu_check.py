@@ -153,28 +153,37 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_3():
     assert proc.stdout.splitlines() == [proc.stdout.strip()] and "no CUDA GPU" in proc.stdout
 
 
-DETERMINISM_UNDER_FP16 = """
+UNDER_FP16 = """
 import dataclasses, json, sys
 from tools import gpu_check
 shapes = dataclasses.replace(gpu_check.TINY, mixed_precision="fp16", determinism_updates=4)
-rows = gpu_check.run_checks(sys.argv[1], shapes, sections={"determinism"})
+rows = gpu_check.run_checks(sys.argv[1], shapes, sections={"training", "validation", "determinism"})
 print(json.dumps([r.as_dict() for r in rows], default=str))
 """
 
 
-def test_determinism_runs_under_fp16_each_start_from_the_initial_scale(tmp_path):
-    """Emulated CUDA fp16 at an initial scale under which the first two updates overflow: each determinism run
-    skips the same two and takes the same two, so their weights are equal (with the scaler carried over, the
-    second run takes all four: the false FAIL the shared scaler caused)."""
+def test_under_emulated_fp16_the_set_up_rows_pass_and_each_section_starts_from_the_initial_scale(tmp_path):
+    """Emulated CUDA fp16, as a GPU runs the check: the fp16 set-up rows pass (fp32 masters, fp16 frozen parts,
+    autocast, a GradScaler), the forced out-of-memory error reaches the UNet whose forward generation swaps, and
+    at an initial scale under which the first two updates overflow, each determinism run skips the same two and
+    takes the same two, so their weights are equal (with the scaler carried over, the second run takes all four:
+    the false FAIL the shared scaler caused)."""
     from conftest import launch_env
     from test_fp16_emulation import PARTLY_OVERFLOWING
 
     env = launch_env({"REVIVAL_EMULATE_FP16": "1", "REVIVAL_FP16_INIT_SCALE": str(PARTLY_OVERFLOWING)})
-    proc = subprocess.run([sys.executable, "-c", DETERMINISM_UNDER_FP16, str(tmp_path)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", UNDER_FP16, str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rows[0]["reference"].endswith("fp16")  # the emulation is on
+    by_check = {r["check"]: r for r in rows}
+    assert [by_check[c]["measured"] for c in ("trainable parameters dtype", "frozen text encoder + VAE dtype",
+                                              "autocast in the UNet forward", "GradScaler")] == \
+        ["float32", "float16", "on, float16", "GradScaler"]
+    assert [r["check"] for r in rows if r["verdict"] == "FAIL"] == ["fp16 updates skipped in the first 3"]  # 2 of 3
+    (oom,) = [r for r in rows if r["check"].startswith("validation out of memory")]
+    assert oom["verdict"] == "ok" and oom["data"]["batch_after"] == 1, oom
     (equal,) = [r for r in rows if r["check"].startswith("--deterministic: two runs of 4 updates")]
     assert equal["verdict"] == "ok", equal
 

@@ -503,16 +503,14 @@ class forced_out_of_memory:
             cap = torch.cuda.memory_allocated(self.device) + 3 * per_image
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
             return f"memory capped at {cap / GiB:.1f} GiB"
-        unet = self.pipe.unet
-        self._forward = unet.__dict__.get("forward")  # accelerate's wrapper, if the model was prepared
-        forward = unet.forward
-
-        def capped(sample, *args, **kwargs):
+        def capped(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
             if sample.shape[0] > 2:  # one prompt and its unconditional twin (classifier-free guidance)
                 raise torch.cuda.OutOfMemoryError("forced by gpu_check (CPU rehearsal)")
-            return forward(sample, *args, **kwargs)
 
-        unet.forward = capped
+        # A hook, not a replaced forward: generation lends the UNet accelerate's original forward
+        # (validation.unet_outputs_as_computed), and hooks run whichever forward is in place.
+        self._hook = self.pipe.unet.register_forward_pre_hook(capped, with_kwargs=True)
         return "forced on the CPU above 1 prompt"
 
     def _one_image_bytes(self) -> int:
@@ -530,10 +528,8 @@ class forced_out_of_memory:
         if self.device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, self.device)
             torch.cuda.empty_cache()
-        elif self._forward is not None:
-            self.pipe.unet.forward = self._forward
         else:
-            del self.pipe.unet.forward
+            self._hook.remove()
 
 
 # ---- --deterministic ---------------------------------------------------------------------------------------------
