@@ -213,15 +213,23 @@ def bare_step(trainer, dataset, accelerator, batch_size: int):
     return bare
 
 
+def shape_prompts(n: int) -> list:
+    """``n`` validation prompts of drawn shapes ("a red circle", ...), all different (24 at most)."""
+    return [f"a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES * 4)][:n]
+
+
 def validation_figures(args, acc, parts):
-    """Images/s of validation generation: all prompts in one batch against one prompt at a time."""
-    from common.validation import build_pipeline, generate_images, image_seed
+    """Images/s of validation generation, in validation's own precision: all prompts in one batch against one
+    prompt at a time."""
+    import functools
+
+    from common.validation import build_pipeline, generate_images, generation_precision, image_seed
 
     pipe = build_pipeline(parts, parts.unet)
-    prompts = [f"a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES * 4)][: args.prompts]
+    prompts = shape_prompts(args.prompts)
     seeds = [image_seed(0, k) for k in range(len(prompts))]
     kw = dict(num_inference_steps=args.inference_steps, guidance_scale=7.5, resolution=args.resolution,
-              autocast=acc.autocast)
+              autocast=functools.partial(generation_precision, pipe))
     out = {}
     for name, bs in (("batched", len(prompts)), ("one_at_a_time", 1)):
         sec = timed(lambda: generate_images(pipe, prompts, seeds, bs, **kw), 1)
@@ -238,7 +246,7 @@ def retention_figures(args, acc, parts, clip_dir):
     from common.validation import build_pipeline
 
     pipe = build_pipeline(parts, parts.unet)
-    prompts = [f"a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES * 4)][: args.prompts]
+    prompts = shape_prompts(args.prompts)
     others = [f"a photo of a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES[::-1] * 4)][: args.prompts]
     scorer = ClipScorer(clip_dir, acc.device)
     clip = Criterion("clip", 0.31, scorer.score)

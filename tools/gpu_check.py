@@ -441,19 +441,14 @@ def measure_paths(accelerator, world: dict, dataset, shapes: Shapes, toolkit_sam
 
 # ---- validation --------------------------------------------------------------------------------------------------
 
-def _prompts(shapes: Shapes) -> list:
-    from tools import tiny
-
-    return [f"a {c} {s}" for c, s in zip(list(tiny.COLOURS) * 3, tiny.SHAPES * 4)][: shapes.prompts]
-
-
 def measure_validation(accelerator, parts, trainer, shapes: Shapes) -> List[Row]:
     """Images/s of one batched validation (all prompts in one batch, guided) after a warm-up one, against one
     prompt at a time (the published scripts); then the out-of-memory fallback."""
     from common.validation import BatchLimit, build_pipeline, generate_images, generation_precision, image_seed
+    from tools.benchmark import shape_prompts
 
     pipe = build_pipeline(parts, accelerator.unwrap_model(trainer.unet))
-    prompts = _prompts(shapes)
+    prompts = shape_prompts(shapes.prompts)
     seeds = [image_seed(0, k) for k in range(len(prompts))]
     precision = functools.partial(generation_precision, pipe)  # validation's own (common/protocol.py)
 
