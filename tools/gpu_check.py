@@ -734,7 +734,8 @@ def run_checks(work: str, shapes: Shapes, requested_precision: Optional[str] = N
     if "trainer" in trained and wanted("validation"):
         rows += guarded("validation", lambda: measure_validation(accelerator, trained["parts"], trained["trainer"],
                                                                  shapes))
-    trained.pop("trainer", None), trained.pop("parts", None)
+    for model_part in ("trainer", "parts"):  # the later sections build their own: free these first
+        trained.pop(model_part, None)
     if "samples_per_s" in trained and wanted("training"):
         rows += guarded("published-style and bare training",
                         lambda: measure_paths(accelerator, world, dataset, shapes, trained["samples_per_s"]))
