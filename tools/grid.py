@@ -32,6 +32,9 @@ def build_parser():
     p.add_argument("--index", type=int, default=None, help="the run (0-based; SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) over all machines")
     p.add_argument("--num_machines", type=int, default=1, help="machines (nodes) of the run")
+    p.add_argument("--root", default=None,
+                   help="command: a script that is not a file relative to the working directory is taken from this "
+                        "repository root (slurm/grid.sbatch passes the one it found)")
     return p
 
 
@@ -59,7 +62,8 @@ def main(args):
     elif args.action == "output_dir":
         print(args.runs[args.index].output_dir)
     else:
-        print(grid.launch_command(args.runs[args.index], args.num_processes, args.num_machines))
+        with exit_on_input_error(PROG):  # a batch the processes do not divide, a script found nowhere
+            print(grid.launch_command(args.runs[args.index], args.num_processes, args.num_machines, args.root))
 
 
 if __name__ == "__main__":

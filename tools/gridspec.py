@@ -16,6 +16,14 @@ An optional ``seed`` column is a fourth axis (``0;1;2``): each seed is its own
 run with ``--seed``, a ``{seed}`` placeholder, and ``seed{N}`` appended to the
 default output directory; tools/report.py aggregates runs that differ only in
 their seed.
+
+An optional ``args`` column holds a program's positional arguments (eval_model.py's
+``MODEL_PATHS CLASSIFIER CONCEPT``): the cell is split as a shell would split it,
+each word's placeholders are filled, and the words come first, before the flags.
+
+Only the fine-tuning scripts and the tools that share their work among processes
+(``SHARED_WORK``) get several processes; any other program would run whole once per
+process, so it gets one, whatever the job's GPUs.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ from common.results import slug
 
 AXES = ("method", "concept", "dataset")
 BARE = "on"
+ARGS = "args"  # the column of positional arguments
+# Tools that split their work among the processes of `accelerate launch` (docs/workflow.md, docs/attacks.md; each
+# tested on two processes). The fine-tuning scripts (finetuning_*) do too; every other program runs single-process.
+SHARED_WORK = ("generate_training_data.py", "attack_prompts.py")
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class GridRun:
     flags: tuple  # ((flag, value or None), ...) in column order
     output_dir: str
     seed: Optional[str] = None  # the seed axis' value, when the grid has one
+    args: tuple = ()  # positional arguments, placeholders filled (the args column)
 
     @property
     def name(self) -> str:
@@ -74,7 +87,7 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
     has_seed = "seed" in columns
     if has_seed and "--seed" in columns:
         raise InputError(f"GRID {path}: a seed axis and a --seed column; keep one")
-    unknown = [c for c in columns if c not in ("script", "seed", *AXES) and not c.startswith("--")]
+    unknown = [c for c in columns if c not in ("script", "seed", ARGS, *AXES) and not c.startswith("--")]
     if unknown:
         raise InputError(f"GRID {path}: column(s) {', '.join(unknown)} are neither axes nor --flags")
     runs: List[GridRun] = []
@@ -100,6 +113,7 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
                       "out_root": out_root, "seed": seed if seed is not None else ""}
             flags = []
             output_dir = None
+            positional = _positional(row.get(ARGS) or "", values, f"{where} column {ARGS}")
             for col in columns:
                 if not col.startswith("--") or not row[col].strip():
                     continue
@@ -117,8 +131,35 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
             seen[output_dir] = len(runs)
             if seed is not None:
                 flags.append(("--seed", seed))
-            runs.append(GridRun(len(runs), method, concept, dataset, script, tuple(flags), output_dir, seed))
+            runs.append(GridRun(len(runs), method, concept, dataset, script, tuple(flags), output_dir, seed,
+                                positional))
     return runs
+
+
+def _positional(cell: str, values: Dict[str, str], where: str) -> tuple:
+    """The args cell's words (split as a shell would, so a quoted concept stays one word), placeholders filled."""
+    try:
+        words = shlex.split(cell)
+    except ValueError as err:
+        raise InputError(f"{where}: cannot split {cell!r} ({err})") from None
+    return tuple(_fill(word, values, where) for word in words)
+
+
+def shares_work(script: str) -> bool:
+    """Whether the program splits its work among several processes (else each process would run it whole)."""
+    name = os.path.basename(script)
+    return name.startswith("finetuning_") or name in SHARED_WORK
+
+
+def resolve_script(script: str, root: str) -> str:
+    """The script as given when it is a file relative to the working directory, else under the repository ``root``
+    (a job submitted from elsewhere names tools/X.py as the grid does); InputError when it is neither."""
+    if os.path.isfile(script):
+        return script
+    under_root = os.path.join(root, script)
+    if os.path.isfile(under_root):
+        return under_root
+    raise InputError(f"script {script}: no such file in {os.getcwd()} or in the repository {root}")
 
 
 DEFAULT_BATCH = 10  # the fine-tuning scripts' --train_batch_size default (common/cli.py): the protocol's batch
@@ -137,14 +178,18 @@ def per_process_batch(run: GridRun, processes: int) -> int:
     return batch // processes
 
 
-def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1) -> str:
+def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1, root: Optional[str] = None) -> str:
     """The shell command of one run: ``accelerate launch`` with its flags; a fine-tuning script resumes from its
     latest checkpoint and gets its batch divided among the processes (the global batch is the grid's whatever the
-    GPUs)."""
+    GPUs); a program that does not share its work gets one process. With ``root``, the script is resolved against
+    it when it is not a file here (see resolve_script)."""
+    if not shares_work(run.script):
+        num_processes = num_machines = 1  # N processes would each run it whole, writing the same outputs
+    script = resolve_script(run.script, root) if root else run.script
     cmd = ["accelerate", "launch"]
     if num_processes > 1:
         cmd += ["--multi_gpu"]
-    cmd += ["--num_processes", str(num_processes), "--num_machines", str(num_machines), run.script]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", str(num_machines), script, *run.args]
     finetuning = os.path.basename(run.script).startswith("finetuning_")
     for flag, value in run.flags:
         if flag == "--train_batch_size" and finetuning:
