@@ -11,9 +11,9 @@ from .clip import retrieval_top1
 from .weights import WEIGHTS_DIR
 from .world import (CARD_FILE, CONCEPTS, CURRICULUM, DEFAULT_DIR, NEIGHBOURS, PER_CONCEPT, RELATED, RESOLUTION,
                     RETAINED, RETENTION, SCALES, TARGET, UNLEARN_METHODS, UNRELATED, VALIDATION_REPEATS, caption,
-                    concept_prompts, draw_concepts, load_card, paths, world_config)
+                    concept_prompts, draw_concepts, load_card, paths, world_config, write_audit_preset)
 
 __all__ = ["build_toy_world", "format_card", "classifier_batch", "retrieval_top1", "WEIGHTS_DIR", "CARD_FILE", "CONCEPTS",
            "CURRICULUM", "DEFAULT_DIR", "NEIGHBOURS", "PER_CONCEPT", "RELATED", "RESOLUTION", "RETAINED", "RETENTION", "SCALES",
            "TARGET", "UNLEARN_METHODS", "UNRELATED", "VALIDATION_REPEATS", "caption", "concept_prompts",
-           "draw_concepts", "load_card", "paths", "world_config"]
+           "draw_concepts", "load_card", "paths", "world_config", "write_audit_preset"]

@@ -189,3 +189,25 @@ def degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
         arr = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 12), (RESOLUTION, RESOLUTION, 3))
         image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return image
+
+
+def write_audit_preset(out_dir: str) -> str:
+    """The toy world's concept as an audit preset folder (tools/audit.py --preset toy), in the layout of
+    configs/paper/<concept>/: the target 'red circle', its curricula, validation prompts and classifier prompts."""
+    name = lambda c: f"{c[0]} {c[1]}"  # noqa: E731
+    files = {
+        "concept.json": {"name": name(TARGET), "kind": "object", "theme": "", "initializer_token": TARGET[1],
+                         "provenance": "the toy world's definitions (tools/toy_world/world.py)"},
+        "related.json": {"concepts": [{"name": name(c), "prompts": concept_prompts(c)} for c in RELATED]},
+        "unrelated.json": {"concepts": [{"name": name(c), "prompts": concept_prompts(c)} for c in UNRELATED]},
+        "classifier_positive.json": {"concepts": [{"name": name(TARGET), "prompts": concept_prompts(TARGET)}]},
+        "classifier_negative.json": {"concepts": [{"name": name(c), "prompts": concept_prompts(c)}
+                                                  for c in NEIGHBOURS + UNRELATED[:4]]},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    for file_name, content in files.items():
+        with open(os.path.join(out_dir, file_name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=1)
+    with open(os.path.join(out_dir, "validation_prompts.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(p + "\n" for p in concept_prompts(TARGET)))
+    return out_dir
