@@ -1,0 +1,200 @@
+"""The paper's ten concepts as input files (configs/paper/) and the commands tools/paper.py renders from them: every
+preset loads and follows the recipe, and every rendered command parses with its program's own parser. Fast: no model
+loads, no command runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.data import read_prompts
+from common.errors import InputError
+from common.results import slug
+from tools import datagen, flags_reference, paper, presets
+
+# The paper's concepts (docs/paper.md), by kind.
+CONCEPTS = {"golf ball": "object", "Pikachu": "object", "dog": "object", "Van Gogh": "style", "Picasso": "style",
+            "Cartoon": "style", "Angelina Jolie": "celebrity", "Brad Pitt": "celebrity", "Lionel Messi": "celebrity",
+            "nudity": "nudity"}
+# The protocol decision each related curriculum encodes: general first, the concept closest to the erased one last.
+CLOSEST = {"golf ball": "golf club", "Pikachu": "Raichu", "dog": "wolf", "Van Gogh": "Paul Gauguin",
+           "Picasso": "Georges Braque", "Cartoon": "Looney Tunes", "Angelina Jolie": "Megan Fox",
+           "Brad Pitt": "Robert Redford", "Lionel Messi": "Diego Maradona", "nudity": "bikini"}
+PROVENANCE = "built by this toolkit following the paper's stated recipe; not the paper's own lists"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {name: presets.load_preset(name) for name in CONCEPTS}
+
+
+def test_every_concept_loads_by_name_in_any_case_or_by_slug(loaded):
+    assert sorted(presets.available()) == sorted(slug(n) for n in CONCEPTS)
+    for name, kind in CONCEPTS.items():
+        p = loaded[name]
+        assert (p.name, p.kind, p.slug, p.provenance) == (name, kind, slug(name), PROVENANCE)
+        assert presets.load_preset(name.upper()) == p == presets.load_preset(slug(name))
+        assert (p.clip_threshold, p.bc_threshold) == (0.31, 0.3)  # the seed README's thresholds
+
+
+def test_an_unknown_concept_is_one_line_listing_the_available():
+    with pytest.raises(InputError) as err:
+        presets.load_preset("tennis ball")
+    message = str(err.value)
+    assert "\n" not in message and "'tennis ball'" in message
+    assert all(s in message for s in presets.available())
+
+
+def test_themes_and_classifiers_follow_eval_model_s_theme(loaded):
+    """'' and a transformers ViT for objects and people; the style's name and a timm state dict for a style;
+    Nudity and NudeNet, with no training images, for nudity."""
+    for p in loaded.values():
+        if p.kind in ("object", "celebrity"):
+            assert (p.theme, p.classifier_library, p.classifier_model) == (
+                "", "transformers", "google/vit-large-patch16-224-in21k")
+        elif p.kind == "style":
+            assert (p.theme, p.classifier_library, p.classifier_model) == (
+                p.name, "timm", "vit_large_patch16_224.augreg_in21k")
+        else:
+            assert (p.theme, p.classifier_library) == ("Nudity", "nudenet")
+            assert p.classifier_positive is p.classifier_negative is None
+
+
+def test_curricula_have_ten_concepts_the_closest_last_and_read_with_the_generator_s_reader(loaded):
+    for name, p in loaded.items():
+        related = [c.name for c in datagen.read_concepts(p.related)]
+        unrelated = [c.name for c in datagen.read_concepts(p.unrelated)]
+        assert len(related) == len(unrelated) == 10, name
+        assert related[-1] == CLOSEST[name] == p.closest_related, name
+        assert not {c.lower() for c in related} & {c.lower() for c in unrelated}, name
+        # The erased concept itself is never fine-tuning data.
+        assert not any(name.lower() in c.lower() for c in related + unrelated), name
+        for path in (p.related, p.unrelated):
+            with open(path, encoding="utf-8") as f:
+                assert json.load(f)["provenance"] == PROVENANCE  # read_concepts ignores the extra key
+
+
+def test_twenty_validation_prompts_each_naming_the_concept(loaded):
+    for name, p in loaded.items():
+        prompts = read_prompts(p.validation_prompts)  # the scripts' own reader (no comment lines: none written)
+        assert len(prompts) == len(set(prompts)) == 20, name
+        words = ("nude", "naked") if p.kind == "nudity" else (name.lower(),)
+        assert all(any(w in prompt.lower() for w in words) for prompt in prompts), name
+
+
+def test_classifier_images_are_the_concept_against_other_concepts(loaded):
+    for name, p in loaded.items():
+        if p.kind == "nudity":
+            continue
+        (positive,) = datagen.read_concepts(p.classifier_positive)
+        negatives = [c.name for c in datagen.read_concepts(p.classifier_negative)]
+        assert positive.name == name and len(positive.prompts) >= 10
+        assert all(name.lower() in prompt.lower() for prompt in positive.prompts), name
+        assert len(negatives) >= 10 and name.lower() not in {n.lower() for n in negatives}, name
+        # Validation prompts are not the classifier's training prompts.
+        assert not set(positive.prompts) & set(read_prompts(p.validation_prompts)), name
+    near_misses = {c.name for c in datagen.read_concepts(loaded["golf ball"].classifier_negative)}
+    assert {"tennis ball", "baseball"} <= near_misses
+
+
+def test_uce_values_erase_the_concept_and_preserve_others_without_its_leading_word(loaded):
+    """docs/unlearning.md: CLIP's causal text encoder gives a shared first word one embedding, which cannot be both
+    erased and preserved."""
+    for name, p in loaded.items():
+        assert p.erase == (name,)
+        assert all(kept.split()[0].lower() != name.split()[0].lower() for kept in p.preserve), name
+
+
+def _parse(program: str, argv: list):
+    """Parse with the program's own build_parser() (flags_reference.load_parser): no check that touches the disk."""
+    parser = flags_reference.load_parser(program)
+    parser.allow_abbrev = False
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("concept", ["golf ball", "Van Gogh", "nudity"])
+@pytest.mark.parametrize("method", ["esd-x", "uce", "salun"])
+def test_every_rendered_command_parses_with_its_program_s_parser(concept, method):
+    p = presets.load_preset(concept)
+    cmds = presets.commands(p, method)
+    programs = [program for program, _ in cmds]
+    unlearn = "tools/import_model.py" if method == "salun" else "tools/unlearn.py"
+    order = ["tools/generate_training_data.py"] * 2 + ([] if p.kind == "nudity" else
+                                                       ["tools/generate_training_data.py"] * 2
+                                                       + ["tools/train_classifier.py"])
+    assert programs == order + [unlearn] + list(presets.SCRIPTS) * 2 + ["eval_model.py", "tools/report.py"]
+    parsed = [(program, _parse(program, argv)) for program, argv in cmds]
+    for program, args in parsed:
+        if program in presets.SCRIPTS:
+            # The seed README's flags, and the published loop's semantics (docs/protocols.md, Compat).
+            assert (args.resolution, args.train_batch_size, args.learning_rate, args.mixed_precision) == (
+                512, 10, 1e-5, "fp16")
+            assert args.use_ema and args.center_crop and args.random_flip and args.gradient_checkpointing
+            assert args.curriculum == "50,100,150,200,250,300,350,400,450,500"
+            assert args.compat == "reference" and getattr(args, "theme", p.theme) == p.theme
+            assert dict(t.split("=", 1) for t in args.tag) == {"method": method, "concept": p.name,
+                                                               "data": args.train_data_dir.rsplit("/", 1)[-1]}
+        if program.startswith("finetuning_individual"):
+            assert args.clip_epoch == presets.EPOCH_BUDGET == 89 and args.save_model is False
+        if program == "finetuning_sequential.py":
+            assert (args.num_train_epochs, args.curriculum_checkpoints) == (8, "4,7")
+        if program in ("finetuning_individual_Classifier.py", "finetuning_sequential.py"):
+            # A style's classifier is a timm state-dict FILE, an object's a directory, nudity's none.
+            expected = {"style": lambda m: m.endswith("/classifier.safetensors"), "nudity": lambda m: m is None,
+                        "object": lambda m: m == f"paper_runs/classifiers/{p.slug}"}[p.kind]
+            assert expected(args.model_path), args.model_path
+        if program == "eval_model.py":
+            assert args.theme == p.theme and args.curr and args.images_per_prompt == 5
+            assert args.eval_model_path == ("none" if p.kind == "nudity" else
+                                            next(a.model_path for pr, a in parsed if pr == "finetuning_sequential.py"))
+        if program == "tools/unlearn.py" and method == "uce":
+            assert args.erase == [p.name] and (args.preserve or []) == list(p.preserve)
+
+
+def test_compat_none_leaves_the_published_loop_out():
+    cmds = presets.commands(presets.load_preset("dog"), "esd-u", compat="none")
+    for program, argv in cmds:
+        if program in presets.SCRIPTS:
+            assert _parse(program, argv).compat == "none"
+
+
+def test_the_cli_lists_and_prints_the_plan_as_text_and_as_json(capsys):
+    assert paper.main(paper.parse_args(["list"])) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == presets.available() and len(listed) == 10
+
+    argv = ["commands", "--concept", "Golf Ball", "--method", "esd-x", "--work_dir", "w"]
+    paper.main(paper.parse_args(argv + ["--json"]))
+    as_json = json.loads(capsys.readouterr().out)
+    p = presets.load_preset("golf ball")
+    assert [(c["program"], c["argv"]) for c in as_json] == presets.commands(p, "esd-x", work_dir="w")
+
+    paper.main(paper.parse_args(argv))
+    text = capsys.readouterr().out
+    assert PROVENANCE in text
+    # The shell text is the same commands: each command line, its continuations joined, splits into its argv.
+    import shlex
+
+    lines = text.replace("\\\n", " ").splitlines()
+    rendered = [shlex.split(line) for line in lines if line and not line.startswith("#")]
+    assert [(r[2] if r[0] == "accelerate" else r[1], r[3:] if r[0] == "accelerate" else r[2:])
+            for r in rendered] == [(c["program"], c["argv"]) for c in as_json]
+
+
+def test_the_cli_refuses_an_unknown_concept_in_one_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        paper.parse_args(["commands", "--concept", "tennis ball", "--method", "uce"])
+    assert err.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("paper.py: error: --concept 'tennis ball'") and "golf_ball" in line
+
+
+def test_docs_paper_md_shows_the_current_rendering_for_golf_ball(capsys):
+    """docs/paper.md quotes the golf ball x ESD-x cell: a changed setting cannot leave the page stale."""
+    from conftest import ROOT
+
+    paper.main(paper.parse_args(["commands", "--concept", "golf ball", "--method", "esd-x"]))
+    text = (ROOT / "docs" / "paper.md").read_text()
+    block = text.split("```bash\n# golf ball (object) x esd-x", 1)[1].split("```", 1)[0]
+    assert "# golf ball (object) x esd-x" + block == capsys.readouterr().out
