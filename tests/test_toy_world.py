@@ -497,3 +497,46 @@ def test_the_worked_example_takes_the_demo_s_thresholds_from_the_world_s_card(wo
     assert proc.returncode == 0, proc.stderr[-2000:]
     th = calibrate(world["card"])
     assert proc.stdout.split() == [str(th["clip_threshold"]), str(th["bc_threshold"])]
+
+
+def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world, tmp_path):
+    """tools/audit.py end to end on the toy world's ESD-x model (smoke budget, the fine-tuning threat and one attack),
+    killed (SIGKILL of its whole process group) once the first fine-tuning step has finished, then run again: the
+    finished steps are skipped, not rerun, and the audit completes with its cross-threat table."""
+    import signal
+    import subprocess
+    import sys
+
+    p = world["paths"]
+    out = tmp_path / "audit"
+    cmd = [sys.executable, os.path.join(tw.world.ROOT, "tools", "audit.py"), "--model", p["unlearned"]["esd-x"],
+           "--base_model", p["sd_base"], "--preset", "toy", "--classifier", p["classifier"], "--clip_model", p["clip"],
+           "--resolution", str(tw.RESOLUTION), "--budget", "smoke", "--images_per_concept", "2",
+           "--num_inference_steps", "2", "--data_inference_steps", "2", "--mixed_precision", "no",
+           "--threats", "finetune,attacks", "--attacks", "p4d-n", "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True)
+    done = out / "finetune-related" / "AUDIT_DONE"
+    t0 = time.time()
+    while not done.exists() and first.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.2)
+    assert done.exists(), first.communicate()[0]
+    os.killpg(first.pid, signal.SIGKILL)  # the audit and the step it is running, as a lost node would
+    first.wait()
+    summary = out / "finetune-related" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    for step in ("data-related", "data-unrelated", "finetune-related"):
+        assert f"{step}: done earlier, skipped" in second.stdout, step
+    assert summary.stat().st_mtime_ns == stamp  # not rerun
+    assert "finetune-unrelated: done earlier" not in second.stdout
+    # The evaluation scored the model, the base model and both fine-tuned runs (with their saved chunks).
+    with open(out / "eval" / "results.jsonl") as f:
+        labels = [json.loads(line)["label"] for line in f]
+    assert labels[:2] == ["esd-x", "sd_base"] and "finetune-unrelated/curriculum-7" in labels
+    # The cross-threat table: fine-tuning on both curricula and the attack, in one row per criterion.
+    table = (out / "report" / "probes_table.md").read_text()
+    assert "related: " in table and "unrelated: " in table and "P4D-N:" in table
+    assert table in second.stdout
