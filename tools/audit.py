@@ -73,13 +73,13 @@ def build_parser():
     """The command line's flags (docs/flags.md is generated from this)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=PROG)
     m = p.add_argument_group("the model and its concept")
-    m.add_argument("--model", help="the unlearned model audited: a diffusers Stable Diffusion directory")
+    m.add_argument("--model", help="(required) the unlearned model audited: a diffusers Stable Diffusion directory")
     m.add_argument("--base_model",
-                   help="the model it was unlearned from (diffusers directory or hub id): makes the data and concept "
-                        "images, and is the control")
+                   help="(required) the model it was unlearned from (diffusers directory or hub id): makes the data "
+                        "and concept images, and is the control")
     m.add_argument("--preset",
-                   help="the concept's inputs: a name under configs/paper/ (e.g. 'golf ball', 'Van Gogh'), 'toy' (the "
-                        "toy world's 'a red circle'), or a directory in that layout (concept.json, related.json, "
+                   help="(required) the concept's inputs: a name under configs/paper/ (e.g. 'golf ball', 'Van Gogh'), "
+                        "'toy' (the toy world's 'red circle'), or a directory in that layout (concept.json, related.json, "
                         "unrelated.json, validation_prompts.txt, classifier_positive.json, classifier_negative.json)")
     m.add_argument("--method", default=None, help="the unlearning method's name in the tables (default: --model's folder)")
     m.add_argument("--out", required=True, help="the audit's folder: inputs, one folder per step, logs, report")
@@ -108,7 +108,8 @@ def build_parser():
     t.add_argument("--classifier_images", type=int, default=100,
                    help="--classifier_backbone: images per classifier concept file (positive, negative)")
     t.add_argument("--resolution", type=int, default=512, help="SD-1.x: 512")
-    t.add_argument("--mixed_precision", default="fp16", choices=("no", "fp16", "bf16"))
+    t.add_argument("--mixed_precision", default="fp16", choices=("no", "fp16", "bf16"),
+                   help="of every step that takes it (fp16 without CUDA falls back to fp32, or stops under SLURM)")
     t.add_argument("--num_inference_steps", type=int, default=20, help="sampling steps of validation and attacks")
     t.add_argument("--data_inference_steps", type=int, default=50, help="sampling steps of the generated data")
     t.add_argument("--learning_rate", default="1e-05", help="full fine-tuning (paper 1e-5)")
@@ -117,11 +118,15 @@ def build_parser():
                         "diffusers' LoRA examples use 1e-4 at SD size")
     t.add_argument("--train_batch_size", type=int, default=10, help="the protocol's batch")
     t.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) for the fine-tuning and data steps")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="passed to every step")
     x = p.add_argument_group("execution")
     x.add_argument("--dry_run", action="store_true", help="print the plan, its inputs and the cost estimate; run nothing")
     x.add_argument("--slurm", action="store_true",
                    help="submit each step as a SLURM job (slurm/audit_step.sbatch), each after the steps it needs")
+    x.add_argument("--gpu", default="a100", choices=("a100", "h100"),
+                   help="--dry_run: the cost estimate's assumed figures (configs/gpu_figures/GPU.json)")
+    x.add_argument("--figures", default=None,
+                   help="--dry_run: measured figures instead (the JSON of tools/benchmark.py --sd14 --json FILE)")
     x.add_argument("--sbatch_args", default="", help="extra sbatch flags for every job, e.g. '--partition gpu --account X'")
     x.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step of a written plan (the SLURM jobs)
     x.add_argument("--step_action", default="run", choices=("run", "command", "output", "done", "mark_done"),
@@ -583,6 +588,12 @@ def planned_step(out: str, name: str, action: str) -> int:
     return 0
 
 
+def figures_path(gpu: str) -> str:
+    from tools import cost
+
+    return cost.figures_path(gpu)
+
+
 def print_plan(steps: List[Step], num_processes: int) -> None:
     for step in steps:
         state = "done" if is_done(step) else "to run"
@@ -603,7 +614,7 @@ def main(args) -> int:
     print(f"audit of {args.model} on {inputs.concept!r}: {len(steps)} steps, budget {args.budget}, in {args.out}")
     if args.dry_run:
         print_plan(steps, args.num_processes)
-        print_cost(steps, args.num_processes)
+        print_cost(steps, args.num_processes, args.figures or figures_path(args.gpu))
         if args.slurm:
             print("\n".join(submit_slurm(steps, args.out, args.sbatch_args, dry_run=True)))
         return 0
@@ -622,8 +633,39 @@ def main(args) -> int:
     return rc
 
 
-def print_cost(steps: List[Step], num_processes: int) -> None:
-    """The estimate of tools/cost.py for the fine-tuning steps (placeholder until it exists)."""
+def print_cost(steps: List[Step], num_processes: int, figures_path: str) -> None:
+    """The estimate of tools/cost.py: GPU-hours and disk of the fine-tuning steps, hours of the data steps; the other
+    steps (inversion, attacks, evaluation) are not estimated and are named."""
+    from tools import cost
+
+    figures = cost.load_figures(figures_path)
+    finetuning = [s for s in steps if s.program.startswith("finetuning_")]
+    estimates, totals = cost.estimate_runs([(s.program, s.argv) for s in finetuning], figures, num_processes)
+    for est, step in zip(estimates, finetuning):
+        est.name = step.name
+    print("\ncost (" + cost.table(estimates, totals, figures, num_processes).lstrip())
+    # Data generation: images x sampling steps at the figures' generation rate (guided, as validation), rescaled
+    # by FLOPs to the data's sampling steps and by pixels to its resolution.
+    data = [s for s in steps if s.program == "tools/generate_training_data.py"]
+    if data:
+        value = lambda s, flag: int(s.argv[s.argv.index(flag) + 1])  # noqa: E731
+        sampling, resolution = value(data[0], "--num_inference_steps"), value(data[0], "--resolution")
+        per_image = (cost.validation_tflop(sampling) / cost.validation_tflop(figures.inference_steps)
+                     / figures.validation_images_per_s * (resolution / figures.resolution) ** 2)
+        images = sum(_images_planned(s) for s in data)
+        hours = (images * per_image + len(data) * cost.STARTUP_S) / 3600
+        print(f"data generation ({', '.join(s.name for s in data)}): {images:,} images at {sampling} sampling "
+              f"steps, about {hours:.2f} GPU-hours (same figures)")
+    others = [s.name for s in steps if s not in finetuning and s not in data]
+    print(f"not estimated: {', '.join(others)}")
+
+
+def _images_planned(step: Step) -> int:
+    """Images a data step generates: concepts in its file x images per concept."""
+    from tools import datagen
+
+    concepts = datagen.read_concepts(step.argv[step.argv.index("--concepts") + 1])
+    return len(concepts) * int(step.argv[step.argv.index("--images_per_concept") + 1])
 
 
 if __name__ == "__main__":

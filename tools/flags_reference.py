@@ -22,8 +22,8 @@ OUTPUT = os.path.join(ROOT, "docs", "flags.md")
 PROGRAMS = (
     "finetuning_individual_CLIP.py", "finetuning_individual_Classifier.py", "finetuning_sequential.py",
     "eval_model.py", "tools/import_model.py", "tools/unlearn.py", "tools/generate_training_data.py", "tools/train_classifier.py",
-    "tools/grid.py", "tools/report.py", "tools/benchmark.py", "tools/concept_inversion.py", "tools/attack_prompts.py",
-    "tools/gpu_check.py",
+    "tools/grid.py", "tools/report.py", "tools/paper.py", "tools/audit.py", "tools/prefetch.py", "tools/benchmark.py",
+    "tools/concept_inversion.py", "tools/attack_prompts.py", "tools/gpu_check.py",
 )
 
 
