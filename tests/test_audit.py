@@ -213,3 +213,38 @@ def test_the_step_job_runs_the_plan_s_command_and_marks_it_done(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "slurm" / "audit_step.sbatch"), str(out), "zz"], capture_output=True,
                        text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "--step zz: not in" in r.stderr
+
+
+@pytest.mark.parametrize("concept", ["golf ball", "Van Gogh", "nudity"])
+def test_the_paper_presets_plan_commands_their_programs_accept(tmp_path, concept, monkeypatch):
+    """An object, a style (its classifier a state-dict file, --theme the style) and nudity (NudeNet: no classifier
+    to give; the evaluation's classifier argument 'none'). Offline, hub ids must be in the cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    _models(tmp_path)
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    argv = ["--model", str(tmp_path / "unlearned"), "--base_model", "CompVis/stable-diffusion-v1-4",
+            "--preset", concept, "--clip_model", "openai/clip-vit-base-patch32", "--out", str(tmp_path / "a")]
+    if concept == "golf ball":
+        argv += ["--classifier", str(tmp_path / "classifier")]
+    elif concept == "Van Gogh":
+        argv += ["--classifier", str(tmp_path / "style.safetensors")]
+    args = audit.parse_args(argv)
+    inputs = audit.read_inputs(args.preset, args.out)
+    missing = audit.missing_inputs(args, inputs)
+    assert [m.split(":")[0] for m in missing] == ["--base_model CompVis/stable-diffusion-v1-4",
+                                                  "--clip_model openai/clip-vit-base-patch32"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert audit.missing_inputs(args, inputs) == []
+    steps = audit.plan_steps(args, inputs)
+    for step in steps:
+        load_parser(step.program).parse_args(step.argv + step.resume)
+    by = {s.name: s for s in steps}
+    seq = by["finetune-related"].argv
+    theme = seq[seq.index("--theme") + 1]
+    assert theme == {"golf ball": "", "Van Gogh": "Van Gogh", "nudity": "Nudity"}[concept]
+    assert ("--model_path" in seq) == (concept != "nudity")
+    assert by["evaluate"].argv[1] == ("none" if concept == "nudity" else argv[argv.index("--classifier") + 1])
+    inv = by["inversion"].argv
+    assert inv[inv.index("--initializer_token") + 1] == {"golf ball": "ball", "Van Gogh": "painting",
+                                                          "nudity": "person"}[concept]

@@ -251,11 +251,15 @@ def missing_inputs(args, inputs: Inputs) -> List[str]:
     if not (os.path.exists(args.clip_model) or looks_like_hub_id(args.clip_model)
             or args.clip_model.startswith("open_clip:")):
         missing.append(f"--clip_model {args.clip_model}: no such directory")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        for flag, value in (("--base_model", args.base_model), ("--clip_model", args.clip_model),
-                            ("--classifier_backbone", args.classifier_backbone)):
-            if value and looks_like_hub_id(value):
-                missing.append(f"{flag} {value}: a hub id while HF_HUB_OFFLINE=1 (prefetch it: tools/prefetch.py)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # a hub id must be in the local cache already
+        from huggingface_hub import try_to_load_from_cache
+
+        for flag, value, probe in (("--base_model", args.base_model, "model_index.json"),
+                                   ("--clip_model", args.clip_model, "config.json"),
+                                   ("--classifier_backbone", args.classifier_backbone, "config.json")):
+            if value and looks_like_hub_id(value) and not isinstance(try_to_load_from_cache(value, probe), str):
+                missing.append(f"{flag} {value}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 (download it "
+                               "first: tools/prefetch.py)")
     return missing
 
 
