@@ -198,3 +198,21 @@ def test_docs_paper_md_shows_the_current_rendering_for_golf_ball(capsys):
     text = (ROOT / "docs" / "paper.md").read_text()
     block = text.split("```bash\n# golf ball (object) x esd-x", 1)[1].split("```", 1)[0]
     assert "# golf ball (object) x esd-x" + block == capsys.readouterr().out
+
+
+def test_paper_estimate_prints_the_cost_of_the_cell_s_fine_tuning_runs(capsys):
+    """`tools/paper.py estimate`: one row per fine-tuning run of the cell, the figures of tools/cost.py for the same
+    command lines, and the other programs named as not estimated."""
+    from tools import cost, paper
+
+    assert paper.main(paper.parse_args(["estimate", "--concept", "golf ball", "--method", "esd-x"])) == 0
+    out = capsys.readouterr().out
+    steps = presets.plan(presets.load_preset("golf ball"), "esd-x")
+    runs = [s for s in steps if s.program and s.program.startswith("finetuning_")]
+    assert len(runs) == 6
+    figures = cost.load_figures(cost.figures_path("a100"))
+    seq = cost.estimate_run(runs[2].program, list(runs[2].argv), figures)
+    assert seq.counts.train_samples.low == seq.counts.train_samples.high == 4000  # 500 images x 8 epochs
+    row = next(line for line in out.splitlines() if line.strip().startswith("2 "))
+    assert f"{seq.gpu_hours.high:.3f}" in row and "4,000" in row
+    assert "not estimated: eval_model.py, tools/generate_training_data.py" in out

@@ -42,8 +42,9 @@ PROG = "paper.py"
 def build_parser():
     """The command line's flags (docs/flags.md is generated from this)."""
     p = Parser(description=__doc__.split("\n\n")[0], prog=PROG)
-    p.add_argument("action", choices=("commands", "list"),
-                   help="commands: print one cell's commands; list: the concepts with presets")
+    p.add_argument("action", choices=("commands", "estimate", "list"),
+                   help="commands: print one cell's commands; estimate: their GPU-hours and disk (tools/cost.py); "
+                        "list: the concepts with presets")
     p.add_argument("--concept", default=None, help="commands: a concept's name (any case) or its preset's slug")
     p.add_argument("--method", default=None,
                    help="commands: esd-x, esd-u or uce (made by tools/unlearn.py), or another method's name (its "
@@ -55,6 +56,10 @@ def build_parser():
                    help="reference: the published loop's semantics (the paper's epochs to revival); none: ours")
     p.add_argument("--root", default=None, help="the presets' folder (default: the repository's configs/paper)")
     p.add_argument("--json", action="store_true", help="commands as a JSON list of {program, argv}")
+    p.add_argument("--gpu", default="a100", choices=("a100", "h100"),
+                   help="estimate: the assumed figures of this GPU (configs/gpu_figures/GPU.json)")
+    p.add_argument("--figures", default=None,
+                   help="estimate: measured figures instead (the JSON of tools/benchmark.py --sd14 --json FILE)")
     return p
 
 
@@ -63,9 +68,9 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.root = args.root or presets.DEFAULT_ROOT
     with exit_on_input_error(PROG):
-        if args.action == "commands":
+        if args.action in ("commands", "estimate"):
             if not (args.concept and args.method):
-                raise InputError("commands needs --concept and --method")
+                raise InputError(f"{args.action} needs --concept and --method")
             presets.load_preset(args.concept, args.root)  # an unknown concept is one line, before any output
     return args
 
@@ -111,6 +116,16 @@ def main(args) -> int:
         return 0
     preset = presets.load_preset(args.concept, args.root)
     steps = presets.plan(preset, args.method, args.base_model, args.work_dir, args.compat)
+    if args.action == "estimate":  # the fine-tuning runs' cost; the data, classifier and unlearning steps are named
+        from tools import cost
+
+        figures = cost.load_figures(args.figures or cost.figures_path(args.gpu))
+        runs = [s for s in steps if s.program and s.program.startswith("finetuning_")]
+        estimates, totals = cost.estimate_runs([(s.program, list(s.argv)) for s in runs], figures)
+        print(cost.table(estimates, totals, figures))
+        others = sorted({s.program for s in steps if s.program and not s.program.startswith("finetuning_")})
+        print(f"not estimated: {', '.join(others)}")
+        return 0
     if args.json:
         print(json.dumps([{"program": s.program, "argv": list(s.argv)} for s in steps if s.program], indent=2))
         return 0
