@@ -60,6 +60,9 @@ def code_blocks(text: str) -> list:
     return joined
 
 
+SHELL_OPERATORS = {">", ">>", "2>", "2>&1", "<", "|", "&&", "||", ";", "&"}
+
+
 def program_calls(line: str) -> list:
     """(program, arguments) for each of our programs a shell line runs (also inside $(...) and bash -c '...')."""
     line = re.sub(r"^\$ ", "", line)
@@ -73,7 +76,9 @@ def program_calls(line: str) -> list:
     for i, token in enumerate(tokens):
         name = os.path.basename(token)
         if token.endswith(".py") and name in PROGRAMS and (token == name or token == PROGRAMS[name]):
-            return [(PROGRAMS[name], tokens[i + 1:])]
+            args = tokens[i + 1:]
+            ends = [j for j, t in enumerate(args) if t in SHELL_OPERATORS]  # `> cell.sh`, `| tee`, `&& ...`
+            return [(PROGRAMS[name], args[:ends[0]] if ends else args)]
         if " " in token and ".py" in token:
             return program_calls(token)
     return []

@@ -205,10 +205,10 @@ def test_train_classifier_timm_variant_loads_with_theme(separable, tmp_path):
     out = str(tmp_path / "style")
     r = launch("tools/train_classifier.py", ["--positive_dir", separable / "positive", "--negative_dir",
                                              separable / "negative", "--concept", "red style", "--output_dir", out,
-                                             "--timm_arch", "test_vit", "--num_epochs", 6, "--batch_size", 8,
-                                             "--learning_rate", "2e-3"], tmp_path)
+                                             "--timm_arch", "test_vit", "--init_weights", "random",
+                                             "--num_epochs", 6, "--batch_size", 8, "--learning_rate", "2e-3"],
+               tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "random weights" in r.stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["kind"] == "timm" and metrics["heldout_images"] == 10
     assert metrics["heldout"]["accuracy"] >= 0.8, metrics["history"]
@@ -228,6 +228,8 @@ def test_train_classifier_timm_variant_loads_with_theme(separable, tmp_path):
      "--validation_split"),
     (["--concept", "x", "--output_dir", "o", "--positive_dir", "P", "--negative_dir", "N", "--timm_arch", "nope"],
      "not a timm architecture"),
+    (["--concept", "x", "--output_dir", "o", "--positive_dir", "P", "--negative_dir", "N", "--timm_arch", "test_vit"],
+     "--timm_arch needs --init_weights FILE"),
 ])
 def test_train_classifier_bad_input(separable, tmp_path, argv, msg):
     argv = [str(separable / "positive") if a == "P" else str(separable / "negative") if a == "N" else a for a in argv]

@@ -28,6 +28,7 @@ from common.cli import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 from common.models import local_dir, resolve_model_path  # noqa: E402
 
+RANDOM = "random"  # --init_weights: no pretrained weights, on purpose
 PROG = "train_classifier.py"
 DEFAULT_BACKBONE = "google/vit-large-patch16-224-in21k"
 
@@ -49,7 +50,9 @@ def build_parser():
                        help="transformers image-classification backbone (hub id or local directory)")
     model.add_argument("--image_processor", default=None, help="default: the backbone's own")
     model.add_argument("--timm_arch", default=None, help="train the timm style classifier of this architecture instead")
-    model.add_argument("--init_weights", default=None, help="timm: starting state dict (.safetensors/.pt); the head is replaced")
+    model.add_argument("--init_weights", default=None,
+                       help="timm (required with --timm_arch): starting state dict (.safetensors/.pt), the head "
+                            f"replaced; '{RANDOM}' starts from random weights")
     train = p.add_argument_group("training")
     train.add_argument("--num_epochs", type=int, default=5, help="passes over the training images")
     train.add_argument("--batch_size", type=int, default=16, help="images per step")
@@ -88,7 +91,11 @@ def parse_args(argv=None):
 
             if not timm.is_model(args.timm_arch):
                 raise InputError(f"--timm_arch {args.timm_arch}: not a timm architecture")
-            if args.init_weights and not os.path.isfile(args.init_weights):
+            if not args.init_weights:  # a ViT-L from random weights on a few hundred images learns little
+                raise InputError("--timm_arch needs --init_weights FILE, the pretrained weights (the in21k ones: "
+                                 "tools/prefetch.py --what timm-vit-l16-in21k), or --init_weights random to start "
+                                 "from random weights on purpose")
+            if args.init_weights != RANDOM and not os.path.isfile(args.init_weights):
                 raise InputError(f"--init_weights {args.init_weights}: no such file")
         else:
             if args.init_weights:
@@ -115,9 +122,7 @@ def main(args):
     # --init_weights): the same command trains the same classifier.
     torch.manual_seed(args.seed)
     if args.timm_arch:
-        backbone = ct.TimmBackbone(args.timm_arch, args.init_weights)
-        if not args.init_weights:
-            print(f"{PROG}: warning: --timm_arch without --init_weights trains from random weights", file=sys.stderr)
+        backbone = ct.TimmBackbone(args.timm_arch, None if args.init_weights == RANDOM else args.init_weights)
     else:
         backbone = ct.TransformersBackbone(resolve_model_path(args.model_name_or_path), args.image_processor, args.concept)
     print(f"{PROG}: {len(args.positives)} positive and {len(args.negatives)} negative images; "
