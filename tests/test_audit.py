@@ -85,6 +85,9 @@ def test_a_trained_classifier_and_the_budgets(tmp_path):
     assert [s.name for s in steps] == ["data-related", "data-unrelated", "attack-ringabell", "evaluate", "report"]
     ring = steps[2].argv
     assert ring[ring.index("--generations") + 1] == "120"
+    args, steps = _plan(tmp_path / "c", "--curricula", "unrelated")
+    assert [s.name for s in steps][:3] == ["data-unrelated", "concept-images", "finetune-unrelated"]
+    assert not any(s.name in ("control-related", "lora-related") for s in steps)  # they need the related data
     args, steps = _plan(tmp_path / "b", "--num_processes", "2")
     finetune = next(s for s in steps if s.name == "finetune-related").argv
     assert finetune[finetune.index("--train_batch_size") + 1] == "5"  # 2 processes x 5: the protocol's batch of 10
@@ -159,12 +162,16 @@ def test_a_rerun_skips_finished_steps_and_continues_the_interrupted_one(tmp_path
     assert audit.run_local(steps, out, 1) == 1  # b fails: c never starts
     assert not os.path.exists(os.path.join(out, "c"))
     monkeypatch.setenv("FAIL_b", "0")
+    monkeypatch.setenv("FAIL_c", "1")
+    assert audit.run_local(steps, out, 1) == 1  # b finishes, c fails leaving a partial folder
+    monkeypatch.setenv("FAIL_c", "0")
     assert audit.run_local(steps, out, 1) == 0
     printed = capsys.readouterr().out
     assert "a: done earlier, skipped" in printed and "b: continuing" in printed
     assert Path(out, "a", "calls").read_text() == "--x 1\n"  # a ran once
     # b: the first run, then the rerun with the resume flags (its folder held a partial run).
     assert Path(out, "b", "calls").read_text() == "--x 1\n--x 1 --resume_from_checkpoint latest\n"
+    # c cannot continue (fresh): its partial folder was cleared and it ran again from the start, no resume flags.
     assert Path(out, "c", "calls").read_text() == "--x 1\n"
     # Another command for a finished step (here, other flags) runs it again.
     steps[0].argv[-1] = "2"

@@ -500,9 +500,9 @@ def test_the_worked_example_takes_the_demo_s_thresholds_from_the_world_s_card(wo
 
 
 def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world, tmp_path):
-    """tools/audit.py end to end on the toy world's ESD-x model (smoke budget, the fine-tuning threat and one attack),
-    killed (SIGKILL of its whole process group) once the first fine-tuning step has finished, then run again: the
-    finished steps are skipped, not rerun, and the audit completes with its cross-threat table."""
+    """tools/audit.py end to end on the toy world's ESD-x model (smoke budget, fine-tuning on the related curriculum
+    and one attack), killed (SIGKILL of its whole process group) once the fine-tuning step has finished, then run
+    again: the finished steps are skipped, not rerun, and the audit completes with its cross-threat table."""
     import signal
     import subprocess
     import sys
@@ -513,7 +513,7 @@ def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world,
            "--base_model", p["sd_base"], "--preset", "toy", "--classifier", p["classifier"], "--clip_model", p["clip"],
            "--resolution", str(tw.RESOLUTION), "--budget", "smoke", "--images_per_concept", "2",
            "--num_inference_steps", "2", "--data_inference_steps", "2", "--mixed_precision", "no",
-           "--threats", "finetune,attacks", "--attacks", "p4d-n", "--out", str(out)]
+           "--threats", "finetune,attacks", "--curricula", "related", "--attacks", "p4d-n", "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              start_new_session=True)
@@ -528,15 +528,16 @@ def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world,
     stamp = summary.stat().st_mtime_ns
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
-    for step in ("data-related", "data-unrelated", "finetune-related"):
+    for step in ("data-related", "finetune-related"):
         assert f"{step}: done earlier, skipped" in second.stdout, step
     assert summary.stat().st_mtime_ns == stamp  # not rerun
-    assert "finetune-unrelated: done earlier" not in second.stdout
-    # The evaluation scored the model, the base model and both fine-tuned runs (with their saved chunks).
+    assert "attack-p4d-n: done earlier" not in second.stdout and "evaluate: running" in second.stdout
+    # The evaluation scored the model, the base model and the fine-tuned run (with its saved chunks).
     with open(out / "eval" / "results.jsonl") as f:
         labels = [json.loads(line)["label"] for line in f]
-    assert labels[:2] == ["esd-x", "sd_base"] and "finetune-unrelated/curriculum-7" in labels
-    # The cross-threat table: fine-tuning on both curricula and the attack, in one row per criterion.
+    assert labels == ["esd-x", "sd_base", "finetune-related", "finetune-related/curriculum-4",
+                      "finetune-related/curriculum-7"]
+    # The cross-threat table: fine-tuning and the attack, in one row per criterion.
     table = (out / "report" / "probes_table.md").read_text()
-    assert "related: " in table and "unrelated: " in table and "P4D-N:" in table
+    assert "related: " in table and "P4D-N:" in table
     assert table in second.stdout

@@ -97,6 +97,8 @@ def build_parser():
     r = p.add_argument_group("what runs")
     r.add_argument("--threats", default=",".join(THREATS),
                    help=f"comma-separated subset of {','.join(THREATS)} (evaluation and report always run)")
+    r.add_argument("--curricula", default="related,unrelated",
+                   help="the fine-tuning curricula (the control and LoRA use the related one)")
     r.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}")
     r.add_argument("--budget", default="paper", choices=sorted(BUDGETS),
                    help="paper: published settings; quick: the demo's cut attack budgets; smoke: minutes on a CPU, "
@@ -152,6 +154,9 @@ def parse_args(argv=None):
     with exit_on_input_error(PROG):
         args.threats = _names(args.threats, THREATS, "--threats")
         args.attacks = _names(args.attacks, ATTACKS, "--attacks")
+        args.curricula = _names(args.curricula, ("related", "unrelated"), "--curricula")
+        if not args.curricula:
+            raise InputError("--curricula: give related, unrelated or both")
         for flag in ("images_per_concept", "concept_images", "classifier_images", "num_inference_steps",
                      "data_inference_steps", "train_batch_size", "num_processes"):
             if getattr(args, flag) < 1:
@@ -340,7 +345,8 @@ def plan_steps(args, inputs: Inputs) -> List[Step]:
                    "--mixed_precision": args.mixed_precision, "--seed": args.seed}
     # Phase 1: the inputs the base model makes.
     curricula = {}
-    for data, concepts in (("related", inputs.related), ("unrelated", inputs.unrelated)):
+    files = {"related": inputs.related, "unrelated": inputs.unrelated}
+    for data, concepts in ((c, files[c]) for c in args.curricula):
         n = len(datagen.read_concepts(concepts))
         curricula[data] = datagen.curriculum_string(n, args.images_per_concept)
         steps.append(Step(f"data-{data}", "tools/generate_training_data.py",
@@ -395,12 +401,12 @@ def plan_steps(args, inputs: Inputs) -> List[Step]:
                           accelerate=True, resume=["--resume_from_checkpoint", "latest"]))
 
     if "finetune" in args.threats:
-        for data in ("related", "unrelated"):
+        for data in args.curricula:
             finetune(f"finetune-{data}", args.model, data, {}, tags)
-    if "control" in args.threats:
+    if "control" in args.threats and "related" in args.curricula:
         finetune("control-related", args.base_model, "related", {}, ["role=control", "method=base",
                                                                    f"concept={inputs.concept}"], save=False)
-    if "lora" in args.threats:
+    if "lora" in args.threats and "related" in args.curricula:
         finetune("lora-related", args.model, "related",
                  {"--params": "lora", "--lora_rank": 4, "--learning_rate": args.lora_learning_rate}, tags, save=False)
     # Phase 3: concept inversion (one learned token, the model frozen).
