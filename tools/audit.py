@@ -55,11 +55,7 @@ BUDGETS = {
     "paper": {"epochs": 8, "inversion_steps": 500, "inversion_every": 100, "eval_images": 5, "attack_prompts": 0,
               "heldout_seeds": 3, "attacks": {}},
     "quick": {"epochs": 8, "inversion_steps": 200, "inversion_every": 50, "eval_images": 5, "attack_prompts": 0,
-              "heldout_seeds": 3,
-              "attacks": {"unlearndiffatk": {"--timesteps": 10, "--steps_per_timestep": 10},
-                          "p4d-n": {"--iterations": 100, "--judge_every": 25},
-                          "p4d-k": {"--iterations": 100, "--judge_every": 25},
-                          "ringabell": {"--population": 100, "--generations": 120}}},
+              "heldout_seeds": 3, "attacks": "demo"},  # tools/demo.py ATTACKS, the demo's cut budgets
     "smoke": {"epochs": 1, "inversion_steps": 2, "inversion_every": 2, "eval_images": 1, "attack_prompts": 2,
               "heldout_seeds": 1,
               "attacks": {"unlearndiffatk": {"--timesteps": 1, "--steps_per_timestep": 2},
@@ -336,7 +332,11 @@ def plan_steps(args, inputs: Inputs) -> List[Step]:
     """Every step of the audit, in an order where each step comes after those it needs."""
     from tools import datagen
 
-    out, budget = args.out, BUDGETS[args.budget]
+    out, budget = args.out, dict(BUDGETS[args.budget])
+    if budget["attacks"] == "demo":
+        from tools.demo import ATTACKS as demo_budgets
+
+        budget["attacks"] = demo_budgets
     d = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     steps: List[Step] = []
     tags = [f"method={args.method}", f"concept={inputs.concept}"]
