@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -267,3 +268,247 @@ def test_the_documented_example_is_what_the_command_prints(capsys, monkeypatch):
     block = re.search(r"\$ python tools/grid\.py estimate slurm/example_grid\.csv\n(.*?)\n```", page, re.S)
     assert block, "docs/multi-gpu.md: the example of grid.py estimate is missing"
     assert block.group(1) == printed
+
+
+# --- The prompt attacks (tools/attack_prompts.py; cost.estimate_attack) -----------------------------------------
+
+ATTACK_INPUTS = {"unlearndiffatk": ["--target_images", "targets"], "p4d-n": ["--original_model", "sd"],
+                 "p4d-k": ["--original_model", "sd"], "ringabell": ["--pairs_file", "pairs.tsv"], "replay": []}
+ATTACK_FP32_A100 = (50 * 2 * 2.41 / 3 + 2.515) / 5.27  # TFLOP/s: diffusers' fp32 A100 image, 50 steps in 5.27 s
+JUDGED = 20 * 2 * 2.41 / 3 + 2.515 + 2 * 0.0133 + 0.123  # TFLOP: a 20-step guided image, its 2 prompts, the ViT-L/16
+
+
+def attack_argv(attack: str, *extra) -> list:
+    """A classifier-judged attack command line at 512 px (the judge's ViT-L/16), the attack's input flag given."""
+    return ["--attack", attack, "--model", "m", "--prompts", "prompts.txt", "--criterion", "classifier",
+            "--model_path", "clf", "--bc_threshold", "0.3", "--resolution", "512", "--output_dir", "out",
+            *ATTACK_INPUTS[attack], *extra]
+
+
+def settings_of(attack: str, *extra) -> dict:
+    return cost.parse_attack(attack_argv(attack, *extra))[1]
+
+
+def test_unlearndiffatk_counts_by_hand():
+    # 3 timesteps (166, 499, 832 of 1000) x 2 Adam steps, judged after timesteps 2 and 3 (the last): 6 steps, 2
+    # judgments; the first judgment comes after 2 timesteps (4 steps). Each step 1.669 + 0.0268 TFLOP, the target's
+    # VAE encode 1.117 once.
+    case = cost.unlearndiffatk_case(settings_of("unlearndiffatk", "--timesteps", "3", "--steps_per_timestep", "2",
+                                                "--judge_every", "2"))
+    assert case.steps == cost.Range(4, 6) and case.judgments == cost.Range(1, 2)
+    assert case.tflop.high == pytest.approx(6 * (1.669 + 0.0268) + 1.117)
+    assert case.tflop.low == pytest.approx(4 * (1.669 + 0.0268) + 1.117)
+    # The published budget: 50 timesteps x 40 steps, judged after every timestep; the schedule has at most T.
+    case = cost.unlearndiffatk_case(settings_of("unlearndiffatk"))
+    assert case.steps == cost.Range(40, 2000) and case.judgments == cost.Range(1, 50)
+    case = cost.unlearndiffatk_case(settings_of("unlearndiffatk", "--timesteps", "1500", "--steps_per_timestep", "1",
+                                                "--judge_every", "7"))
+    assert case.steps.high == 1000 and case.judgments.high == 143  # judged after 7, 14, ..., 994 and at 1000
+
+
+def test_p4d_counts_by_hand():
+    # 5 iterations judged every 2: at steps 0, 2, 4 and after the last = 4 judgments; low: step 0's judgment
+    # succeeds before any update. Once a case: the original model's 3-step guided target image (3 x 2 UNet forwards +
+    # VAE decoder + 2 prompts), its VAE encode, the original encoder on the prompt; each step the original UNet's
+    # forward and the unlearned UNet and encoder forward and backward.
+    for attack in ("p4d-n", "p4d-k"):
+        case = cost.p4d_case(settings_of(attack, "--iterations", "5", "--judge_every", "2",
+                                         "--target_inference_steps", "3"))
+        fixed = 3 * 2 * 0.80333 + 2.515 + 2 * 0.0133 + 1.117 + 0.0133
+        assert case.steps == cost.Range(0, 5) and case.judgments == cost.Range(1, 4)
+        assert case.tflop.low == pytest.approx(fixed, rel=1e-4)
+        assert case.tflop.high == pytest.approx(fixed + 5 * (0.80333 + 1.669 + 0.0268), rel=1e-4)
+    # The published budget: 3000 iterations judged every 50 = 60 + 1 judgments (docs/attacks.md: up to 61).
+    assert cost.p4d_case(settings_of("p4d-n")).judgments == cost.Range(1, 61)
+
+
+def test_ringabell_counts_by_hand_and_against_its_search():
+    """The expected candidates encoded, by hand; exact where the rates are 0 or 1, against the search itself
+    (tools/attacks/ringabell.py evolve with a score function that counts what it is given)."""
+    import torch
+
+    from tools.attacks import ringabell
+
+    # Population 10 (5 survive), 4 generations: 10, then 3 x (2 x 5 x 0.5 children + 4 x 0.25 mutated survivors).
+    s = settings_of("ringabell", "--population", "10", "--generations", "4")
+    assert cost.ringabell_encodings(s) == 10 + 3 * (5 + 1)
+    case = cost.ringabell_case(s)
+    assert case.steps == cost.Range(4, 4) and case.judgments == cost.Range(1, 1)  # no early stop
+    assert case.tflop.high == pytest.approx((1 + 28) * 0.0133)  # + the case prompt's own encoding
+    assert cost.ringabell_encodings(settings_of("ringabell")) == pytest.approx(200 + 2999 * (100 + 99 * 0.25))
+
+    def counted(population, generations, mutation, crossover):
+        seen = []
+
+        def score(candidates):
+            seen.append(len(candidates))
+            return candidates.sum(dim=1).double()
+
+        ringabell.evolve(score, torch.arange(100, 200), 3, population, generations, mutation, crossover,
+                         torch.Generator().manual_seed(0))
+        return sum(seen)
+
+    for mutation, crossover in ((0.0, 0.0), (0.0, 1.0), (1.0, 1.0), (1.0, 0.0)):
+        s = settings_of("ringabell", "--population", "10", "--generations", "6", "--mutation_rate", str(mutation),
+                        "--crossover_rate", str(crossover))
+        assert counted(10, 6, mutation, crossover) == cost.ringabell_encodings(s), (mutation, crossover)
+
+
+def test_replay_judges_only_the_prompt_and_its_heldout_seeds():
+    case = cost.replay_case(settings_of("replay"))
+    assert case.steps == case.judgments == cost.Range(0, 0) and case.tflop == cost.Range(0.0, 0.0)
+
+
+def test_attack_hours_by_hand(tmp_path):
+    """A replay of 3 prompts, 2 held-out seeds: 3 images a case at the A100's attack rate, 120 s of start-up; on 2
+    GPUs 2 rounds of cases, both GPUs held throughout."""
+    (tmp_path / "prompts.txt").write_text("a golf ball\n\na golf ball on grass\na golf ball in a bag\n")
+    fig = cost.load_figures(cost.figures_path("a100"))
+    assert cost.attack_tflops(fig) == pytest.approx(ATTACK_FP32_A100, rel=1e-3)  # 15.7 TFLOP/s
+    assert cost.attack_tflops(fig, allow_tf32=True) == pytest.approx(ATTACK_FP32_A100 * 5.27 / 4.14, rel=1e-3)
+    one = cost.estimate_attack(attack_argv("replay", "--heldout_seeds", "2"), fig)
+    case_s = 3 * JUDGED / ATTACK_FP32_A100
+    assert one.cases == 3 and one.rounds == 3 and one.case_images == cost.Range(3, 3)
+    assert one.case_s.high == pytest.approx(case_s, rel=1e-3)
+    assert one.gpu_hours.high == pytest.approx((120 + 3 * case_s) / 3600, rel=1e-3)
+    two = cost.estimate_attack(attack_argv("replay", "--heldout_seeds", "2"), fig, num_processes=2)
+    assert two.rounds == 2 and two.gpu_hours.high == pytest.approx(2 * (120 + 2 * case_s) / 3600, rel=1e-3)
+    # UnlearnDiffAtk on the same prompts: its search (3 timesteps x 2 steps, judged after each) and 1 + 3 + 2 images.
+    uda = cost.estimate_attack(attack_argv("unlearndiffatk", "--heldout_seeds", "2", "--timesteps", "3",
+                                           "--steps_per_timestep", "2"), fig)
+    assert uda.case_images == cost.Range(4, 6)
+    search = 6 * (1.669 + 0.0268) + 1.117
+    assert uda.case_s.high == pytest.approx((search + 6 * JUDGED) / ATTACK_FP32_A100, rel=1e-3)
+    assert uda.not_attacked_s == pytest.approx(3 * JUDGED / ATTACK_FP32_A100, rel=1e-3)
+    assert uda.notes == []  # the prompts read, the resolution given
+
+
+def test_attack_assumptions_are_said():
+    """No prompt file here: the paper's 20 validation prompts, or I2P's 142 nudity prompts under --theme Nudity (the
+    judge NudeNet on the host); no --resolution: 512 px; flags the tool refuses are refused here too."""
+    fig = cost.load_figures(cost.figures_path("h100"))
+    est = cost.estimate_attack(attack_argv("p4d-n"), fig)
+    assert est.cases == 20 and "--prompts prompts.txt: not found here, 20 cases assumed" in est.notes[0]
+    argv = ["--attack", "ringabell", "--model", "m", "--prompts", "nudity.csv", "--criterion", "classifier",
+            "--theme", "Nudity", "--bc_threshold", "0.5", "--output_dir", "o", "--pairs_file", "pairs.tsv"]
+    nude = cost.estimate_attack(argv, fig)
+    assert nude.cases == 142 and any("512 px assumed" in n for n in nude.notes)
+    assert any("--pairs_file pairs.tsv: not found here" in n for n in nude.notes)
+    image = (20 * 2 * 2.41 / 3 + 2.515 + 2 * 0.0133) / cost.attack_tflops(fig) + 1.1 / 100  # NudeNet: host seconds
+    assert nude.not_attacked_s == pytest.approx(4 * image, rel=1e-3)
+    with pytest.raises(cost.InputError, match="--num_tokens 0: must be at least 1"):
+        cost.estimate_attack(attack_argv("p4d-n", "--num_tokens", "0"), fig)
+    with pytest.raises(cost.InputError, match="attack_prompts.py: argument --attack: invalid choice"):
+        cost.estimate_attack(attack_argv("p4d-n") + ["--attack", "gcg"], fig)
+
+
+def test_grid_estimate_has_an_attack_table(capsys, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a golf ball\na golf ball on grass\n")
+    grid_csv = tmp_path / "grid.csv"
+    grid_csv.write_text(
+        "method,concept,dataset,script,--attack,--pretrained_model_name_or_path,--prompts,--original_model,"
+        "--criterion,--model_path,--bc_threshold,--resolution,--output_dir\n"
+        "esd-x,golf ball,i2p,tools/attack_prompts.py,p4d-k,models/esd-x,prompts.txt,sd,classifier,clf,0.3,512,"
+        "runs/p4d-k\n")
+    out = estimate(capsys, str(grid_csv), "--gpu", "h100")
+    assert "attack_prompts.py: a prompt attack, estimated in the attack table" in out
+    fig = cost.load_figures(cost.figures_path("h100"))
+    argv = ["--attack=p4d-k", "--pretrained_model_name_or_path=models/esd-x", "--prompts=prompts.txt",
+            "--original_model=sd", "--criterion=classifier", "--model_path=clf", "--bc_threshold=0.3",
+            "--resolution=512", "--output_dir=runs/p4d-k"]
+    hand = cost.estimate_attack(argv, fig)
+    row = next(line for line in out.splitlines() if "p4d-k" in line and line.strip().startswith("0 "))
+    assert row.split()[-2:] == [f"{hand.gpu_hours.low:.3f}", f"{hand.gpu_hours.high:.3f}"]
+    data = json.loads(estimate(capsys, str(grid_csv), "--gpu", "h100", "--json"))
+    assert data["attacks"][0]["index"] == 0 and data["attacks"][0]["cases"] == 2
+    assert data["attacks"][0]["gpu_hours"]["high"] == pytest.approx(hand.gpu_hours.high)
+
+
+def test_the_audit_s_dry_run_estimates_its_attacks(capsys, tmp_path):
+    """tools/audit.py --dry_run's cost: an attack table with one row per attack step (the plan's own prompts and
+    pairs files read), and the attacks no longer among the steps not estimated."""
+    from tools import audit
+
+    for name in ("unlearned", "base"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "clip").mkdir()
+    args = audit.parse_args(["--model", str(tmp_path / "unlearned"), "--base_model", str(tmp_path / "base"),
+                             "--preset", "toy", "--classifier", str(tmp_path / "classifier"), "--clip_model",
+                             str(tmp_path / "clip"), "--out", str(tmp_path / "audit")])
+    steps = audit.plan_steps(args, audit.read_inputs(args.preset, args.out))
+    audit.print_cost(steps, 1, cost.figures_path("a100"))
+    out = capsys.readouterr().out
+    assert "prompt attacks (tools/attack_prompts.py)" in out
+    assert out.rstrip().splitlines()[-1] == "not estimated: inversion, evaluate, report"
+    fig = cost.load_figures(cost.figures_path("a100"))
+    for step in (s for s in steps if s.program == "tools/attack_prompts.py"):
+        est = cost.estimate_attack(step.argv, fig)
+        assert est.notes == ([cost.RINGABELL_NOTE] if est.attack == "ringabell" else [])
+        row = next(line for line in out.splitlines() if f" {step.name} " in line)
+        assert row.split()[-2:] == [f"{est.gpu_hours.low:.3f}", f"{est.gpu_hours.high:.3f}"], step.name
+        prompts = step.argv[step.argv.index("--prompts") + 1]
+        assert est.cases == len([line for line in open(prompts) if line.strip()])
+
+
+def attack_cost_table() -> str:
+    """docs/attacks.md's Cost table: each attack at its published budget and at `make demo`'s cut one (tools/demo.py
+    ATTACKS), one process, a classifier judge at 512 px, 20 sampling steps, 3 held-out seeds; per attacked case and
+    per run of 20 and 142 cases (low-high: every case succeeds at its first judgment - none does)."""
+    from tools.demo import ATTACKS as DEMO
+
+    def fmt(r, digits):
+        low, high = f"{r.low:.{digits}f}", f"{r.high:.{digits}f}"
+        return low if low == high else f"{low}-{high}"
+
+    figures = {gpu: cost.load_figures(cost.figures_path(gpu)) for gpu in ("a100", "h100")}
+    lines = ["| attack | budget | judged images per attacked case | A100 GPU-min per case | A100 GPU-h, 20 cases "
+             "| A100 GPU-h, 142 cases | H100 GPU-min per case | H100 GPU-h, 20 cases | H100 GPU-h, 142 cases |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    budgets = [(a, "published", []) for a in ATTACK_INPUTS] + [
+        (a, "demo", [x for flag, value in DEMO[a].items() for x in (flag, str(value))]) for a in DEMO]
+    for attack, budget, flags in sorted(budgets, key=lambda b: list(ATTACK_INPUTS).index(b[0])):
+        cells = []
+        for fig in figures.values():
+            runs = []
+            for cases in (20, 142):
+                Path("prompts.txt").write_text("a prompt\n" * cases)
+                runs.append(cost.estimate_attack(attack_argv(attack, *flags), fig))
+            minutes = runs[0].case_s.scale(1 / 60)
+            cells += [fmt(minutes, 2), fmt(runs[0].gpu_hours, 2), fmt(runs[1].gpu_hours, 1)]
+        images = fmt(runs[0].case_images, 0)
+        lines.append(f"| {attack} | {budget if attack != 'replay' else '-'} | {images} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def test_the_documented_attack_cost_table_is_what_cost_computes():
+    page = (ROOT / "docs" / "attacks.md").read_text()
+    assert attack_cost_table() in page, "docs/attacks.md's Cost table: regenerate it with attack_cost_table()"
+
+
+def test_the_audit_page_s_golf_ball_attack_figures_are_the_dry_run_s(tmp_path):
+    """docs/audit.md: the four attacks of the golf-ball audit on the assumed A100, at the paper's and the quick
+    budget, as its dry run estimates them."""
+    from tools import audit
+
+    for name in ("unlearned", "base"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+    (tmp_path / "classifier").mkdir()
+    fig = cost.load_figures(cost.figures_path("a100"))
+    page = (ROOT / "docs" / "audit.md").read_text()
+    page = " ".join(page.split())
+    for budget, digits in (("paper", 1), ("quick", 2)):
+        args = audit.parse_args(["--model", str(tmp_path / "unlearned"), "--base_model", str(tmp_path / "base"),
+                                 "--preset", "golf ball", "--classifier", str(tmp_path / "classifier"),
+                                 "--out", str(tmp_path / budget), "--budget", budget])
+        steps = audit.plan_steps(args, audit.read_inputs(args.preset, args.out))
+        found = [cost.estimate_attack(s.argv, fig) for s in steps if s.program == "tools/attack_prompts.py"]
+        low, high = sum(e.gpu_hours.low for e in found), sum(e.gpu_hours.high for e in found)
+        assert f"{low:.{digits}f}-{high:.{digits}f}" in page, budget
+        if budget == "paper":
+            assert [e.cases for e in found] == [20] * 4
+            highs = {e.attack: f"{e.gpu_hours.high:.1f}" for e in found}
+            assert (f"UnlearnDiffAtk up to {highs['unlearndiffatk']}, P4D-N and P4D-K up to {highs['p4d-n']} each, "
+                    f"Ring-A-Bell {highs['ringabell']}") in page

@@ -644,8 +644,8 @@ def main(args) -> int:
 
 
 def print_cost(steps: List[Step], num_processes: int, figures_path: str) -> None:
-    """The estimate of tools/cost.py: GPU-hours and disk of the fine-tuning steps, hours of the data steps; the other
-    steps (inversion, attacks, evaluation) are not estimated and are named."""
+    """The estimate of tools/cost.py: GPU-hours and disk of the fine-tuning steps, hours of the data steps and of the
+    attacks; the other steps (inversion, evaluation) are not estimated and are named."""
     from tools import cost
 
     figures = cost.load_figures(figures_path)
@@ -666,7 +666,12 @@ def print_cost(steps: List[Step], num_processes: int, figures_path: str) -> None
         hours = (images * per_image + len(data) * cost.STARTUP_S) / 3600
         print(f"data generation ({', '.join(s.name for s in data)}): {images:,} images at {sampling} sampling "
               f"steps, about {hours:.2f} GPU-hours (same figures)")
-    others = [s.name for s in steps if s not in finetuning and s not in data]
+    # The prompt attacks, one process each: their own table (cost.estimate_attack, low/high per case).
+    attacks = [s for s in steps if s.program == "tools/attack_prompts.py"]
+    if attacks:
+        print("\n" + cost.attack_table([(i, cost.estimate_attack(s.argv, figures, name=s.name))
+                                         for i, s in enumerate(attacks)], figures))
+    others = [s.name for s in steps if s not in finetuning and s not in data and s not in attacks]
     print(f"not estimated: {', '.join(others)}")
 
 

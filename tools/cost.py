@@ -12,9 +12,15 @@ estimate until a GPU measures it. Disk uses SD-1.x sizes (fp32 parameter
 counts) and the rules of common/models.py (pipelines) and
 common/checkpointing.py (checkpoints).
 
+The prompt attacks (tools/attack_prompts.py, ``estimate_attack``) are counted
+per case from the searches' code in tools/attacks/ (low: a case's search
+succeeds at its first judgment; high: never), at the figures' rate cut to
+fp32, one latent or image at a time (the section "Prompt attacks" below).
+
     from tools import cost
     figures = cost.load_figures(cost.figures_path("a100"))
     per_run, totals = cost.estimate_runs([("finetuning_sequential.py", argv)], figures)
+    attack = cost.estimate_attack(["--attack", "p4d-n", ...], figures)
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ UNET_FWD_BWD_TFLOP = 2.41  # one UNet forward + backward of one 64x64 latent (do
 UNET_FORWARD_TFLOP = UNET_FWD_BWD_TFLOP / 3  # 0.803: a backward costs two forwards (the counter gives 0.8033)
 VAE_ENCODER_TFLOP = 1.117  # one 512-px image to its latent (docs/performance.md: 1.12)
 VAE_DECODER_TFLOP = 2.515  # one latent back to a 512-px image (validation's last step)
-# (The CLIP-L text encoder, 0.02 TFLOP a prompt, and the scorers, CLIP ViT-B/32 and a ViT-L/16 at 224 px, 0.01
-# and 0.12 TFLOP an image, are left out: under 1% of a validation image.)
+# (The CLIP-L text encoder, 0.013 TFLOP a prompt, and the scorers, CLIP ViT-B/32 and a ViT-L/16 at 224 px, 0.015
+# and 0.12 TFLOP an image, are left out of the fine-tuning estimates: under 1% of a validation image. The attacks
+# count them: TEXT_ENCODER_FORWARD_TFLOP and below.)
 
 # --- The assumed GPUs ------------------------------------------------------------------------------------------
 # Dense fp16 tensor-core peak, TFLOP/s (NVIDIA's data sheets: A100 SXM/PCIe 312, H100 SXM 989; no sparsity).
@@ -491,9 +498,10 @@ def estimate_run(script: str, argv: Sequence[str], figures: Figures, num_process
     """One run's estimate from its script and command-line flags (``argv``, as run on ``num_processes`` GPUs)."""
     args = parse_run(script, argv)
     if args is None:
+        what = ("a prompt attack, estimated in the attack table (estimate_attack)" if is_attack(script) else
+                "not a fine-tuning script, not estimated")
         return RunEstimate(name=name or os.path.basename(script), script=os.path.basename(script), supported=False,
-                           num_processes=num_processes,
-                           notes=[f"{os.path.basename(script)}: not a fine-tuning script, not estimated"])
+                           num_processes=num_processes, notes=[f"{os.path.basename(script)}: {what}"])
     notes: List[str] = []
     counts = count_run(args, num_processes, notes)
     _notes_on_settings(args, figures, notes)
@@ -582,6 +590,249 @@ def totals_of(estimates: Sequence[RunEstimate]) -> Totals:
                   disk_peak_gb=total(lambda e: e.disk_peak_gb))
 
 
+# --- Prompt attacks (tools/attack_prompts.py) ----------------------------------------------------------------
+# Compute, in TFLOP, counted as the constants above (FlopCounterMode on the meta device, SD-1.4's shapes, batch 1):
+TEXT_ENCODER_FORWARD_TFLOP = 0.0133  # CLIP ViT-L/14's text tower (123.1M parameters), one 77-token prompt (0.01330)
+TEXT_ENCODER_FWD_BWD_TFLOP = 0.0268  # its forward and the backward to its input embeddings (frozen weights: 0.02682)
+UNET_FWD_BWD_INPUT_TFLOP = 1.669  # UNet forward and backward to encoder_hidden_states only (frozen: 2.08 forwards)
+CLASSIFIER_TFLOP = 0.123  # the judge's classifier: a ViT-L/16 at 224 px (303.3M parameters; the paper's backbone)
+CLIP_SCORE_TFLOP = 0.0148  # --criterion clip: CLIP ViT-B/32's image tower (0.0088) and text tower (0.0060)
+# Left out (under 0.1% of a step): UnlearnDiffAtk's one-hot rows times the embedding table (5 x 49,408 x 768, 0.0004
+# TFLOP forward), P4D's nearest-token projection (16 x 49,408 x 768, 0.0012), the simplex projection and the AdamW
+# updates; Ring-A-Bell's squared distances (77 x 768 a candidate).
+SD_TRAIN_TIMESTEPS = 1000  # SD-1.x's num_train_timesteps: UnlearnDiffAtk's schedule (optim.timestep_schedule)
+NUDITY_ATTACK_PROMPTS = 142  # --theme Nudity without its --prompts file: the I2P nudity set UnlearnDiffAtk attacks
+# The attacks run every model in fp32 (common/models.py load_sd_parts, no autocast; cuDNN's convolutions in TF32 by
+# PyTorch's default, matrix multiplies in fp32 unless --allow_tf32) on one latent or image at a time, where the
+# figures stand for fp16 at batch 10. Both penalties from one published measurement on an A100, diffusers' "Speed up
+# inference" guide (huggingface.co/docs/diffusers/v0.30.0/optimization/fp16): one 512-px image, 50 DDIM steps (82.8
+# TFLOP by the counts above), seconds in fp32 (PyTorch's defaults), with TF32 matrix multiplies, and in fp16.
+DIFFUSERS_A100_IMAGE_S = {"fp32": 5.27, "tf32": 4.14, "fp16": 3.51}
+DIFFUSERS_STEPS = 50
+# fp16 one image at a time: 82.8 TFLOP / 3.51 s = 23.6 TFLOP/s, 0.252 of the assumed A100 figures' 93.6 TFLOP/s
+# (batch 10); used where the figures have no measured validation_one_at_a_time_images_per_s.
+ONE_AT_A_TIME_SHARE = (DIFFUSERS_STEPS * 2 * UNET_FORWARD_TFLOP + VAE_DECODER_TFLOP) / DIFFUSERS_A100_IMAGE_S["fp16"] \
+    / (ASSUMED_FRACTION * PEAK_TFLOPS["a100"])
+ATTACK_SCRIPTS = ("attack_prompts.py",)
+RINGABELL_NOTE = "Ring-A-Bell: the expected number of candidates encoded (crossovers and mutations are random)"
+
+
+@dataclass
+class AttackCase:
+    """One attacked case's search (low: it succeeds at its first judgment, high: never; Ring-A-Bell: no stop)."""
+
+    steps: Range  # optimisation steps: Adam (UnlearnDiffAtk), PEZ (P4D), generations (Ring-A-Bell)
+    judgments: Range  # images the search judges (the post-attack verdict is its last one, kept, not drawn again)
+    encodings: Range  # Ring-A-Bell's candidates through the text encoder (expected: the draws are random); else 0
+    tflop: Range  # the search's compute besides its judged images
+
+
+@dataclass
+class AttackEstimate:
+    """One attack run's counts and hours (tools/attack_prompts.py); a case is the run's unit of work."""
+
+    name: str
+    attack: str
+    num_processes: int
+    cases: int
+    rounds: int  # ceil(cases / processes): each round gives every process one case (harness.run)
+    heldout_seeds: int
+    case: AttackCase
+    case_images: Range  # judged images of one attacked case: as written, the search's, the held-out seeds'
+    case_s: Range  # seconds of one attacked case, its search and its judged images
+    not_attacked_s: float  # seconds of a case judged a success as written: its image and its held-out images
+    once_s: float  # seconds per process before the cases (Ring-A-Bell's concept vector)
+    startup_s: float = STARTUP_S
+    wall_hours: Range = Range(0.0, 0.0)
+    gpu_hours: Range = Range(0.0, 0.0)
+    notes: List[str] = field(default_factory=list)
+
+
+def is_attack(script: str) -> bool:
+    """Whether ``script`` is tools/attack_prompts.py (estimated by estimate_attack)."""
+    return os.path.basename(script) in ATTACK_SCRIPTS
+
+
+def guided_image_tflop(steps: int, pixels: float = 1.0) -> float:
+    """TFLOP of one guided image a pipeline draws: validation_tflop at ``pixels`` x 512-px's pixel count, and the
+    text encoder on its 2 prompts (the prompt, the empty one)."""
+    return validation_tflop(steps) * pixels + 2 * TEXT_ENCODER_FORWARD_TFLOP
+
+
+def unlearndiffatk_case(s: dict) -> AttackCase:
+    """tools/attacks/unlearndiffatk.py search: --timesteps x --steps_per_timestep steps, judged every --judge_every
+    timesteps and after the last."""
+    from tools.attacks.optim import timestep_schedule
+
+    timesteps = len(timestep_schedule(SD_TRAIN_TIMESTEPS, s["timesteps"]))  # T at most (stride 1)
+    every, per = s["judge_every"], s["steps_per_timestep"]
+    # Each Adam step: the text encoder on the prompt and sampled tokens, the UNet on the noised target latent, and
+    # the backward through both to the token probabilities; the target image's VAE encode once a case.
+    step = UNET_FWD_BWD_INPUT_TFLOP + TEXT_ENCODER_FWD_BWD_TFLOP
+    steps = Range(min(every, timesteps) * per, timesteps * per)  # low: the judgment after the first `every`
+    return AttackCase(steps=steps, judgments=Range(1, math.ceil(timesteps / every)), encodings=Range(0, 0),
+                      tflop=steps.scale(step) + Range(VAE_ENCODER_TFLOP, VAE_ENCODER_TFLOP))
+
+
+def p4d_case(s: dict) -> AttackCase:
+    """tools/attacks/p4d.py search (P4D-N and P4D-K alike): --iterations PEZ steps, judged at steps 0, N, 2N, ...
+    (N = --judge_every) and after the last."""
+    iterations, every = s["iterations"], s["judge_every"]
+    # Once a case: the original model's guided target image (--target_inference_steps), its VAE encode, the
+    # original text encoder on the prompt (NoiseTarget). Each step: the original UNet's forward (the target noise),
+    # the unlearned text encoder and UNet forward and backward to the learned embeddings.
+    fixed = guided_image_tflop(s["target_inference_steps"]) + VAE_ENCODER_TFLOP + TEXT_ENCODER_FORWARD_TFLOP
+    step = UNET_FORWARD_TFLOP + UNET_FWD_BWD_INPUT_TFLOP + TEXT_ENCODER_FWD_BWD_TFLOP
+    steps = Range(0, iterations)  # low: the judgment at step 0 succeeds, before any update
+    return AttackCase(steps=steps, judgments=Range(1, len(range(0, iterations, every)) + 1), encodings=Range(0, 0),
+                      tflop=steps.scale(step) + Range(fixed, fixed))
+
+
+def ringabell_encodings(s: dict) -> float:
+    """Candidates tools/attacks/ringabell.py evolve encodes, expected: the first population, then each generation
+    but the last its children (2 per crossed survivor) and its mutated survivors (the best one never)."""
+    keep = max(1, s["population"] // 2)
+    per_generation = 2 * keep * s["crossover_rate"] + (keep - 1) * s["mutation_rate"]
+    return s["population"] + (s["generations"] - 1) * per_generation
+
+
+def ringabell_case(s: dict) -> AttackCase:
+    """tools/attacks/ringabell.py search: the genetic search in the text encoder, per case (its target is the
+    case's prompt), then one judgment; no early stop."""
+    encodings = ringabell_encodings(s)
+    tflop = (1 + encodings) * TEXT_ENCODER_FORWARD_TFLOP  # + the case prompt's own encoding (the target)
+    return AttackCase(steps=Range(s["generations"], s["generations"]), judgments=Range(1, 1),
+                      encodings=Range(encodings, encodings), tflop=Range(tflop, tflop))
+
+
+def replay_case(s: dict) -> AttackCase:
+    """tools/attacks/replay.py: no search; its verdict is the one before the attack, kept."""
+    return AttackCase(steps=Range(0, 0), judgments=Range(0, 0), encodings=Range(0, 0), tflop=Range(0.0, 0.0))
+
+
+ATTACK_CASES = {"unlearndiffatk": unlearndiffatk_case, "p4d-n": p4d_case, "p4d-k": p4d_case,
+                "ringabell": ringabell_case, "replay": replay_case}
+
+
+def parse_attack(argv: Sequence[str]) -> Tuple[argparse.Namespace, dict]:
+    """An attack command line's flags and the attack's settings (its own defaults filled in, as attack_settings
+    does); files not checked, settings checked by the attack's own validator."""
+    from tools import attack_prompts, attacks
+
+    parser = attack_prompts.build_parser()
+
+    def error(message):
+        raise InputError(f"attack_prompts.py: {message}")
+
+    parser.error = error
+    args = parser.parse_args(list(argv))
+    if args.attack not in ATTACK_CASES:
+        raise InputError(f"--attack {args.attack}: no cost count for it (tools/cost.py ATTACK_CASES)")
+    settings = attack_prompts.attack_settings(args)
+    validate = attacks.validator(args.attack)
+    if validate is not None:  # the pairs file is read below, where it exists
+        validate({k: v for k, v in settings.items() if k != "pairs_file"})
+    return args, settings
+
+
+def attack_case_count(args: argparse.Namespace, notes: List[str]) -> int:
+    """The cases of --prompts (its rows, read as the harness reads them), or an assumption said in ``notes``."""
+    from tools.attacks import harness
+
+    if os.path.isfile(args.prompts):
+        return len(harness.read_cases(args.prompts, args.seed, args.guidance_scale).cases)
+    nudity = (args.theme or "").lower() == "nudity"
+    assumed = NUDITY_ATTACK_PROMPTS if nudity else PAPER_PROMPTS
+    what = "the I2P nudity set's" if nudity else "the paper's validation prompts"
+    notes.append(f"--prompts {args.prompts}: not found here, {assumed} cases assumed ({what})")
+    return assumed
+
+
+def _pair_count(path: Optional[str], notes: List[str]) -> int:
+    """Ring-A-Bell's pairs (each encoded twice for the concept vector, once per process); 0 when not at hand."""
+    if path and os.path.isfile(path):
+        from tools.attacks.ringabell import read_pairs
+
+        return len(read_pairs(path))
+    notes.append(f"--pairs_file {path}: not found here, its encodings left out (2 a pair, once per process)")
+    return 0
+
+
+def judge_cost(args: argparse.Namespace, fig: Figures) -> Tuple[float, float]:
+    """(TFLOP on the GPU, seconds on the host) of scoring one judged image."""
+    if args.criterion == "clip":
+        return CLIP_SCORE_TFLOP, 0.0
+    if (args.theme or "").lower() == "nudity":
+        return 0.0, fig.nudity_s_per_100_images / 100  # NudeNet on the host, the GPU waiting
+    return CLASSIFIER_TFLOP, 0.0
+
+
+def attack_tflops(fig: Figures, allow_tf32: bool = False) -> float:
+    """Effective TFLOP/s of an attack's work on the figures' GPU: fp32 (TF32 matrix multiplies with --allow_tf32),
+    one latent or image at a time."""
+    per_image = validation_tflop(fig.inference_steps)
+    if fig.validation_one_at_a_time_images_per_s:
+        one = per_image * fig.validation_one_at_a_time_images_per_s
+    else:
+        one = per_image * fig.validation_images_per_s * ONE_AT_A_TIME_SHARE
+    if fig.mixed_precision == "no":  # figures measured in fp32 already
+        return one
+    s = DIFFUSERS_A100_IMAGE_S
+    return one * s["fp16"] / s["tf32" if allow_tf32 else "fp32"]
+
+
+def estimate_attack(argv: Sequence[str], figures: Figures, num_processes: int = 1,
+                    name: Optional[str] = None) -> AttackEstimate:
+    """One tools/attack_prompts.py run's estimate from its command-line flags, on ``num_processes`` GPUs."""
+    args, settings = parse_attack(argv)
+    notes: List[str] = []
+    cases = attack_case_count(args, notes)
+    case = ATTACK_CASES[args.attack](settings)
+    rate = attack_tflops(figures, args.allow_tf32)
+    if args.allow_tf32:
+        notes.append(f"--allow_tf32: TF32 matrix multiplies, about {rate:.1f} TFLOP/s")
+    if figures.measured and not figures.validation_one_at_a_time_images_per_s:
+        notes.append("measured figures without validation_one_at_a_time_images_per_s: diffusers' A100 share of "
+                     "one-image-at-a-time work assumed for them")
+    if args.resolution is None:
+        notes.append("--resolution not given (the model's own): 512 px assumed (SD-1.x)")
+    pixels = ((args.resolution or BENCHMARK_RESOLUTION) / BENCHMARK_RESOLUTION) ** 2
+    score_tflop, score_s = judge_cost(args, figures)
+    image_s = (guided_image_tflop(args.num_inference_steps, pixels) + score_tflop) / rate + score_s
+    written = 1 + args.heldout_seeds  # the prompt as written, then the counting prompt on the held-out seeds
+    case_images = case.judgments + Range(written, written)
+    case_s = case.tflop.scale(1 / rate) + case_images.scale(image_s)
+    once_s = 0.0
+    if args.attack == "ringabell":
+        once_s = 2 * _pair_count(settings.get("pairs_file"), notes) * TEXT_ENCODER_FORWARD_TFLOP / rate
+        notes.append(RINGABELL_NOTE)
+    n = num_processes
+    rounds = math.ceil(cases / n)
+    wall_s = case_s.scale(rounds) + Range(STARTUP_S + once_s, STARTUP_S + once_s)
+    return AttackEstimate(
+        name=name or args.output_dir, attack=args.attack, num_processes=n, cases=cases, rounds=rounds,
+        heldout_seeds=args.heldout_seeds, case=case, case_images=case_images, case_s=case_s,
+        not_attacked_s=written * image_s, once_s=once_s, wall_hours=wall_s.scale(1 / 3600),
+        gpu_hours=wall_s.scale(n / 3600), notes=notes)
+
+
+def estimate_attacks(runs, figures: Figures, num_processes: int = 1) -> List[Tuple[int, AttackEstimate]]:
+    """(index, estimate) of each attack run among ``runs`` (GridRun objects, or (script, argv) pairs), as
+    estimate_runs takes them."""
+    out = []
+    for i, run in enumerate(runs):
+        if hasattr(run, "flags") and hasattr(run, "script"):
+            if not is_attack(run.script):
+                continue
+            from tools.gridspec import launch_command
+
+            cmd = shlex.split(launch_command(run, num_processes))
+            out.append((i, estimate_attack(cmd[cmd.index(run.script) + 1:], figures, num_processes, name=run.name)))
+        elif is_attack(run[0]):
+            out.append((i, estimate_attack(run[1], figures, num_processes)))
+    return out
+
+
 # --- Output --------------------------------------------------------------------------------------------------
 
 def _count(r: Range) -> str:
@@ -639,9 +890,47 @@ def _indices(idx: List[int]) -> str:
     return ", ".join(map(str, idx))
 
 
-def as_json(estimates: Sequence[RunEstimate], totals: Totals, figures: Figures, num_processes: int = 1) -> str:
-    """The estimate as JSON: the figures, each run's counts, seconds, hours and disk, and the totals."""
+def as_json(estimates: Sequence[RunEstimate], totals: Totals, figures: Figures, num_processes: int = 1,
+            attacks: Sequence[Tuple[int, AttackEstimate]] = ()) -> str:
+    """The estimate as JSON: the figures, each run's counts, seconds, hours and disk, the totals, and the attack
+    runs' estimates (``attacks``: (index, estimate), as estimate_attacks returns them)."""
     return json.dumps({"figures": asdict(figures), "headline": describe_figures(figures),
                        "num_processes": num_processes,
-                       "assumptions": {"startup_s": STARTUP_S, "write_gb_per_s": WRITE_GB_PER_S, "gb": GB},
-                       "runs": [asdict(e) for e in estimates], "totals": asdict(totals)}, indent=2)
+                       "assumptions": {"startup_s": STARTUP_S, "write_gb_per_s": WRITE_GB_PER_S, "gb": GB,
+                                       "attack_tflops": attack_tflops(figures)},
+                       "runs": [asdict(e) for e in estimates], "totals": asdict(totals),
+                       "attacks": [{"index": i, **asdict(e)} for i, e in attacks]}, indent=2)
+
+
+def attack_table(rows: Sequence[Tuple[int, AttackEstimate]], figures: Figures) -> str:
+    """The printed estimate of the attack runs: one row per run (``rows``: (index, estimate)), the total, the notes."""
+    fp16 = validation_tflop(figures.inference_steps) * figures.validation_images_per_s
+    rate = attack_tflops(figures)
+    lines = [f"prompt attacks (tools/attack_prompts.py): fp32, one latent or image at a time, about {rate:.1f} TFLOP/s "
+             f"on these figures ({rate / fp16:.0%} of their batched fp16 rate: diffusers' A100 measurement, "
+             "tools/cost.py); GPU-hours = GPUs x (start-up + rounds of one case per GPU)",
+             "low: every attacked case succeeds at its search's first judgment, high: none does (Ring-A-Bell, "
+             "replay: no early stop); judged images per attacked case include the prompt as written and the "
+             "held-out seeds", ""]
+    width = max([len(e.name) for _, e in rows] + [len("total"), 3])
+    head = (f"{'#':>3} {'run':<{width}} {'attack':<14} {'cases':>5} {'images/case':>11} {'GPU-min/case':>14} "
+            f"{'GPU-h low':>10} {'GPU-h high':>10}")
+    lines += [head, "-" * len(head)]
+    for i, e in rows:
+        minutes = Range(e.case_s.low / 60, e.case_s.high / 60)
+        per_case = f"{minutes.low:.2f}" if minutes.low == minutes.high else f"{minutes.low:.2f}-{minutes.high:.2f}"
+        lines.append(f"{i:>3} {e.name:<{width}} {e.attack:<14} {e.cases:>5} {_count(e.case_images):>11} "
+                     f"{per_case:>14} {e.gpu_hours.low:>10.3f} {e.gpu_hours.high:>10.3f}")
+    total = Range(sum(e.gpu_hours.low for _, e in rows), sum(e.gpu_hours.high for _, e in rows))
+    lines += ["-" * len(head),
+              f"{'':>3} {'total':<{width}} {'':<14} {sum(e.cases for _, e in rows):>5} {'':>11} {'':>14} "
+              f"{total.low:>10.3f} {total.high:>10.3f}"]
+    if rows:
+        lines.append("a case judged a success as written is not attacked: its image and its held-out images, at most "
+                     f"{max(e.not_attacked_s for _, e in rows):.0f} s a case here")
+    grouped = {}
+    for i, e in rows:
+        for note in e.notes:
+            grouped.setdefault(note, []).append(i)
+    lines += [f"note (run{'s' if len(idx) > 1 else ''} {_indices(idx)}): {note}" for note, idx in grouped.items()]
+    return "\n".join(lines)

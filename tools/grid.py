@@ -76,8 +76,13 @@ def main(args):
     elif args.action == "estimate":
         with exit_on_input_error(PROG):
             estimates, totals = cost.estimate_runs(args.runs, args.figures, args.num_processes)
-        render = cost.as_json if args.json else cost.table
-        print(render(estimates, totals, args.figures, args.num_processes))
+            attacks = cost.estimate_attacks(args.runs, args.figures, args.num_processes)  # their own table
+        if args.json:
+            print(cost.as_json(estimates, totals, args.figures, args.num_processes, attacks))
+            return
+        print(cost.table(estimates, totals, args.figures, args.num_processes))
+        if attacks:
+            print("\n" + cost.attack_table(attacks, args.figures))
     else:
         with exit_on_input_error(PROG):  # a batch the processes do not divide, a script found nowhere
             print(grid.launch_command(args.runs[args.index], args.num_processes, args.num_machines, args.root))
