@@ -1,4 +1,4 @@
-"""tools/unlearn.py and tools/unlearning.py: ESD and UCE on the tiny model.
+"""tools/unlearn.py and tools/unlearning/: ESD and UCE on the tiny model, the method registry, resume, the card.
 
 Only mechanical properties that hold on any model are asserted: which
 parameters change, the closed form's residuals against a bound derived from
@@ -6,6 +6,7 @@ lambda, the ESD objective falling on fixed held-out examples, and that the
 output is a pipeline the fine-tuning scripts run on.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -14,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.data import encode_prompts
 from conftest import RESOLUTION, ROOT, launch, seed_flags
-from tools import unlearning as ul
+from tools.unlearning import esd, uce
 
 from tools import unlearn  # noqa: E402
 
@@ -96,7 +98,7 @@ def test_uce_residuals_within_lambda_bound(assets, uce_out, base_parts):
     The preserved and erased concepts must not share a first word: causal CLIP
     gives that token the same embedding in both, two contradictory targets.
     """
-    E, G, P = ul.uce_embeddings(base_parts.tokenizer, base_parts.text_encoder, [ERASE], [""], [PRESERVE], "all", "cpu")
+    E, G, P = uce.uce_embeddings(base_parts.tokenizer, base_parts.text_encoder, [ERASE], [""], [PRESERVE], "all", "cpu")
     assert (E.shape[0], P.shape[0]) == (3, 3)  # two words + EOS each
     C = torch.cat([E, P]).T  # d x n
     assert torch.linalg.matrix_rank(C) == C.shape[1]  # the bound's premise
@@ -127,8 +129,8 @@ def test_uce_residuals_within_lambda_bound(assets, uce_out, base_parts):
 
 def test_uce_small_lambda_reaches_the_targets(base_parts):
     """lambda -> 0: the closed form meets every target exactly (C has full column rank)."""
-    E, G, P = ul.uce_embeddings(base_parts.tokenizer, base_parts.text_encoder, [ERASE], [""], [PRESERVE], "all", "cpu")
-    M = ul.uce_transform(E, G, P, lamb=1e-9)
+    E, G, P = uce.uce_embeddings(base_parts.tokenizer, base_parts.text_encoder, [ERASE], [""], [PRESERVE], "all", "cpu")
+    M = uce.uce_transform(E, G, P, lamb=1e-9)
     W0 = torch.randn(16, E.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     W1 = W0 @ M
     scale = torch.linalg.norm(E @ W0.T)
@@ -152,13 +154,13 @@ def test_uce_changes_only_cross_attention_keys_and_values(assets, uce_out):
 
 def test_uce_token_positions(base_parts):
     tok, te = base_parts.tokenizer, base_parts.text_encoder
-    assert ul.token_count(tok, ERASE) == 4 and ul.token_count(tok, "") == 2
-    assert ul.token_positions(4, "all") == [1, 2, 3]
-    assert ul.token_positions(4, "last") == [2] and ul.token_positions(2, "last") == [0]
-    E, G, P = ul.uce_embeddings(tok, te, [ERASE], ["blue"], [], "all", "cpu")
-    emb = ul.encode_prompts(tok, te, [ERASE, "blue"], "cpu").double()
+    assert uce.token_count(tok, ERASE) == 4 and uce.token_count(tok, "") == 2
+    assert uce.token_positions(4, "all") == [1, 2, 3]
+    assert uce.token_positions(4, "last") == [2] and uce.token_positions(2, "last") == [0]
+    E, G, P = uce.uce_embeddings(tok, te, [ERASE], ["blue"], [], "all", "cpu")
+    emb = encode_prompts(tok, te, [ERASE, "blue"], "cpu").double()
     assert torch.equal(E, emb[0, 1:4]) and torch.equal(G, emb[1, 1:4]) and P.shape == (0, E.shape[1])
-    E, G, _ = ul.uce_embeddings(tok, te, [ERASE], ["blue"], [], "last", "cpu")
+    E, G, _ = uce.uce_embeddings(tok, te, [ERASE], ["blue"], [], "last", "cpu")
     assert torch.equal(E, emb[0, 2:3]) and torch.equal(G, emb[1, 1:2])
 
 
@@ -166,19 +168,19 @@ def test_uce_token_positions(base_parts):
 
 def test_esd_target_with_eta_zero_is_the_unconditional_prediction(base_parts):
     u, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    assert torch.equal(ul.esd_target(u, c, 0.0), u)
-    assert torch.allclose(ul.esd_target(u, c, 1.0), 2 * u - c)
+    assert torch.equal(esd.esd_target(u, c, 0.0), u)
+    assert torch.allclose(esd.esd_target(u, c, 1.0), 2 * u - c)
     unet = base_parts.unet.eval()
-    cond, uncond = ul.encode_prompts(base_parts.tokenizer, base_parts.text_encoder, [ERASE, ""], "cpu").chunk(2)
+    cond, uncond = encode_prompts(base_parts.tokenizer, base_parts.text_encoder, [ERASE, ""], "cpu").chunk(2)
     z, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(501)
     with torch.no_grad():
         expected = unet(z, t, encoder_hidden_states=uncond).sample
-    assert torch.allclose(ul.frozen_esd_target(unet, z, t, cond, uncond, eta=0.0), expected, atol=1e-5)
+    assert torch.allclose(esd.frozen_esd_target(unet, z, t, cond, uncond, eta=0.0), expected, atol=1e-5)
 
 
 def test_esd_parameter_sets(base_parts):
-    x = set(ul.esd_trainable_names(base_parts.unet, "esd-x"))
-    u = set(ul.esd_trainable_names(base_parts.unet, "esd-u"))
+    x = set(esd.esd_trainable_names(base_parts.unet, "esd-x"))
+    u = set(esd.esd_trainable_names(base_parts.unet, "esd-u"))
     names = {n for n, _ in base_parts.unet.named_parameters()}
     assert x and u and x | u == names and not x & u and all("attn2" in n for n in x)
 
@@ -252,6 +254,12 @@ def test_missing_model_dir_exits_2_with_one_line(tmp_path):
     (["--method", "uce", "--erase", "a", "--device", "cuda:7"], "--device cuda:7"),
     (["--method", "uce", "--erase", "a", "--preserve", "a"], "--preserve 'a': also erased"),
     (["--method", "esd-x", "--concept", "x", "--ddim_steps", "1001"], "--ddim_steps 1001: at most"),
+    (["--method", "esd-x", "--concept", "x", "--lamb", "0.1"], "--lamb: not used by --method esd-x (a flag of uce)"),
+    (["--method", "uce", "--erase", "a", "--eta", "2", "--iterations", "3"],
+     "--eta, --iterations: not used by --method uce (flags of esd-x, esd-u)"),
+    (["--method", "uce", "--erase", "a", "--resume"], "--resume: not used by --method uce (a flag of esd-x, esd-u)"),
+    (["--method", "esd-x", "--concept", "x", "--checkpoint_every", "-1"], "--checkpoint_every -1: must be >= 0"),
+    (["--method", "uce", "--erase", "a", "--concept_probe", "-1"], "--concept_probe -1: must be >= 0"),
 ])
 def test_bad_flags_exit_2(argv, message, assets, tmp_path, capsys):
     if "cuda:7" in argv and torch.cuda.device_count() > 7:
@@ -267,3 +275,149 @@ def test_output_dir_must_differ_from_the_model(assets, capsys):
     with pytest.raises(SystemExit) as err:
         unlearn.parse_args(["--method", "uce", "--erase", "a", "--model", assets["sd"], "--output_dir", assets["sd"]])
     assert err.value.code == 2 and "is the base model's directory" in capsys.readouterr().err
+
+
+def test_a_multi_process_launch_is_refused_for_a_one_gpu_method(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what `accelerate launch --num_processes 2` sets in each process
+    with pytest.raises(SystemExit) as err:
+        unlearn.parse_args(["--method", "uce", "--erase", "a", "--model", assets["sd"], "--output_dir", str(tmp_path)])
+    assert err.value.code == 2 and "--method uce: runs in one process" in capsys.readouterr().err
+
+
+# ---- the registry ---------------------------------------------------------------
+
+def test_the_registry_names_each_method_and_groups_its_flags():
+    from common.errors import InputError
+    from tools.unlearning import METHODS, get
+
+    assert list(METHODS)[:3] == ["esd-x", "esd-u", "uce"]
+    for m in METHODS.values():
+        assert m.summary and "https://" in m.paper and m.code.startswith("https://"), m.name
+    assert METHODS["esd-x"].trains and not METHODS["uce"].trains
+    with pytest.raises(InputError, match=r"^--method nope: unknown method \(known: esd-x, esd-u, uce"):
+        get("nope")
+    parser = unlearn.build_parser()
+    groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
+    assert groups["ESD (--method esd-x, esd-u)"] == set(METHODS["esd-x"].defaults)
+    assert groups["UCE (--method uce)"] == set(METHODS["uce"].defaults)
+    assert groups["checkpoints and resume (--method esd-x, esd-u)"] == {"resume", "checkpoint_every"}
+    args = parser.parse_args(["--method", "uce", "--model", "m", "--output_dir", "o"])
+    assert all(getattr(args, d) is None for m in METHODS.values() for d in m.defaults)  # "not given"
+
+
+def test_a_flag_several_methods_declare_is_one_flag_with_each_method_s_default(monkeypatch, assets, tmp_path,
+                                                                             capsys):
+    """A new method may declare a flag another method has (--learning_rate): added once, in the shared group, each
+    method keeping its default; its own flags are refused for the others, naming it."""
+    from tools.unlearning import METHODS
+    from tools.unlearning.base import Flag, Method
+
+    fake = Method(name="fake", family="Fake", summary="a test method", paper="nobody, https://example.org",
+                  code="https://example.org", flags=(Flag("--learning_rate", 2e-5, "Adam learning rate", float),
+                                                    Flag("--fake_steps", 3, "steps", int)),
+                  check=lambda s, c, d: {**s, "concept": c}, run=None, erased=lambda s: [s["concept"]])
+    monkeypatch.setitem(METHODS, "fake", fake)
+    parser = unlearn.build_parser()
+    groups = {g.title: g for g in parser._action_groups}
+    (shared,) = groups["settings several methods share (each method's own default)"]._group_actions
+    assert shared.dest == "learning_rate" and "esd-x/esd-u" in shared.help and "fake" in shared.help
+    assert shared.default_text == "per method: esd-x/esd-u `1e-05`; fake `2e-05`"
+    assert {a.dest for a in groups["Fake (--method fake)"]._group_actions} == {"fake_steps"}
+    flags = ["--model", assets["sd"], "--output_dir", str(tmp_path / "o")]
+    request = unlearn.parse_args(["--method", "fake", "--concept", "x", *flags])
+    assert request.settings == {"learning_rate": 2e-5, "fake_steps": 3, "concept": "x"}
+    assert unlearn.parse_args(["--method", "fake", "--concept", "x", "--learning_rate", "1", *flags]).settings[
+        "learning_rate"] == 1.0
+    assert unlearn.parse_args(["--method", "esd-x", "--concept", "x", *flags]).settings["learning_rate"] == 1e-5
+    with pytest.raises(SystemExit):
+        unlearn.parse_args(["--method", "esd-x", "--concept", "x", "--fake_steps", "2", *flags])
+    assert "--fake_steps: not used by --method esd-x (a flag of fake)" in capsys.readouterr().err
+    # The same flag with another type is a bug of the new method, found when the parser is built.
+    monkeypatch.setitem(METHODS, "fake", dataclasses.replace(fake, flags=(Flag("--learning_rate", 1, "x", int),)))
+    with pytest.raises(ValueError, match="--learning_rate: fake declares it with another type"):
+        unlearn.build_parser()
+
+
+# ---- the card: what changed, the concept probe ----------------------------------
+
+@pytest.mark.parametrize("which", ["uce_out", "esd_x_out"])
+def test_the_card_says_which_parameters_changed_and_what_the_probe_measured(which, request, assets):
+    out = request.getfixturevalue(which)
+    card = _card(out)
+    changed = card["changed_parameters"]["unet"]
+    assert set(changed["per_tensor"]) == _changed(assets["sd"], out)
+    assert changed["tensors"] == len(changed["per_tensor"])
+    assert 0 < changed["numel"] < changed["of_numel"] and changed["of_tensors"] > changed["tensors"]
+    rel = changed["relative_l2"]
+    assert 0 < rel["min"] <= rel["median"] <= rel["max"] and rel["min"] <= rel["mean"] <= rel["max"]
+    probe = card["concept_probe"]
+    assert probe["prompts"] == [ERASE] and probe["latents"] == 4 and probe["gap_before"] > 0
+    print(which, "concept direction kept:", probe["along_base_direction"])
+    assert probe["along_base_direction"] < 0.95  # both moved the concept's prediction off the base model's
+    assert card["paper"] and card["code"] and card["data"] is None
+    if which == "esd_x_out":
+        assert card["training"] == {"checkpoint_every": 100, "resumed_from_step": None}
+        assert not os.path.exists(os.path.join(out, "unlearn_checkpoint"))
+
+
+# ---- resume -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["update:6", "checkpoint:2"])
+def test_esd_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(fault, assets, tmp_path):
+    """Killed after step 6, or while writing its second checkpoint (REVIVAL_FAULT; a checkpoint every 4 steps),
+    refused without --resume or with other settings (nothing written), then resumed from step 4: the same UNet
+    bits and results as a run never stopped."""
+    flags = ["--method", "esd-x", "--concept", ERASE, "--model", assets["sd"], "--learning_rate", "1e-3",
+             "--iterations", "10", "--ddim_steps", "5", "--probe_samples", "2", "--checkpoint_every", "4",
+             "--device", "cpu", "--quiet"]
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    proc = launch("tools/unlearn.py", [*flags, "--output_dir", full], str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = launch("tools/unlearn.py", [*flags, "--output_dir", killed], str(ROOT),
+                  env_extra={"REVIVAL_FAULT": fault})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert os.listdir(killed) == ["unlearn_checkpoint"]
+    for extra, message in (([], "holds the checkpoint of an unfinished run (step 4 of 10); add --resume"),
+                           (["--resume", "--eta", "2"], "was written with other settings (eta)")):
+        proc = launch("tools/unlearn.py", [*flags, "--output_dir", killed, *extra], str(ROOT))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+        assert os.listdir(killed) == ["unlearn_checkpoint"]
+    proc = launch("tools/unlearn.py", [*flags, "--output_dir", killed, "--resume"], str(ROOT))
+    assert proc.returncode == 0 and "resuming from" in proc.stdout and "after step 4 of 10" in proc.stdout, \
+        proc.stderr[-2000:]
+    a, b = _weights(full, "unet"), _weights(killed, "unet")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card_a, card_b = _card(full), _card(killed)
+    assert card_b["training"] == {"checkpoint_every": 4, "resumed_from_step": 4}
+    assert card_a["results"] == card_b["results"] and card_a["concept_probe"] == card_b["concept_probe"]
+    assert not os.path.exists(os.path.join(killed, "unlearn_checkpoint"))  # the model is written: removed
+
+
+# ---- data helpers -----------------------------------------------------------------
+
+def test_image_sets_generated_by_the_base_model_and_read_back(base_parts, tmp_path):
+    from common.errors import InputError
+    from tools.unlearning.base import generate_image_set, image_latents, load_image_set
+
+    out = str(tmp_path / "forget")
+    made = generate_image_set(base_parts, [ERASE, "a " + ERASE], 3, seed=5, out=out, device="cpu",
+                              num_inference_steps=2, resolution=RESOLUTION, name="forget")
+    assert made.prompts == (ERASE, "a " + ERASE, ERASE) and all(os.path.isfile(p) for p in made.paths)
+    read = load_image_set(out, "--forget_data")
+    assert read.paths == made.paths and read.prompts == made.prompts
+    assert made.card()["images"] == 3 and made.card()["generated"]["seed"] == 5
+    stamp = [os.path.getmtime(p) for p in made.paths]
+    again = generate_image_set(base_parts, [ERASE, "a " + ERASE], 3, seed=5, out=out, device="cpu",
+                               num_inference_steps=2, resolution=RESOLUTION, name="forget")
+    assert again.paths == made.paths and [os.path.getmtime(p) for p in made.paths] == stamp  # reused, not redrawn
+    with pytest.raises(InputError, match="other settings"):
+        generate_image_set(base_parts, [ERASE], 3, seed=6, out=out, device="cpu", num_inference_steps=2,
+                           resolution=RESOLUTION)
+    mean, std = image_latents(base_parts, read, RESOLUTION, "cpu")
+    assert mean.shape == std.shape == (3, 4, 8, 8) and bool((std > 0).all())
+    with pytest.raises(InputError, match=r"^--retain_data .*: no such directory"):
+        load_image_set(str(tmp_path / "nope"), "--retain_data")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"^--retain_data .*empty: no metadata.jsonl"):
+        load_image_set(str(tmp_path / "empty"), "--retain_data")

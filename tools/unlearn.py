@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Make an unlearned Stable Diffusion model with ESD or UCE, to measure its concept revival.
+"""Make an unlearned Stable Diffusion model (ESD, UCE or another registered method) to measure its concept revival.
 
     python tools/unlearn.py --method esd-x --concept "Van Gogh" \\
         --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --output_dir esd-x-vangogh
@@ -8,44 +8,99 @@
 
 Reads a diffusers SD directory and writes a full pipeline directory (loadable
 with StableDiffusionPipeline.from_pretrained, ready for the fine-tuning
-scripts) plus unlearning_card.json and README.md. Only the UNet changes.
-docs/unlearning.md says what each method does and which choices we made.
+scripts) plus unlearning_card.json and README.md. The methods live in
+tools/unlearning/ (one module each, a registry); each one's flags are a group
+of --help. docs/unlearning.md says what each method does and which choices we made.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common.cli import Parser, add_tf32_arg, check_resolution  # noqa: E402
+from common.cli import Parser, add_tf32_arg  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
-from common.models import check_pipeline_dir, resolve_model_path, vae_scale_factor  # noqa: E402
-from common.training import select_trainable  # noqa: E402
-from tools.unlearning import METHODS, TOKEN_MODES  # noqa: E402
+from common.models import check_pipeline_dir, resolve_model_path  # noqa: E402
+from tools.unlearning import METHODS, base  # noqa: E402
+from tools.unlearning.base import Flag, Method, check_text, require  # noqa: E402
 
 CARD_FILE = "unlearning_card.json"
 PROG = "unlearn.py"
+TRAINING_FLAGS = ("resume", "checkpoint_every")  # flags of the methods that train (Method.trains)
+PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder", "vae": "VAE"}
 
-# Flags of one method only default to None so that giving one to the other method is an error, not ignored.
-ESD_DEFAULTS = {"eta": 1.0, "iterations": 1000, "learning_rate": 1e-5, "ddim_steps": 50, "sample_guidance": 3.0,
-                "probe_samples": 4, "resolution": None, "gradient_checkpointing": False}
-UCE_DEFAULTS = {"erase": [], "guide": [""], "preserve": [], "lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0,
-                "token_positions": "all"}
+
+def _declared() -> Dict[str, List[Tuple[Method, Flag]]]:
+    """Each method flag's dest -> the (method, flag) pairs that declare it, in registration order."""
+    out: Dict[str, List[Tuple[Method, Flag]]] = {}
+    for m in METHODS.values():
+        for f in m.flags:
+            pairs = out.setdefault(f.dest, [])
+            if pairs and pairs[0][1].spec() != f.spec():
+                raise ValueError(f"{f.name}: {m.name} declares it with another type, nargs, choices or switch than "
+                                 f"{pairs[0][0].name}; a flag several methods share must be the same flag")
+            pairs.append((m, f))
+    return out
+
+
+def _code(flag: Flag, shown: str) -> str:
+    """A default as docs/flags.md writes it: a value in backticks, words ("none", "the model's") as they are."""
+    return shown if flag.default_text is not None or shown in ("none", "off", "on") else f"`{shown}`"
+
+
+def _by_text(pairs) -> List[Tuple[List[str], str, str]]:
+    """[(method names, help, shown default)]: the methods that give a flag the same help and default, together."""
+    groups: Dict[Tuple[str, str], List[str]] = {}
+    for m, f in pairs:
+        groups.setdefault((f.help, f.shown_default()), []).append(m.name)
+    return [(names, text, default) for (text, default), names in groups.items()]
+
+
+def _add_flag(g, pairs) -> None:
+    """One method flag, with its help and default, or each method's own where the methods differ."""
+    groups = _by_text(pairs)
+    flag = pairs[0][1]
+    if len(groups) == 1:
+        _, text, default = groups[0]
+        help_text, default_text = f"{text} (default: {default})", _code(flag, default)
+    else:
+        help_text = "; ".join(f"{'/'.join(names)}: {text} (default: {default})" for names, text, default in groups)
+        default_text = "per method: " + "; ".join(f"{'/'.join(names)} {_code(flag, default)}"
+                                                  for names, _, default in groups)
+    g.add_argument(flag.name, help=help_text, **flag.argparse_kwargs()).default_text = default_text  # flags_reference
+
+
+def _add_method_flags(p: Parser) -> None:
+    """The flags several method families share, then each family's own group (--help lists them so)."""
+    declared = _declared()
+    families: Dict[str, List[Method]] = {}
+    for m in METHODS.values():
+        families.setdefault(m.family, []).append(m)
+    shared = [d for d, pairs in declared.items() if len({m.family for m, _ in pairs}) > 1]
+    if shared:
+        g = p.add_argument_group("settings several methods share (each method's own default)")
+        for d in shared:
+            _add_flag(g, declared[d])
+    for family, methods in families.items():
+        own = [d for d in declared if d not in shared and declared[d][0][0].family == family]
+        if own:
+            g = p.add_argument_group(f"{family} (--method {', '.join(m.name for m in methods)})")
+            for d in own:
+                _add_flag(g, declared[d])
 
 
 def build_parser() -> Parser:
+    """The command line's flags (docs/flags.md is generated from this)."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", required=True, choices=METHODS,
-                   help="esd-x: ESD on cross-attention; esd-u: ESD on everything else; uce: closed-form edit")
+    p.add_argument("--method", required=True, choices=tuple(METHODS),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     p.add_argument("--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path",
                    required=True, help="the base model: a diffusers Stable Diffusion directory")
     p.add_argument("--output_dir", required=True, help="where the unlearned pipeline directory is written")
@@ -54,132 +109,86 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     add_tf32_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--concept_probe", type=int, default=4,
+                   help="seeded noise latents on which the card compares the model's concept direction (concept "
+                        "minus unconditional prediction) before and after, for every method (0: off)")
 
-    g = p.add_argument_group("ESD (esd-x, esd-u)")
-    g.add_argument("--eta", type=float, default=None, help="negative guidance strength (default 1.0)")
-    g.add_argument("--iterations", type=int, default=None, help="training iterations, one example each (default 1000)")
-    g.add_argument("--learning_rate", type=float, default=None, help="Adam learning rate (default 1e-5)")
-    g.add_argument("--ddim_steps", type=int, default=None,
-                   help="DDIM steps of the schedule x_t is sampled on; each iteration stops at a random one (default 50)")
-    g.add_argument("--sample_guidance", type=float, default=None,
-                   help="classifier-free guidance when sampling x_t with the frozen model (default 3.0, as the authors)")
-    g.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels (default: the UNet's sample_size x the VAE's scale factor)")
-    g.add_argument("--probe_samples", type=int, default=None,
-                   help="fixed held-out examples on which the ESD objective is reported before and after (default 4; 0: off)")
-    g.add_argument("--gradient_checkpointing", action="store_true", default=None, help="save GPU memory")
-
-    g = p.add_argument_group("UCE")
-    g.add_argument("--erase", nargs="+", default=None, help="concepts to erase (with --concept, that one too)")
-    g.add_argument("--guide", nargs="+", default=None,
-                   help="concept the erased ones are mapped to: one for all, or one per erased concept (default '')")
-    g.add_argument("--preserve", nargs="*", default=None, help="concepts whose cross-attention outputs are kept")
-    g.add_argument("--lamb", type=float, default=None, help="regularisation toward the old weights (default 0.5)")
-    g.add_argument("--erase_scale", type=float, default=None, help="weight of the erase terms (default 1.0)")
-    g.add_argument("--preserve_scale", type=float, default=None, help="weight of the preserve terms (default 1.0)")
-    g.add_argument("--token_positions", default=None, choices=TOKEN_MODES,
-                   help="which token embeddings stand for a concept: all (its words and EOS; default) or last "
-                        "(its last word, as the authors' script)")
+    trainers = [m.name for m in METHODS.values() if m.trains]
+    g = p.add_argument_group(f"checkpoints and resume (--method {', '.join(trainers)})")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help=f"continue the killed run whose checkpoint is in OUTPUT_DIR/{base.CHECKPOINT_DIR}/ (refused "
+                        "when it was written with other settings; none there: start from the beginning)")
+    g.add_argument("--checkpoint_every", type=int, default=None,
+                   help="training steps between checkpoints (0: none; default: the method's, ESD 100); the "
+                        "checkpoint is removed once the model is written")
+    for a in g._group_actions:
+        a.default_text = "off" if a.dest == "resume" else "the method's"
+    _add_method_flags(p)
     return p
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise InputError(message)
+def _owners(dest: str) -> List[str]:
+    """The methods with flag --dest."""
+    if dest in TRAINING_FLAGS:
+        return [m.name for m in METHODS.values() if m.trains]
+    return [m.name for m in METHODS.values() if dest in m.defaults]
 
 
-def _flag(name: str) -> str:
-    return "--" + name
-
-
-def _settings(args: argparse.Namespace, method) -> dict:
-    """This method's own flags with their defaults filled in; the other methods' flags are refused."""
-    stray = sorted({f"--{k}" for m in METHODS_BY_NAME.values() if m is not method for k in m.defaults
-                    if k not in method.defaults and getattr(args, k, None) is not None})
-    _require(not stray, f"{', '.join(stray)}: not used by --method {args.method}")
-    return {k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in method.defaults.items()}
-
-
-def _check_text(value: str, flag: str) -> str:
-    _require(value.strip() != "", f"{flag}: empty concept")
-    return value
-
-
-def _finite(value: float, flag: str, low: float, strict: bool) -> None:
-    ok = math.isfinite(value) and (value > low if strict else value >= low)
-    _require(ok, f"{flag} {value}: must be {'>' if strict else '>='} {low:g}")
+def _settings(args: argparse.Namespace, method: Method) -> dict:
+    """This method's own flags with their defaults filled in; another method's flag, given, is refused."""
+    own = set(method.defaults) | (set(TRAINING_FLAGS) if method.trains else set())
+    others = {d for m in METHODS.values() for d in m.defaults} | set(TRAINING_FLAGS)
+    stray = [d for d in sorted(others - own) if getattr(args, d, None) is not None]
+    if stray:
+        owners = [m for m in METHODS if any(m in _owners(d) for d in stray)]
+        whose = (f"a flag of {', '.join(owners)}" if len(stray) == 1 else f"flags of {', '.join(owners)}")
+        raise InputError(f"{', '.join('--' + d for d in stray)}: not used by --method {method.name} ({whose})")
+    values = {k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in method.defaults.items()}
+    return {**values, **method.fixed}
 
 
 def resolve_device(value: str) -> str:
-    """'auto' -> cuda when available, else cpu (unless a GPU was asked for: common.precision.check_cuda); anything
-    else must name a device this machine has."""
+    """'auto' -> cuda when available (this process's GPU under a launcher), else cpu (unless a GPU was asked for:
+    common.precision.check_cuda); anything else must name a device this machine has."""
     import torch
 
     from common.precision import check_cuda
 
     check_cuda()
     if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{os.environ['LOCAL_RANK']}" if os.environ.get("LOCAL_RANK") else "cuda"
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
         raise InputError(f"--device {value}: not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda":
-        _require(torch.cuda.is_available(), f"--device {value}: CUDA is not available on this machine")
-        _require(device.index is None or device.index < torch.cuda.device_count(),
-                 f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        require(torch.cuda.is_available(), f"--device {value}: CUDA is not available on this machine")
+        require(device.index is None or device.index < torch.cuda.device_count(),
+                f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(device)
 
 
-def _config_value(model_dir: str, rel_path: str, key: str):
-    """One entry of a part's JSON config, or None when unreadable here (the model load then reports it)."""
-    import json
-
-    try:
-        with open(os.path.join(model_dir, rel_path), encoding="utf-8") as f:
-            return json.load(f)[key]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _check_launch(method: Method) -> None:
+    """A method whose authors' code runs on one GPU refuses a multi-process launch (every process would write)."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    require(world <= 1 or method.multi_gpu,
+            f"--method {method.name}: runs in one process on one device (as the authors' code); start it with "
+            f"python or accelerate launch --num_processes 1, not {world} processes")
 
 
-def _check_esd(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
-    """ESD's flags, and against the model's own configuration when it is local."""
-    _require(concept is not None, "--concept: required for ESD")
-    _finite(settings["eta"], "--eta", 0, strict=False)
-    _require(settings["iterations"] >= 1, f"--iterations {settings['iterations']}: must be at least 1")
-    _finite(settings["learning_rate"], "--learning_rate", 0, strict=True)
-    _require(settings["ddim_steps"] >= 1, f"--ddim_steps {settings['ddim_steps']}: must be at least 1")
-    _finite(settings["sample_guidance"], "--sample_guidance", 0, strict=False)
-    _require(settings["probe_samples"] >= 0, f"--probe_samples {settings['probe_samples']}: must be >= 0")
-    check_resolution(settings["resolution"])
-    if model_dir is not None:
-        blocks = _config_value(model_dir, "vae/config.json", "block_out_channels")
-        factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
-            else None
-        if settings["resolution"] is not None and factor:
-            _require(settings["resolution"] % factor == 0,
-                     f"--resolution {settings['resolution']}: must be a multiple of the VAE's scale factor {factor}")
-        train_steps = _config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
-        _require(settings["ddim_steps"] <= train_steps,
-                 f"--ddim_steps {settings['ddim_steps']}: at most the model's {train_steps} training timesteps")
-    return {**settings, "concept": concept}
-
-
-def _check_uce(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
-    """UCE's flags: what to erase (--erase and --concept), guides, what to preserve, the scales."""
-    for c in settings["erase"]:
-        _check_text(c, "--erase")
-    erase = list(settings["erase"]) + ([concept] if concept is not None else [])
-    _require(erase, "--erase (or --concept): give at least one concept to erase")
-    _require(len(settings["guide"]) in (1, len(erase)),
-             f"--guide: give one guide, or one per erased concept ({len(erase)}), not {len(settings['guide'])}")
-    for c in settings["preserve"]:
-        _check_text(c, "--preserve")
-        _require(c not in erase, f"--preserve {c!r}: also erased; a concept cannot be both")
-    _finite(settings["lamb"], "--lamb", 0, strict=True)
-    _finite(settings["erase_scale"], "--erase_scale", 0, strict=True)
-    _finite(settings["preserve_scale"], "--preserve_scale", 0, strict=True)
-    return {**settings, "erase": erase, "concept": concept}
+def _check_checkpoint(output_dir: str, resume: bool, fingerprint: dict) -> None:
+    """An unfinished run's checkpoint in --output_dir is continued with --resume and the same settings, never lost."""
+    info = base.checkpoint_info(output_dir)
+    if info is None:
+        return
+    folder = os.path.join(output_dir, base.CHECKPOINT_DIR)
+    require(resume, f"--output_dir {output_dir}: holds the checkpoint of an unfinished run (step {info.get('step')} "
+                    f"of {info.get('iterations')}); add --resume to continue it, or delete {folder}")
+    differ = base.fingerprint_differences(info.get("fingerprint") or {}, fingerprint)
+    require(not differ, f"--resume: {folder} was written with other settings ({', '.join(differ)}); resume with "
+                        "the same flags, or use another --output_dir")
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,7 @@ class Request:
     """A validated unlearning request; parse_args builds it and never changes the parsed flags."""
 
     method: str
-    settings: dict  # the method's own flags with defaults filled, plus the concept(s)
+    settings: dict  # the method's own flags with defaults filled, its fixed settings, plus the concept(s)
     model: str
     output_dir: str
     device: str
@@ -195,25 +204,39 @@ class Request:
     quiet: bool
     argv: tuple  # the command line, for the card
     allow_tf32: bool = False
+    concept_probe: int = 4
+    resume: bool = False
+    checkpoint_every: int = 0
+    fingerprint: Optional[dict] = None  # what a checkpoint must have been written with to be resumed
 
 
 def validate(args: argparse.Namespace, argv) -> Request:
     """Every check that needs no model weights: the method's flags, then the model and output directories."""
-    method = METHODS_BY_NAME[args.method]
+    method = METHODS[args.method]
+    _check_launch(method)
     if args.concept is not None:
-        _check_text(args.concept, "--concept")
+        check_text(args.concept, "--concept")
     device = resolve_device(args.device)
     # Files, still before any model loads.
     check_pipeline_dir(args.pretrained_model_name_or_path)
     model_dir = resolve_model_path(args.pretrained_model_name_or_path)
-    _require(not os.path.isfile(args.output_dir), f"--output_dir {args.output_dir}: is a file")
+    require(not os.path.isfile(args.output_dir), f"--output_dir {args.output_dir}: is a file")
     local = os.path.isdir(model_dir)
     if local:
-        _require(os.path.realpath(args.output_dir) != os.path.realpath(model_dir),
-                 f"--output_dir {args.output_dir}: is the base model's directory; write the unlearned copy elsewhere")
+        require(os.path.realpath(args.output_dir) != os.path.realpath(model_dir),
+                f"--output_dir {args.output_dir}: is the base model's directory; write the unlearned copy elsewhere")
     settings = method.check(_settings(args, method), args.concept, model_dir if local else None)
+    require(args.concept_probe >= 0, f"--concept_probe {args.concept_probe}: must be >= 0")
+    every = method.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
+    require(every >= 0, f"--checkpoint_every {every}: must be >= 0 (0: no checkpoints)")
+    fingerprint = base.normalise({"method": args.method, "settings": settings, "seed": args.seed,
+                                  "base_model": os.path.abspath(model_dir) if local else model_dir,
+                                  "allow_tf32": args.allow_tf32})
+    if method.trains:
+        _check_checkpoint(args.output_dir, bool(args.resume), fingerprint)
     return Request(args.method, settings, args.pretrained_model_name_or_path, args.output_dir, device, args.seed,
-                   args.quiet, tuple(argv), args.allow_tf32)
+                   args.quiet, tuple(argv), args.allow_tf32, args.concept_probe, bool(args.resume),
+                   every if method.trains else 0, fingerprint)
 
 
 def parse_args(argv=None) -> Request:
@@ -226,104 +249,15 @@ def parse_args(argv=None) -> Request:
 
 # ---- running ------------------------------------------------------------------
 
-def run_esd(settings: dict, parts, device, seed: int, quiet: bool) -> dict:
-    """Train the UNet with ESD in place; return what the card records."""
-    import copy
-
-    from tools import unlearning as ul
-
-    unet = parts.unet.to(device)
-    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-    parts.text_encoder.to(device)
-    cond, uncond = ul.encode_prompts(parts.tokenizer, parts.text_encoder, [settings["concept"], ""], device).chunk(2)
-    parts.text_encoder.to("cpu")
-    factor = vae_scale_factor(parts.vae.config)
-    resolution = settings["resolution"] or unet.config.sample_size * factor
-    latent_shape = (1, unet.config.in_channels, resolution // factor, resolution // factor)
-    scheduler = ul.make_ddim(parts.inference_scheduler.config, settings["ddim_steps"])
-    if settings["gradient_checkpointing"]:
-        unet.enable_gradient_checkpointing()
-
-    names = ul.esd_trainable_names(unet, settings["variant"])
-    params = select_trainable(unet, names)
-    # Held-out: their own seed stream, fixed before training (the frozen model makes them).
-    probes = ul.esd_probe_set(frozen, scheduler, cond, uncond, settings["probe_samples"], latent_shape, seed + 1,
-                              settings["sample_guidance"], settings["eta"], device)
-    before = ul.esd_objective(unet, probes, cond)
-    losses = ul.train_esd(unet, frozen, scheduler, cond, uncond, params, iterations=settings["iterations"],
-                          learning_rate=settings["learning_rate"], eta=settings["eta"], guidance=settings["sample_guidance"],
-                          latent_shape=latent_shape, seed=seed, device=device, progress=not quiet)
-    after = ul.esd_objective(unet, probes, cond)
-    if settings["gradient_checkpointing"]:
-        unet.disable_gradient_checkpointing()
-    del frozen
-    unet.requires_grad_(False).to("cpu")
-    tail = losses[-max(1, len(losses) // 10):]
-    return {
-        "trained_parameters": {"tensors": len(params), "numel": sum(p.numel() for p in params)},
-        "loss": {"first": losses[0], "last": losses[-1], "mean_last_10pct": sum(tail) / len(tail)},
-        "objective_on_probes": {"samples": settings["probe_samples"], "before": before if probes else None,
-                                "after": after if probes else None},
-        "latent_shape": list(latent_shape),
-        "resolution": resolution,  # the card's hyperparameter, resolved from the model when not given
-    }
-
-
-def run_uce(settings: dict, parts, device, seed: int, quiet: bool) -> dict:
-    """Edit the UNet's cross-attention key/value projections in place; return what the card records."""
-    from tools import unlearning as ul
-
-    guides = settings["guide"] * len(settings["erase"]) if len(settings["guide"]) == 1 else list(settings["guide"])
-    parts.text_encoder.to(device)
-    E, G, P = ul.uce_embeddings(parts.tokenizer, parts.text_encoder, settings["erase"], guides, settings["preserve"],
-                                settings["token_positions"], device)
-    parts.text_encoder.to("cpu")
-    M = ul.uce_transform(E, G, P, settings["lamb"], settings["erase_scale"], settings["preserve_scale"])
-    old = ul.apply_uce(parts.unet, M)
-    weights = dict(parts.unet.named_parameters())
-    per_layer = {name: ul.uce_residuals(w, weights[name], E, G, P) for name, w in old.items()}
-    summary = {}
-    for key in ("erase", "preserve"):
-        values = [r[key] for r in per_layer.values() if key in r]
-        if values:
-            summary[key] = {"max": max(values), "mean": sum(values) / len(values)}
-    return {
-        "guides": guides,
-        "edited_parameters": sorted(old),
-        "token_vectors": {"erase": E.shape[0], "preserve": P.shape[0]},
-        "residuals": summary,
-        "residuals_note": "erase: ||W_new c_i - W_old c_guide|| / ||W_old c_i - W_old c_guide|| (0 = reached); "
-                          "preserve: ||W_new c_j - W_old c_j|| / ||W_old c_j||; over the edited projections",
-    }
-
-
-
-
-@dataclass(frozen=True)
-class Method:
-    """One unlearning method: its own flags and their defaults, their checks, the edit itself, what it erased."""
-
-    name: str
-    defaults: Dict[str, object]  # only this method's flags; another method's flag is refused, not ignored
-    check: Callable[[dict, Optional[str], Optional[str]], dict]  # (settings, --concept, local model dir) -> settings
-    run: Callable  # (settings, parts, device, seed, quiet) -> results for the card; edits parts.unet in place
-    erased: Callable[[dict], List[str]]
-
-
-METHODS_BY_NAME: Dict[str, Method] = {m.name: m for m in (
-    Method("esd-x", {**ESD_DEFAULTS, "variant": "esd-x"}, _check_esd, run_esd, lambda s: [s["concept"]]),
-    Method("esd-u", {**ESD_DEFAULTS, "variant": "esd-u"}, _check_esd, run_esd, lambda s: [s["concept"]]),
-    Method("uce", UCE_DEFAULTS, _check_uce, run_uce, lambda s: s["erase"]),
-)}
-
-
-def write_readme(path: str, card: dict) -> None:
+def write_readme(path: str, card: dict, edits=("unet",)) -> None:
     from common.results import atomic_write_text
 
     what = ", ".join(card["erase"])
+    changed = " and ".join(PART_NAMES.get(e, e) for e in edits)
     text = (f"# Unlearned model: {card['method']}, erased {what!r}\n\n"
             f"Made by `tools/unlearn.py` from `{card['base_model']}` on {card['created']}; "
-            f"every setting is in `{CARD_FILE}`. Only the UNet differs from the base model.\n\n"
+            f"every setting is in `{CARD_FILE}`. Only the {changed} "
+            f"differ{'s' if len(edits) == 1 else ''} from the base model.\n\n"
             "Measure how fast the concept comes back (see docs/unlearning.md):\n\n"
             f"    accelerate launch finetuning_individual_CLIP.py --pretrained_model_name_or_path={path} ...\n")
     atomic_write_text(os.path.join(path, "README.md"), text)
@@ -335,42 +269,61 @@ def main(request: Request) -> dict:
     import torch
 
     from common import numerics
-    from common.models import load_sd_parts, save_pipeline
+    from common.models import save_pipeline
     from common.precision import set_tf32
     from common.results import atomic_write_json, library_versions
 
-    method, settings = METHODS_BY_NAME[request.method], request.settings
+    method, settings = METHODS[request.method], request.settings
     set_tf32(request.allow_tf32)
     torch.manual_seed(request.seed)
     device = torch.device(request.device)
-    base = resolve_model_path(request.model)
-    print(f"{PROG}: loading {base}", flush=True)
-    parts = load_sd_parts(base)
-    results = method.run(settings, parts, device, request.seed, request.quiet)
-    save_pipeline(parts, parts.unet, request.output_dir)
-    hyper = {k: settings[k] for k in method.defaults if k not in ("erase", "guide", "preserve", "variant")}
-    if "resolution" in results:
-        hyper["resolution"] = results.pop("resolution")
+    model = resolve_model_path(request.model)
+    print(f"{PROG}: loading {model}", flush=True)
+    parts = base.load_parts(model)
+    before = base.snapshot(parts, method.edits)
+    probe = base.ConceptProbe(parts, method.erased(settings), request.concept_probe, request.seed, device,
+                              text_encoder_edited="text_encoder" in method.edits)
+    log = (lambda line: print(f"{PROG}: {line}", flush=True))
+    ctx = base.RunContext(request.output_dir, request.checkpoint_every, request.resume, request.fingerprint, log)
+    results: Dict[str, object] = method.run(settings, parts, device, request.seed, request.quiet, ctx)
+    resolved = results.pop(base.RESOLVED, {})
+    guide = results.pop(base.GUIDE, None)
+    data = results.pop(base.DATA, None)
+    changed = base.changed_parameters(before, parts)
+    del before
+    hyper = {k: settings[k] for k in method.defaults if k not in method.target_flags}
+    hyper.update(resolved)
     card = {
         "method": request.method,
         "concept": settings["concept"],
         "erase": method.erased(settings),
-        "guide": results.pop("guides", None),
+        "guide": guide,
         "preserve": settings.get("preserve"),
         "hyperparameters": hyper,
-        "base_model": os.path.abspath(base) if os.path.isdir(base) else base,
+        "base_model": os.path.abspath(model) if os.path.isdir(model) else model,
         "output_dir": os.path.abspath(request.output_dir),
         "seed": request.seed,
         "device": str(device),
         "results": results,
+        "paper": method.paper,
+        "code": method.code,
+        "data": data,
+        "changed_parameters": changed,
+        "concept_probe": probe.after(parts),
+        "training": ({"checkpoint_every": request.checkpoint_every, "resumed_from_step": ctx.resumed_from}
+                     if method.trains else None),
         "library_versions": library_versions(),
         "numeric_environment": numerics.describe(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": ["tools/unlearn.py", *request.argv],
     }
+    if method.multi_gpu and os.environ.get("RANK", "0") != "0":
+        return card  # the main process writes
+    save_pipeline(parts, parts.unet, request.output_dir)
     card["wall_seconds"] = round(time.time() - start, 3)
     atomic_write_json(os.path.join(request.output_dir, CARD_FILE), card)
-    write_readme(request.output_dir, card)
+    write_readme(request.output_dir, card, method.edits)
+    base.remove_checkpoint(request.output_dir)  # the model is written: nothing left to resume
     print(f"{PROG}: wrote {request.output_dir} ({request.method}, {card['wall_seconds']:.1f} s)", flush=True)
     return card
 
