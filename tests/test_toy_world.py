@@ -541,3 +541,15 @@ def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world,
     table = (out / "report" / "probes_table.md").read_text()
     assert "related: " in table and "P4D-N:" in table
     assert table in second.stdout
+
+
+def test_score_repeats_the_card_s_figures_of_an_unlearned_model(world):
+    """tools/toy_world/score.py (how a new unlearning method is held to the world's erasure targets) computes for
+    the world's own UCE model exactly the figures its card recorded."""
+    from tools.toy_world.score import score
+
+    figures = score(world["paths"]["unlearned"]["uce"], world["dir"])
+    recorded = world["card"]["figures"]["models"]["uce"]
+    for key in ("classifier_acc_target", "clip_top1_retained", "neighbours_mean_clip_top1", "clip_score_target"):
+        assert figures[key] == recorded[key], key
+    assert set(figures["targets"]) == {"classifier_acc_target", "clip_top1_retained"}
