@@ -25,6 +25,7 @@ METHODS: Dict[str, Method] = {}
 MODULES = (
     "esd",
     "uce",
+    "salun",
 )
 
 
