@@ -26,6 +26,7 @@ MODULES = (
     "esd",
     "uce",
     "salun",
+    "ac",
 )
 
 
