@@ -27,6 +27,7 @@ MODULES = (
     "uce",
     "salun",
     "ac",
+    "sa",
 )
 
 
