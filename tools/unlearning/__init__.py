@@ -28,6 +28,7 @@ MODULES = (
     "salun",
     "ac",
     "sa",
+    "erasediff",
 )
 
 
