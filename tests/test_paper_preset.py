@@ -114,12 +114,12 @@ def _parse(program: str, argv: list):
 
 
 @pytest.mark.parametrize("concept", ["golf ball", "Van Gogh", "nudity"])
-@pytest.mark.parametrize("method", ["esd-x", "uce", "salun"])
+@pytest.mark.parametrize("method", ["esd-x", "uce", "ac", "salun", "erasediff", "sa", "mace"])
 def test_every_rendered_command_parses_with_its_program_s_parser(concept, method):
     p = presets.load_preset(concept)
     cmds = presets.commands(p, method)
     programs = [program for program, _ in cmds]
-    unlearn = "tools/import_model.py" if method == "salun" else "tools/unlearn.py"
+    unlearn = "tools/import_model.py" if method == "mace" else "tools/unlearn.py"  # mace: not in the registry yet
     order = ["tools/generate_training_data.py"] * 2 + ([] if p.kind == "nudity" else
                                                        ["tools/generate_training_data.py"] * 2
                                                        + ["tools/train_classifier.py"])
@@ -216,3 +216,25 @@ def test_paper_estimate_prints_the_cost_of_the_cell_s_fine_tuning_runs(capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("2 "))
     assert f"{seq.gpu_hours.high:.3f}" in row and "4,000" in row
     assert "not estimated: eval_model.py, tools/generate_training_data.py" in out
+
+
+def test_the_data_based_methods_get_the_preset_s_anchor_and_retain_set():
+    """AC maps the concept to the preset's anchor (a style as a style); SA's surrogate is the anchor and its replay
+    the retain set; SalUn and EraseDiff forget the validation prompts and keep the retain set (the preserved near
+    misses first, then the unrelated curriculum)."""
+    from tools import unlearn
+
+    p = presets.load_preset("golf ball")
+    assert presets.retain_prompts(p)[:4] == list(p.preserve)
+    assert len(presets.retain_prompts(p)) == len(p.preserve) + 10
+    parsed = {}
+    for method in ("ac", "salun", "erasediff", "sa"):
+        (argv,) = [a for prog, a in presets.commands(p, method) if prog == "tools/unlearn.py"]
+        parsed[method] = unlearn.build_parser().parse_args(list(argv))
+    assert parsed["ac"].anchor == "ball" and parsed["ac"].concept_type == "object"
+    assert parsed["sa"].surrogate == "ball" and parsed["sa"].replay_prompts == presets.retain_prompts(p)
+    assert parsed["salun"].retain_prompts == presets.retain_prompts(p) and parsed["salun"].pseudo_prompt == ["ball"]
+    assert len(parsed["erasediff"].forget_prompts) == 20
+    style = presets.load_preset("Van Gogh")
+    (argv,) = [a for prog, a in presets.commands(style, "ac") if prog == "tools/unlearn.py"]
+    assert unlearn.build_parser().parse_args(list(argv)).concept_type == "style"

@@ -8,8 +8,8 @@
 The inputs are ours, built by the paper's stated recipe (configs/paper/README.md),
 not the paper's own lists. The commands run from the repository's root: the data
 (tools/generate_training_data.py), the classifier (tools/train_classifier.py; for a
-style the timm route), the unlearned model (tools/unlearn.py for esd-x, esd-u and
-uce; tools/import_model.py for a published checkpoint), the two individual scripts
+style the timm route), the unlearned model (tools/unlearn.py for the methods of its
+registry; tools/import_model.py for a published checkpoint), the two individual scripts
 and the sequential one on the related and the unrelated curriculum, eval_model.py
 and tools/report.py. docs/paper.md says which settings follow the paper.
 
@@ -47,7 +47,8 @@ def build_parser():
                         "list: the concepts with presets")
     p.add_argument("--concept", default=None, help="commands: a concept's name (any case) or its preset's slug")
     p.add_argument("--method", default=None,
-                   help="commands: esd-x, esd-u or uce (made by tools/unlearn.py), or another method's name (its "
+                   help="commands: a method of tools/unlearn.py (esd-x, esd-u, uce, ac, salun, erasediff, sa), or another "
+                        "method's name (its "
                         "published checkpoint is imported with tools/import_model.py)")
     p.add_argument("--base_model", default=presets.BASE_MODEL,
                    help="the original model: diffusers directory or hub id (data, classifier images, unlearning)")
