@@ -171,3 +171,25 @@ def test_revival_root_and_no_root(tmp_path):
                        expect=2)
         assert len(r.stderr.strip().splitlines()) == 1 and "cannot find the repository: set REVIVAL_ROOT" in r.stderr
         assert r.stderr.startswith(template), r.stderr
+
+
+def test_the_methods_grid_unlearns_then_fine_tunes_every_method():
+    """slurm/methods_grid.csv: one unlearned model per method (its own flags parse; a training method resumes on
+    requeue, UCE's closed form takes no --resume), then the sequential runs of every method on both curricula,
+    each reading the model its unlearning row wrote."""
+    from tools.unlearning import METHODS
+
+    runs = grid.read_grid(str(SLURM / "methods_grid.csv"), "runs")
+    unlearning = [r for r in runs if r.script == "tools/unlearn.py"]
+    assert [r.index for r in unlearning] == list(range(7))  # the docs' first array, 0-6
+    assert sorted(r.method for r in unlearning) == sorted(METHODS)  # every method of the registry, once
+    models = {}
+    for run in runs:
+        _, script, argv = _split(grid.launch_command(run))
+        args = load_parser(script).parse_args(argv)
+        if script == "tools/unlearn.py":
+            assert args.method == run.method and args.resume is (True if METHODS[run.method].trains else None)
+            models[run.method] = args.output_dir
+        else:
+            assert args.pretrained_model_name_or_path == models[run.method]  # written by an earlier row
+    assert len(runs) - len(unlearning) == 2 * len(METHODS)

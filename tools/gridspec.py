@@ -10,7 +10,8 @@ whose name starts with ``--`` is passed as that flag; its cell may use
 (``--use_ema``). Without an ``--output_dir`` column a run writes to
 ``{out_root}/{script}/{method}/{concept_slug}/{dataset}``. Every fine-tuning run gets
 ``--resume_from_checkpoint latest``, so the same command starts and restarts it (the tools continue a killed run
-from their output directory without the flag, which they do not take).
+from their output directory without the flag, which they do not take), and a tools/unlearn.py run of a method that
+trains gets ``--resume`` (its checkpoint, when a requeued job finds one).
 
 An optional ``seed`` column is a fourth axis (``0;1;2``): each seed is its own
 run with ``--seed``, a ``{seed}`` placeholder, and ``seed{N}`` appended to the
@@ -205,4 +206,16 @@ def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1, 
     cmd += [f"--output_dir={run.output_dir}"]
     if finetuning:  # the only programs with the flag; the tools continue from their output directory unasked
         cmd += ["--resume_from_checkpoint=latest"]
+    elif trains_unlearning(run):  # a requeued unlearning job continues from its checkpoint (none yet: starts afresh)
+        cmd += ["--resume"]
     return shlex.join(cmd)
+
+
+def trains_unlearning(run: GridRun) -> bool:
+    """True for a tools/unlearn.py run of a method that trains (and so takes --resume; UCE's closed form does not)."""
+    if os.path.basename(run.script) != "unlearn.py":
+        return False
+    from tools.unlearning import METHODS
+
+    method = dict(run.flags).get("--method")
+    return method in METHODS and METHODS[method].trains
