@@ -51,28 +51,49 @@ def build_parser():
                    help="instead of speed: the memory budget of each combination of memory levers at --resolution "
                         "and --batch_size (fp16 frozen parts; activations measured for one sample on this "
                         "machine, see docs/memory.md)")
+    p.add_argument("--unlearning", action="store_true",
+                   help="with --memory: the GPU budget of one training step of each tools/unlearn.py method at its "
+                        "defaults and leaner, from its trained set counted on the model and fp32 activations "
+                        "measured on this machine (docs/memory.md)")
     return p
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.unlearning and not args.memory:
+        parser.error("--unlearning: only with --memory")
     resolved = {"resolution": args.resolution or (512 if args.sd14 else 32)}
     if args.short:  # CI: tiny counts
         resolved.update(steps=2, prompts=4, inference_steps=2)
     return argparse.Namespace(**{**vars(args), **resolved})
 
 
+def sd14_unet():
+    """A randomly initialised UNet of SD 1.4's shapes (859.5M parameters, fp32, CPU)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+
+
+def sd14_text_config():
+    """SD 1.4's text encoder, CLIP ViT-L/14's text tower (123M parameters)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{**tiny.tiny_text_config(), "hidden_size": 768, "intermediate_size": 3072,
+                             "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768,
+                             "hidden_act": "quick_gelu"})
+
+
 def build_sd14(out_dir: str) -> str:
     """Save a randomly initialised model with SD 1.4's shapes (UNet 860M, CLIP-L text encoder, 512 px)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel
 
     tok = tiny.write_clip_tokenizer(os.path.join(out_dir, "tokenizer"))
-    text = CLIPTextModel(CLIPTextConfig(**{**tiny.tiny_text_config(), "hidden_size": 768, "intermediate_size": 3072,
-                                          "num_hidden_layers": 12, "num_attention_heads": 12,
-                                          "projection_dim": 768, "hidden_act": "quick_gelu"}))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    text = CLIPTextModel(sd14_text_config())
+    unet = sd14_unet()
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         sample_size=512)
@@ -302,7 +323,7 @@ def whole_run_figures(args, model_dir, data_dir, clip_dir, work):
     return out
 
 
-def activation_bytes(parts, resolution: int, checkpointing: bool, batch: int) -> int:
+def activation_bytes(parts, resolution: int, checkpointing: bool, batch: int, autocast: bool = True) -> int:
     """Bytes a training forward pass of ``batch`` samples keeps for the backward, counted tensor by tensor.
 
     Every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks) is counted once by storage; the
@@ -310,7 +331,10 @@ def activation_bytes(parts, resolution: int, checkpointing: bool, batch: int) ->
     gradient checkpointing, what stays is the tensors saved outside the checkpointed units, each unit's inputs,
     and during the backward the largest unit's own tensors while it is recomputed. bf16 autocast on the CPU
     stands in for a GPU's fp16 (both 2 bytes per value); attention is counted as PyTorch's CPU kernels save it.
+    ``autocast`` False: in fp32, as tools/unlearn.py's methods train (4 bytes per value, no half-precision copies).
     """
+    import contextlib
+
     import torch.utils.checkpoint as checkpoint
     from torch.autograd.graph import saved_tensors_hooks
 
@@ -345,11 +369,59 @@ def activation_bytes(parts, resolution: int, checkpointing: bool, batch: int) ->
     latents = torch.randn(batch, unet.config.in_channels, size, size)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim)
     pack, total = counter()
-    with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with saved_tensors_hooks(pack, lambda t: t), precision:
         out = unet(latents, torch.full((batch,), 500), text, return_dict=False)[0]
     del out
     unet.disable_gradient_checkpointing()
     return total[0] + (units["inputs"] + units["largest"] if checkpointing else 0)
+
+
+def no_grad_peak_bytes(unet, resolution: int, batch: int) -> int:
+    """Peak bytes a no-grad fp32 forward of ``batch`` samples holds at once (a teacher's target, a sampling step).
+
+    Every tensor an operator returns is counted once by storage from its allocation until its last Python
+    reference goes (a TorchDispatchMode and weak references); weights and the inputs are not counted.
+    """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    weights = {t.untyped_storage().data_ptr() for t in [*unet.parameters(), *unet.buffers()]}
+    live, state = {}, {"now": 0, "peak": 0}
+
+    def drop(ptr):
+        count, size = live[ptr]
+        if count > 1:
+            live[ptr] = (count - 1, size)
+        else:
+            del live[ptr]
+            state["now"] -= size
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in weights:
+                    continue
+                ptr = t.untyped_storage().data_ptr()
+                count, size = live.get(ptr, (0, t.untyped_storage().nbytes()))
+                if count == 0:
+                    state["now"] += size
+                    state["peak"] = max(state["peak"], state["now"])
+                live[ptr] = (count + 1, size)
+                weakref.finalize(t, drop, ptr)
+            return out
+
+    size = resolution // 8
+    latents = torch.randn(batch, unet.config.in_channels, size, size)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim)
+    unet.eval()
+    with torch.no_grad(), Track():
+        out = unet(latents, torch.full((batch,), 500), text, return_dict=False)[0]
+    del out
+    return state["peak"]
 
 
 LEVER_COMBINATIONS = (  # (name, gradient checkpointing, EMA on the GPU, 8-bit Adam)
@@ -421,12 +493,157 @@ def memory_figures(args, model_dir):
     return out
 
 
+def unlearning_phases(unet, text_encoder_bytes: int) -> dict:
+    """Each tools/unlearn.py method's step at its defaults, on this UNet: (trained set, its values, images per
+    step, phases).
+
+    The trained set comes from the function the method's run uses; the phases from its module (file:line).
+    """
+    from common.step_memory import Phase
+    from tools.unlearning import ac, erasediff, esd, sa, salun
+
+    total = sum(p.numel() for p in unet.parameters())
+
+    def split(names):
+        n = sum(p.numel() for name, p in unet.named_parameters() if name in set(names))
+        return {"trained": n, "frozen": total - n}
+
+    def row(label, w, images, phases):
+        return label, w["trained"], images, phases
+
+    out = {}
+    for variant in esd.ESD_METHODS:
+        # esd.py: a frozen copy (203) samples x_t, CFG doubles the batch (74), and gives the target (84), no grad;
+        # then one trained forward of batch 1 (209, 141). The text encoder is back on the CPU (206).
+        w = split(esd.esd_trainable_names(unet, variant))
+        frozen_unet = (("frozen UNet (sampler, target)", total),)
+        label = "attn2" if variant == "esd-x" else "all but attn2"
+        out[variant] = row(label, w, "1 (x_t sampled with 2 no-grad)", [
+            Phase("sampling x_t and the target (no grad)", **w, copies=frozen_unet, no_grad_images=2),
+            Phase("trained forward + backward", **w, copies=frozen_unet, grad_images=1)])
+    # uce.py 172-176: the text encoder on the device for the prompts, the closed-form edit on the CPU in float64.
+    kv = split([n for n, _ in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))])
+    out["uce"] = row("attn2.to_k/to_v, closed form", kv, "none (no gradient step)", [
+        Phase("encoding the prompts", trained=0, optimizer=False, frozen_parts_bytes=text_encoder_bytes)])
+    b = 8  # salun.py FLAGS --batch_size
+    w = split(salun.trainable_names(unet, "full"))
+    out["salun"] = row("full UNet, masked to half", w, f"{b} forget + {b} retain (+ {b} no-grad)", [
+        # 130-131: every parameter gets a gradient and an fp32 sum; 111-112: two forwards with grad per batch.
+        Phase("saliency mask pass", trained=total, optimizer=False, copies=(("summed gradients", total),),
+              grad_images=2 * b),
+        # 165: the magnitudes beside the sums; 190: the boolean mask (every UNet value), kept on the device (393).
+        Phase("mask selection", trained=0, frozen=total, optimizer=False,
+              copies=(("summed gradients", total), ("their magnitudes", total)), mask=total),
+        # 300-304: the forget forward kept while the pseudo prompt's target runs without grad, then the retain one.
+        Phase("forget forward kept, pseudo target (no grad)", **w, mask=total, grad_images=b, no_grad_images=b),
+        Phase("forget + retain forwards, one backward", **w, mask=total, grad_images=2 * b)])
+    b = ac.PUBLISHED_BATCH
+    w = split(ac.trainable_names(unet, "xattn"))
+    # ac.py 200: the prior batch concatenated (--regularization auto: on when the concept names the anchor); 247:
+    # one forward with grad; 249-250: the model-based target from the trained UNet without grad (no frozen copy at
+    # --target_model training, 435); 287: AdamW.
+    out["ac"] = row("attn2.to_k/to_v", w, f"{b} + {b} prior (+ {b} no-grad)", [
+        Phase("target + prior forward kept, anchor target (no grad)", **w, grad_images=2 * b, no_grad_images=b)])
+    b = 16  # sa.py FLAGS --batch_size
+    n = split(sa.sa_trainable_names(unet, "full"))
+    copies = tuple((what, n["trained"]) for what in ("anchor weights", "Fisher diagonal", "EWC's saved difference",
+                                                      "EMA"))
+    out["sa"] = row("full UNet", n, f"{b} surrogate + {b} replay", [
+        # 174-176, 186-189: every parameter's gradient, the Fisher on the CPU, --batch_size timesteps per forward.
+        Phase("Fisher diagonal (once per base model)", trained=total, optimizer=False, grad_images=b),
+        # 414 anchor, 415 Fisher of the trained set, 324 (p - anchor) saved for the backward, 364/419 EMA, 416
+        # AdamW; 311, 337: both halves in one forward.
+        Phase("training step", **n, copies=copies, grad_images=2 * b)])
+    b = 16  # erasediff.py FLAGS --batch_size
+    w = split(erasediff.trainable_names(unet, "noxattn"))
+    out["erasediff"] = row("noxattn", w, f"{b} forget (x K=2 inner steps), then {b} retain + {b} forget", [
+        # 176: theta_i saved during the inner steps; 229-230: one forget batch each (uniform target: no forward).
+        Phase("inner forgetting step", **w, copies=(("theta_i", w["trained"]),), grad_images=b),
+        # 242-246: the retain and forget forwards kept for one backward; theta_i is gone (restored, 185-187).
+        Phase("outer step", **w, grad_images=2 * b)])
+    return out
+
+
+def unlearning_models(args, work: str):
+    """(UNet, text encoder bytes): SD-1.4's shapes built in memory (--sd14, the encoder on the meta device), or the
+    tiny test model."""
+    from common.memory import nbytes
+
+    if args.sd14:
+        from transformers import CLIPTextModel
+
+        with torch.device("meta"):
+            text = CLIPTextModel(sd14_text_config())
+        return sd14_unet(), nbytes(text.parameters())
+    from common.models import load_sd_parts
+
+    parts = load_sd_parts(tiny.build_tiny_sd(os.path.join(work, "sd"), resolution=args.resolution,
+                                             tokenizer=tiny.write_clip_tokenizer(os.path.join(work, "tokenizer"))))
+    return parts.unet, nbytes(parts.text_encoder.parameters())
+
+
+def unlearning_figures(args, unet, text_encoder_bytes: int) -> dict:
+    """Per method: its trained values and the budget of its largest phase at the defaults, with
+    --gradient_checkpointing, and with 8-bit Adam on top; fp32 activations measured here (batch 1 and 2)."""
+    import types
+
+    from common.step_memory import step_budget
+
+    parts = types.SimpleNamespace(unet=unet)
+    act = {gc: activation_bytes(parts, args.resolution, gc, 2, autocast=False)
+           - activation_bytes(parts, args.resolution, gc, 1, autocast=False) for gc in (False, True)}
+    no_grad = no_grad_peak_bytes(unet, args.resolution, 2) - no_grad_peak_bytes(unet, args.resolution, 1)
+    out = {"unet_values": sum(p.numel() for p in unet.parameters()), "text_encoder_bytes": text_encoder_bytes,
+           "fp32_activations_per_image_bytes": act[False],
+           "fp32_activations_per_image_checkpointed_bytes": act[True], "no_grad_forward_per_image_bytes": no_grad}
+    for method, (trained, values, images, phases) in unlearning_phases(unet, text_encoder_bytes).items():
+        out[f"{method}_trained_values"] = values
+        out[f"{method}_trained_set"] = trained
+        out[f"{method}_images_per_step"] = images
+        for lever, gc, eight_bit in UNLEARNING_LEVERS:
+            phase, budget = step_budget(phases, act[gc], no_grad, eight_bit)
+            out[f"{method}_budget_bytes[{lever}]"] = budget["total"]
+            out[f"{method}_peak_phase[{lever}]"] = phase
+    return out
+
+
+UNLEARNING_LEVERS = (  # (name, gradient checkpointing, 8-bit Adam): every method has --gradient_checkpointing;
+    ("defaults", False, False),  # none has an 8-bit optimizer flag (their Adam/AdamW would take bitsandbytes')
+    ("--gradient_checkpointing", True, False),
+    ("+ 8-bit Adam (no flag yet)", True, True),
+)
+
+
+def unlearning_table(figures: dict) -> str:
+    """The per-method table of docs/memory.md (GiB, against a 24 GiB card)."""
+    from common.step_memory import fits, gib
+
+    methods = [k[: -len("_trained_set")] for k in figures if k.endswith("_trained_set")]
+    lines = ["| method | trained parameters | images per step (defaults) | defaults | --gradient_checkpointing | "
+             "+ 8-bit Adam | fits 24 GB? |", "|---" * 7 + "|"]
+    for m in methods:
+        cells = [figures[f"{m}_budget_bytes[{lever}]"] for lever, _, _ in UNLEARNING_LEVERS]
+        verdict = next((lever for (lever, _, _), c in zip(UNLEARNING_LEVERS, cells) if fits(c) == "yes"), None)
+        lines.append(f"| `{m}` | {figures[f'{m}_trained_set']} ({figures[f'{m}_trained_values'] / 1e6:.1f}M) | "
+                     f"{figures[f'{m}_images_per_step']} | " + " | ".join(f"{gib(c):.2f}" for c in cells)
+                     + f" | {'no' if verdict is None else 'yes' if verdict == 'defaults' else 'with ' + verdict} |")
+    return "\n".join(lines)
+
+
 def main(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if torch.cuda.is_available():  # before cuBLAS starts, for the --deterministic path (all paths share it)
         from common.determinism import CUBLAS_WORKSPACE
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    if args.memory and args.unlearning:
+        with tempfile.TemporaryDirectory() as work, PeakRSS() as rss:
+            figures = unlearning_figures(args, *unlearning_models(args, work))
+        figures.update(model="sd14-shapes (random)" if args.sd14 else "tiny", resolution=args.resolution,
+                       peak_rss_gb=round(rss.gb, 2), date=time.strftime("%Y-%m-%d"))
+        report(figures, args.json)
+        print(unlearning_table(figures))
+        return figures
     if args.memory:
         with tempfile.TemporaryDirectory() as work, PeakRSS() as rss:
             tok = tiny.write_clip_tokenizer(os.path.join(work, "tokenizer"))

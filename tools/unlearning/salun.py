@@ -305,6 +305,11 @@ def salun_losses(unet, forget_x: torch.Tensor, forget_t: torch.Tensor, forget_co
     return forget + alpha * retain, forget, retain
 
 
+def trainable_names(unet: torch.nn.Module, train_method: str) -> List[str]:
+    """UNet parameter names the mask applies to: all ("full") or cross-attention ("xattn", 'attn2')."""
+    return [n for n, _ in unet.named_parameters() if train_method == "full" or "attn2" in n]
+
+
 def mask_gradients(params: Dict[str, torch.Tensor], mask: Dict[str, torch.Tensor]) -> None:
     """Zero every gradient entry outside the mask (random_label.py lines 132-137)."""
     for n, p in params.items():
@@ -545,8 +550,7 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
         save_mask(mask_path, mask, {"method": "salun", "concept": settings["concept"],
                                     "mask_ratio": str(settings["mask_ratio"]), "source": given or "computed"})
 
-    names = [n for n, _ in unet.named_parameters() if settings["train_method"] == "full" or "attn2" in n]
-    trained = select_trainable(unet, names)
+    trained = select_trainable(unet, trainable_names(unet, settings["train_method"]))
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     probes = probe_examples(examples, settings["probe_samples"], seed)
     before = probe_objective(unet, probes)
