@@ -7,19 +7,18 @@ output is a pipeline the fine-tuning scripts run on.
 """
 
 import dataclasses
-import glob
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from common.data import encode_prompts
 from conftest import RESOLUTION, ROOT, launch, seed_flags
 from tools.unlearning import esd, uce
 
 from tools import unlearn  # noqa: E402
+from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
 
 ERASE, PRESERVE = "red circle", "blue square"  # no shared first word: see test_uce_residuals_within_lambda_bound
 LAMB = 0.5
@@ -28,32 +27,6 @@ LAMB = 0.5
 # the learning rate per step whatever the gradient's size, and at 1e-4 that noise outgrows the tiny model's small
 # objective (it rose 4x in 30 steps), while 1e-5 lowers it steadily (~0.7x).
 ESD_FLAGS = ["--iterations", "30", "--ddim_steps", "5", "--probe_samples", "4", "--quiet"]
-
-
-def _weights(pipeline_dir: str, part: str) -> dict:
-    files = sorted(glob.glob(os.path.join(pipeline_dir, part, "*.safetensors")))
-    assert files, f"no safetensors under {pipeline_dir}/{part}"
-    out = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
-
-
-def _changed(base: str, out: str, part: str = "unet") -> set:
-    a, b = _weights(base, part), _weights(out, part)
-    assert a.keys() == b.keys()
-    return {k for k in a if not torch.equal(a[k], b[k])}
-
-
-def _card(out: str) -> dict:
-    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
-        return json.load(f)
-
-
-def _run(argv) -> str:
-    args = unlearn.parse_args(argv)
-    unlearn.main(args)
-    return args.output_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,18 @@ The loss is checked against a computation by hand on one fixed batch (the protoc
 the prior term), and the objective must fall on fixed held-out examples.
 """
 
-import glob
-import json
 import os
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from common.data import encode_prompts
 from tools import unlearn
 from tools.unlearning import ac
 from tools.unlearning.base import load_image_set, noised
+from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
 
 CONCEPT, ANCHOR = "red circle", "circle"  # the concept names its anchor: --regularization auto turns the prior on
 ANCHOR_PROMPTS = ["a circle", "a picture of a circle"]
@@ -33,30 +31,6 @@ FLAGS = ["--method", "ac", "--concept", CONCEPT, "--anchor", ANCHOR, "--iteratio
          "--device", "cpu", "--quiet"]
 PRIOR_WEIGHT = 1e-4
 GENERATE = ["--anchor_prompts", *ANCHOR_PROMPTS, "--anchor_images", "6", "--generation_steps", "2"]
-
-
-def _run(argv) -> str:
-    request = unlearn.parse_args(argv)
-    unlearn.main(request)
-    return request.output_dir
-
-
-def _weights(model_dir: str, part: str = "unet") -> dict:
-    out = {}
-    for f in sorted(glob.glob(os.path.join(model_dir, part, "*.safetensors"))):
-        out.update(load_file(f))
-    assert out, model_dir
-    return out
-
-
-def _changed(base: str, out: str, part: str = "unet") -> set:
-    a, b = _weights(base, part), _weights(out, part)
-    return {k for k in a if not torch.equal(a[k], b[k])}
-
-
-def _card(out: str) -> dict:
-    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")

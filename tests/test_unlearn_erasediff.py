@@ -9,43 +9,21 @@ uninterrupted run's weights, and bad input stops with one line before anything i
 
 import copy
 import dataclasses
-import json
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from common import faults, numerics
 from common.data import encode_prompts
 from tools import unlearn
 from tools.unlearning import base, erasediff
+from unlearn_helpers import card as _card, changed_tensors as _changed, run as _run, weights as _weights
 
 CONCEPT, OTHER = "red circle", "blue square"
 STEPS, EVERY, KILL_AFTER = 4, 2, 3  # killed after step 3: resumed from the checkpoint of step 2
-
-
-def _weights(model_dir: str, part: str = "unet") -> dict:
-    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(os.path.join(model_dir, part, name))
-
-
-def _changed(a: dict, b: dict) -> set:
-    assert a.keys() == b.keys()
-    return {k for k in a if not torch.equal(a[k], b[k])}
-
-
-def _card(out: str) -> dict:
-    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
-        return json.load(f)
-
-
-def _run(argv) -> str:
-    request = unlearn.parse_args(argv)
-    unlearn.main(request)
-    return request.output_dir
 
 
 def _flags(assets, out, *extra):

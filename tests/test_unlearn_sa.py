@@ -4,18 +4,16 @@ Runs are in-process (tools/unlearn.py's parse_args and main) and few: one run on
 images given as folders that is killed by the fault hook after step 5 and resumed; both end in the same bits.
 """
 
-import glob
-import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from common import faults, numerics
 from common.data import encode_prompts
 from tools import unlearn
 from tools.unlearning import base, sa
+from unlearn_helpers import card as _card, run as _run, weights as _weights
 
 CONCEPT, SURROGATE, REPLAY = "red circle", "blue square", ("green triangle", "yellow cross")
 TRAIN_METHOD = "noxattn"  # a proper subset of the UNet: "only the trained parameters change" means something
@@ -25,25 +23,6 @@ COMMON = ["--method", "sa", "--concept", CONCEPT, "--fisher_samples", "2", "--fi
 SURROGATE_GEN = ["--surrogate", SURROGATE, "--surrogate_images", "3"]
 REPLAY_GEN = ["--replay_prompts", *REPLAY, "--replay_images", "4", "--generation_steps", "2"]
 GENERATE = SURROGATE_GEN + REPLAY_GEN
-
-
-def _weights(pipeline_dir: str, part: str = "unet") -> dict:
-    out = {}
-    for f in sorted(glob.glob(os.path.join(pipeline_dir, part, "*.safetensors"))):
-        out.update(load_file(f))
-    assert out, f"no weights under {pipeline_dir}/{part}"
-    return out
-
-
-def _card(out: str) -> dict:
-    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
-        return json.load(f)
-
-
-def _run(argv) -> str:
-    request = unlearn.parse_args(argv)
-    unlearn.main(request)
-    return request.output_dir
 
 
 class Killed(Exception):

@@ -19,25 +19,10 @@ from safetensors.torch import load_file, save_file
 from common import faults
 from tools import tiny, unlearn
 from tools.unlearning import base, salun
+from unlearn_helpers import card as _card, run as _run, weights as _weights
 
 CONCEPT, OTHER = "a red circle", "a blue square"
 FORGET_ROWS, RETAIN_ROWS = 6, 8  # batch 2: 3 steps per epoch
-
-
-def _weights(model_dir: str, part: str = "unet") -> dict:
-    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(os.path.join(model_dir, part, name))
-
-
-def _card(out: str) -> dict:
-    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
-        return json.load(f)
-
-
-def _run(argv) -> str:
-    request = unlearn.parse_args(argv)
-    unlearn.main(request)
-    return request.output_dir
 
 
 @pytest.fixture(scope="module")

@@ -630,7 +630,7 @@ def main(args) -> int:
         return 0
     if args.slurm:
         submit_slurm(steps, args.out, args.sbatch_args, dry_run=False)
-        print(f"submitted; rerun the same command after a failure: finished steps are not submitted again")
+        print("submitted; rerun the same command after a failure: finished steps are not submitted again")
         return 0
     t0 = time.time()
     rc = run_local(steps, args.out, args.num_processes)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,8 +22,8 @@ from common import numerics
 from common.cli import check_resolution
 
 from . import register
-from .base import (DATA, GUIDE, RESOLVED, Flag, Method, RunContext, check_text, encode, finite, frozen_copy,
-                   generate_image_set, image_latents, load_image_set, model_config_value, noised, require,
+from .base import (DATA, GUIDE, RESOLVED, Flag, Method, RunContext, check_text, check_vae_multiple, encode, finite, frozen_copy,
+                   generate_image_set, image_latents, load_image_set, noised, require,
                    step_generator, train_loop)
 
 PAPER = "Kumari et al., ICCV 2023, https://arxiv.org/abs/2303.13516"
@@ -107,30 +106,6 @@ def default_learning_rate(batch_size: int, regularize: bool) -> float:
 
 
 @torch.no_grad()
-def mirrored_latents(parts, images, resolution: int, device, batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
-    """base.image_latents of the mirrored images (their --hflip flips the image before the VAE), CPU fp32."""
-    from PIL import Image
-
-    from common.data import ImageTransform
-
-    transform = ImageTransform(resolution, center_crop=True, random_flip=True)
-    scale = parts.vae.config.scaling_factor
-    parts.vae.to(device)
-    means, stds = [], []
-    try:
-        for b in range(0, len(images.paths), batch_size):
-            pixels = []
-            for path in images.paths[b:b + batch_size]:
-                with Image.open(path) as im:
-                    pixels.append(transform(im, flip=True))
-            post = parts.vae.encode(torch.stack(pixels).to(device)).latent_dist
-            means.append((post.mean * scale).float().cpu())
-            stds.append((post.std * scale).float().cpu())
-    finally:
-        parts.vae.to("cpu")
-    return torch.cat(means), torch.cat(stds)
-
-
 @lru_cache(maxsize=8)
 def _order(seed: int, epoch: int, n: int, stream: int) -> torch.Tensor:
     return torch.randperm(n, generator=step_generator(seed, epoch, stream))
@@ -153,7 +128,7 @@ class AnchorData:
         self.n = len(images.paths)
         mean, std = image_latents(parts, images, resolution, device)
         if hflip:
-            flipped = mirrored_latents(parts, images, resolution, device)
+            flipped = image_latents(parts, images, resolution, device, flip=True)  # their --hflip: before the VAE
             mean, std = torch.stack([mean, flipped[0]]), torch.stack([std, flipped[1]])
         else:
             mean, std = mean[None], std[None]
@@ -345,13 +320,6 @@ FLAGS = (  # defaults: their diffusers README's object command on one GPU (docs/
 )
 
 
-def _vae_factor(model_dir: str) -> Optional[int]:
-    from common.models import vae_scale_factor
-
-    blocks = model_config_value(model_dir, "vae/config.json", "block_out_channels")
-    return vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
-        else None
-
 
 def _check_prompts(prompts: Sequence[str], settings: dict, where: str) -> None:
     """Object ablation: every anchor prompt names the anchor, the words the concept takes the place of."""
@@ -392,11 +360,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
     else:
         require(settings["anchor_images"] >= 1, f"--anchor_images {settings['anchor_images']}: must be at least 1")
         _check_prompts(settings["anchor_prompts"] or [anchor], settings, "--anchor_prompts")
-    if model_dir is not None:
-        factor = _vae_factor(model_dir)
-        if settings["resolution"] is not None and factor:
-            require(settings["resolution"] % factor == 0,
-                    f"--resolution {settings['resolution']}: must be a multiple of the VAE's scale factor {factor}")
+    check_vae_multiple(settings["resolution"], model_dir)
     return {**settings, "concept": concept}
 
 

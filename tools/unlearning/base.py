@@ -24,6 +24,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -166,6 +167,26 @@ def model_config_value(model_dir: str, rel_path: str, key: str):
 
 
 # ---- model pieces -------------------------------------------------------------
+
+
+def check_vae_multiple(resolution: Optional[int], model_dir: Optional[str]) -> None:
+    """--resolution must be a multiple of the model's VAE scale factor (checked when the VAE's config is on disk)."""
+    if resolution is None or model_dir is None:
+        return
+    from common.models import vae_scale_factor
+
+    blocks = model_config_value(model_dir, "vae/config.json", "block_out_channels")
+    if isinstance(blocks, list) and blocks:
+        factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks))
+        require(resolution % factor == 0,
+                f"--resolution {resolution}: must be a multiple of the VAE's scale factor {factor}")
+
+
+def loss_summary(values: Sequence[float]) -> dict:
+    """The card's summary of a run's losses: first, last and the mean of the last tenth."""
+    tail = list(values[-max(1, len(values) // 10):])
+    return {"first": values[0] if len(values) else None, "last": values[-1] if len(values) else None,
+            "mean_last_10pct": sum(tail) / len(tail) if tail else None}
 
 
 def load_parts(model: str):
@@ -496,9 +517,10 @@ def generate_image_set(parts, prompts: Sequence[str], count: int, seed: int, out
 
 
 @torch.no_grad()
-def image_latents(parts, images: ImageSet, resolution: int, device,
-                  batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior mean and std of every image (resized, centre crop), in the UNet's latent scale, fp32 on the CPU.
+def image_latents(parts, images: ImageSet, resolution: int, device, batch_size: int = 8,
+                  flip: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of every image (resized, centre crop; mirrored with ``flip``), in the UNet's
+    latent scale, fp32 on the CPU.
 
     A latent sample is ``mean + std * noise(...)``: the noise is the method's own seeded draw.
     """
@@ -506,7 +528,7 @@ def image_latents(parts, images: ImageSet, resolution: int, device,
 
     from common.data import ImageTransform
 
-    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
+    transform = ImageTransform(resolution, center_crop=True, random_flip=flip)
     scale = parts.vae.config.scaling_factor
     parts.vae.to(device)
     means, stds = [], []
@@ -515,7 +537,7 @@ def image_latents(parts, images: ImageSet, resolution: int, device,
             pixels = []
             for path in images.paths[b:b + batch_size]:
                 with Image.open(path) as im:
-                    pixels.append(transform(im))
+                    pixels.append(transform(im, flip=True) if flip else transform(im))
             post = parts.vae.encode(torch.stack(pixels).to(device)).latent_dist
             means.append((post.mean * scale).float().cpu())
             stds.append((post.std * scale).float().cpu())

@@ -13,7 +13,6 @@ Their code is cited as "FILE line N" of JingWu321/EraseDiff at commit 14f4e98 (i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -23,8 +22,8 @@ from common import numerics
 from common.cli import check_resolution
 
 from . import register
-from .base import (DATA, RESOLVED, Flag, ImageSet, Method, RunContext, check_text, encode, finite,
-                   generate_image_set, image_latents, load_image_set, model_config_value, noised, require,
+from .base import (DATA, RESOLVED, Flag, ImageSet, Method, RunContext, check_text, check_vae_multiple, encode, finite,
+                   generate_image_set, image_latents, load_image_set, loss_summary, noised, require,
                    step_generator, train_loop)
 
 PAPER = ("Wu, Le, Hayat, Harandi, arXiv 2024 (CVPR 2025 as \"Erasing Undesirable Influence in Diffusion Models\"), "
@@ -305,13 +304,6 @@ FLAGS = (  # defaults: their SD nudity run (README.md, sd/train_scripts/train_ns
 )
 
 
-def _vae_factor(model_dir: str) -> Optional[int]:
-    from common.models import vae_scale_factor
-
-    blocks = model_config_value(model_dir, "vae/config.json", "block_out_channels")
-    return vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks else None
-
-
 def _check_set(settings: dict, role: str, required_prompts: bool) -> None:
     """A set is a folder (read now: a missing or empty one stops here) or prompts, not both."""
     folder, prompts = settings[f"{role}_data"], settings[f"{role}_prompts"]
@@ -343,10 +335,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
     require(len(settings["pseudo_prompt"]) == 1, "--pseudo_prompt: one prompt for EraseDiff")
     check_text(settings["pseudo_prompt"][0], "--pseudo_prompt")
     check_resolution(settings["resolution"])
-    factor = _vae_factor(model_dir) if model_dir is not None else None
-    if settings["resolution"] is not None and factor:
-        require(settings["resolution"] % factor == 0,
-                f"--resolution {settings['resolution']}: must be a multiple of the VAE's scale factor {factor}")
+    check_vae_multiple(settings["resolution"], model_dir)
     _check_set(settings, "forget", required_prompts=False)
     _check_set(settings, "retain", required_prompts=True)
     if settings["forget_data"] is None and settings["forget_prompts"] is None:
@@ -354,9 +343,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
     return {**settings, "concept": concept}
 
 
-def _summary(values: List[float]) -> dict:
-    tail = values[-max(1, len(values) // 10):]
-    return {"first": values[0], "last": values[-1], "mean_last_10pct": sum(tail) / len(tail)}
+_summary = loss_summary
 
 
 def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) -> dict:

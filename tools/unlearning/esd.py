@@ -7,7 +7,6 @@ training: esd-x trains the UNet's cross-attention, esd-u everything else.
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 from typing import List, Optional, Tuple
 
 import torch
@@ -17,7 +16,8 @@ from common import numerics
 from common.cli import check_resolution
 
 from . import base, register
-from .base import Flag, Method, RESOLVED, RunContext, finite, frozen_copy, model_config_value, require, train_loop
+from .base import (Flag, Method, RESOLVED, RunContext, check_vae_multiple, finite, frozen_copy, loss_summary,
+                   model_config_value, require, train_loop)
 
 ESD_METHODS = ("esd-x", "esd-u")
 PAPER = "Gandikota et al., ICCV 2023, https://arxiv.org/abs/2303.07345"
@@ -170,8 +170,6 @@ FLAGS = (  # esd-x and esd-u share them; defaults: the paper's and its CompVis s
 
 def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
     """ESD's flags, and against the model's own configuration when it is local."""
-    from common.models import vae_scale_factor
-
     require(concept is not None, "--concept: required for ESD")
     finite(settings["eta"], "--eta", 0, strict=False)
     require(settings["iterations"] >= 1, f"--iterations {settings['iterations']}: must be at least 1")
@@ -181,12 +179,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
     require(settings["probe_samples"] >= 0, f"--probe_samples {settings['probe_samples']}: must be >= 0")
     check_resolution(settings["resolution"])
     if model_dir is not None:
-        blocks = model_config_value(model_dir, "vae/config.json", "block_out_channels")
-        factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
-            else None
-        if settings["resolution"] is not None and factor:
-            require(settings["resolution"] % factor == 0,
-                    f"--resolution {settings['resolution']}: must be a multiple of the VAE's scale factor {factor}")
+        check_vae_multiple(settings["resolution"], model_dir)
         train_steps = model_config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
         require(settings["ddim_steps"] <= train_steps,
                 f"--ddim_steps {settings['ddim_steps']}: at most the model's {train_steps} training timesteps")
@@ -226,10 +219,9 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
         unet.disable_gradient_checkpointing()
     del frozen
     unet.requires_grad_(False).to("cpu")
-    tail = losses[-max(1, len(losses) // 10):]
     return {
         "trained_parameters": {"tensors": len(params), "numel": sum(p.numel() for p in params)},
-        "loss": {"first": losses[0], "last": losses[-1], "mean_last_10pct": sum(tail) / len(tail)},
+        "loss": loss_summary(losses),
         "objective_on_probes": {"samples": settings["probe_samples"], "before": before if probes else None,
                                 "after": after if probes else None},
         "latent_shape": list(latent_shape),

@@ -497,7 +497,6 @@ def _positive_int(settings: dict, key: str) -> None:
 def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
     """SA's flags, its data folders, and a given --fisher_file against the base model (before any model loads)."""
     from common.data import read_prompts
-    from common.models import vae_scale_factor
 
     require(concept is not None, "--concept: required for SA")
     forget = [concept] + [check_text(p, "--forget_prompts") for p in settings["forget_prompts"]]
@@ -555,12 +554,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
         for key in ("generation_steps", "fisher_timesteps"):
             require(settings[key] is None or settings[key] <= train_steps,
                     f"--{key} {settings[key]}: at most the model's {train_steps} training timesteps")
-        blocks = model_config_value(model_dir, "vae/config.json", "block_out_channels")
-        factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks)) if isinstance(blocks, list) and blocks \
-            else None
-        if settings["resolution"] is not None and factor:
-            require(settings["resolution"] % factor == 0,
-                    f"--resolution {settings['resolution']}: must be a multiple of the VAE's scale factor {factor}")
+        base.check_vae_multiple(settings["resolution"], model_dir)
     path = settings["fisher_file"]
     if path is not None:
         require(not os.path.isdir(path), f"--fisher_file {path}: is a directory")
@@ -630,9 +624,7 @@ def build_data(parts, forget: Sequence[str], surrogate, replay, resolution: int,
                 torch.tensor([row[p] for p in replay.prompts]))
 
 
-def _summary(values: Sequence[float]) -> dict:
-    tail = values[-max(1, len(values) // 10):]
-    return {"first": values[0], "last": values[-1], "mean_last_10pct": sum(tail) / len(tail)}
+_summary = base.loss_summary
 
 
 def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) -> dict:

@@ -452,10 +452,6 @@ FLAGS = (  # defaults: the SD README's commands and the scripts' own (docs/unlea
 
 def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> dict:
     """SalUn's flags, its data folders and a given mask against the model, all before any model loads."""
-    from types import SimpleNamespace
-
-    from common.models import vae_scale_factor
-
     s = dict(settings)
     require(concept is not None, "--concept: required for SalUn (the forget set's default prompt)")
     ratio = s["mask_ratio"]
@@ -491,12 +487,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
         model = model_unet_shapes(model_dir) if model_dir is not None else None
         if model is not None:  # else: checked against the loaded UNet before anything is written
             check_mask_matches(shapes, model, s["mask"])
-    if model_dir is not None and s["resolution"] is not None:
-        blocks = base.model_config_value(model_dir, "vae/config.json", "block_out_channels")
-        if isinstance(blocks, list) and blocks:
-            factor = vae_scale_factor(SimpleNamespace(block_out_channels=blocks))
-            require(s["resolution"] % factor == 0,
-                    f"--resolution {s['resolution']}: must be a multiple of the VAE's scale factor {factor}")
+    base.check_vae_multiple(s["resolution"], model_dir)
     return {**s, "concept": concept}
 
 
@@ -561,9 +552,7 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
         unet.disable_gradient_checkpointing()
     unet.requires_grad_(False).to("cpu")
 
-    def summary(values):
-        tail = values[-max(1, len(values) // 10):]
-        return {"first": values[0], "last": values[-1], "mean_last_10pct": sum(tail) / len(tail)}
+    summary = base.loss_summary
 
     return {
         "mask": {"file": os.path.abspath(mask_path) if mask_path else None, "source": given or "computed",

@@ -1,0 +1,43 @@
+"""Helpers of the unlearning tests (tests/test_unlearn*.py): a method run in-process, its card, its weights."""
+
+import glob
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from tools import unlearn
+
+
+def run(argv) -> str:
+    """tools/unlearn.py in this process (parse, then main); the output directory."""
+    request = unlearn.parse_args(argv)
+    unlearn.main(request)
+    return request.output_dir
+
+
+def card(out: str) -> dict:
+    """The unlearning card a run wrote."""
+    with open(os.path.join(out, unlearn.CARD_FILE)) as f:
+        return json.load(f)
+
+
+def weights(pipeline_dir: str, part: str = "unet") -> dict:
+    """Every tensor of one part of a pipeline directory."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(pipeline_dir, part, "*.safetensors"))):
+        out.update(load_file(f))
+    assert out, f"no safetensors under {pipeline_dir}/{part}"
+    return out
+
+
+def changed_tensors(a: dict, b: dict) -> set:
+    """Names of the tensors that differ between two state dicts of the same keys."""
+    assert a.keys() == b.keys()
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def changed(base: str, out: str, part: str = "unet") -> set:
+    """Names of the tensors of ``part`` that a run changed."""
+    return changed_tensors(weights(base, part), weights(out, part))
