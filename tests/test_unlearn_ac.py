@@ -18,6 +18,7 @@ from common.data import encode_prompts
 from tools import unlearn
 from tools.unlearning import ac
 from tools.unlearning.base import load_image_set, noised
+from conftest import ROOT, launch
 from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
 
 CONCEPT, ANCHOR = "red circle", "circle"  # the concept names its anchor: --regularization auto turns the prior on
@@ -35,9 +36,13 @@ GENERATE = ["--anchor_prompts", *ANCHOR_PROMPTS, "--anchor_images", "6", "--gene
 
 @pytest.fixture(scope="module")
 def generated(assets, tmp_path_factory):
-    """The run that generates its anchor images (OUTPUT_DIR/unlearn_data/anchor)."""
+    """The run that generates its anchor images (OUTPUT_DIR/unlearn_data/anchor), started as a new interpreter
+    (python tools/unlearn.py, as a user runs it)."""
     out = str(tmp_path_factory.mktemp("ac") / "generated")
-    return _run([*FLAGS, *GENERATE, "--model", assets["sd"], "--output_dir", out])
+    proc = launch("tools/unlearn.py", [*FLAGS, *GENERATE, "--model", assets["sd"], "--output_dir", out], str(ROOT),
+                  fresh=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
