@@ -287,7 +287,7 @@ def test_the_registry_names_each_method_and_groups_its_flags():
 
 
 def test_a_flag_several_methods_declare_is_one_flag_with_each_method_s_default(monkeypatch, assets, tmp_path,
-                                                                             capsys):
+                                                                             capsys, request):
     """A new method may declare a flag another method has (--learning_rate): added once, in the shared group, each
     method keeping its default; its own flags are refused for the others, naming it."""
     from tools.unlearning import METHODS
@@ -297,9 +297,12 @@ def test_a_flag_several_methods_declare_is_one_flag_with_each_method_s_default(m
                   code="https://example.org", flags=(Flag("--learning_rate", 2e-5, "Adam learning rate", float),
                                                     Flag("--fake_steps", 3, "steps", int)),
                   check=lambda s, c, d: {**s, "concept": c}, run=None, erased=lambda s: [s["concept"]])
-    for name in [n for n in METHODS if n not in ("esd-x", "esd-u", "uce")]:  # only ESD and UCE beside the fake
-        monkeypatch.delitem(METHODS, name)
-    monkeypatch.setitem(METHODS, "fake", fake)
+    # Only ESD and UCE beside the fake. The registry is put back whole, in its order, after the test: its order is
+    # the order of --help and docs/flags.md (deleting and restoring methods one by one would reorder it).
+    saved = dict(METHODS)
+    request.addfinalizer(lambda: (METHODS.clear(), METHODS.update(saved)))
+    METHODS.clear()
+    METHODS.update({n: saved[n] for n in ("esd-x", "esd-u", "uce")}, fake=fake)
     parser = unlearn.build_parser()
     groups = {g.title: g for g in parser._action_groups}
     (shared,) = groups["settings several methods share (each method's own default)"]._group_actions
@@ -316,7 +319,7 @@ def test_a_flag_several_methods_declare_is_one_flag_with_each_method_s_default(m
         unlearn.parse_args(["--method", "esd-x", "--concept", "x", "--fake_steps", "2", *flags])
     assert "--fake_steps: not used by --method esd-x (a flag of fake)" in capsys.readouterr().err
     # The same flag with another type is a bug of the new method, found when the parser is built.
-    monkeypatch.setitem(METHODS, "fake", dataclasses.replace(fake, flags=(Flag("--learning_rate", 1, "x", int),)))
+    METHODS["fake"] = dataclasses.replace(fake, flags=(Flag("--learning_rate", 1, "x", int),))  # undone above
     with pytest.raises(ValueError, match="--learning_rate: fake declares it with another type"):
         unlearn.build_parser()
 
