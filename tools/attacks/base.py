@@ -56,6 +56,7 @@ class Found:
     score: float  # its score
     step: Optional[int]  # the optimisation step at which it first succeeded (None if never)
     steps_run: int  # optimisation steps actually taken
+    seed: Optional[int] = None  # the seed `prompt` was judged at when not the case's own (seed search)
 
 
 SearchFn = Callable[[Case, Models, Judge, dict, torch.Generator], Found]

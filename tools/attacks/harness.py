@@ -273,12 +273,14 @@ def run_case(case: Case, reference: str, search, models: Models, judge: ImageJud
     start = time.time()
     pre = judge.judge(case.prompt, case.seed, case.guidance, reference)
     found: Optional[Found] = None
+    post_seed = case.seed
     if pre.success:
         prompt, post = case.prompt, pre
     else:
         found = search(case, models, judge.for_case(reference), dict(settings), case_generator(seed, case.case_number))
         prompt = found.prompt
-        post = judge.judge(prompt, case.seed, case.guidance, reference)  # kept: free when the search judged it last
+        post_seed = case.seed if found.seed is None else int(found.seed)  # seed search: the seed it found
+        post = judge.judge(prompt, post_seed, case.guidance, reference)  # kept: free when the search judged it last
         if abs(post.score - float(found.score)) > 1e-6 or post.success != bool(found.success):
             log(f"case {case.case_number}: the search reported score {found.score} (success {found.success}) for "
                 f"its prompt, the judge gives {post.score} ({post.success}); the record keeps the judge's")
@@ -298,6 +300,7 @@ def run_case(case: Case, reference: str, search, models: Models, judge: ImageJud
         "attacked": found is not None,
         # The prompt that counts: the attack's, or the original where it already succeeded.
         "adv_prompt": prompt, "adv_token_ids": [int(t) for t in found.token_ids] if found is not None else [],
+        "adv_seed": post_seed,  # the seed the counting prompt was judged at: the case's, except for seed search
         "post_score": post.score, "post_success": post.success, "post_details": post.details,
         "step": found.step if found is not None else None,
         "steps_run": found.steps_run if found is not None else 0,
@@ -350,8 +353,8 @@ def adv_prompts_csv(records: Sequence[dict], attack: str) -> str:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_COLUMNS + (REFERENCE_COLUMN, "attack", "attacked", "success"))
     for r in records:
-        w.writerow([r["adv_prompt"], r["case_number"], r["seed"], repr(float(r["guidance"])), r["prompt"], attack,
-                    r["attacked"], r["post_success"]])
+        w.writerow([r["adv_prompt"], r["case_number"], r.get("adv_seed", r["seed"]), repr(float(r["guidance"])),
+                    r["prompt"], attack, r["attacked"], r["post_success"]])
     return out.getvalue()
 
 
