@@ -210,3 +210,36 @@ def test_seed_is_a_grid_axis(tmp_path):
     g.write_text("script,method,concept,dataset,seed\nx,a,b,c,one\n")
     with pytest.raises(InputError, match="seed must list integers"):
         grid.read_grid(str(g), "R")
+
+
+def test_unlearn_seed_is_an_axis_of_the_unlearning_run_and_of_the_revival_runs_on_its_models(tmp_path):
+    g = tmp_path / "g.csv"
+    g.write_text("script,method,concept,dataset,seed,unlearn_seed,--method,--pretrained_model_name_or_path\n"
+                 "tools/unlearn.py,esd-x,golf ball,-,,0;1,esd-x,base\n"
+                 "finetuning_sequential.py,esd-x,golf ball,related,0;1;2,0;1,,"
+                 "R/unlearn/{method}/{concept_slug}/-/useed{unlearn_seed}\n"
+                 "finetuning_sequential.py,control,golf ball,related,0;1;2,,,base\n")
+    runs = grid.read_grid(str(g), "R")
+    unlearn, revival, control = runs[:2], runs[2:8], runs[8:]
+    # The unlearning runs: the axis is their --seed and their output directory's last part.
+    assert [dict(r.flags)["--seed"] for r in unlearn] == ["0", "1"]
+    assert [r.output_dir for r in unlearn] == [f"R/unlearn/esd-x/golf_ball/-/useed{u}" for u in (0, 1)]
+    # The revival runs: each (fine-tuning seed, unlearning seed) pair reads that seed's model and is tagged.
+    assert [(r.seed, r.unlearn_seed) for r in revival] == [(s, u) for s in "012" for u in "01"]
+    cmd = shlex.split(grid.launch_command(revival[3]))  # seed 1, unlearning seed 1
+    assert "--pretrained_model_name_or_path=R/unlearn/esd-x/golf_ball/-/useed1" in cmd
+    assert "--seed=1" in cmd and "--tag=unlearn_seed=1" in cmd and cmd.count("--seed=1") == 1
+    assert revival[3].output_dir == "R/finetuning_sequential/esd-x/golf_ball/related/seed1/useed1"
+    assert revival[3].name.endswith("/seed1/useed1")
+    assert [r.unlearn_seed for r in control] == [None] * 3  # an empty cell: no axis on that row
+    # An axis that could not change what runs is refused.
+    g.write_text("script,method,concept,dataset,unlearn_seed,--pretrained_model_name_or_path\n"
+                 "finetuning_sequential.py,esd-x,golf ball,related,0;1,models/esd-x\n")
+    with pytest.raises(InputError, match="no cell names the unlearned model"):
+        grid.read_grid(str(g), "R")
+    g.write_text("script,method,concept,dataset,seed,unlearn_seed\ntools/unlearn.py,esd-x,b,-,0,1\n")
+    with pytest.raises(InputError, match="leave its seed and --seed cells empty"):
+        grid.read_grid(str(g), "R")
+    g.write_text("script,method,concept,dataset,unlearn_seed\ntools/unlearn.py,esd-x,b,-,x\n")
+    with pytest.raises(InputError, match="unlearn_seed must list integers"):
+        grid.read_grid(str(g), "R")

@@ -537,3 +537,33 @@ def test_attack_runs_are_recognised_by_their_config_and_need_only_a_summary(tmp_
     with pytest.raises(SystemExit) as exc:
         report.parse_args([run])
     assert exc.value.code == 2 and "an attack run that has not finished" in capsys.readouterr().err
+
+
+def test_the_spread_over_unlearning_and_fine_tuning_seeds_is_told_apart(tmp_path):
+    # Revival Points (chunk) by (fine-tuning seed, unlearning seed): the unlearning seed moves it by 4, the
+    # fine-tuning seed by 1 or 2 (not revived at (2, 1): that slice's range is unknown).
+    table = {(0, 0): 2, (0, 1): 6, (1, 0): 3, (1, 1): 7, (2, 0): 4, (2, 1): None}
+    args = {"pretrained_model_name_or_path": "/m/esd-x", "validation_prompts": "/p/t.txt", "train_data_dir": "/d/rel"}
+    runs = []
+    for (s, u), point in table.items():
+        rp = {"chunk": point, "images_seen": 50 * (point + 1)} if point is not None else None
+        runs.append(_run(tmp_path / f"s{s}u{u}", {"args": {**args, "seed": s}, "tags": {"unlearn_seed": str(u)}},
+                         {"protocol": "sequential", "criteria": {"clip": 0.3}, "revival_point": {"clip": rp},
+                          "chunks": []}, [{"criterion": "clip", "images_seen": 50, "mean": 0.2}]))
+    loaded = [report.load_run(r) for r in runs]
+    assert [len(g) for g in report.seed_groups(loaded)] == [6]  # one experiment, though fine-tuning seeds repeat
+    header, rows = report.seed_source_rows(loaded)
+    by = {(r[4], r[5]): r[6] for r in rows}
+    assert by[("fine-tuning seed 0", "unlearning seeds 0, 1")].endswith("2/2 revived")
+    assert by[("unlearning seed 0", "fine-tuning seeds 0, 1, 2")] == "chunk 3 [2, 4], 3/3 revived"
+    assert by[("unlearning seed 1", "fine-tuning seeds 0, 1, 2")].endswith("2/3 revived")
+    # Ranges: unlearning seeds 4, 4 (seed 2's slice has a non-revival); fine-tuning seeds 2 (unlearning seed 0).
+    assert by[("each slice", "unlearning seeds only")] == "mean range 4.00 chunks over 2/3 slices where all revived"
+    assert by[("each slice", "fine-tuning seeds only")] == "mean range 2.00 chunks over 1/2 slices where all revived"
+    # The revival table names both seeds; the report writes the sources table and one figure per run.
+    header, rows = report.table_rows(loaded)
+    assert header[3:5] == ["seed", "unlearning seed"] and [r[3:5] for r in rows][:2] == [[0, "0"], [0, "1"]]
+    out = tmp_path / "report"
+    _, _, plots = report.main(report.parse_args([*runs, "--out", str(out)]))
+    assert "mean range 4.00 chunks" in (out / "revival_table_seed_sources.md").read_text()
+    assert len({p for p in plots if "sequential_esd" in os.path.basename(p)}) == 6

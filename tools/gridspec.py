@@ -15,8 +15,8 @@ trains gets ``--resume`` (its checkpoint, when a requeued job finds one).
 
 An optional ``seed`` column is a fourth axis (``0;1;2``): each seed is its own
 run with ``--seed``, a ``{seed}`` placeholder, and ``seed{N}`` appended to the
-default output directory; tools/report.py aggregates runs that differ only in
-their seed.
+default output directory (an empty cell: no seed axis on that row); tools/report.py
+aggregates runs that differ only in their seed.
 
 An optional ``args`` column holds a program's positional arguments (eval_model.py's
 ``MODEL_PATHS CLASSIFIER CONCEPT``): the cell is split as a shell would split it,
@@ -40,6 +40,8 @@ from common.errors import InputError
 from common.results import slug
 
 AXES = ("method", "concept", "dataset")
+UNLEARN_SEED = "unlearn_seed"  # the unlearning run's seed axis (column and placeholder)
+UNLEARN_SCRIPT = "unlearn.py"  # the program whose --seed the unlearn_seed axis sets
 BARE = "on"
 ARGS = "args"  # the column of positional arguments
 # Tools that split their work among the processes of `accelerate launch` (docs/workflow.md, docs/attacks.md; each
@@ -58,11 +60,13 @@ class GridRun:
     output_dir: str
     seed: Optional[str] = None  # the seed axis' value, when the grid has one
     args: tuple = ()  # positional arguments, placeholders filled (the args column)
+    unlearn_seed: Optional[str] = None  # the unlearning seed axis' value, when the row has one
 
     @property
     def name(self) -> str:
         name = f"{os.path.splitext(os.path.basename(self.script))[0]}/{self.method}/{slug(self.concept)}/{self.dataset}"
-        return name if self.seed is None else f"{name}/seed{self.seed}"
+        name = name if self.seed is None else f"{name}/seed{self.seed}"
+        return name if self.unlearn_seed is None else f"{name}/useed{self.unlearn_seed}"
 
 
 def _fill(template: str, values: Dict[str, str], where: str) -> str:
@@ -70,7 +74,7 @@ def _fill(template: str, values: Dict[str, str], where: str) -> str:
         return template.format(**values)
     except (KeyError, IndexError, ValueError) as err:
         raise InputError(f"{where}: cannot fill {template!r} ({err}); placeholders are "
-                         "{method} {concept} {concept_slug} {dataset} {out_root} {seed}") from None
+                         "{method} {concept} {concept_slug} {dataset} {out_root} {seed} {unlearn_seed}") from None
 
 
 def read_grid(path: str, out_root: str) -> List[GridRun]:
@@ -88,7 +92,7 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
     has_seed = "seed" in columns
     if has_seed and "--seed" in columns:
         raise InputError(f"GRID {path}: a seed axis and a --seed column; keep one")
-    unknown = [c for c in columns if c not in ("script", "seed", ARGS, *AXES) and not c.startswith("--")]
+    unknown = [c for c in columns if c not in ("script", "seed", UNLEARN_SEED, ARGS, *AXES) and not c.startswith("--")]
     if unknown:
         raise InputError(f"GRID {path}: column(s) {', '.join(unknown)} are neither axes nor --flags")
     runs: List[GridRun] = []
@@ -106,12 +110,15 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
         script = row["script"].strip()
         if not script:
             raise InputError(f"{where}: empty script")
-        seeds = [v.strip() for v in row["seed"].split(";") if v.strip()] if has_seed else [None]
-        if has_seed and (not seeds or not all(v.lstrip("-").isdigit() for v in seeds)):
+        # An empty seed cell: no seed axis on that row (an unlearning row beside seeded revival rows).
+        seeds = [v.strip() for v in row["seed"].split(";") if v.strip()] if has_seed and row["seed"].strip() else [None]
+        if seeds != [None] and not all(v.lstrip("-").isdigit() for v in seeds):
             raise InputError(f"{where}: seed must list integers separated by ';'")
-        for method, concept, dataset, seed in itertools.product(*axes, seeds):
+        unlearn_seeds = _unlearn_seeds(row, columns, script, seeds != [None], where)
+        for method, concept, dataset, seed, unlearn_seed in itertools.product(*axes, seeds, unlearn_seeds):
             values = {"method": method, "concept": concept, "concept_slug": slug(concept), "dataset": dataset,
-                      "out_root": out_root, "seed": seed if seed is not None else ""}
+                      "out_root": out_root, "seed": seed if seed is not None else "",
+                      UNLEARN_SEED: unlearn_seed if unlearn_seed is not None else ""}
             flags = []
             output_dir = None
             positional = _positional(row.get(ARGS) or "", values, f"{where} column {ARGS}")
@@ -126,15 +133,39 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
                     flags.append((col, value))
             stem = os.path.splitext(os.path.basename(script))[0]
             output_dir = output_dir or os.path.join(out_root, stem, method, slug(concept), dataset,
-                                                    *([f"seed{seed}"] if seed is not None else []))
+                                                    *([f"seed{seed}"] if seed is not None else []),
+                                                    *([f"useed{unlearn_seed}"] if unlearn_seed is not None else []))
             if output_dir in seen:
                 raise InputError(f"{where}: output directory {output_dir} is also used by run {seen[output_dir]}")
             seen[output_dir] = len(runs)
             if seed is not None:
                 flags.append(("--seed", seed))
+            if unlearn_seed is not None and os.path.basename(script) == UNLEARN_SCRIPT:
+                flags.append(("--seed", unlearn_seed))  # the unlearning run's own seed
             runs.append(GridRun(len(runs), method, concept, dataset, script, tuple(flags), output_dir, seed,
-                                positional))
+                                positional, unlearn_seed))
     return runs
+
+
+def _unlearn_seeds(row: Dict[str, str], columns: List[str], script: str, has_seed: bool, where: str) -> list:
+    """The row's unlearn_seed values ([None]: no such axis on this row); InputError when the axis could not change
+    what the row runs: a tools/unlearn.py row with a seed axis or --seed too, or a revival row none of whose cells
+    names the model of each unlearning seed with {unlearn_seed}."""
+    cell = (row.get(UNLEARN_SEED) or "").strip()
+    if not cell:
+        return [None]
+    values = [v.strip() for v in cell.split(";") if v.strip()]
+    if not values or not all(v.lstrip("-").isdigit() for v in values):
+        raise InputError(f"{where}: {UNLEARN_SEED} must list integers separated by ';'")
+    if os.path.basename(script) == UNLEARN_SCRIPT:
+        if has_seed or (row.get("--seed") or "").strip():
+            raise InputError(f"{where}: {UNLEARN_SEED} sets tools/unlearn.py's --seed; leave its seed and --seed "
+                             "cells empty")
+    elif not any("{" + UNLEARN_SEED + "}" in (row.get(c) or "") for c in columns if c.startswith("--") or c == ARGS):
+        raise InputError(f"{where}: an {UNLEARN_SEED} axis, but no cell names the unlearned model of each seed with "
+                         "{" + UNLEARN_SEED + "} (e.g. --pretrained_model_name_or_path models/{concept_slug}/"
+                         "{method}/useed{" + UNLEARN_SEED + "})")
+    return values
 
 
 def _positional(cell: str, values: Dict[str, str], where: str) -> tuple:
@@ -203,6 +234,8 @@ def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1, 
         cmd += [f"--tag=method={run.method}", f"--tag=concept={run.concept}", f"--tag=data={run.dataset}"]
         if run.seed is not None:
             cmd += [f"--tag=seed={run.seed}"]
+        if run.unlearn_seed is not None:
+            cmd += [f"--tag={UNLEARN_SEED}={run.unlearn_seed}"]
     cmd += [f"--output_dir={run.output_dir}"]
     if finetuning:  # the only programs with the flag; the tools continue from their output directory unasked
         cmd += ["--resume_from_checkpoint=latest"]

@@ -112,7 +112,7 @@ def load_run(run: str) -> dict:
             "concept": tags.get("concept") or _stem(a.get("validation_prompts")).replace("_", " "),
             "data": tags.get("data") or _stem(a.get("train_data_dir") or a.get("dataset_name")),
             "protocol": summary.get("protocol"), "seed": a.get("seed"),
-            "control": tags.get("role") == CONTROL_ROLE}
+            "unlearn_seed": tags.get(UNLEARN_SEED_TAG), "control": tags.get("role") == CONTROL_ROLE}
     run["model"] = run["method"]  # the model probed, whatever the probe
     run["probe"] = probe_name(config, run["protocol"])
     if run["probe"] == LORA_PROBE:
@@ -260,6 +260,7 @@ def probe_rows(runs) -> tuple:
 
 
 CONTROL_ROLE = "control"  # --tag role=control: the original model fine-tuned on the same curriculum
+UNLEARN_SEED_TAG = "unlearn_seed"  # --tag unlearn_seed=N: the unlearning run's seed (tools/grid.py's unlearn_seed axis)
 
 
 def _pair_key(r) -> tuple:
@@ -354,6 +355,13 @@ def table_rows(runs) -> tuple:
         kept = [r for r in runs if r["protocol"] != "inversion"]
         seeds = [r["seed"] for r in kept for _ in (r["summary"]["criteria"] if r["protocol"] == "sequential" else [0])]
         rows = [row[:3] + [seed] + row[3:] for row, seed in zip(rows, seeds)]
+    kept = [r for r in runs if r["protocol"] != "inversion"]
+    if len({str(r.get("unlearn_seed")) for r in kept}) > 1:  # which unlearned model of several seeds each row is
+        at = header.index("seed") + 1 if "seed" in header else 3
+        header.insert(at, "unlearning seed")
+        useeds = [r.get("unlearn_seed") or "-" for r in kept
+                  for _ in (r["summary"]["criteria"] if r["protocol"] == "sequential" else [0])]
+        rows = [row[:at] + [u] + row[at:] for row, u in zip(rows, useeds)]
     return header, rows
 
 
@@ -390,7 +398,7 @@ def seed_rows(runs) -> tuple:
     rows = []
     for members in seed_groups(runs):
         method, concept, data, protocol = (members[0][k] for k in ("method", "concept", "data", "protocol"))
-        seeds = sorted({m["seed"] for m in members}, key=str)
+        seeds = members  # each run one seed, or one (fine-tuning, unlearning) pair of seeds
         if len(members) < 2 or protocol == "inversion":
             continue
         if protocol == "sequential":
@@ -549,7 +557,8 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
     for k, r in enumerate(runs):
         if r["protocol"] != "sequential":
             continue
-        name = _slug(r["method"], r["concept"], r["data"]) + (f"_seed{r['seed']}" if _seeded(runs, r) else "")
+        name = _slug(r["method"], r["concept"], r["data"]) + (f"_seed{r['seed']}" if _seeded(runs, r) else "") + (
+            f"_useed{r['unlearn_seed']}" if r.get("unlearn_seed") is not None else "")
         control = controls.get(k)
         # The base model's score: given on the command line, else a control's before any fine-tuning (the
         # original model's, whatever the control's data or probe, at this run's seed, prompts and thresholds).
@@ -627,9 +636,69 @@ def seed_groups(runs) -> list:
         groups.setdefault((r["method"], r["concept"], r["data"], r["protocol"], _criteria_key(r)), []).append(r)
     out = []
     for members in groups.values():
-        distinct = len({str(m["seed"]) for m in members}) == len(members)
+        distinct = len({_seed_pair(m) for m in members}) == len(members)
         out.extend([members] if distinct else [[m] for m in members])
     return out
+
+
+def _seed_pair(r) -> tuple:
+    """(fine-tuning seed, unlearning seed) of a run: runs of one experiment differ in one of them or both."""
+    return str(r["seed"]), str(r.get("unlearn_seed"))
+
+
+def _revival_text(points, unit="chunk ", cap="not reached") -> str:
+    """Median [95% bootstrap CI], how many revived, of sequential Revival Points (None: not revived)."""
+    med, low, high = bootstrap_median_ci([p["chunk"] if p else float("inf") for p in points])
+    return (f"{_fmt_point(med, unit, cap)} [{_fmt_point(low, '', cap)}, {_fmt_point(high, '', cap)}], "
+            f"{sum(p is not None for p in points)}/{len(points)} revived")
+
+
+def _spread(points) -> Optional[float]:
+    """Highest minus lowest Revival Point (chunks) of a slice, or None when one of them did not revive."""
+    chunks = [p["chunk"] for p in points if p]
+    return max(chunks) - min(chunks) if len(chunks) == len(points) else None
+
+
+def seed_source_rows(runs) -> tuple:
+    """Where a sequential Revival Point's spread comes from, for runs over both seeds (tools/grid.py's seed and
+    unlearn_seed axes): per fine-tuning seed the interval over unlearning seeds, per unlearning seed the interval
+    over fine-tuning seeds, and per source the mean of those slices' ranges (highest minus lowest chunk, over the
+    slices where every run revived)."""
+    header = ["method", "concept", "data", "criterion", "held fixed", "varied", "result (median [95% CI], revived)"]
+    rows = []
+    for members in seed_groups(runs):
+        if members[0]["protocol"] != "sequential":
+            continue
+        ft = sorted({str(m["seed"]) for m in members}, key=_seed_order)
+        us = sorted({str(m.get("unlearn_seed")) for m in members}, key=_seed_order)
+        if len(us) < 2 or "None" in us:
+            continue  # one unlearning seed (or unknown for some runs): seed_rows says it all
+        method, concept, data = (members[0][k] for k in ("method", "concept", "data"))
+        for name in members[0]["summary"]["criteria"]:
+            point = {_seed_pair(m): m["summary"]["revival_point"].get(name) for m in members}
+            spreads = {"unlearning": [], "fine-tuning": []}
+            for fixed, varied, outer, inner, key in (
+                    ("fine-tuning seed", "unlearning seeds", ft, us, lambda a, b: (a, b)),
+                    ("unlearning seed", "fine-tuning seeds", us, ft, lambda a, b: (b, a))):
+                for a in outer:
+                    points = [point[key(a, b)] for b in inner if key(a, b) in point]
+                    if len(points) < 2:
+                        continue
+                    spreads[varied.split()[0]].append(_spread(points))
+                    rows.append([method, concept, data, name, f"{fixed} {a}",
+                                 f"{varied} {', '.join(b for b in inner if key(a, b) in point)}",
+                                 _revival_text(points)])
+            for source, values in spreads.items():
+                known = [v for v in values if v is not None]
+                mean = f"{sum(known) / len(known):.2f} chunks" if known else "-"
+                rows.append([method, concept, data, name, "each slice", f"{source} seeds only",
+                             f"mean range {mean} over {len(known)}/{len(values)} slices where all revived"])
+    return header, rows
+
+
+def _seed_order(value: str):
+    """Seeds as numbers where they are numbers (so 10 sorts after 2)."""
+    return (0, int(value), "") if value.lstrip("-").isdigit() else (1, 0, value)
 
 
 def seeds_figure(members, base: Optional[dict] = None):
@@ -695,11 +764,18 @@ def main(args):
     if seed_table:  # runs that differ only in their seed: one aggregated row each
         with open(os.path.join(args.out, "revival_table_seeds.md"), "w") as f:
             f.write(to_markdown(seed_header, seed_table))
+    source_header, source_table = seed_source_rows(runs)
+    if source_table:  # runs over fine-tuning and unlearning seeds: which seed the spread comes from
+        with open(os.path.join(args.out, "revival_table_seed_sources.md"), "w") as f:
+            f.write(to_markdown(source_header, source_table))
     plots = plot(runs, args.out, args.title, base_scores(args.base_score))
     print(to_markdown(header, rows))
     if seed_table:
         print(f"over seeds (median, {BOOTSTRAP_RESAMPLES} bootstrap resamples, bootstrap seed {BOOTSTRAP_SEED}):")
         print(to_markdown(seed_header, seed_table))
+    if source_table:
+        print("the spread's sources: unlearning seeds at a fixed fine-tuning seed, and the other way round:")
+        print(to_markdown(source_header, source_table))
     if probe_table:
         print("probes side by side:")
         print(to_markdown(probe_header, probe_table))
