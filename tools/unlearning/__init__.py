@@ -29,6 +29,7 @@ MODULES = (
     "ac",
     "sa",
     "erasediff",
+    "receler",
 )
 
 
