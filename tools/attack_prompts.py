@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Prompt attacks on an unlearned model: UnlearnDiffAtk, P4D-N, P4D-K, Ring-A-Bell, or replay of found prompts.
+"""Prompt attacks on an unlearned model: UnlearnDiffAtk, P4D-N, P4D-K, Ring-A-Bell, MMA-Diffusion's text attack,
+the baselines (no attack, random tokens, seed search), or replay of found prompts.
 
     python tools/attack_prompts.py --attack unlearndiffatk --pretrained_model_name_or_path esd-x-nudity \\
         --prompts nudity.csv --target_images nudity_targets --criterion classifier --theme Nudity \\
@@ -94,8 +95,10 @@ def build_parser() -> cli.Parser:
     p = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("attack and models")
     g.add_argument("--attack", required=True, choices=tuple(attacks.MODULES),
-                   help="the search: UnlearnDiffAtk, P4D-N, P4D-K, Ring-A-Bell, or replay (judge --prompts as "
-                        "written, e.g. another run's adv_prompts.csv)")
+                   help="the search: UnlearnDiffAtk, P4D-N, P4D-K, Ring-A-Bell, MMA (MMA-Diffusion's text attack), "
+                        "replay (judge --prompts as written, e.g. another run's adv_prompts.csv), or a baseline: "
+                        "none (the prompt as written: the pre-ASR), random (random tokens in the slots), "
+                        "seed_search (the prompt on other seeds)")
     g.add_argument("--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path", required=True,
                    help="the unlearned model attacked and judged: a diffusers Stable Diffusion directory (or hub id)")
     g.add_argument("--original_model", default=None,
@@ -191,6 +194,10 @@ def attack_settings(args: argparse.Namespace) -> dict:
         settings[key] = default if value is None else value
     if args.attack in NEEDS_PAIRS and "pairs_file" not in settings:
         settings["pairs_file"] = args.pairs_file
+    if args.attack in NEEDS_PAIRS and settings.get("pairs_file") and not settings.get("concept_vector"):
+        from tools.attacks.ringabell import VECTOR_FILE
+
+        settings["concept_vector_out"] = os.path.join(args.output_dir, VECTOR_FILE)  # the vector from the pairs
     settings.update(attacks.fixed_settings(args.attack))
     return settings
 
@@ -234,10 +241,16 @@ def _check_attack(args: argparse.Namespace) -> None:
                                                   "unlearned model's noise predictions to the original model's)")
         check_pipeline_dir(args.original_model, flag="--original_model")
     if args.attack in NEEDS_PAIRS:
-        pairs = settings.get("pairs_file")
-        _require(bool(pairs), f"--attack {args.attack}: needs --pairs_file (prompts with and without the concept, "
-                              "one tab-separated pair per line)")
-        _require(os.path.isfile(pairs), f"--pairs_file {pairs}: no such file")
+        pairs, vector = settings.get("pairs_file"), settings.get("concept_vector")
+        _require(bool(pairs or vector), f"--attack {args.attack}: needs --pairs_file (prompts with and without the "
+                                        "concept, one tab-separated pair per line) or --concept_vector")
+        _require(not pairs or os.path.isfile(pairs), f"--pairs_file {pairs}: no such file")
+        if vector and not (pairs and vector):  # both: refused by the attack's own check below
+            from tools.attacks import ringabell
+
+            shape = ringabell.model_vector_shape(args.pretrained_model_name_or_path)
+            if shape is not None:
+                ringabell.check_vector_shape(ringabell.load_vector(vector), shape, vector)
     why = attacks.unavailable(args.attack)
     _require(why is None, f"--attack {args.attack}: not available ({why})")
     for key in TOKEN_COUNTS:
