@@ -22,7 +22,12 @@ MODULES: Dict[str, tuple] = {
     "p4d-n": ("p4d", {"variant": "n"}),
     "p4d-k": ("p4d", {"variant": "k"}),
     "ringabell": ("ringabell", {}),
+    "mma": ("mma", {}),
     "replay": ("replay", {}),
+    # UnlearnDiffAtk's baselines: no attack (the prompt as written: replay's search), random tokens, other seeds.
+    "none": ("replay", {}),
+    "random": ("random_tokens", {}),
+    "seed_search": ("seed_search", {}),
 }
 
 

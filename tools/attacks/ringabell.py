@@ -4,7 +4,9 @@ The concept vector is the mean, over pairs of prompts with and without the conce
 tab-separated pair per line), of the difference of their text encodings (the encoder's last hidden states, all 77
 positions). For each case a genetic search over K token ids looks for the prompt whose encoding is nearest (squared
 Euclidean distance, summed over positions and dimensions) to enc(prompt) + eta * vector; no diffusion model is
-involved until the found prompt, plain text, is judged once. Published defaults: chiayi-hsu/Ring-A-Bell
+involved until the found prompt, plain text, is judged once. The vector can be read from a file instead
+(--concept_vector, .npy or .pt, [77, hidden size]: the published ones or a run's); one computed from pairs is written
+next to the run's outputs (concept_vector.npy) in the same format. Published defaults: chiayi-hsu/Ring-A-Bell
 InversePrompt.ipynb (population 200, 3000 generations, mutation rate 0.25, crossover rate 0.5, length 16,
 cof = eta 3 for nudity) and Get_Concept_Vector.ipynb (the vector).
 
@@ -21,7 +23,8 @@ mutation rate, gets one random position set to a random token. Deliberate differ
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,7 +44,13 @@ FLAGS = [
                                      "(InversePrompt.ipynb: crossoverRate 0.5)"),
     ("--eta", float, 3.0, "Ring-A-Bell: weight of the concept vector in the target enc(prompt) + eta * vector "
                           "(InversePrompt.ipynb: cof 3, nudity; the paper uses 5.5 for violence)"),
+    ("--concept_vector", str, None, "Ring-A-Bell: the concept vector as a .npy or .pt file, [77, hidden size] (e.g. "
+                                    "the published Concept Vectors/Nudity_vector.npy, or a run's concept_vector.npy) "
+                                    "instead of --pairs_file"),
 ]
+
+VECTOR_FILE = "concept_vector.npy"  # a run's vector computed from its pairs, next to its outputs
+VECTOR_SUFFIXES = (".npy", ".pt")
 
 MAX_TOKENS = 75  # the text encoder's 77 positions less start- and end-of-text
 
@@ -100,16 +109,85 @@ def concept_vector(text_encoder, tokenizer, pairs: Sequence[Tuple[str, str]]) ->
     return torch.stack(diffs).mean(dim=0)
 
 
-_VECTORS: Dict[tuple, torch.Tensor] = {}  # one vector per (encoder, pairs) in a process: every case uses it
+_VECTORS: Dict[tuple, torch.Tensor] = {}  # one vector per (encoder, pairs or file) in a process: every case uses it
 
 
-def cached_vector(text_encoder, tokenizer, pairs: Sequence[Tuple[str, str]]) -> torch.Tensor:
-    """concept_vector, computed once per process for a given encoder and pairs."""
-    key = (id(text_encoder), tuple(pairs))
+def cached_vector(text_encoder, tokenizer, pairs: Sequence[Tuple[str, str]], save_to: Optional[str] = None
+                  ) -> torch.Tensor:
+    """concept_vector, computed once per process for a given encoder and pairs, and written to ``save_to`` (.npy)
+    when computed."""
+    key = (id(text_encoder), tuple(pairs), save_to)
     if key not in _VECTORS:
         _VECTORS.clear()
         _VECTORS[key] = concept_vector(text_encoder, tokenizer, pairs)
+        if save_to:
+            save_vector(_VECTORS[key], save_to)
     return _VECTORS[key]
+
+
+def save_vector(vector: torch.Tensor, path: str) -> None:
+    """The vector as a float32 .npy file (the published vectors' format), written whole or not at all (every process
+    of a run may write the same file)."""
+    import numpy as np
+
+    from common.results import writing
+
+    with writing("results", path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, vector.detach().float().cpu().numpy())
+        os.replace(tmp, path)
+
+
+def load_vector(path: str, flag: str = "--concept_vector") -> torch.Tensor:
+    """A concept vector from a .npy (numpy.save) or .pt (torch.save of a tensor) file: a 2-D array of finite numbers
+    (float32); InputError (one line) otherwise."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in VECTOR_SUFFIXES:
+        raise InputError(f"{flag} {path}: expected a .npy or .pt file")
+    try:
+        if suffix == ".npy":
+            value = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same refusal
+        raise InputError(f"{flag} {path}: not readable as a {suffix} array ({type(err).__name__})") from None
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InputError(f"{flag} {path}: expected a 2-D float array [positions, hidden size], found {shape}")
+    if not torch.isfinite(value).all():
+        raise InputError(f"{flag} {path}: holds values that are not finite")
+    return value.float()
+
+
+def check_vector_shape(vector: torch.Tensor, shape: Tuple[int, int], path: str, flag: str = "--concept_vector"
+                       ) -> None:
+    """InputError (one line) when the vector is not [max_length, hidden size] of the model's text encoder."""
+    if tuple(vector.shape) != tuple(shape):
+        raise InputError(f"{flag} {path}: shape {list(vector.shape)}, but the model's text encoder needs "
+                         f"{list(shape)} (its {shape[0]} token positions x hidden size {shape[1]})")
+
+
+def model_vector_shape(model_dir: str) -> Optional[Tuple[int, int]]:
+    """[tokenizer max length, text encoder hidden size] read from a local diffusers directory's config files (None
+    where they cannot be read: a hub id is checked when the model loads)."""
+    import json
+
+    try:
+        with open(os.path.join(model_dir, "text_encoder", "config.json"), encoding="utf-8") as f:
+            encoder = json.load(f)
+        with open(os.path.join(model_dir, "tokenizer", "tokenizer_config.json"), encoding="utf-8") as f:
+            length = json.load(f).get("model_max_length")
+    except (OSError, ValueError):
+        return None
+    hidden = encoder.get("hidden_size")
+    if not isinstance(length, int) or length > encoder.get("max_position_embeddings", length) or not hidden:
+        length = encoder.get("max_position_embeddings")
+    return (int(length), int(hidden)) if length and hidden else None
 
 
 # --- fitness ---------------------------------------------------------------------------------------------------
@@ -202,8 +280,12 @@ def validate(settings: dict) -> None:
     eta = settings.get("eta")
     if eta is not None and eta != eta:
         raise InputError(f"--eta {eta}: not a number")
+    if settings.get("pairs_file") and settings.get("concept_vector"):
+        raise InputError("--concept_vector and --pairs_file: give one (the vector, or the pairs it is computed from)")
     if settings.get("pairs_file"):
         read_pairs(settings["pairs_file"])
+    if settings.get("concept_vector"):
+        load_vector(settings["concept_vector"])
 
 
 def target_encoding(text_encoder, tokenizer, prompt: str, vector: torch.Tensor, eta: float) -> torch.Tensor:
@@ -213,15 +295,30 @@ def target_encoding(text_encoder, tokenizer, prompt: str, vector: torch.Tensor, 
     return enc + eta * vector.to(enc.device)
 
 
+def case_vector(text_encoder, tokenizer, s: dict) -> torch.Tensor:
+    """The run's concept vector: read from --concept_vector (checked against the encoder's shape), or computed from
+    --pairs_file and written to ``concept_vector_out`` (the run's concept_vector.npy)."""
+    if s.get("concept_vector"):
+        key = ("file", os.path.abspath(s["concept_vector"]))
+        if key not in _VECTORS:
+            vector = load_vector(s["concept_vector"])
+            shape = (tokenizer.model_max_length, text_encoder.config.hidden_size)
+            check_vector_shape(vector, shape, s["concept_vector"])
+            _VECTORS.clear()
+            _VECTORS[key] = vector
+        return _VECTORS[key]
+    if not s.get("pairs_file"):
+        raise InputError("Ring-A-Bell needs --pairs_file (prompts with and without the concept) or --concept_vector")
+    return cached_vector(text_encoder, tokenizer, read_pairs(s["pairs_file"]), s.get("concept_vector_out"))
+
+
 def search(case: Case, models: Models, judge, settings: dict, generator: torch.Generator) -> Found:
     """Attack one case: the genetic search in the text encoder, then one judgement of the found prompt."""
     s = {name.lstrip("-"): default for name, _, default, _ in FLAGS}
     s.update({k: v for k, v in settings.items() if v is not None})
-    if not s.get("pairs_file"):
-        raise InputError("Ring-A-Bell needs --pairs_file (prompts with and without the concept)")
     parts = models.unlearned
     tok, encoder = parts.tokenizer, parts.text_encoder
-    vector = cached_vector(encoder, tok, read_pairs(s["pairs_file"]))
+    vector = case_vector(encoder, tok, s)
     target = target_encoding(encoder, tok, case.prompt, vector, s["eta"])
     layout = optim.make_layout(tok, "", "free", s["num_tokens"])
     vocab = optim.allowed_ids(tok, optim.token_table(encoder).shape[0])

@@ -47,12 +47,24 @@ def validate(settings: dict) -> None:
         raise InputError(f"--position {settings.get('position')}: must be one of {', '.join(POSITIONS)}")
 
 
+def judged_prompts(settings: dict, num_train_timesteps: int) -> int:
+    """Prompts one case's search judges when none succeeds: one after every ``judge_every`` timesteps and after the
+    last (50 at the published budget): the budget the random baseline matches."""
+    s = {name.lstrip("-"): default for name, _, default, _ in FLAGS}
+    s.update({k: v for k, v in settings.items() if v is not None})
+    n = len(optim.timestep_schedule(num_train_timesteps, s["timesteps"]))
+    return -(-n // s["judge_every"])
+
+
 class SimplexTokens:
     """The attack's state for one case: the probability rows, their optimizer, the layout and the frozen models."""
 
     def __init__(self, parts, prompt: str, num_tokens: int, position: str, lr: float, weight_decay: float, device,
-                 vocab: Optional[torch.Tensor] = None):
+                 vocab: Optional[torch.Tensor] = None, noise_target=None):
         self.parts = parts
+        # None: the diffusion loss (the drawn noise is the target); else (latents, noise, t, scheduler) -> the
+        # prediction to match (Diffusion-MU-Attack's P4D task: the original UNet on the case's prompt).
+        self.noise_target = noise_target
         self.device = device
         self.layout = optim.make_layout(parts.tokenizer, prompt, position, num_tokens)
         table = optim.token_table(parts.text_encoder)
@@ -74,7 +86,9 @@ class SimplexTokens:
         embeds = self.input_embeds(one_hot)
         cond = optim.encode_embeds(self.parts.text_encoder, self.layout.ids.to(embeds.device), embeds)
         timesteps = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
-        return optim.noise_matching_loss(self.parts.unet, latents, noise, timesteps, cond, self.parts.noise_scheduler)
+        scheduler = self.parts.noise_scheduler
+        target = None if self.noise_target is None else self.noise_target(latents, noise, timesteps, scheduler)
+        return optim.noise_matching_loss(self.parts.unet, latents, noise, timesteps, cond, scheduler, target=target)
 
     def step(self, latents: torch.Tensor, t: int, generator: torch.Generator,
              noise: Optional[torch.Tensor] = None, sample: bool = True) -> float:
@@ -103,14 +117,16 @@ def target_latents(parts, case: Case, device) -> torch.Tensor:
     return optim.image_latents(parts.vae, case.target_image, optim.model_resolution(parts), device)
 
 
-def search(case: Case, models: Models, judge, settings: dict, generator: torch.Generator) -> Found:
-    """Attack one case: the published schedule, judged every ``judge_every`` timesteps, stopping at a success."""
+def search(case: Case, models: Models, judge, settings: dict, generator: torch.Generator,
+           noise_target=None) -> Found:
+    """Attack one case: the published schedule, judged every ``judge_every`` timesteps, stopping at a success
+    (``noise_target``: another prediction to match than the drawn noise, as Diffusion-MU-Attack's P4D)."""
     s = {name.lstrip("-"): default for name, _, default, _ in FLAGS}
     s.update({k: v for k, v in settings.items() if v is not None})
     parts = models.unlearned
     latents = target_latents(parts, case, models.device)
     tokens = SimplexTokens(parts, case.prompt, s["num_tokens"], s["position"], s["lr"], s["weight_decay"],
-                           models.device)
+                           models.device, noise_target=noise_target)
     schedule = optim.timestep_schedule(parts.noise_scheduler.config.num_train_timesteps, s["timesteps"])
     trail = optim.Trail()
     steps = 0
