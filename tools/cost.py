@@ -623,7 +623,7 @@ class AttackCase:
 
     steps: Range  # optimisation steps: Adam (UnlearnDiffAtk), PEZ (P4D), generations (Ring-A-Bell)
     judgments: Range  # images the search judges (the post-attack verdict is its last one, kept, not drawn again)
-    encodings: Range  # Ring-A-Bell's candidates through the text encoder (expected: the draws are random); else 0
+    encodings: Range  # candidates through the text encoder: Ring-A-Bell (expected: the draws are random), MMA; else 0
     tflop: Range  # the search's compute besides its judged images
 
 
@@ -710,8 +710,32 @@ def replay_case(s: dict) -> AttackCase:
     return AttackCase(steps=Range(0, 0), judgments=Range(0, 0), encodings=Range(0, 0), tflop=Range(0.0, 0.0))
 
 
+def mma_case(s: dict) -> AttackCase:
+    """tools/attacks/mma.py search: --iterations GCG steps in the text encoder, each one forward and backward to the
+    one-hot tokens and at most --candidates candidate forwards (those that tokenize back to themselves), then one
+    judgment; no early stop, so low = high (the candidates all counted)."""
+    encodings = s["iterations"] * s["candidates"]
+    # + the case prompt's own encoding (the target embedding), once.
+    tflop = (s["iterations"] * TEXT_ENCODER_FWD_BWD_TFLOP + (1 + encodings) * TEXT_ENCODER_FORWARD_TFLOP)
+    return AttackCase(steps=Range(s["iterations"], s["iterations"]), judgments=Range(1, 1),
+                      encodings=Range(encodings, encodings), tflop=Range(tflop, tflop))
+
+
+def random_case(s: dict) -> AttackCase:
+    """tools/attacks/random_tokens.py search: no optimisation, up to --tries judged prompts (low: the first)."""
+    return AttackCase(steps=Range(0, 0), judgments=Range(1, s["tries"]), encodings=Range(0, 0),
+                      tflop=Range(0.0, 0.0))
+
+
+def seed_search_case(s: dict) -> AttackCase:
+    """tools/attacks/seed_search.py search: the prompt on up to --seeds new seeds (low: the first succeeds)."""
+    return AttackCase(steps=Range(0, 0), judgments=Range(1, s["seeds"]), encodings=Range(0, 0),
+                      tflop=Range(0.0, 0.0))
+
+
 ATTACK_CASES = {"unlearndiffatk": unlearndiffatk_case, "p4d-n": p4d_case, "p4d-k": p4d_case,
-                "ringabell": ringabell_case, "replay": replay_case}
+                "ringabell": ringabell_case, "mma": mma_case, "replay": replay_case, "none": replay_case,
+                "random": random_case, "seed_search": seed_search_case}
 
 
 def parse_attack(argv: Sequence[str]) -> Tuple[argparse.Namespace, dict]:
@@ -803,7 +827,7 @@ def estimate_attack(argv: Sequence[str], figures: Figures, num_processes: int = 
     case_images = case.judgments + Range(written, written)
     case_s = case.tflop.scale(1 / rate) + case_images.scale(image_s)
     once_s = 0.0
-    if args.attack == "ringabell":
+    if args.attack == "ringabell" and not settings.get("concept_vector"):  # a vector file: nothing to compute
         once_s = 2 * _pair_count(settings.get("pairs_file"), notes) * TEXT_ENCODER_FORWARD_TFLOP / rate
         notes.append(RINGABELL_NOTE)
     n = num_processes
