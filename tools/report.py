@@ -127,7 +127,8 @@ ATTACK_PROBE = "prompt attack"  # a run's probe and protocol: only the probes ta
 ATTACK_SCRIPT = "tools/attack_prompts.py"  # config.json's "script" in an attack run (attack_prompts.SCRIPT)
 # --attack name -> (its probes-table column, what its cells start with: P4D-N and P4D-K share a column).
 ATTACK_COLUMNS = {"unlearndiffatk": ("UnlearnDiffAtk", ""), "p4d-n": ("P4D", "P4D-N: "), "p4d-k": ("P4D", "P4D-K: "),
-                  "ringabell": ("Ring-A-Bell", ""), "replay": ("replayed prompts", "")}
+                  "ringabell": ("Ring-A-Bell", ""), "mma": ("MMA-Diffusion", ""), "replay": ("replayed prompts", ""),
+                  "none": ("no attack", ""), "random": ("random tokens", ""), "seed_search": ("seed search", "")}
 POSITIVE_CONTROL = "positive control"  # the original model's row in the probes table
 
 
