@@ -5,12 +5,14 @@ loads, no command runs."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from common.data import read_prompts
 from common.errors import InputError
 from common.results import slug
+from conftest import ROOT
 from tools import datagen, flags_reference, paper, presets
 
 # The paper's concepts (docs/paper.md), by kind.
@@ -238,3 +240,40 @@ def test_the_data_based_methods_get_the_preset_s_anchor_and_retain_set():
     style = presets.load_preset("Van Gogh")
     (argv,) = [a for prog, a in presets.commands(style, "ac") if prog == "tools/unlearn.py"]
     assert unlearn.build_parser().parse_args(list(argv)).concept_type == "style"
+
+
+def test_the_paper_grid_file_is_the_generator_s_and_every_run_parses_and_reads_what_an_earlier_phase_writes(capsys):
+    """slurm/paper_grid.csv = `tools/paper.py grid` (so it cannot drift from the presets); `tools/grid.py count` on
+    it; each run's launch command parses with its program's parser; each revival run reads the curriculum, the
+    classifier and the unlearned model that runs of earlier phases write."""
+    import shlex
+
+    from tools import gridspec
+
+    path = ROOT / "slurm" / "paper_grid.csv"
+    assert path.read_text() == presets.grid_csv(presets.available(), ("salun", "esd", "erasediff", "ac", "sa", "uce"))
+    runs = gridspec.read_grid(str(path), "paper_runs")
+    from tools import grid as grid_cli
+
+    grid_cli.main(grid_cli.parse_args(["count", str(path)]))
+    assert int(capsys.readouterr().out) == len(runs)
+    concepts, methods = len(presets.available()), 6
+    by_script = {}
+    for r in runs:
+        by_script.setdefault(os.path.basename(r.script), []).append(r)
+    assert len(by_script["unlearn.py"]) == concepts * methods
+    assert len(by_script["finetuning_sequential.py"]) == concepts * methods * 2  # related and unrelated
+    written, parsers = {}, {}
+    for r in runs:
+        cmd = shlex.split(gridspec.launch_command(r))
+        argv = [a for a in cmd[cmd.index(r.script) + 1:] if not a.startswith(("--resume_from_checkpoint", "--tag="))]
+        if r.script not in parsers:
+            parsers[r.script] = flags_reference.load_parser(r.script)
+            parsers[r.script].allow_abbrev = False
+        args = parsers[r.script].parse_args(argv)
+        if os.path.basename(r.script) == "finetuning_sequential.py":
+            for needed in (args.train_data_dir, args.pretrained_model_name_or_path, args.model_path):
+                if needed is not None:  # a style's classifier is a file in its output directory
+                    writer = written.get(needed, written.get(os.path.dirname(needed)))
+                    assert writer is not None and writer < r.index, (r.name, needed)
+        written.setdefault(r.output_dir, r.index)

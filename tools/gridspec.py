@@ -7,7 +7,8 @@ concepts x datasets). ``script`` is the fine-tuning script to run. Every column
 whose name starts with ``--`` is passed as that flag; its cell may use
 ``{method}``, ``{concept}``, ``{concept_slug}``, ``{dataset}`` and
 ``{out_root}``; an empty cell leaves the flag out and ``on`` passes it bare
-(``--use_ema``). Without an ``--output_dir`` column a run writes to
+(``--use_ema``); a column named ``--flag*`` passes its cell's words (split as a shell would: ``'a golf ball'
+'a tennis ball'``) as the flag's several values. Without an ``--output_dir`` column a run writes to
 ``{out_root}/{script}/{method}/{concept_slug}/{dataset}``. Every fine-tuning run gets
 ``--resume_from_checkpoint latest``, so the same command starts and restarts it (the tools continue a killed run
 from their output directory without the flag, which they do not take), and a tools/unlearn.py run of a method that
@@ -43,6 +44,7 @@ AXES = ("method", "concept", "dataset")
 UNLEARN_SEED = "unlearn_seed"  # the unlearning run's seed axis (column and placeholder)
 UNLEARN_SCRIPT = "unlearn.py"  # the program whose --seed the unlearn_seed axis sets
 BARE = "on"
+MANY = "*"  # a flag column named --flag* passes its cell's words as the flag's several values
 ARGS = "args"  # the column of positional arguments
 # Tools that split their work among the processes of `accelerate launch` (docs/workflow.md, docs/attacks.md; each
 # tested on two processes). The fine-tuning scripts (finetuning_*) do too; every other program runs single-process.
@@ -126,6 +128,9 @@ def read_grid(path: str, out_root: str) -> List[GridRun]:
                 if not col.startswith("--") or not row[col].strip():
                     continue
                 cell = row[col].strip()
+                if col.endswith(MANY):  # several values: the cell's words, split as a shell would
+                    flags.append((col[:-len(MANY)], _positional(cell, values, f"{where} column {col}")))
+                    continue
                 value = None if cell == BARE else _fill(cell, values, f"{where} column {col}")
                 if col == "--output_dir":
                     output_dir = value
@@ -226,7 +231,10 @@ def launch_command(run: GridRun, num_processes: int = 1, num_machines: int = 1, 
     for flag, value in run.flags:
         if flag == "--train_batch_size" and finetuning:
             continue  # below, per process
-        cmd += [flag] if value is None else [f"{flag}={value}"]
+        if isinstance(value, tuple):  # a --flag* column: the flag, then each of its words
+            cmd += [flag, *value]
+        else:
+            cmd += [flag] if value is None else [f"{flag}={value}"]
     if finetuning:
         cmd += [f"--train_batch_size={per_process_batch(run, num_processes)}"]
     if finetuning:

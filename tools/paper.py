@@ -4,6 +4,7 @@
     python tools/paper.py list
     python tools/paper.py commands --concept "golf ball" --method esd-x > cell.sh && bash -e cell.sh
     python tools/paper.py commands --concept van_gogh --method uce --json
+    python tools/paper.py grid > slurm/paper_grid.csv     # every concept x the paper's nine methods, one grid
 
 The inputs are ours, built by the paper's stated recipe (configs/paper/README.md),
 not the paper's own lists. The commands run from the repository's root: the data
@@ -42,14 +43,20 @@ PROG = "paper.py"
 def build_parser():
     """The command line's flags (docs/flags.md is generated from this)."""
     p = Parser(description=__doc__.split("\n\n")[0], prog=PROG)
-    p.add_argument("action", choices=("commands", "estimate", "list"),
+    p.add_argument("action", choices=("commands", "estimate", "list", "grid"),
                    help="commands: print one cell's commands; estimate: their GPU-hours and disk (tools/cost.py); "
-                        "list: the concepts with presets")
+                        "list: the concepts with presets; grid: every cell of --concepts x --methods as one "
+                        "tools/grid.py file (slurm/paper_grid.csv)")
     p.add_argument("--concept", default=None, help="commands: a concept's name (any case) or its preset's slug")
     p.add_argument("--method", default=None,
                    help="commands: a method of tools/unlearn.py (esd-x, esd-u, uce, ac, salun, erasediff, sa), or another "
                         "method's name (its "
                         "published checkpoint is imported with tools/import_model.py)")
+    p.add_argument("--concepts", nargs="+", default=None,
+                   help="grid: the concepts (names or slugs; default: every preset)")
+    p.add_argument("--methods", nargs="+", default=list(presets.PAPER_METHODS),
+                   help="grid: the unlearning methods, tools/unlearn.py's names (esd: ESD-u for nudity, ESD-x "
+                        "otherwise)")
     p.add_argument("--base_model", default=presets.BASE_MODEL,
                    help="the original model: diffusers directory or hub id (data, classifier images, unlearning)")
     p.add_argument("--work_dir", default="paper_runs", help="where every step writes (data, models, runs, report)")
@@ -73,6 +80,10 @@ def parse_args(argv=None):
             if not (args.concept and args.method):
                 raise InputError(f"{args.action} needs --concept and --method")
             presets.load_preset(args.concept, args.root)  # an unknown concept is one line, before any output
+        if args.action == "grid":
+            args.concepts = [presets.load_preset(c, args.root).slug for c in args.concepts or
+                             presets.available(args.root)]
+            presets.grid_rows(args.concepts[:1], args.methods, args.base_model, args.compat, args.root)  # methods
     return args
 
 
@@ -114,6 +125,9 @@ def main(args) -> int:
         for key in presets.available(args.root):
             p = presets.load_preset(key, args.root)
             print(f"{p.slug:16s} {p.kind:10s} {p.name}")
+        return 0
+    if args.action == "grid":
+        sys.stdout.write(presets.grid_csv(args.concepts, args.methods, args.base_model, args.compat, args.root))
         return 0
     preset = presets.load_preset(args.concept, args.root)
     steps = presets.plan(preset, args.method, args.base_model, args.work_dir, args.compat)

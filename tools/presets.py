@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from common.errors import InputError
 from common.results import slug
@@ -421,3 +422,118 @@ def commands(p: Preset, method: str, base_model: str = BASE_MODEL, work_dir: str
              compat: str = "reference") -> List[Tuple[str, List[str]]]:
     """The plan's commands only, as (program, argv) pairs."""
     return [(s.program, list(s.argv)) for s in plan(p, method, base_model, work_dir, compat) if s.program]
+
+
+# ---- the paper's grid: every method x concept x curriculum as one tools/grid.py file ---------------------------
+
+# The paper's nine methods as tools/unlearn.py names them ("esd": ESD-x, or ESD-u for nudity as ESD's authors erase
+# it; esd_for says which).
+PAPER_METHODS = ("salun", "esd", "erasediff", "ac", "mace", "spm", "sa", "receler", "uce")
+# The grid's phases, in the order a phase's jobs may start (each after the previous phase's jobs finished).
+PHASES = ("data", "classifier images", "classifier", "unlearning", "revival runs", "evaluation", "report")
+_PHASE_OF = {"tools/generate_training_data.py": None, "tools/train_classifier.py": "classifier",
+             "tools/unlearn.py": "unlearning", "eval_model.py": "evaluation", "tools/report.py": "report",
+             **{s: "revival runs" for s in SCRIPTS}}
+GRID_OUT_ROOT = "{out_root}"  # the plans' working directory in a grid: tools/grid.py fills in its --out_root
+
+
+def esd_for(p: Preset) -> str:
+    """The ESD variant of the paper's "ESD" row for a concept: ESD-u for nudity (its authors' choice), else ESD-x."""
+    return "esd-u" if p.kind == "nudity" else "esd-x"
+
+
+def _grid_cells(argv: Sequence[str]) -> Tuple[str, List[Tuple[str, Tuple[str, ...]]]]:
+    """A step's argv as (positional words, [(flag, its values)]) in order; --tag items dropped (the grid tags)."""
+    positional, flags = [], []
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token.partition("=")
+            flags.append((name, (value,) if eq else ()))
+        elif flags:
+            flags[-1] = (flags[-1][0], flags[-1][1] + (token,))
+        else:
+            positional.append(token)
+    return shlex.join(positional), [(f, v) for f, v in flags if f != "--tag"]
+
+
+def grid_rows(concepts: Sequence[str], methods: Sequence[str], base_model: str = BASE_MODEL,
+              compat: str = "reference", root: str = DEFAULT_ROOT) -> Tuple[List[str], List[dict], Dict[str, range]]:
+    """(columns, rows, {phase: row indices}) of the grid file of every concept x method cell, each step once.
+
+    Every method must be one tools/unlearn.py makes (a published checkpoint has no command to put in a grid).
+    """
+    from tools.unlearning import METHODS
+
+    by_phase: Dict[str, List[dict]] = {phase: [] for phase in PHASES}
+    seen = set()
+    for concept in concepts:
+        p = load_preset(concept, root)
+        for name in methods:
+            method = esd_for(p) if name == "esd" else name
+            _require(method in METHODS, f"--methods {name}: not made by tools/unlearn.py (its methods: "
+                                        f"{', '.join(METHODS)})")
+            for step in plan(p, method, base_model, GRID_OUT_ROOT, compat):
+                if step.program is None or (step.program, step.argv) in seen:
+                    continue  # a note, or a step every method of the concept shares (data, classifier)
+                seen.add((step.program, step.argv))
+                args, flags = _grid_cells(step.argv)
+                if step.program == "tools/report.py":  # its --out, as the grid names every output directory
+                    flags = [("--output_dir" if f == "--out" else f, v) for f, v in flags]
+                phase = _PHASE_OF.get(step.program)
+                dataset = next((d for d in DATASETS if any(d in os.path.basename(v) for f, vs in flags
+                                                           if f in ("--output_dir", "--train_data_dir") for v in vs)),
+                               "-")
+                if phase is None:  # generate_training_data.py: curricula, or the classifier's images
+                    out = dict(flags)["--output_dir"][0]
+                    phase = "classifier images" if "classifier_data" in out else "data"
+                    dataset = os.path.basename(out)
+                shared = phase in ("data", "classifier images", "classifier")
+                row = {"script": step.program, "method": "-" if shared else method, "concept": p.name,
+                       "dataset": dataset, "args": args}
+                for flag, values in flags:
+                    column = flag if len(values) <= 1 else flag + "*"
+                    row[column] = (values[0] if len(values) == 1 else "on" if not values
+                                   else shlex.join(values))
+                by_phase[phase].append(row)
+    rows, ranges = [], {}
+    for phase in PHASES:
+        ranges[phase] = range(len(rows), len(rows) + len(by_phase[phase]))
+        rows += by_phase[phase]
+    columns = ["script", "method", "concept", "dataset", "args"]
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    return columns, rows, ranges
+
+
+def grid_csv(concepts: Sequence[str], methods: Sequence[str], base_model: str = BASE_MODEL,
+             compat: str = "reference", root: str = DEFAULT_ROOT) -> str:
+    """The grid file: a header saying how to submit it phase by phase, then the rows (tools/gridspec.py's format)."""
+    import csv
+    import io
+
+    columns, rows, ranges = grid_rows(concepts, methods, base_model, compat, root)
+    head = [f"The paper's grid: {len(concepts)} concepts x {len(methods)} methods ({', '.join(methods)}; esd is ESD-u "
+            "for nudity, ESD-x otherwise) x the related and unrelated curricula.",
+            "Written by: python tools/paper.py grid > slurm/paper_grid.csv (configs/paper/ inputs; docs/reproduce.md "
+            "says which settings follow the paper).",
+            "Submit from the repository's root, each phase after the previous one (afterok), e.g.:"]
+    prev = None
+    for phase in PHASES:
+        r = ranges[phase]
+        if not len(r):
+            continue
+        dep = f"--dependency=afterok:${prev} " if prev else ""
+        var = phase.replace(" ", "_").upper()
+        head.append(f"  {var}=$(sbatch --parsable {dep}--array={r.start}-{r.stop - 1}%32 slurm/grid.sbatch "
+                    f"slurm/paper_grid.csv paper_runs)   # {phase}: {len(r)} jobs")
+        prev = var
+    head.append("Styles: fetch the timm classifier's weights once first (network): python tools/paper.py commands "
+                "--concept van_gogh --method uce prints the line.")
+    buf = io.StringIO()
+    for line in head:
+        buf.write(f"# {line}\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    return buf.getvalue()

@@ -40,7 +40,8 @@ def build_parser():
     """The command line's flags (docs/flags.md is generated from this)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=PROG)
     p.add_argument("runs", nargs="+", help="output directories of the fine-tuning scripts")
-    p.add_argument("--out", default="report", help="folder for tables and plots")
+    p.add_argument("--out", "--output_dir", dest="out", default="report",
+                   help="folder for tables and plots (--output_dir: the same, as tools/grid.py passes it)")
     p.add_argument("--title", default="Concept revival", help="title prefix of the plots")
     p.add_argument("--base_score", action="append", default=[], metavar="CRITERION=VALUE",
                    help="the original (not unlearned) model's score, drawn as a reference line on every plot of "
