@@ -169,3 +169,23 @@ def test_the_demo_page_shows_the_expected_figures():
         assert figures[f"{key} / Revival Point"] == got, key
         rows += 1
     assert rows == 16 and individual == 2  # every sequential and individual row of the page's revival table
+
+
+def test_the_unlearning_seeds_demo_tags_both_seeds_and_has_a_section_of_its_own():
+    from tools import demo
+
+    args = demo.parse_args(["--run_seeds", "0,1", "--unlearn_seeds", "3,4"])
+    assert args.unlearn_methods == ["esd-x", "ac"] and args.out.endswith("demo_runs_useeds")
+    section = demo.expected_section(args)
+    assert section == "demo-seeds 0,1 unlearning seeds 3,4 of esd-x,ac" != demo.expected_section(
+        demo.parse_args(["--run_seeds", "0,1"]))
+    models = {("esd-x", 3): "m3", ("esd-x", 4): "m4"}
+    p = {"classifier": "clf", "clip": "clip"}
+    th = {"clip_threshold": 0.5, "bc_threshold": 0.5}
+    plan = demo.unlearn_seeds_plan(args, p, th, "ret.txt", models)
+    assert [(model, flags["--seed"], flags["--tag"]) for _, _, model, _, flags in plan] == [
+        (m, s, ["method=esd-x", f"unlearn_seed={u}"]) for u, m in ((3, "m3"), (4, "m4")) for s in (0, 1)]
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--unlearn_seeds", "0,1"])  # no fine-tuning seeds
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--run_seeds", "0", "--unlearn_seeds", "0", "--unlearn_methods", "uce"])

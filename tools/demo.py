@@ -80,18 +80,46 @@ def parse_args(argv=None):
                    help="e.g. 0,1,2: only the sequential ESD-x/UCE runs on the related and unrelated data and the "
                         "control on the related data, once per fine-tuning seed, and the table over seeds "
                         "(default --out: demo_runs_seeds/)")
+    p.add_argument("--unlearn_seeds", default=None,
+                   help="e.g. 0,1,2 (with --run_seeds): the methods of --unlearn_methods unlearned again at each of "
+                        "these seeds, each model fine-tuned sequentially on the related data at every --run_seeds "
+                        "seed, and the report's table of where the Revival Point's spread comes from (default "
+                        "--out: demo_runs_useeds/)")
+    p.add_argument("--unlearn_methods", default="esd-x,ac",
+                   help="with --unlearn_seeds: the methods (toy-world settings of tools/toy_world/build.py; UCE's "
+                        "closed form draws nothing, so its seed changes nothing)")
     args = p.parse_args(argv)
-    if args.run_seeds is not None:
-        try:
-            args.run_seeds = [int(x) for x in args.run_seeds.split(",") if x.strip()]
-        except ValueError:
-            p.error(f"--run_seeds {args.run_seeds!r}: expected comma-separated integers, e.g. 0,1,2")
-        if not args.run_seeds:
-            p.error("--run_seeds: give at least one seed")
+    args.run_seeds = _seed_list(p, "--run_seeds", args.run_seeds)
+    args.unlearn_seeds = _seed_list(p, "--unlearn_seeds", args.unlearn_seeds)
+    args.unlearn_methods = [m.strip() for m in args.unlearn_methods.split(",") if m.strip()]
+    if args.unlearn_seeds is not None:
+        if args.run_seeds is None:
+            p.error("--unlearn_seeds needs --run_seeds (the fine-tuning seeds of each unlearned model)")
+        unknown = [m for m in args.unlearn_methods if m not in UNLEARN_SEED_METHODS]
+        if unknown or not args.unlearn_methods:
+            p.error(f"--unlearn_methods {','.join(unknown) or '(none)'}: choose among "
+                    f"{', '.join(UNLEARN_SEED_METHODS)}")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: expected at least 1")
-    args.out = args.out or os.path.join(ROOT, "demo_runs_seeds" if args.run_seeds else "demo_runs")
+    default_out = "demo_runs_useeds" if args.unlearn_seeds else "demo_runs_seeds" if args.run_seeds else "demo_runs"
+    args.out = args.out or os.path.join(ROOT, default_out)
     return args
+
+
+UNLEARN_SEED_METHODS = ("esd-x", "ac")  # the methods tools/toy_world/build.py's unlearn_argv makes and that draw
+
+
+def _seed_list(p, flag: str, value):
+    """A comma-separated list of integers (None when not given); argparse's error otherwise."""
+    if value is None:
+        return None
+    try:
+        seeds = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} {value!r}: expected comma-separated integers, e.g. 0,1,2")
+    if not seeds:
+        p.error(f"{flag}: give at least one seed")
+    return seeds
 
 
 # The flags whose defaults the expected values (tools/toy_world/expected_demo.json) were computed with.
@@ -104,7 +132,7 @@ def expected_section(args) -> str | None:
     defaults = parse_args([])
     if args.no_pin or any(getattr(args, f) != getattr(defaults, f) for f in NUMBER_FLAGS):
         return None
-    return demo_expected.section_name(args.run_seeds)
+    return demo_expected.section_name(args.run_seeds, args.unlearn_seeds, args.unlearn_methods)
 
 
 def calibrate(card: dict) -> dict:
@@ -321,6 +349,37 @@ def seeds_plan(args, p, th, retention) -> list:
     return plan
 
 
+def unlearn_seed_models(args, p, card: dict) -> dict:
+    """{(method, unlearning seed): model directory}: each method of --unlearn_methods unlearned from the base model
+    at each seed with the toy world's settings (tools/toy_world/build.py), in-process under the demo's pin; a model
+    finished earlier on the same world is reused."""
+    from tools.toy_world import build
+
+    stamp, models = world_stamp(args.world), {}
+    for method in args.unlearn_methods:
+        for useed in args.unlearn_seeds:
+            out = os.path.join(args.out, "unlearned", method, f"useed{useed}")
+            if not done_earlier(out, stamp):
+                t = time.time()
+                shutil.rmtree(out, ignore_errors=True)
+                build.run_unlearning(method, p["sd_base"], out, card["config"]["settings"], useed)
+                mark_done(out, stamp)
+                print(f"  tools/unlearn.py --method {method} --seed {useed}: {time.time() - t:.0f} s", flush=True)
+            else:
+                print(f"  {method} unlearning seed {useed}: done earlier, reused", flush=True)
+            models[(method, useed)] = out
+    return models
+
+
+def unlearn_seeds_plan(args, p, th, retention, models: dict) -> list:
+    """Every unlearned model of ``models`` fine-tuned sequentially on the related data at every fine-tuning seed,
+    tagged with both seeds (tools/report.py then tells the two sources of the Revival Point's spread apart)."""
+    seq = {**_sequential_flags(args, p, th, retention), "--save_model": "False"}
+    return [("finetuning_sequential.py", f"seq-{method}-related-seed{seed}-useed{useed}", model, "related",
+             {**seq, "--seed": seed, "--tag": [f"method={method}", f"unlearn_seed={useed}"]})
+            for (method, useed), model in models.items() for seed in args.run_seeds]
+
+
 def world_stamp(world: str) -> str:
     """What a finished run was made from: the toy world's card (its numbers and numeric environment, so a rebuilt
     or differently pinned world gives another stamp). DEMO_DONE holds it; a run is reused only when it matches."""
@@ -409,7 +468,10 @@ def main(args):
               "--num_inference_steps": args.num_inference_steps, "--seed": args.seed}
     # Phase 2: fine-tune the unlearned models, and the base model as the control; probe them by concept inversion.
     t = time.time()
-    plan = seeds_plan(args, p, th, retention) if args.run_seeds else demo_plan(args, p, th, retention)
+    if args.unlearn_seeds:  # the unlearned models of each unlearning seed first
+        plan = unlearn_seeds_plan(args, p, th, retention, unlearn_seed_models(args, p, card))
+    else:
+        plan = seeds_plan(args, p, th, retention) if args.run_seeds else demo_plan(args, p, th, retention)
     tasks = [Task(name, script, os.path.join(args.out, name),
                   {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
                    "--output_dir": os.path.join(args.out, name), **extra})
@@ -419,7 +481,9 @@ def main(args):
     runs, failed = run_tasks(tasks, args.world, args.out, args.jobs)
     phases["runs"] = time.time() - t
     if args.run_seeds:  # the seeds' table and plots only
-        return report_and_finish(args, card, runs, failed, t0, phases, f"demo over seeds {args.run_seeds}")
+        what = f"demo over seeds {args.run_seeds}" + (
+            f" and unlearning seeds {args.unlearn_seeds}" if args.unlearn_seeds else "")
+        return report_and_finish(args, card, runs, failed, t0, phases, what)
     # Phase 3: the prompt attacks on the unlearned models and the base model (columns of the probes table).
     t = time.time()
     attacks = attack_tasks(args, p, th)

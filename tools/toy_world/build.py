@@ -97,6 +97,13 @@ def unlearn_argv(method: str, base: str, out: str, settings: dict, seed: int) ->
     elif method == "uce":
         # Erase every phrasing of the target; keep the other 47 concepts' outputs (guide: the empty prompt).
         argv += ["--erase", *concept_prompts(TARGET), "--preserve", *[caption(*c) for c in CONCEPTS if c != TARGET]]
+    elif method == "ac":
+        # docs/unlearning.md, AC in the toy world: "circle" cannot anchor here (a third of its images are red
+        # circles); "green circle" never is one. 100 anchor images from its phrasings, 100 steps at 3e-4, prior on.
+        anchor = ("green", "circle")
+        argv += ["--concept", " ".join(TARGET), "--anchor", " ".join(anchor), "--anchor_prompts",
+                 *concept_prompts(anchor), "--anchor_images", "100", "--iterations", "100", "--learning_rate", "3e-4",
+                 "--regularization", "on"]
     else:
         raise ValueError(f"unknown method {method!r}")
     return argv

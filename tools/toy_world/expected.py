@@ -20,7 +20,8 @@ EXPECTED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "expect
 
 # Per report table: how many leading columns name a row (the rest are figures). The prompt attacks are columns of
 # probes_table.md (model, concept, criterion): each attack cell is a figure.
-TABLE_KEYS = {"revival_table.md": 4, "probes_table.md": 3, "control_table.md": 5, "revival_table_seeds.md": 4}
+TABLE_KEYS = {"revival_table.md": 4, "probes_table.md": 3, "control_table.md": 5, "revival_table_seeds.md": 4,
+              "revival_table_seed_sources.md": 6}
 
 # The card's figures per model (world.py's evaluate_model), as the demo prints them: 4 decimals.
 MODEL_FIGURES = ("clip_score_target", "classifier_acc_target", "clip_top1_target", "clip_score_retained",
@@ -173,6 +174,12 @@ def write_section(found: Dict[str, str], section: str, env: dict, path: str = EX
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
-def section_name(run_seeds: Optional[List[int]]) -> str:
-    """The expected file's section of a demo: `make demo` or `make demo-seeds`' seeds."""
-    return "demo" if not run_seeds else "demo-seeds " + ",".join(map(str, run_seeds))
+def section_name(run_seeds: Optional[List[int]], unlearn_seeds: Optional[List[int]] = None,
+                 unlearn_methods: Optional[List[str]] = None) -> str:
+    """The expected file's section of a demo: `make demo`, `make demo-seeds`' seeds, or the unlearning seeds'."""
+    if not run_seeds:
+        return "demo"
+    name = "demo-seeds " + ",".join(map(str, run_seeds))
+    if unlearn_seeds:
+        name += f" unlearning seeds {','.join(map(str, unlearn_seeds))} of {','.join(unlearn_methods or [])}"
+    return name
