@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements.sha256
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo demo-seeds demo-unlearn-seeds world clean-venv gpu-wheels gpu-rehearsal
+.PHONY: venv test demo demo-seeds demo-methods demo-unlearn-seeds world clean-venv gpu-wheels gpu-rehearsal
 
 venv:
 	@want=$$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1); \
@@ -44,6 +44,11 @@ demo: venv
 # The sequential ESD-x, UCE and control runs over fine-tuning seeds 0, 1, 2 (same toy world), with intervals.
 demo-seeds: venv
 	$(PY) tools/demo.py --run_seeds 0,1,2 $(DEMO_FLAGS)
+
+# The unlearning methods side by side in the toy world: each erases the red circle, is scored against the world's
+# erasure targets, and is fine-tuned sequentially on the related and unrelated data beside one control.
+demo-methods: venv
+	$(PY) tools/demo.py --methods all $(DEMO_FLAGS)
 
 # ESD-x and AC unlearned again at seeds 0, 1, 2, each model fine-tuned sequentially on the related data at fine-tuning
 # seeds 0, 1, 2: how much of the Revival Point's spread comes from the unlearning seed, how much from fine-tuning's.

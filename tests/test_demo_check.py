@@ -189,3 +189,35 @@ def test_the_unlearning_seeds_demo_tags_both_seeds_and_has_a_section_of_its_own(
         demo.parse_args(["--unlearn_seeds", "0,1"])  # no fine-tuning seeds
     with pytest.raises(SystemExit):
         demo.parse_args(["--run_seeds", "0", "--unlearn_seeds", "0", "--unlearn_methods", "uce"])
+
+
+def test_the_methods_demo_table_reads_each_method_s_runs_and_the_control(tmp_path):
+    from tools import demo
+
+    args = demo.parse_args(["--methods", "all"])
+    assert args.methods[:2] == ["esd-x", "uce"] and demo.expected_section(args).startswith("demo-methods esd-x,uce,")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--methods", "esd-x,nope"])
+
+    def run(name, method, data, points, paths, control=False):
+        d = tmp_path / name
+        d.mkdir()
+        tags = {"method": method, "data": data, "concept": "a red circle", **({"role": "control"} if control else {})}
+        (d / "config.json").write_text(json.dumps({"args": {"seed": 0}, "tags": tags}))
+        (d / "summary.json").write_text(json.dumps({"protocol": "sequential", "criteria": {"clip": 0.9, "classifier": 0.5},
+                                                    "revival_point": points, "chunks": []}))
+        rows = [{"criterion": c, "images_seen": n, "mean": v, "retention_mean": 0.8 - n / 1000}
+                for c, path in paths.items() for n, v in path]
+        (d / "validations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    runs = [run("a", "ac", "related", {"clip": {"chunk": 3, "images_seen": 200}, "classifier": None},
+                {"clip": [(0, 0.1), (200, 0.95)], "classifier": [(0, 0.0), (200, 0.3)]}),
+            run("b", "ac", "unrelated", {"clip": None, "classifier": None},
+                {"clip": [(0, 0.1), (200, 0.2)], "classifier": [(0, 0.0), (200, 0.0)]}),
+            run("c", "base (control)", "related", {"clip": None, "classifier": None},
+                {"clip": [(0, 0.95), (200, 0.96)], "classifier": [(0, 1.0), (200, 0.9)]}, control=True)]
+    scores = {"ac": {"classifier_acc_target": 0.0333, "clip_top1_retained": 1.0, "neighbours_mean_clip_top1": 0.95}}
+    header, rows = demo.methods_table(scores, runs)
+    assert rows == [["ac", "0.033", "1.000", "0.950", "chunk 3", "not reached", "not reached", "not reached",
+                     "+0.840", "+0.400", "0.800 -> 0.600"]]

@@ -567,3 +567,20 @@ def test_the_spread_over_unlearning_and_fine_tuning_seeds_is_told_apart(tmp_path
     _, _, plots = report.main(report.parse_args([*runs, "--out", str(out)]))
     assert "mean range 4.00 chunks" in (out / "revival_table_seed_sources.md").read_text()
     assert len({p for p in plots if "sequential_esd" in os.path.basename(p)}) == 6
+
+
+def test_three_methods_on_one_concept_and_data_share_a_figure_two_do_not(tmp_path):
+    args = {"validation_prompts": "/p/t.txt", "train_data_dir": "/d/rel", "seed": 0}
+    summary = {"protocol": "sequential", "criteria": {"clip": 0.5}, "revival_point": {"clip": None}, "chunks": []}
+    records = [{"criterion": "clip", "images_seen": n, "mean": 0.1 * n / 50} for n in (0, 50, 100)]
+    runs = [_run(tmp_path / m, {"args": {**args, "pretrained_model_name_or_path": f"/m/{m}"}}, summary, records)
+            for m in ("esd-x", "uce", "ac")]
+    runs.append(_run(tmp_path / "ctl", {"args": {**args, "pretrained_model_name_or_path": "/m/base"},
+                                         "tags": {"role": "control"}}, summary, records))
+    loaded = [report.load_run(r) for r in runs]
+    (group,) = report.method_groups(loaded)
+    assert [r["method"] for r in group] == ["esd-x", "uce", "ac", "base (control)"]
+    assert report.method_groups(loaded[1:]) == []  # two methods and a control: their own figures suffice
+    out = tmp_path / "report"
+    _, _, plots = report.main(report.parse_args([*runs, "--out", str(out)]))
+    assert str(out / "sequential_methods_t_rel.png") in plots

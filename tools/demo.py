@@ -88,7 +88,23 @@ def parse_args(argv=None):
     p.add_argument("--unlearn_methods", default="esd-x,ac",
                    help="with --unlearn_seeds: the methods (toy-world settings of tools/toy_world/build.py; UCE's "
                         "closed form draws nothing, so its seed changes nothing)")
+    p.add_argument("--methods", default=None,
+                   help="e.g. all, or esd-x,uce,ac: the unlearning methods side by side (`make demo-methods`): each "
+                        "erases the red circle with its toy-world settings (tools/toy_world/build.py), is scored "
+                        "against the world's erasure targets, then fine-tuned sequentially on the related and the "
+                        "unrelated data beside one control; the methods table and one figure of every method's "
+                        "curves per data set (default --out: demo_runs_methods/)")
     args = p.parse_args(argv)
+    if args.methods is not None:
+        from tools.toy_world.build import TOY_METHODS
+
+        args.methods = list(TOY_METHODS) if args.methods.strip() == "all" else [
+            m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in args.methods if m not in TOY_METHODS]
+        if unknown or not args.methods:
+            p.error(f"--methods {','.join(unknown) or '(none)'}: choose among all, {', '.join(TOY_METHODS)}")
+        if args.run_seeds is not None:
+            p.error("--methods and --run_seeds: one at a time")
     args.run_seeds = _seed_list(p, "--run_seeds", args.run_seeds)
     args.unlearn_seeds = _seed_list(p, "--unlearn_seeds", args.unlearn_seeds)
     args.unlearn_methods = [m.strip() for m in args.unlearn_methods.split(",") if m.strip()]
@@ -101,7 +117,8 @@ def parse_args(argv=None):
                     f"{', '.join(UNLEARN_SEED_METHODS)}")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: expected at least 1")
-    default_out = "demo_runs_useeds" if args.unlearn_seeds else "demo_runs_seeds" if args.run_seeds else "demo_runs"
+    default_out = ("demo_runs_methods" if args.methods else "demo_runs_useeds" if args.unlearn_seeds
+                   else "demo_runs_seeds" if args.run_seeds else "demo_runs")
     args.out = args.out or os.path.join(ROOT, default_out)
     return args
 
@@ -132,6 +149,8 @@ def expected_section(args) -> str | None:
     defaults = parse_args([])
     if args.no_pin or any(getattr(args, f) != getattr(defaults, f) for f in NUMBER_FLAGS):
         return None
+    if args.methods:
+        return "demo-methods " + ",".join(args.methods)
     return demo_expected.section_name(args.run_seeds, args.unlearn_seeds, args.unlearn_methods)
 
 
@@ -149,8 +168,11 @@ def calibrate(card: dict) -> dict:
             "base_classifier_acc": base_acc, "highest_unlearned_classifier_acc": unlearned_acc}
 
 
-def flag_list(flags: dict) -> list:
-    """A run's flags as its command line's arguments: None a bare flag, a list value repeats the flag (--tag)."""
+def flag_list(flags) -> list:
+    """A run's flags as its command line's arguments: None a bare flag, a list value repeats the flag (--tag); a
+    list of arguments (flags with several values each: tools/unlearn.py's) as it is."""
+    if isinstance(flags, list):
+        return list(flags)
     return [k if x is None else f"{k}={x}" for k, v in flags.items() for x in (v if isinstance(v, list) else [v])]
 
 
@@ -380,6 +402,92 @@ def unlearn_seeds_plan(args, p, th, retention, models: dict) -> list:
             for (method, useed), model in models.items() for seed in args.run_seeds]
 
 
+def methods_models(args, p, card: dict) -> dict:
+    """{method: unlearned model directory}: the world's own ESD-x and UCE, every other method of --methods made by
+    tools/unlearn.py (two at a time, each a process of its own under the pin) with the world's seed for it."""
+    from tools.toy_world import build
+
+    models, tasks = {}, []
+    for method in args.methods:
+        if method in toy_world.UNLEARN_METHODS:
+            models[method] = p["unlearned"][method]
+            continue
+        out = os.path.join(args.out, "unlearned", method)
+        argv = build.unlearn_argv(method, p["sd_base"], out, card["config"]["settings"],
+                                  build._seed(card["config"]["seed"], 60))
+        tasks.append(Task(f"unlearn-{method}", "tools/unlearn.py", out, argv, accelerate=False, resumable=False))
+        models[method] = out
+    done, failed = run_tasks(tasks, args.world, args.out, args.jobs)
+    return {m: d for m, d in models.items() if m in toy_world.UNLEARN_METHODS or d in done}, failed
+
+
+def methods_scores(args, models: dict) -> dict:
+    """{method: the world's erasure figures of its model} (tools/toy_world/score.py's protocol, the card's seeds),
+    cached beside each run under the world's stamp."""
+    from tools.toy_world import score
+
+    stamp, out = world_stamp(args.world), {}
+    for method, model in models.items():
+        path = os.path.join(args.out, "scores", f"{method}.json")
+        cached = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                cached = json.load(f)
+        if cached is None or cached.get("stamp") != stamp:
+            cached = {"stamp": stamp, "figures": score.score(model, args.world)}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(cached, f, indent=1)
+        out[method] = cached["figures"]
+    return out
+
+
+def methods_plan(args, p, th, retention, models: dict) -> list:
+    """Every method's model fine-tuned sequentially on the related and the unrelated data, and the base model on
+    the related data as the control (the demo's sequential settings, fine-tuning seed --seed)."""
+    seq = {**_sequential_flags(args, p, th, retention), "--save_model": "False"}
+    plan = [("finetuning_sequential.py", f"seq-{method}-{data}", model, data, {**seq, "--tag": [f"method={method}"]})
+            for method, model in models.items() for data in ("related", "unrelated")]
+    plan.append(("finetuning_sequential.py", "seq-control-related", p["sd_base"], "related",
+                 {**seq, "--tag": CONTROL_TAGS}))
+    return plan
+
+
+METHODS_TABLE = "methods_table.md"
+
+
+def methods_table(scores: dict, runs: list) -> tuple:
+    """One row per method: its erasure figures (the world's card protocol), its Revival Point by CLIP and by the
+    classifier on the related and the unrelated data, the change after the related curriculum beyond the control's,
+    and retention (mean CLIP cosine of the retention prompts, before -> after the related curriculum)."""
+    from tools import report
+
+    loaded = [report.load_run(r) for r in runs]
+    control = next((r for r in loaded if r["control"]), None)
+    header = ["method", "target: classifier accuracy", "retained: CLIP top-1", "neighbours: CLIP top-1",
+              "RP CLIP, related", "RP classifier, related", "RP CLIP, unrelated", "RP classifier, unrelated",
+              "beyond control: CLIP", "beyond control: classifier", "retention, related"]
+    rows = []
+    for method, fig in scores.items():
+        mine = {r["data"]: r for r in loaded if r["method"] == method and not r["control"]}
+        row = [method, f"{fig['classifier_acc_target']:.3f}", f"{fig['clip_top1_retained']:.3f}",
+               f"{fig['neighbours_mean_clip_top1']:.3f}"]
+        for data in ("related", "unrelated"):
+            for name in ("clip", "classifier"):
+                r = mine.get(data)
+                point = r["summary"]["revival_point"].get(name) if r else None
+                row.append("-" if r is None else f"chunk {point['chunk']}" if point else "not reached")
+        for name in ("clip", "classifier"):
+            r = mine.get("related")
+            a = report.score_path(r, name) if r else []
+            c = report.score_path(control, name) if control else []
+            row.append(f"{(a[-1][1] - a[0][1]) - (c[-1][1] - c[0][1]):+.3f}" if a and c else "-")
+        ret = report.retention_path(mine["related"]) if "related" in mine else []
+        row.append(f"{ret[0][1]:.3f} -> {ret[-1][1]:.3f}" if ret else "-")
+        rows.append(row)
+    return header, rows
+
+
 def world_stamp(world: str) -> str:
     """What a finished run was made from: the toy world's card (its numbers and numeric environment, so a rebuilt
     or differently pinned world gives another stamp). DEMO_DONE holds it; a run is reused only when it matches."""
@@ -425,7 +533,7 @@ def run_tasks(tasks: List[Task], world: str, log_dir: str, jobs: int) -> tuple:
         if done_earlier(task.out, stamp):  # finished by an earlier `make demo` on this world: reuse it
             print(f"  {task.name}: done earlier, reused", flush=True)
             return True
-        flags = dict(task.flags)
+        flags = dict(task.flags) if isinstance(task.flags, dict) else list(task.flags)
         if task.resumable:
             flags.update(task.resume_flags)
         else:
@@ -468,7 +576,15 @@ def main(args):
               "--num_inference_steps": args.num_inference_steps, "--seed": args.seed}
     # Phase 2: fine-tune the unlearned models, and the base model as the control; probe them by concept inversion.
     t = time.time()
-    if args.unlearn_seeds:  # the unlearned models of each unlearning seed first
+    scores = None
+    if args.methods:  # every method's model first, and its erasure figures
+        print(f"unlearning: {', '.join(args.methods)} (the world's ESD-x and UCE reused)", flush=True)
+        models, unlearn_failed = methods_models(args, p, card)
+        scores = methods_scores(args, models)
+        phases["unlearning"] = time.time() - t
+        t = time.time()
+        plan = methods_plan(args, p, th, retention, models)
+    elif args.unlearn_seeds:  # the unlearned models of each unlearning seed first
         plan = unlearn_seeds_plan(args, p, th, retention, unlearn_seed_models(args, p, card))
     else:
         plan = seeds_plan(args, p, th, retention) if args.run_seeds else demo_plan(args, p, th, retention)
@@ -476,10 +592,21 @@ def main(args):
                   {**common, "--pretrained_model_name_or_path": model, "--train_data_dir": p[f"data_{data}"],
                    "--output_dir": os.path.join(args.out, name), **extra})
              for script, name, model, data, extra in plan]
-    if not args.run_seeds:
+    if not args.run_seeds and not args.methods:
         tasks += inversion_tasks(args, p, th)
     runs, failed = run_tasks(tasks, args.world, args.out, args.jobs)
     phases["runs"] = time.time() - t
+    if args.methods:  # the methods table, then the report and the figures' check
+        failed += unlearn_failed
+        header, rows = methods_table(scores, [r for r in runs if os.path.basename(r).startswith("seq-")])
+        from tools.report import to_markdown
+
+        os.makedirs(os.path.join(args.out, "report"), exist_ok=True)
+        with open(os.path.join(args.out, "report", METHODS_TABLE), "w") as f:
+            f.write(to_markdown(header, rows))
+        print("the methods side by side (erasure: the world's card protocol; RP: Revival Point):")
+        print(to_markdown(header, rows))
+        return report_and_finish(args, card, runs, failed, t0, phases, f"demo of methods {', '.join(args.methods)}")
     if args.run_seeds:  # the seeds' table and plots only
         what = f"demo over seeds {args.run_seeds}" + (
             f" and unlearning seeds {args.unlearn_seeds}" if args.unlearn_seeds else "")

@@ -531,6 +531,61 @@ def sequential_figure(r, base: Optional[dict] = None, control=None):
     return fig
 
 
+METHODS_FIGURE_MIN = 3  # methods on one concept and data before their curves share a figure (2 read well apart)
+
+
+def method_groups(runs) -> list:
+    """Sequential fine-tuning runs of at least METHODS_FIGURE_MIN methods on one concept and data, measured the same
+    way (one seed each: the lowest), as lists in run order; with the control of that data where there is one."""
+    groups = {}
+    for r in runs:
+        if r["protocol"] == "sequential" and r["probe"] == FULL_PROBE:
+            groups.setdefault((r["concept"], r["data"], _criteria_key(r)), []).append(r)
+    out = []
+    for members in groups.values():
+        by_method = {}
+        for r in sorted(members, key=lambda r: _seed_order(str(r["seed"]))):
+            by_method.setdefault(r["method"], r)
+        if sum(not r["control"] for r in by_method.values()) >= METHODS_FIGURE_MIN:
+            out.append(list(by_method.values()))
+    return out
+
+
+def methods_figure(members, base: Optional[dict] = None):
+    """Several methods' sequential runs on one concept and data: per criterion every method's score after each
+    chunk, the control dashed, the threshold, each method's Revival Point as a marker on its curve."""
+    import matplotlib.pyplot as plt
+
+    criteria_ = members[0]["summary"]["criteria"]
+    fig, axes = plt.subplots(1, len(criteria_), figsize=(6.5 * len(criteria_), 5.8), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, (name, threshold) in zip(axes[0], criteria_.items()):
+        k = 0
+        for r in members:
+            path = score_path(r, name)
+            if not path:
+                continue
+            if r["control"]:
+                ax.plot([x for x, _ in path], [y for _, y in path], color="grey", ls="--", marker=".",
+                        label=f"{r['method']}")
+                continue
+            point = r["summary"]["revival_point"].get(name)
+            ax.plot([x for x, _ in path], [y for _, y in path], color=colours(k % 10), marker="o", ms=3,
+                    label=f"{r['method']} (RP: {'chunk ' + str(point['chunk']) if point else 'not reached'})")
+            if point:
+                y = dict(path).get(point["images_seen"])
+                if y is not None:
+                    ax.plot([point["images_seen"]], [y], marker="*", ms=12, color=colours(k % 10))
+            k += 1
+        ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        _base_line(ax, base or {}, name)
+        m = members[0]
+        ax.set(xlabel="fine-tuning images seen", ylabel=_ylabel(name),
+               title=f"{m['concept']} / {m['data']}: {name}, {k} methods (star: Revival Point)")
+        _legend_below(ax)
+    return fig
+
+
 def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
     """Write the PNG plots; return their paths."""
     import matplotlib
@@ -571,6 +626,12 @@ def plot(runs, out: str, title: str, base: Optional[dict] = None) -> list:
         if r["protocol"] == "inversion":
             name = _slug(r["method"], r["concept"], r["data"])
             written.append(_save(inversion_figure(r, base), out, f"inversion_{name}.png"))
+    for members in method_groups(runs):  # every method's curve on one figure per concept and data
+        m = members[0]
+        original = next((_original(runs, r) for r in members if _original(runs, r) is not None), None)
+        known = {**(control_base(original) if original is not None else {}), **(base or {})}
+        written.append(_save(methods_figure(members, known), out,
+                             f"sequential_methods_{_slug(m['concept'], m['data'])}.png"))
     for members in seed_groups(sequential):
         if len(members) > 1:
             m = members[0]

@@ -104,9 +104,43 @@ def unlearn_argv(method: str, base: str, out: str, settings: dict, seed: int) ->
         argv += ["--concept", " ".join(TARGET), "--anchor", " ".join(anchor), "--anchor_prompts",
                  *concept_prompts(anchor), "--anchor_images", "100", "--iterations", "100", "--learning_rate", "3e-4",
                  "--regularization", "on"]
+    elif method in TOY_RETAIN_COLOURS:
+        argv += ["--concept", caption(*TARGET)] + _data_method_argv(method)
     else:
         raise ValueError(f"unknown method {method!r}")
     return argv
+
+
+# The methods unlearn_argv makes in the toy world (docs/unlearning.md's settings), in the order the demo shows them.
+TOY_METHODS = ("esd-x", "uce", "ac", "salun", "erasediff", "sa")
+
+# The settings of docs/unlearning.md's "In the toy world" runs of the data-based methods, as written there (the order
+# of the retained concepts' colours is each run's own: it sets the generated images' order, and SalUn's pseudo prompt
+# is the first of them).
+TOY_RETAIN_COLOURS = {
+    "salun": ("red", "orange", "yellow", "green", "blue", "purple", "white", "black"),
+    "erasediff": ("red", "green", "blue", "yellow", "purple", "orange", "white", "black"),
+    "sa": ("red", "orange", "yellow", "green", "blue", "purple", "white", "black"),
+}
+TOY_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+
+
+def _data_method_argv(method: str) -> List[str]:
+    """The flags of a method that trains on generated forget/retain (or surrogate/replay) images, in the toy world."""
+    others = [f"a {c} {s}" for c in TOY_RETAIN_COLOURS[method] for s in TOY_SHAPES if (c, s) != TARGET]
+    forget = concept_prompts(TARGET)
+    if method == "salun":  # 40 forget and 94 retain images, 5 epochs (25 steps) at 2e-4
+        return ["--forget_prompts", *forget, "--forget_images", "40", "--retain_prompts", *others,
+                "--retain_images", "94", "--generation_steps", "20", "--epochs", "5", "--learning_rate", "2e-4"]
+    if method == "erasediff":  # 40 forget and 94 retain images, 100 outer steps, the other settings its defaults
+        return ["--forget_prompts", *forget, "--forget_images", "40", "--retain_prompts", *others,
+                "--retain_images", "94", "--generation_steps", "20", "--iterations", "100"]
+    # sa: the surrogate "a green square", replay of the 47 others (the Fisher on all 94 images), 300 steps at 1e-3,
+    # the trained weights written (--ema_decay 0: the published 0.9999 keeps 97% of the base after 300 steps).
+    return ["--forget_prompts", *forget[1:], "--surrogate", "a green square", "--surrogate_images", "48",
+            "--replay_prompts", *others, "--replay_images", "94", "--fisher_samples", "94", "--fisher_timesteps", "20",
+            "--generation_steps", "20", "--iterations", "300", "--batch_size", "8", "--learning_rate", "1e-3",
+            "--ema_decay", "0"]
 
 
 def _replace_in_file(path: str, old: str, new: str) -> None:
