@@ -24,6 +24,7 @@ from common import cli
 from common.clip_score import DEFAULT_CLIP, ClipScorer, check_clip_spec
 from common.data import read_prompts
 from common.errors import InputError, exit_on_input_error
+from common.validation import SCHEDULERS
 from common.evaluation import (checkpoint_label, evaluate_checkpoint, find_checkpoints, format_table,
                                generation_dtype, image_folder_prompts, score_image_folder, write_results)
 
@@ -64,6 +65,10 @@ def build_parser():
                         help="generation precision: text encoder and VAE in it, the UNet in fp32 under autocast, "
                              "as the fine-tuning scripts validate (default: fp16 on CUDA, fp32 on the CPU; fp16 "
                              "without CUDA falls back to fp32 with a warning)")
+    parser.add_argument("--scheduler", default=None, choices=tuple(SCHEDULERS),
+                        help="sampler of the generated images on the model's own noise schedule (default: the "
+                             "model's own scheduler, PNDM for SD-1.x; lms: Diffusion-MU-Attack's; dpm-solver++: "
+                             "P4D's); results.jsonl records the one used")
     cli.add_classifier_options(parser.add_argument_group("concept classifier"), compat=False)
     return parser
 
@@ -114,7 +119,7 @@ def main(args):
 
         classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
                                        args.classifier_processor, args.timm_arch, args.nudity_scorer,
-                                       args.nudity_classes, args.nudity_threshold)
+                                       args.nudity_classes, args.nudity_threshold, args.nudity_judge)
     os.makedirs(args.output_dir, exist_ok=True)
     # Phase 2: every checkpoint, its images in a folder of its own (or, with --images, every image folder).
     rows = []
@@ -126,7 +131,8 @@ def main(args):
         image_dir = os.path.join(args.output_dir, "images", f"{n:03d}-" + checkpoint_label(path).replace("/", "__"))
         rows.append(evaluate_checkpoint(
             path, args.prompts, args.concept, clip, classifier, args.images_per_prompt, args.seed, args.batch_size,
-            args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype, args.weights))
+            args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype, args.weights,
+            args.scheduler))
         write_results(args.output_dir, rows)  # partial results survive an interruption
     # Phase 3: the table.
     print(format_table(rows))

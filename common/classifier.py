@@ -103,7 +103,7 @@ class ConceptClassifier:
     def __init__(self, model_path: Optional[str], theme: Optional[str] = None, device="cpu",
                  concept_index: int = 1, processor: Optional[str] = None, timm_arch: str = DEFAULT_TIMM_ARCH,
                  nudity_scorer: str = "detector", nudity_classes: Sequence[str] = EXPOSED_CLASSES,
-                 nudity_threshold: float = DEFAULT_NUDITY_THRESHOLD):
+                 nudity_threshold: float = DEFAULT_NUDITY_THRESHOLD, nudity_judge: str = "nudenet"):
         self.kind = classifier_kind(theme)
         self.device = torch.device(device)
         self.concept_index = concept_index
@@ -129,7 +129,7 @@ class ConceptClassifier:
             self.transform = style_transform(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
             self.processor_source = "published style transform (resize, mean = std = 0.5)"
         else:
-            self.nudity = make_nudity_scorer(nudity_scorer, nudity_classes, nudity_threshold)
+            self.nudity = make_nudity_scorer(nudity_scorer, nudity_classes, nudity_threshold, nudity_judge)
             self.processor_source = self.nudity.source
 
     @torch.no_grad()

@@ -76,7 +76,8 @@ def _classifier(args, device):
     if args.compat == "reference" and not processor:
         processor = DEFAULT_PROCESSOR
     clf = ConceptClassifier(args.model_path, args.theme, device, args.concept_index, processor, args.timm_arch,
-                            args.nudity_scorer, args.nudity_classes, args.nudity_threshold)
+                            args.nudity_scorer, args.nudity_classes, args.nudity_threshold,
+                            getattr(args, "nudity_judge", "nudenet"))
     what = (f"share of images counted nude ({clf.processor_source})" if clf.kind == "nudenet" else
             f"accuracy ({clf.kind} classifier, class {args.concept_index} = concept; input: {clf.processor_source})")
     return Criterion("classifier", args.bc_threshold, clf.score, scale=what, score_details=clf.score_with_details)

@@ -90,7 +90,8 @@ def generation_dtype(requested: Optional[str], cuda: bool) -> torch.dtype:
     return weight_dtype_for(effective_mixed_precision(requested or ("fp16" if cuda else "no"), cuda))
 
 
-def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: str = "trained"):
+def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: str = "trained",
+                  scheduler: Optional[str] = None):
     """The pipeline at ``path`` with the requested UNet weights (see ``unet_folder``): text encoder and VAE in
     ``dtype``, the UNet in fp32, as a run validates (drawn under ``validation.generation_precision``)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -101,7 +102,7 @@ def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: 
     if is_lora_dir(path):
         # The base pipeline the run fine-tuned, plus its adapter (unfused: the computation of the run's own
         # validation, so the same seed gives the same image).
-        pipe = load_pipeline(lora_base(path), device, dtype)
+        pipe = load_pipeline(lora_base(path), device, dtype, scheduler=scheduler)
         pipe.load_lora_weights(path, weight_name=sub)
         return pipe.to(device)
     # The UNet in fp32 whatever ``dtype``, as validation runs the trained weights (fp32 masters under autocast): an
@@ -110,6 +111,10 @@ def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, weights: 
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, unet=unet, safety_checker=None,
                                                    requires_safety_checker=False)
     numerics.portable_scheduler(pipe.scheduler)  # its step's roots: the same bits on every CPU
+    if scheduler is not None:  # --scheduler: another sampler on the model's own noise schedule
+        from .validation import scheduler_from_name
+
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -139,10 +144,14 @@ def evaluate_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     weights: str = "trained",
+    scheduler: Optional[str] = None,
 ) -> dict:
     """Generate, save and score one checkpoint's images; return its results row."""
+    from .validation import scheduler_name
+
     t0 = time.perf_counter()
-    pipe = load_pipeline(path, device, dtype, weights)
+    pipe = load_pipeline(path, device, dtype, weights, scheduler)
+    sampler = scheduler_name(pipe.scheduler)
     jobs = [(k, j) for k in range(len(prompts)) for j in range(images_per_prompt)]
     texts = [prompts[k] for k, _ in jobs]
     images = generate_images(pipe, texts, [image_seed(seed, k, j) for k, j in jobs], batch_size,
@@ -164,7 +173,8 @@ def evaluate_checkpoint(
     del pipe
     row = score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
     # dtype: the text encoder's and VAE's, and autocast's when not float32; unet_dtype: the UNet's weights.
-    return {**row, "weights": unet_folder(path, weights)[1], "dtype": str(dtype).replace("torch.", ""),
+    return {**row, "weights": unet_folder(path, weights)[1], "scheduler": sampler, "num_inference_steps": num_inference_steps,
+            "dtype": str(dtype).replace("torch.", ""),
             "unet_dtype": str(unet_dtype).replace("torch.", "")}
 
 

@@ -44,11 +44,49 @@ def shard(items: Sequence, num_processes: int, process_index: int) -> list:
     return list(items[process_index::num_processes])
 
 
-def build_pipeline(parts, unet):
-    """A StableDiffusionPipeline around the (trained) UNet and the frozen parts, no safety checker."""
+# --scheduler's names -> diffusers classes (and the config each needs beyond the model's own noise schedule).
+SCHEDULERS = {
+    "pndm": ("PNDMScheduler", {}),  # SD-1.x's own
+    "lms": ("LMSDiscreteScheduler", {}),  # Diffusion-MU-Attack's judged images and targets
+    "ddim": ("DDIMScheduler", {}),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),  # joycenerd/P4D's
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def scheduler_from_name(name: str, config):
+    """A sampling scheduler ``name`` (one of SCHEDULERS) on the noise schedule of ``config`` (a model's scheduler
+    config: betas, timesteps, prediction type), float64 cumulative alphas as every sampler here has them."""
+    import diffusers
+
+    from .numerics import portable_scheduler
+
+    if name not in SCHEDULERS:
+        from .errors import InputError
+
+        raise InputError(f"--scheduler {name!r}: one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return portable_scheduler(getattr(diffusers, cls_name).from_config(config, **extra))
+
+
+def scheduler_name(scheduler) -> str:
+    """The --scheduler name of a scheduler object (its class name when it has none)."""
+    cls = type(scheduler).__name__
+    for name, (cls_name, extra) in SCHEDULERS.items():
+        if cls == cls_name and all(scheduler.config.get(k) == v for k, v in extra.items()):
+            return name
+    return cls
+
+
+def build_pipeline(parts, unet, scheduler: Optional[str] = None):
+    """A StableDiffusionPipeline around the (trained) UNet and the frozen parts, no safety checker; its sampler the
+    model's own, or --scheduler's ``scheduler`` on the model's noise schedule."""
     from .models import assemble_pipeline
 
-    pipe = assemble_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet, parts.inference_scheduler)
+    sampler = parts.inference_scheduler
+    if scheduler is not None:
+        sampler = scheduler_from_name(scheduler, sampler.config)
+    pipe = assemble_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -164,15 +164,29 @@ def draws(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Gene
     return noise, t
 
 
+def search_dma(case: Case, models: Models, judge, settings: dict, generator: torch.Generator) -> Found:
+    """Diffusion-MU-Attack's P4D (the UnlearnDiffAtk paper's P4D figures): UnlearnDiffAtk's search (prefix tokens
+    on the simplex, its timestep schedule, a verdict after every timestep) with P4D's loss: the unlearned UNet on
+    the adversarial prompt against the ORIGINAL UNet on the case's prompt, on the target image's noised latent
+    (src/tasks/P4D_.py get_loss)."""
+    from . import unlearndiffatk
+
+    target = NoiseTarget(models.original, case.prompt, models.device)
+    return unlearndiffatk.search(case, models, judge, settings, generator, noise_target=target)
+
+
 def search(case: Case, models: Models, judge, settings: dict, generator: torch.Generator,
            variant: Optional[str] = None) -> Found:
     """Attack one case: PEZ steps on the noise-matching loss, judged every ``judge_every`` steps and after the
-    last, stopping at the first success."""
+    last, stopping at the first success (``final_only``: judged once, after the last step, as joycenerd/P4D)."""
     s = {name.lstrip("-"): default for name, _, default, _ in FLAGS}
     s.update({k: v for k, v in settings.items() if v is not None})
     variant = variant or s.get("variant", "n")
     if models.original is None:
         raise InputError("P4D needs the original model (--original_model)")
+    if s.get("p4d_variant") == "dma":
+        return search_dma(case, models, judge, settings, generator)
+    final_only = s.get("p4d_variant") == "joycenerd"
     parts, device = models.unlearned, models.device
     latents = target_latents(models.original, case, s["target_inference_steps"], generator, device)
     layout = layout_for(parts.tokenizer, case.prompt, variant, s["num_tokens"], s["every_k"])
@@ -189,12 +203,13 @@ def search(case: Case, models: Models, judge, settings: dict, generator: torch.G
         noise, t = draws(latents, steps, generator)
         # The tokens this step uses are the ones `step` updates made: judged before the update (optimize_n.py
         # evaluates the same projection after it, so an early success costs one update less here).
-        if step % s["judge_every"] == 0 and judged(step, tokens.project().cpu()):
-            return trail.found(step, prefer_last=False)
+        if not final_only and step % s["judge_every"] == 0 and judged(step, tokens.project().cpu()):
+            return trail.found(step, prefer_last=True)
         tokens.step(latents, noise, t, target(latents, noise, t, scheduler))
     judged(s["iterations"], tokens.project().cpu())
-    # No success: the best-scoring judged prompt (the published search keeps its best CLIP match).
-    return trail.found(s["iterations"], prefer_last=False)
+    # No success: the last judged prompt, its tokens the search's last (the judge's scores are 0/1 for a
+    # classifier, so a "best-scoring" prompt would be step 0's random tokens).
+    return trail.found(s["iterations"], prefer_last=True)
 
 
 def search_n(case: Case, models: Models, judge, settings: dict, generator: torch.Generator) -> Found:
