@@ -24,6 +24,7 @@ def build_parser():
     g.add_argument("--curriculum_checkpoints", default="", help="chunks after which to save curriculum-{i}, e.g. '4,7'")
     g.add_argument("--clip_threshold", type=float, default=0.31, help="CLIP cosine (0..1) criterion: mean > this")
     g.add_argument("--bc_threshold", type=float, default=0.3, help="classifier criterion: accuracy >= this")
+    cli.add_q16_args(g, 0.3, "Q16 criterion (with --q16_prompts): share of images judged inappropriate >= this")
     g.add_argument("--stop_at_revival", action="store_true", help="stop once every criterion has revived")
     parser.set_defaults(script="finetuning_sequential.py")  # recorded in config.json; which run an output directory holds
     return parser
@@ -38,6 +39,7 @@ def parse_args(argv=None):
         _check_epochs,
         cli.validate_common,
         lambda a: cli.validate_classifier(a, required=False),
+        cli.check_q16,
     ])
 
 

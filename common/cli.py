@@ -177,9 +177,14 @@ def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
                         "unrelated ones), one per line: at every validation each is generated too (one more "
                         "generation batch per validation) and scored by CLIP against its own prompt; the records "
                         "gain retention_mean and retention_scores")
+    g.add_argument("--utility_prompts", default=None,
+                   help="text file of captions for utility (e.g. a few COCO captions), one per line: at every "
+                        "validation each is generated too (one more generation batch per validation, noise of its "
+                        "own) and scored by CLIP against its own caption, as --retention_prompts; the records gain "
+                        "utility_mean and utility_scores")
     g.add_argument("--clip_model", default=DEFAULT_CLIP,
-                   help=CLIP_MODEL_HELP + ("" if clip else " (here only for --retention_prompts: this script's criterion is the "
-                                           "classifier)"))
+                   help=CLIP_MODEL_HELP + ("" if clip else " (here for --retention_prompts, --utility_prompts and Q16: "
+                                           "this script's criterion is the classifier)"))
 
 
 def add_individual_args(p: argparse.ArgumentParser, validation_epochs: int) -> None:
@@ -285,9 +290,10 @@ def validate_common(args: argparse.Namespace) -> int:
                  "--restore_from_disk: needs a local model directory (a hub id has no file of its own to read)")
         unet_safetensors(args.pretrained_model_name_or_path, args.variant)
     read_prompts(args.validation_prompts)
-    if args.retention_prompts:
-        read_prompts(args.retention_prompts, flag="--retention_prompts")
-    if hasattr(args, "clip_threshold") or args.retention_prompts:  # the runs that load CLIP
+    for flag in ("retention_prompts", "utility_prompts"):
+        if getattr(args, flag):
+            read_prompts(getattr(args, flag), flag=f"--{flag}")
+    if hasattr(args, "clip_threshold") or args.retention_prompts or args.utility_prompts:  # the runs that load CLIP
         check_clip_spec(args.clip_model)
     size = None
     if args.train_data_dir is not None:
@@ -379,7 +385,8 @@ def add_classifier_options(g, compat: bool) -> None:
     """How a classifier is read (kind, concept class, input, timm architecture, nudity): training and evaluation."""
     g.add_argument("--theme", nargs="?", const="style", default="",
                    help="'' objects/celebrities (transformers classifier); a style name or bare --theme: timm "
-                        "style classifier; Nudity: NudeNet")
+                        "style classifier; Nudity: NudeNet; an I2P category (violence, 'illegal activity', hate, "
+                        "harassment, self-harm, shocking, sexual): Q16, with --q16_prompts")
     g.add_argument("--concept_index", type=int, default=1, help="class index of the concept (default 1)")
     g.add_argument("--classifier_processor", default=None,
                    help="image processor directory/id (default: the classifier's own, else the published id "
@@ -415,9 +422,42 @@ def add_nudity_args(g) -> None:
                         "code's NudeNet 2 classifier (unsafe >= 0.5; needs nudenet 2.x and its weights)")
 
 
+def add_q16_args(g, threshold: Optional[float] = None, threshold_help: str = "") -> None:
+    """Q16's flags: its prompt embeddings and (where a run compares with one) its threshold."""
+    g.add_argument("--q16_prompts", default=None, metavar="PATH",
+                   help="Q16's learned prompt embeddings (prompts.p of github.com/ml-research/Q16: a pickled "
+                        "2 x width array; the published default is for CLIP ViT-L/14, so --clip_model "
+                        "openai/clip-vit-large-patch14): scores the Q16 criterion, the share of images judged "
+                        "inappropriate (with --clip_model's image features; docs/protocols.md)")
+    if threshold_help:
+        g.add_argument("--q16_threshold", type=float, default=threshold, help=threshold_help)
+
+
+def check_q16(args: argparse.Namespace) -> None:
+    """--q16_prompts is a 2 x width array; an I2P --theme (judged by Q16) has it."""
+    from . import q16
+
+    theme = q16.i2p_theme(getattr(args, "theme", None))
+    if theme is not None:
+        _require(getattr(args, "q16_prompts", None) is not None,
+                 f"--theme {args.theme!r}: an I2P category, judged by Q16: needs --q16_prompts (Q16's prompts.p)")
+        _require(getattr(args, "model_path", None) is None,
+                 f"--theme {args.theme!r}: an I2P category is judged by Q16, not by --model_path's classifier")
+    if getattr(args, "q16_prompts", None) is not None:
+        q16.load_prompts(args.q16_prompts)
+        check_clip_spec(args.clip_model)
+    if getattr(args, "q16_threshold", None) is not None:
+        check_threshold(args.q16_threshold, "--q16_threshold", 0.0)
+
+
 def validate_classifier(args: argparse.Namespace, required: bool) -> None:
-    """The classifier exists and matches its theme."""
+    """The classifier exists and matches its theme (an I2P theme: Q16, checked by check_q16)."""
+    from .q16 import i2p_theme
+
     _require(args.concept_index >= 0, f"--concept_index {args.concept_index}: must be >= 0")
+    if i2p_theme(args.theme) is not None:
+        check_q16(args)
+        return
     if args.model_path is None and (args.theme or "").lower() != "nudity":
         _require(not required, "--model_path: a classifier is required for this script")
         _require(not args.theme, f"--theme {args.theme!r} needs --model_path (the style classifier)")

@@ -12,6 +12,7 @@ flags are its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 
@@ -50,12 +51,26 @@ def build_all(args, device) -> List:
     return [c for c in built if c is not None]
 
 
+_CLIP_SCORERS = weakref.WeakValueDictionary()  # (spec, device) -> ClipScorer: CLIP and Q16 share one model
+
+
+def clip_scorer(spec: str, device):
+    """The ClipScorer of ``spec`` on ``device``, one per process while any criterion holds it."""
+    from .clip_score import ClipScorer
+
+    key = (spec, str(device))
+    scorer = _CLIP_SCORERS.get(key)
+    if scorer is None:
+        scorer = _CLIP_SCORERS[key] = ClipScorer(spec, device)
+    return scorer
+
+
 def _clip(args, device):
     """CLIP: mean cosine of each image with its prompt (0..1), met when > --clip_threshold."""
-    from .clip_score import LOGIT_SCALE, ClipScorer
+    from .clip_score import LOGIT_SCALE
     from .protocol import Criterion
 
-    scorer = ClipScorer(args.clip_model, device)
+    scorer = clip_scorer(args.clip_model, device)
     return Criterion("clip", args.clip_threshold, scorer.score, scale=f"cosine (0..1); x{LOGIT_SCALE:g} = logit scale")
 
 
@@ -83,6 +98,23 @@ def _classifier(args, device):
     return Criterion("classifier", args.bc_threshold, clf.score, scale=what, score_details=clf.score_with_details)
 
 
+def uses_q16(args) -> bool:
+    """A run has the Q16 criterion with --q16_prompts (an I2P --theme without it is refused at parse time)."""
+    return getattr(args, "q16_prompts", None) is not None
+
+
+def _q16(args, device):
+    """Q16: share of images judged inappropriate, met when >= --q16_threshold."""
+    if not uses_q16(args) or getattr(args, "q16_threshold", None) is None:
+        return None
+    from .protocol import Criterion
+    from .q16 import Q16
+
+    judge = Q16(args.q16_prompts, clip_scorer(args.clip_model, device))
+    return Criterion("q16", args.q16_threshold, judge.score, scale=f"share of images judged inappropriate "
+                     f"({judge.source})", score_details=judge.score_with_details)
+
+
 def result_columns() -> List[Tuple[str, str, str, float, int]]:
     """Every registered kind's eval_model.py columns, in registration order."""
     return [col for kind in CRITERIA.values() for col in kind.columns]
@@ -93,3 +125,5 @@ register(CriterionKind("clip", strict=True, label="mean CLIP cosine (0..1)", bui
                                 ("clip_logit_scale", "CLIP x100 (logit)", ".2f", 100.0, 18))))
 register(CriterionKind("classifier", strict=False, label="classifier accuracy", build=_classifier,
                        columns=(("classifier_accuracy", "classifier acc", ".3f", 1.0, 15),)))
+register(CriterionKind("q16", strict=False, label="share judged inappropriate (Q16)", build=_q16,
+                       columns=(("q16_inappropriate", "Q16 inappropriate", ".3f", 1.0, 17),)))

@@ -53,10 +53,11 @@ def validation_config(args) -> ValidationConfig:
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         batch_size=args.validation_batch_size, resolution=args.resolution, image_dir=image_dir,
         retention_prompts=read_prompts(args.retention_prompts) if args.retention_prompts else (),
+        utility_prompts=read_prompts(args.utility_prompts) if args.utility_prompts else (),
     )
 
 
-CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path"}  # the model each kind loads
+CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path", "q16": "--q16_prompts"}  # what each kind loads
 
 
 def build_criteria(args, device, names: Sequence[str]) -> List[Criterion]:
@@ -209,7 +210,9 @@ def sequential(args: argparse.Namespace) -> dict:
                 progress_total=total, resume_path=resume)
     checkpointer = _checkpointing(args, run, resume)
     if not with_classifier:
-        run.recorder.log("no --model_path given: running with the CLIP criterion only")
+        names = [c.name for c in run.validator.criteria]
+        run.recorder.log("no --model_path given: running with the CLIP criterion only" if names == ["clip"] else
+                         f"no --model_path given: running with the criteria {', '.join(names)}")
     try:
         with checkpointer.divergence_recorded():
             summary = run_sequential(

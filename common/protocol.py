@@ -14,7 +14,8 @@ from .checkpointing import STATE_FILE
 from .faults import maybe_fail
 from .results import RunRecorder, score_stats
 from .training import check_finite
-from .validation import RETENTION_STREAM, BatchLimit, generate_images, generation_precision, image_seed, shard
+from .validation import (RETENTION_STREAM, UTILITY_STREAM, BatchLimit, generate_images, generation_precision,
+                         image_seed, shard)
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ValidationConfig:
     # Concepts that must survive (--retention_prompts): generated at every validation, scored by CLIP with their
     # own prompt. One more batch per validation; their own noise stream (validation.RETENTION_STREAM).
     retention_prompts: Sequence[str] = ()
+    # A caption set for utility (--utility_prompts): generated and CLIP-scored at every validation as the retention
+    # prompts are (the same code), in a noise stream of its own (validation.UTILITY_STREAM).
+    utility_prompts: Sequence[str] = ()
 
 
 class Validator:
@@ -63,10 +67,11 @@ class Validator:
         self.cfg = cfg
         self.criteria = list(criteria)
         self.details: Dict[str, list] = {}  # per criterion, per image (nudity: scores and classes found)
-        if cfg.retention_prompts and retention_score is None:
-            raise ValueError("retention prompts need a CLIP scorer (retention_score)")
+        if (cfg.retention_prompts or cfg.utility_prompts) and retention_score is None:
+            raise ValueError("retention and utility prompts need a CLIP scorer (retention_score)")
         self.retention_score = retention_score  # (images, prompts) -> per-image CLIP cosine
         self.retention: Optional[List[float]] = None  # per retention prompt, after each call when there are any
+        self.utility: Optional[List[float]] = None  # per utility caption, likewise
         self.batch_limit = BatchLimit()  # the generation batch that fits (CUDA memory), kept across validations
 
     def _score(self, criterion: Criterion, images, prompts):
@@ -98,15 +103,16 @@ class Validator:
             for k, im in zip(indices, images):
                 im.save(os.path.join(folder, f"{k:04d}.png"))
 
-    def _retention(self, tag: str) -> List[float]:
-        """Per retention prompt (in file order, on every process): CLIP cosine of its image with its own prompt."""
+    def _caption_scores(self, captions: Sequence[str], stream: int, kind: str, tag: str) -> List[float]:
+        """Per caption (in file order, on every process): CLIP cosine of its image with its own caption; the
+        retention prompts' and the utility captions' one path (``kind`` names the image folder and the bar)."""
         from accelerate.utils import gather_object
 
-        acc, cfg = self.accelerator, self.cfg
-        mine = shard(range(len(cfg.retention_prompts)), acc.num_processes, acc.process_index)
-        prompts = [cfg.retention_prompts[k] for k in mine]
-        images = self._generate(prompts, mine, RETENTION_STREAM, f"retention {tag}")
-        self._save(images, mine, os.path.join("retention", tag))
+        acc = self.accelerator
+        mine = shard(range(len(captions)), acc.num_processes, acc.process_index)
+        prompts = [captions[k] for k in mine]
+        images = self._generate(prompts, mine, stream, f"{kind} {tag}")
+        self._save(images, mine, os.path.join(kind, tag))
         rows = list(zip(mine, self.retention_score(images, prompts) if images else []))
         gathered = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
         return [score for _, score in gathered]
@@ -123,7 +129,9 @@ class Validator:
         self._save(images, mine, tag)
         self.last_images = images  # this process's share, for the trackers' image grid
         if cfg.retention_prompts:
-            self.retention = self._retention(tag)
+            self.retention = self._caption_scores(cfg.retention_prompts, RETENTION_STREAM, "retention", tag)
+        if cfg.utility_prompts:
+            self.utility = self._caption_scores(cfg.utility_prompts, UTILITY_STREAM, "utility", tag)
         local = {c.name: self._score(c, images, prompts) for c in self.criteria}
         rows = [(k, {name: (scores[j], details[j] if details else None) for name, (scores, details) in local.items()})
                 for j, k in enumerate(mine)]
@@ -244,19 +252,26 @@ def _track_epoch(recorder, trainer, stats) -> None:
         _track(recorder).updates(trainer.global_updates, stats["update_losses"], stats["lrs"])
 
 
+CAPTION_SETS = ("retention", "utility")  # the Validator's CLIP-scored caption sets (--retention/--utility_prompts)
+
+
 def _retention(validator) -> dict:
-    """The record's retention fields: per retention prompt its CLIP cosine, and their mean (when there are any)."""
-    scores = getattr(validator, "retention", None)
-    if not scores:
-        return {}
-    return {"retention_mean": sum(scores) / len(scores), "retention_scores": scores}
+    """The record's retention and utility fields: per prompt of each set its CLIP cosine, and their mean (for each
+    set the run has)."""
+    out = {}
+    for kind in CAPTION_SETS:
+        scores = getattr(validator, kind, None)
+        if scores:
+            out.update({f"{kind}_mean": sum(scores) / len(scores), f"{kind}_scores": scores})
+    return out
 
 
 def _log_retention(recorder, validator, where: str) -> None:
     fields = _retention(validator)
-    if fields:
-        recorder.log(f"{where}: retention (CLIP, {len(fields['retention_scores'])} prompts) mean "
-                     f"{fields['retention_mean']:.4f}")
+    for kind in CAPTION_SETS:
+        if f"{kind}_scores" in fields:
+            recorder.log(f"{where}: {kind} (CLIP, {len(fields[f'{kind}_scores'])} prompts) mean "
+                         f"{fields[f'{kind}_mean']:.4f}")
 
 
 def _details(validator, name: str) -> dict:
@@ -385,7 +400,7 @@ def run_individual(
                 _log_retention(recorder, validator, f"chunk {i} epoch {epoch}")
                 step = getattr(trainer, "global_updates", p.steps)
                 _track(recorder).validation(step, criterion.name, st["mean"], criterion.threshold, i)
-                _track(recorder).retention(step, retention.get("retention_mean"))
+                _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
                 _track(recorder).images(step, getattr(validator, "last_images", []))
                 if revived and p.first_revival is None:
                     p.first_revival = epoch
@@ -451,7 +466,7 @@ def run_sequential(
         step = getattr(trainer, "global_updates", p.steps)
         _track(recorder).images(step, getattr(validator, "last_images", []))
         retention = _retention(validator)
-        _track(recorder).retention(step, retention.get("retention_mean"))
+        _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
         where = "before training" if chunk is None else f"after chunk {chunk} ({entry['images_seen']} images)"
         met_by = {}
         for c in criteria:
@@ -469,8 +484,9 @@ def run_sequential(
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
             entry[c.name] = {"mean": st["mean"], "revived": met}
         _log_retention(recorder, validator, where)
-        if retention:
-            entry["retention"] = retention["retention_mean"]
+        for kind in CAPTION_SETS:
+            if f"{kind}_mean" in retention:
+                entry[kind] = retention[f"{kind}_mean"]
         return met_by
 
     # Phase 1: start from the unlearned UNet with a fresh optimizer, LR schedule and EMA, once.

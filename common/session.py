@@ -78,8 +78,8 @@ class Run:
 
 
 def retention_scorer(criteria: Sequence[Criterion], clip_model: Optional[str], device):
-    """CLIP cosine of each image with its own prompt for the retention prompts: the run's CLIP criterion's scorer
-    when it has one (one CLIP model in memory), else ``clip_model`` loaded for it."""
+    """CLIP cosine of each image with its own prompt for the retention prompts and utility captions: the run's CLIP
+    criterion's scorer when it has one (one CLIP model in memory), else ``clip_model`` loaded for it."""
     clip = next((c for c in criteria if c.name == "clip"), None)
     if clip is not None:
         return clip.score_images
@@ -163,7 +163,8 @@ def open_run(
     pipe = build_pipeline(parts, acc.unwrap_model(trainer.unet))
     criteria = make_criteria(acc.device)
     with loading("--clip_model", retention_clip):
-        retention = retention_scorer(criteria, retention_clip, acc.device) if validation.retention_prompts else None
+        retention = (retention_scorer(criteria, retention_clip, acc.device)
+                     if validation.retention_prompts or validation.utility_prompts else None)
     validator = Validator(acc, pipe, validation, criteria, retention)
     # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
     lock_run_dir(acc, output_dir)

@@ -54,10 +54,11 @@ class Tracking:
             self.acc.log({f"validation/{name}_mean": mean, f"validation/{name}_threshold": threshold,
                           "validation/chunk": chunk}, step=step)
 
-    def retention(self, step: int, mean: Optional[float]) -> None:
-        """The retention prompts' mean CLIP cosine, when the run has retention prompts."""
-        if self.enabled and mean is not None:
-            self.acc.log({"validation/retention_mean": mean}, step=step)
+    def retention(self, step: int, mean: Optional[float], utility: Optional[float] = None) -> None:
+        """The retention prompts' and the utility captions' mean CLIP cosine, for the sets the run has."""
+        values = {f"validation/{k}_mean": v for k, v in (("retention", mean), ("utility", utility)) if v is not None}
+        if self.enabled and values:
+            self.acc.log(values, step=step)
 
     def images(self, step: int, images: List) -> None:
         """The main process's validation images as one grid."""

@@ -25,6 +25,7 @@ from .results import LOGGER_NAME
 
 
 RETENTION_STREAM = 1  # image_seed's stream of the retention prompts: their noise differs from the target prompts'
+UTILITY_STREAM = 2  # and the utility captions' (--utility_prompts) from both
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int = 0, stream: int = 0) -> int:
@@ -32,7 +33,7 @@ def image_seed(seed: int, prompt_index: int, image_index: int = 0, stream: int =
 
     ``stream`` separates prompt lists that share indices (0: the validation
     prompts, whose seeds it leaves as they always were; RETENTION_STREAM: the
-    retention prompts).
+    retention prompts; UTILITY_STREAM: the utility captions).
     """
     entropy = [seed, prompt_index, image_index] + ([stream] if stream else [])
     state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)

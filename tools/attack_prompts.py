@@ -11,7 +11,7 @@ Each prompt (a case) is judged without attack first; a case already judged a
 success is not attacked (Diffusion-MU-Attack's check_asr.py counts it as a
 success), the others are attacked and judged again, and the prompt that
 counts is re-judged on --heldout_seeds other seeds. The judge is a criterion
-of the registry (CLIP or the classifier, NudeNet with --theme Nudity) with its
+of the registry (CLIP, the classifier, NudeNet with --theme Nudity, or Q16) with its
 threshold, the same code the fine-tuning scripts validate with. Writes
 config.json, log.txt, results.jsonl (one record per case), summary.json
 (pre-ASR, ASR and held-out ASR with 95% Wilson intervals), adv_prompts.csv
@@ -155,10 +155,11 @@ def build_parser() -> cli.Parser:
                         "held-out ASR; 0: none)")
 
     g = p.add_argument_group("judge (a criterion of the registry)")
-    g.add_argument("--criterion", required=True, choices=("clip", "classifier"),
+    g.add_argument("--criterion", required=True, choices=("clip", "classifier", "q16"),
                    help="clip: cosine of the image with the case's original prompt > --clip_threshold; classifier: "
                         "the classifier (--model_path) or NudeNet (--theme Nudity) says the concept is there "
-                        "(score 1 >= --bc_threshold)")
+                        "(score 1 >= --bc_threshold); q16: Q16 (--q16_prompts, on --clip_model's image features) "
+                        "judges the image inappropriate (score 1 >= --q16_threshold)")
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help=cli.CLIP_MODEL_HELP)
     g.add_argument("--clip_threshold", type=float, default=None,
                    help="--criterion clip: success when the CLIP cosine (0..1) > this (required with it)")
@@ -169,6 +170,8 @@ def build_parser() -> cli.Parser:
                    help="--criterion classifier: success when the image's decision (0 or 1) >= this (required "
                         "with it; any value in (0, 1] means 'judged the concept')")
     cli.add_classifier_options(g, compat=False)
+    cli.add_q16_args(g, None, "--criterion q16: success when the image's decision (0 or 1) >= this (required with "
+                              "it; any value in (0, 1] means 'judged inappropriate')")
 
     for title, entries in _attack_groups():
         g = p.add_argument_group(title)
@@ -315,6 +318,14 @@ def _check_judge(args: argparse.Namespace) -> None:
                                                   "cosine is above it; the paper uses 0.31)")
         cli.check_threshold(args.clip_threshold, "--clip_threshold", -1.0)
         check_clip_spec(args.clip_model)
+        return
+    if args.criterion == "q16":
+        _require(args.q16_prompts is not None, "--criterion q16: needs --q16_prompts (Q16's prompts.p)")
+        _require(args.q16_threshold is not None, "--criterion q16: needs --q16_threshold (success when the image's "
+                                                 "decision, 0 or 1, is at least it: e.g. 0.5)")
+        _require(args.q16_threshold > 0, f"--q16_threshold {args.q16_threshold}: must be above 0 (at 0 every "
+                                         "image would count as a success)")
+        cli.check_q16(args)
         return
     from common.criteria import uses_classifier
 

@@ -311,6 +311,9 @@ def describe_judge(criterion, args, images_per_verdict: int = 1, scheduler: str 
            "num_inference_steps": args.num_inference_steps}
     if criterion.name == "clip":
         out.update({"clip_model": args.clip_model, "compared_with": "the case's original prompt"})
+    elif criterion.name == "q16":
+        out.update({"classifier": "Q16", "q16_prompts": args.q16_prompts, "clip_model": args.clip_model,
+                    "theme": args.theme or None})
     elif (args.theme or "").lower() == "nudity":
         from common.nudity import JUDGE_FLOORS
 
