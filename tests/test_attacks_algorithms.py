@@ -152,11 +152,14 @@ def test_p4d_search_judges_every_n_steps_and_stops_at_the_first_success(sd):
     found = p4d.search_k(_case(), models, judge, settings, torch.Generator().manual_seed(0))
     assert len(calls) == 3 and found.success and found.step == 4 and found.steps_run == 4
     assert found.prompt == calls[-1] and len(found.token_ids) == len(words) // 3 + 1
-    # No success: judged at steps 0, 2, 4 and after the last (5); the best-scoring prompt is kept.
+    # No success: judged at steps 0, 2, 4 and after the last (5); the last judged prompt is kept, its token ids the
+    # last step's, not the random initial ones (a classifier judge scores 0/1: "best-scoring" kept step 0's).
     judge, calls = scripted(succeed_at=None)
     found = p4d.search_k(_case(), models, judge, settings, torch.Generator().manual_seed(0))
     assert len(calls) == 4 and not found.success and found.step is None and found.steps_run == 5
-    assert found.prompt == calls[1] and found.score == 2.0
+    assert found.prompt == calls[-1] != calls[0] and found.score == 1.0
+    layout = p4d.layout_for(sd["unlearned"].tokenizer, PROMPT, "k", 16, 3)
+    assert layout.text(sd["unlearned"].tokenizer, torch.tensor(found.token_ids)) == calls[-1]
     # The same generator gives the same prompts (everything random comes from it).
     judge, again = scripted(succeed_at=None)
     p4d.search_k(_case(), models, judge, settings, torch.Generator().manual_seed(0))

@@ -344,8 +344,6 @@ def _check_attack(args: argparse.Namespace) -> None:
     settings = attack_settings(args)
     if needs_targets(args):
         images = harness.list_images(args.target_images)
-        cases = harness.read_cases(args.prompts, args.seed, args.guidance_scale).cases
-        harness.assign_targets(cases, images, by_number_only=args.protocol == "published")
     if args.attack in NEEDS_ORIGINAL:
         _require(args.original_model is not None, f"--attack {args.attack}: needs --original_model (P4D matches the "
                                                   "unlearned model's noise predictions to the original model's)")
@@ -369,6 +367,9 @@ def _check_attack(args: argparse.Namespace) -> None:
     validate = attacks.validator(settings_attack(args))
     if validate is not None:
         validate(settings)
+    if needs_targets(args):  # every case has its image (after the settings: a cheap check first)
+        cases = harness.read_cases(args.prompts, args.seed, args.guidance_scale).cases
+        harness.assign_targets(cases, images, by_number_only=args.protocol == "published")
 
 
 def _jsonable(value):
