@@ -46,6 +46,8 @@ RESUME_FREE = ("quiet", "log_file")
 # Settings named like these count adversarial tokens: at least one.
 TOKEN_COUNTS = ("num_tokens", "k")
 PROTOCOLS = ("toolkit", "published")
+# Attacks --protocol published runs as Diffusion-MU-Attack does (its baselines: the same judge, sampler and dataset).
+DMA_ATTACKS = ("unlearndiffatk", "none", "random", "seed_search")
 P4D_VARIANTS = ("dma", "joycenerd")
 SCHEDULER_NAMES = ("pndm", "lms", "ddim", "dpm-solver++", "euler")  # common.validation.SCHEDULERS
 # --protocol published: what each published protocol sets (flag destinations -> values), beside its attack's
@@ -261,7 +263,7 @@ def published_values(args: argparse.Namespace) -> dict:
     from common.nudity import EXPOSED_CLASSES
 
     variant = p4d_variant(args)
-    if args.attack == "unlearndiffatk" or variant == "dma":
+    if args.attack in DMA_ATTACKS or variant == "dma":
         values = dict(PUBLISHED_DMA)
         if args.criterion == "classifier" and (args.theme or "").lower() == "nudity":
             values.update(PUBLISHED_DMA_NUDITY, nudity_classes=EXPOSED_CLASSES)
@@ -279,8 +281,9 @@ def _apply_protocol(args: argparse.Namespace, explicit: set) -> None:
                  f"--p4d_variant {args.p4d_variant}: only with --attack p4d-n or p4d-k and --protocol published")
     if args.protocol != "published":
         return
-    _require(args.attack in NEEDS_TARGETS + NEEDS_ORIGINAL,
-             f"--protocol published: defined for unlearndiffatk, p4d-n and p4d-k (not --attack {args.attack})")
+    defined = [a for a in DMA_ATTACKS + NEEDS_ORIGINAL if a in attacks.MODULES]
+    _require(args.attack in defined,
+             f"--protocol published: defined for {', '.join(defined)} (not --attack {args.attack})")
     for dest, value in published_values(args).items():
         given = getattr(args, dest, None)
         if dest in explicit and given is not None and _jsonable(given) != _jsonable(value):

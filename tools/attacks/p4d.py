@@ -19,7 +19,8 @@ prompt_optimization/optimize_n.py (P4D-N), prompt_optimization/optimize_k.py (P4
 Deliberate differences from the published code (docs/attacks.md lists them with reasons):
 - the published search keeps the prompt whose image is closest (CLIP) to the target image and judges it once at the
   end; here the judge is asked at each evaluation step and the search stops at the first success (as
-  UnlearnDiffAtk does), keeping the best-scoring prompt when none succeeds;
+  UnlearnDiffAtk does), keeping the last judged prompt when none succeeds (docs/attacks.md: protocols runs
+  Diffusion-MU-Attack's P4D, search_dma, and joycenerd/P4D's judged-once protocol);
 - the target image is one image at the case's seed (run_p4dn.py draws three and keeps the one NudeNet rates most
   unsafe: the judge here only sees the unlearned model), drawn with the model's own scheduler, and the VAE gets it
   in [-1, 1] (the published preprocessing feeds [0, 1]);
