@@ -561,6 +561,31 @@ def unlearning_phases(unet, text_encoder_bytes: int) -> dict:
         Phase("inner forgetting step", **w, copies=(("theta_i", w["trained"]),), grad_images=b),
         # 242-246: the retain and forget forwards kept for one backward; theta_i is gone (restored, 185-187).
         Phase("outer step", **w, grad_images=2 * b)])
+    from tools.unlearning import receler
+
+    rank = next(f.default for f in receler.FLAGS if f.name == "--eraser_rank")
+    e = receler.eraser_values(unet, rank)
+    tokens = next(f.default for f in receler.FLAGS if f.name == "--adv_tokens")
+    adversarial = tokens * unet.config.cross_attention_dim  # the adversarial embeddings (--adv_tokens x text width)
+    # receler.py: the UNet frozen, no copy (the erasers are hooks; 'erasing'); x_t sampled with the erasers on, CFG
+    # doubling the batch (esd.py 74); the frozen predictions and the attention maps without grad ('example'); then
+    # one forward with grad per adversarial step and one for the erasers' step (--erase_on adversarial), Adam on the
+    # erasers ('train') and on the adversarial embeddings ('Receler.__init__').
+    out["receler"] = row(f"erasers (rank {rank}) after attn2, folded in", {"trained": e, "frozen": total},
+                         "1 trained (x 51: 50 adversarial steps, then the erasers'; x_t sampled, 2 no-grad)", [
+        Phase("sampling x_t, frozen predictions (no grad)", trained=e, frozen=total, no_grad_images=2),
+        Phase("adversarial or eraser forward + backward", trained=e + adversarial, frozen=total, grad_images=1)])
+    from tools.unlearning import spm
+
+    m = spm.membrane_values(unet, next(f.default for f in spm.FLAGS if f.name == "--rank"))
+    s = next(f.default for f in spm.FLAGS if f.name == "--surrogate_samples")
+    # spm.py: the UNet frozen, no copy (the membrane is hooks); x_t sampled with the membrane on, CFG doubling the
+    # batch ('sample_x_t'); the base predictions for the concept, the neutral prompt and the s surrogates without
+    # grad, then one forward with grad of the concept and the s surrogates ('spm_losses'); AdamW on the membrane.
+    out["spm"] = row("rank-1 membrane on the transformer blocks, fused", {"trained": m, "frozen": total},
+                     f"1 + {s} surrogates trained (x_t sampled, 2 no-grad; {2 + s} no-grad base predictions)", [
+        Phase("sampling x_t, base predictions (no grad)", trained=m, frozen=total, no_grad_images=2 + s),
+        Phase("concept + surrogates forward + backward", trained=m, frozen=total, grad_images=1 + s)])
     return out
 
 

@@ -36,8 +36,9 @@ PAPER = "Huang et al., ECCV 2024, https://arxiv.org/abs/2311.17717"
 CODE = "https://github.com/jasper0314-huang/Receler"
 
 PUBLISHED_MASK_RESOLUTION = 16  # concept_reg.py: "following MasaCtrl, we only use 16 x 16 cross attn maps"
-ADV_WEIGHT_DECAY = 0.1  # train.py line 104: Adam(lr=0.1, weight_decay=0.1) for the adversarial embeddings
-MASK_EPS = 1e-9  # train.py line 176: the regulariser's denominator guard
+ADV_WEIGHT_DECAY = 0.1  # train.py line 106: Adam(lr=0.1, weight_decay=0.1) for the adversarial embeddings
+MASK_EPS = 1e-9  # train.py line 184: the regulariser's denominator guard
+ERASE_ON = ("adversarial", "concept", "both")
 # Seed streams of step_generator: the eraser initialisation, the adversarial start, each step's draws.
 INIT_STREAM, ADV_STREAM, STEP_STREAM = 1, 2, 0
 
@@ -78,6 +79,12 @@ def eraser_sites(unet: nn.Module) -> Dict[str, nn.Module]:
             raise InputError(f"--method receler: {name} adds a residual or rescales after to_out; the eraser cannot "
                              "be folded into it")
     return sites
+
+
+def eraser_values(unet: nn.Module, rank: int) -> int:
+    """How many values the erasers of ``unet`` at ``rank`` train (down and up weights and biases per site)."""
+    return sum(2 * a.to_out[0].out_features * rank + rank + a.to_out[0].out_features
+               for a in eraser_sites(unet).values())
 
 
 def make_erasers(sites: Dict[str, nn.Module], rank: int, seed: int, device) -> nn.ModuleDict:
@@ -178,7 +185,7 @@ def concept_masks(maps: Dict[str, torch.Tensor], word_indices: Sequence[int], th
 
 
 def localization_loss(eraser_outputs: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """The concept-localised regulariser (train.py lines 160-178): per site, the eraser output's squared value,
+    """The concept-localised regulariser (train.py lines 169-186): per site, the eraser output's squared value,
     averaged over channels, summed over the pixels outside the mask and divided by their count; averaged over
     the sites."""
     terms = []
@@ -212,7 +219,7 @@ class Receler:
     def __init__(self, unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, word_count: int, rank: int,
                  eta: float, guidance: float, reg_weight: float, mask_threshold: float, mask_resolution: int,
                  adv_iterations: int, adv_tokens: int, adv_learning_rate: float, adv_start: int, latent_shape,
-                 seed: int, device):
+                 seed: int, device, erase_on: str = "adversarial"):
         self.unet, self.scheduler, self.cond, self.uncond = unet.requires_grad_(False), scheduler, cond, uncond
         self.sites = eraser_sites(unet)
         self.erasers = make_erasers(self.sites, rank, seed, device)
@@ -220,11 +227,11 @@ class Receler:
         self.adv_indices = list(range(1 + word_count, 1 + word_count + adv_tokens))
         self.eta, self.guidance, self.reg_weight = eta, guidance, reg_weight
         self.mask_threshold, self.wanted_resolution = mask_threshold, mask_resolution
-        self.adv_iterations, self.adv_start = adv_iterations, adv_start
+        self.adv_iterations, self.adv_start, self.erase_on = adv_iterations, adv_start, erase_on
         self.latent_shape, self.seed, self.device = latent_shape, seed, device
         self.adversarial = None
         if adv_iterations > 0 and adv_tokens > 0:
-            # torch.rand, as train.py line 102: uniform [0, 1) in the text encoder's output space.
+            # torch.rand, as train.py line 104: uniform [0, 1) in the text encoder's output space.
             start = torch.rand((1, adv_tokens, cond.shape[-1]), generator=step_generator(seed, 0, ADV_STREAM))
             self.adversarial = nn.Parameter(start.to(device))
             self.adv_optimizer = torch.optim.Adam([self.adversarial], lr=adv_learning_rate,
@@ -250,7 +257,7 @@ class Receler:
         steps = len(self.scheduler.timesteps)
         k = int(torch.randint(0, steps, (1,), generator=g))
         noise = torch.randn(self.latent_shape, generator=g).to(self.device)
-        with erasing(self.sites, self.erasers):  # sampled by the model being trained, erasers on (train.py l. 77)
+        with erasing(self.sites, self.erasers):  # sampled by the model being trained, erasers on (train.py l. 136)
             z = ddim_partial_sample(self.unet, self.scheduler, noise, self.cond, self.uncond, k, self.guidance)
         t = self.scheduler.timesteps[k]
         maps = {}
@@ -261,18 +268,22 @@ class Receler:
         masks, self.mask_used = concept_masks(maps, self.word_indices, self.mask_threshold, self.wanted_resolution)
         return z, t, e_0, e_p, masks
 
-    def losses(self, z, t, e_0, e_p, masks, context) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, erase, localisation) of the erasers on (z, t) under ``context``."""
-        outputs = {}
-        with erasing(self.sites, self.erasers, outputs):
-            e_n = _predict(self.unet, z, t, context)
-        erase = F.mse_loss(e_n.float(), esd_target(e_0, e_p, self.eta).float())
-        reg = localization_loss(outputs, masks)
+    def losses(self, z, t, e_0, e_p, masks, contexts: Sequence[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, erase, localisation) of the erasers on (z, t), each term the mean over the prompts ``contexts``."""
+        target = esd_target(e_0, e_p, self.eta).float()
+        erase, reg = 0.0, 0.0
+        for context in contexts:
+            outputs = {}
+            with erasing(self.sites, self.erasers, outputs):
+                e_n = _predict(self.unet, z, t, context)
+            erase = erase + F.mse_loss(e_n.float(), target) / len(contexts)
+            reg = reg + localization_loss(outputs, masks) / len(contexts)
         return erase + self.reg_weight * reg, erase, reg
 
     def attack(self, z, t, e_p) -> Tuple[torch.Tensor, float]:
         """``adv_iterations`` Adam steps of the adversarial embeddings toward the concept's frozen prediction
-        ``e_p`` through the erasers; returns the prompt of the last one (before its step, as train.py lines 137-150)
+        ``e_p`` through the erasers; returns the prompt of the last one (before its step, as train.py lines 145-164)
         and its loss."""
         for _ in range(self.adv_iterations):
             context = self.adversarial_prompt()
@@ -292,11 +303,13 @@ class Receler:
 
         def step(i: int):
             z, t, e_0, e_p, masks = self.example(i)
-            context = self.cond
+            contexts = [self.cond]
             if self.adversarial is not None and i >= self.adv_start:
-                context, adv = self.attack(z, t, e_p)
+                adversarial, adv = self.attack(z, t, e_p)
                 adv_losses.append(adv)
-            total, erase, reg = self.losses(z, t, e_0, e_p, masks, context)
+                contexts = {"adversarial": [adversarial], "concept": [self.cond],
+                            "both": [self.cond, adversarial]}[self.erase_on]
+            total, erase, reg = self.losses(z, t, e_0, e_p, masks, contexts)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -322,7 +335,7 @@ class Receler:
 
 # ---- the method ---------------------------------------------------------------
 
-FLAGS = (  # defaults: train_receler.py's argparse (lines 222-247)
+FLAGS = (  # defaults: train_receler.py's argparse (lines 234-261)
     Flag("--iterations", 500, "eraser training steps, one example each", int),
     Flag("--learning_rate", 3e-4, "Adam learning rate of the erasers", float),
     Flag("--eta", 1.0, "negative guidance strength of ESD's target", float),
@@ -336,11 +349,15 @@ FLAGS = (  # defaults: train_receler.py's argparse (lines 222-247)
     Flag("--adv_iterations", 50, "adversarial prompt steps before each eraser step; 0: no adversary", int),
     Flag("--adv_tokens", 16, "adversarial prompt embeddings, in the positions after the concept's words", int),
     Flag("--adv_learning_rate", 0.1, "Adam learning rate of the adversarial embeddings (weight decay 0.1)", float),
+    Flag("--erase_on", "adversarial", "the prompt(s) the erasers learn on while the adversary runs: adversarial "
+         "(the paper's), concept (what the published code trains on: its adversarial embeddings never reach the "
+         "prompt), both (the mean of the two)", choices=ERASE_ON),
     Flag("--adv_start", 0, "the eraser step the adversary starts at (before it: the concept's own prompt)", int),
     Flag("--resolution", None, "image side in pixels", int,
          default_text="the UNet's sample_size x the VAE's scale factor"),
     Flag("--probe_samples", 4, "fixed held-out examples on which the ESD objective is reported before and after; "
          "0: off", int),
+    Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),
 )
 
 
@@ -395,11 +412,16 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
     receler = Receler(unet, scheduler, cond, uncond, words, settings["eraser_rank"], settings["eta"],
                       settings["sample_guidance"], settings["concept_reg_weight"], settings["mask_threshold"],
                       settings["mask_resolution"], settings["adv_iterations"], settings["adv_tokens"],
-                      settings["adv_learning_rate"], settings["adv_start"], latent_shape, seed, device)
+                      settings["adv_learning_rate"], settings["adv_start"], latent_shape, seed, device,
+                      settings["erase_on"])
     probes = esd_probe_set(unet, scheduler, cond, uncond, settings["probe_samples"], latent_shape, seed + 1,
                            settings["sample_guidance"], settings["eta"], device)
     before = esd_objective(unet, probes, cond)
+    if settings["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
     history = receler.train(settings["iterations"], settings["learning_rate"], ctx, progress=not quiet)
+    if settings["gradient_checkpointing"]:
+        unet.disable_gradient_checkpointing()
     with erasing(receler.sites, receler.erasers):
         after_erasers = esd_objective(unet, probes, cond)
         hooked = [_predict(unet, z, t, cond).detach() for z, t, _ in probes[:1]]
@@ -424,7 +446,8 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
                                    if history["mask_coverage"] else None)},
         "adversarial": {"iterations": settings["adv_iterations"], "tokens": settings["adv_tokens"],
                         "learning_rate": settings["adv_learning_rate"], "weight_decay": ADV_WEIGHT_DECAY,
-                        "start": settings["adv_start"], "positions": receler.adv_indices,
+                        "start": settings["adv_start"], "erase_on": settings["erase_on"],
+                        "positions": receler.adv_indices,
                         "steps_attacked": len(adv), "loss": loss_summary(adv) if adv else None},
         "objective_on_probes": {"samples": settings["probe_samples"], "before": before if probes else None,
                                 "after_with_erasers": after_erasers if probes else None,
