@@ -13,6 +13,13 @@ With --images, MODEL_PATHS are folders of images already on disk (such a
 folder, or any other): they are scored the same way and no model is loaded.
 
     python eval_model.py eval_results/images/000-model CLASSIFIER_DIR "golf ball" --images
+
+With --utility CAPTIONS, each checkpoint (and its base model) also draws one
+image per caption, scored with FID and KID against --utility_reference, CLIP
+score and SSIM/PSNR against the base model's images (docs/utility.md); with
+several processes (accelerate launch) the captions are shared among them.
+
+    python eval_model.py RUN_DIR none "golf ball" --utility coco30k.csv --utility_reference coco_val2014/
 """
 
 import argparse
@@ -20,7 +27,7 @@ import os
 
 import torch
 
-from common import cli
+from common import cli, utility
 from common.clip_score import DEFAULT_CLIP, ClipScorer, check_clip_spec
 from common.data import read_prompts
 from common.errors import InputError, exit_on_input_error
@@ -69,6 +76,7 @@ def build_parser():
                         help="sampler of the generated images on the model's own noise schedule (default: the "
                              "model's own scheduler, PNDM for SD-1.x; lms: Diffusion-MU-Attack's; dpm-solver++: "
                              "P4D's); results.jsonl records the one used")
+    utility.add_options(parser.add_argument_group("utility (docs/utility.md)"))
     cli.add_classifier_options(parser.add_argument_group("concept classifier"), compat=False)
     return parser
 
@@ -89,9 +97,9 @@ def parse_args(argv=None):
                 image_folder_prompts(folder, prompts)  # every image has a prompt, before any model loads
             checkpoints = paths
         else:
-            if not args.prompt_file:
-                raise InputError("--prompt_file is required (unless --images)")
-            prompts = read_prompts(args.prompt_file, "--prompt_file")
+            if not args.prompt_file and not args.utility:
+                raise InputError("--prompt_file is required (unless --images or --utility)")
+            prompts = read_prompts(args.prompt_file, "--prompt_file") if args.prompt_file else None
             checkpoints = find_checkpoints(paths, args.curr)
         check_clip_spec(args.clip_model)
         classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
@@ -102,9 +110,10 @@ def parse_args(argv=None):
             cli.check_nudity_args(args)
         if os.path.isfile(args.output_dir):
             raise InputError(f"--output_dir {args.output_dir}: is a file")
+        captions = utility.check_args(args)
     # What main() works from: the parsed flags (untouched) and what validating them resolved.
     return argparse.Namespace(**{**vars(args), "prompts": prompts, "checkpoints": checkpoints,
-                                 "classifier": classifier})
+                                 "classifier": classifier, "captions": captions})
 
 
 def main(args):
@@ -120,10 +129,14 @@ def main(args):
         classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
                                        args.classifier_processor, args.timm_arch, args.nudity_scorer,
                                        args.nudity_classes, args.nudity_threshold, args.nudity_judge)
+    if args.captions is not None:
+        summaries = _utility(args, clip, device, dtype)  # first: the other processes stop after it
+        if summaries is None:
+            return []
     os.makedirs(args.output_dir, exist_ok=True)
     # Phase 2: every checkpoint, its images in a folder of its own (or, with --images, every image folder).
     rows = []
-    for n, path in enumerate(args.checkpoints):
+    for n, path in enumerate(args.checkpoints if args.prompts is not None or args.images else []):
         if args.images:
             rows.append(score_image_folder(path, args.prompts, args.concept, clip, classifier))
             write_results(args.output_dir, rows)
@@ -134,9 +147,32 @@ def main(args):
             args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype, args.weights,
             args.scheduler))
         write_results(args.output_dir, rows)  # partial results survive an interruption
-    # Phase 3: the table.
-    print(format_table(rows))
+    # Phase 3: the tables.
+    if rows:
+        print(format_table(rows))
+    if args.captions is not None:
+        print(utility.format_utility_table(summaries))
     return rows
+
+
+def _utility(args, clip, device, dtype):
+    """--utility: reference features (checked before anything is written), each model's caption images shared
+    among the processes, scored on the main process; its summaries there, None on the others."""
+    from common.precision import process_state
+
+    state = process_state()
+    if state.num_processes > 1:
+        device = state.device
+    resolution = args.resolution or utility.native_resolution(args.checkpoints[0])
+    with exit_on_input_error(PROG):
+        extractor, reference, reference_path = utility.load_reference(
+            args.utility_reference, args.fid_features, args.inception_weights, clip, resolution, args.output_dir,
+            device, state.is_main_process)
+    summaries = utility.run_utility(
+        args.checkpoints, args.captions, args.output_dir, clip, extractor, reference, reference_path,
+        args.utility_base, args.seed, args.batch_size, args.num_inference_steps, args.guidance_scale, resolution,
+        device, dtype, args.weights, args.kid_subsets, args.kid_subset_size, state)
+    return summaries if state.is_main_process else None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ the control's score before training (the original model's) is the base line.
 Prompt-attack runs (tools/attack_prompts.py's output directories) join only
 probes_table.{md,csv,tex}: a column per attack beside the fine-tuning, LoRA
 and inversion probes, and the original model's row as the positive control.
+
+With --utility EVAL_DIR (eval_model.py --utility's output directories),
+utility_table.{md,csv,tex} gives per model FID, KID, CLIP score and SSIM/PSNR
+against the base model, and the probes table a utility column.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ def build_parser():
     p.add_argument("--concept", default=None,
                    help="concept name for every run (default: the run's concept tag, else its validation prompt "
                         "file name)")
+    p.add_argument("--utility", action="append", default=[], metavar="EVAL_DIR",
+                   help="an eval_model.py --utility output directory (repeatable): utility_table.{md,csv,tex} and a "
+                        "utility column in the probes table, from its utility/*/utility.json")
     return p
 
 
@@ -65,7 +72,67 @@ def parse_args(argv=None):
             for name in (CONFIG_FILE, SUMMARY_FILE, VALIDATIONS_FILE):
                 if not os.path.isfile(os.path.join(run, name)):
                     raise InputError(f"{run}: no {name} (not a finished or running fine-tuning output directory)")
+        for folder in args.utility:
+            if not utility_files(folder):
+                raise InputError(f"--utility {folder}: no utility/*/utility.json (not an eval_model.py --utility "
+                                 "output directory, or not finished)")
     return args
+
+
+def utility_files(folder: str) -> list:
+    """The utility.json files of an eval_model.py --utility output directory, in model order."""
+    root = os.path.join(folder, "utility")
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, d, "utility.json") for d in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, d, "utility.json"))]
+
+
+def load_utility(folders) -> list:
+    """Every model's utility summary from the given eval_model.py output directories."""
+    out = []
+    for folder in folders:
+        for path in utility_files(folder):
+            with open(path) as f:
+                out.append(json.load(f))
+    return out
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else f"{value:{fmt}}"
+
+
+def utility_rows(summaries) -> tuple:
+    """Per model (eval_model.py --utility): images, features and reference size, FID, KID mean +- std over its
+    subsets, CLIP cosine, and mean SSIM / PSNR (dB) against the base model's images at equal seeds."""
+    header = ["model", "role", "images", "features (reference images)", "FID", "KID (mean +- std)",
+              "CLIP cosine (0..1)", "SSIM vs base", "PSNR vs base (dB)"]
+    rows = []
+    for s in summaries:
+        kid = (f"{s['kid_mean']:.4f} +- {s['kid_std']:.4f}" if s.get("kid_mean") is not None else "-")
+        feats = f"{s['features']} ({s['reference_images']})" if s.get("features") else "-"
+        rows.append([s["label"], s.get("role", "checkpoint"), str(s["images"]), feats, _num(s.get("fid"), ".2f"), kid,
+                     _num(s.get("clip_cosine"), ".4f"), _num((s.get("ssim") or {}).get("mean"), ".4f"),
+                     _num((s.get("psnr") or {}).get("mean"), ".2f")])
+    return header, rows
+
+
+def utility_cell(s) -> str:
+    """A model's utility in one probes-table cell: FID and CLIP cosine, and SSIM against the base when known."""
+    parts = [f"FID {s['fid']:.2f}" if s.get("fid") is not None else None, f"CLIP {s['clip_cosine']:.3f}",
+             f"SSIM vs base {s['ssim']['mean']:.3f}" if s.get("ssim") else None]
+    return ", ".join(p for p in parts if p)
+
+
+def add_utility_column(header, rows, summaries) -> tuple:
+    """The probes table with a utility column: each row's model matched by name with a utility summary's label."""
+    by_model = {s["label"]: s for s in summaries}
+    suffix = f" ({POSITIVE_CONTROL})"
+    cells = [by_model.get(r[0][: -len(suffix)] if r[0].endswith(suffix) else r[0]) for r in rows]
+    if not any(cells):
+        return header, rows
+    return header + ["utility: FID, CLIP, SSIM vs base"], [r + [utility_cell(c) if c else "-"]
+                                                             for r, c in zip(rows, cells)]
 
 
 def base_scores(items) -> dict:
@@ -815,6 +882,13 @@ def main(args):
         with open(os.path.join(args.out, f"revival_table.{ext}"), "w") as f:
             f.write(fmt(header, rows))
     probe_header, probe_table = probe_rows(every)
+    summaries = load_utility(args.utility)
+    probe_header, probe_table = add_utility_column(probe_header, probe_table, summaries)
+    utility_header, utility_table = utility_rows(summaries)
+    if utility_table:
+        for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
+            with open(os.path.join(args.out, f"utility_table.{ext}"), "w") as f:
+                f.write(fmt(utility_header, utility_table))
     if probe_table:
         for ext, fmt in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
             with open(os.path.join(args.out, f"probes_table.{ext}"), "w") as f:
@@ -842,6 +916,9 @@ def main(args):
     if probe_table:
         print("probes side by side:")
         print(to_markdown(probe_header, probe_table))
+    if utility_table:
+        print("utility (eval_model.py --utility):")
+        print(to_markdown(utility_header, utility_table))
     if control_table:
         print("beside their controls (the original model fine-tuned on the same data):")
         print(to_markdown(control_header, control_table))

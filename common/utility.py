@@ -1,0 +1,671 @@
+"""Utility beside revival (docs/utility.md): FID, KID and CLIP score on a caption set, image change vs the base model.
+
+FID and KID are torchmetrics' (``FrechetInceptionDistance``,
+``KernelInceptionDistance``), fed features this module extracts once per image:
+Inception-v3 (torchmetrics' ``NoTrainInceptionV3``, the torch-fidelity port of
+the TensorFlow FID network, 2048-d pool features) or the run's CLIP image
+embeddings (common/clip_score.py, the one CLIP of the toolkit). Reference
+features are cached in a file keyed by the extractor's weights, the resolution
+and the image set, and refused when any of them differs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+UTILITY_STREAM = 2  # image_seed's stream of the caption set: its noise differs from the prompts' (0) and retention's (1)
+INCEPTION, CLIP_FEATURES = "inception", "clip"
+FEATURES = (INCEPTION, CLIP_FEATURES)
+INCEPTION_DIM = 2048  # pool3 features of Inception-v3, the FID standard (Heusel et al. 2017)
+# Heusel et al. (2017) computed FID on at least 10,000 images and warn that fewer give a biased (higher) value; below
+# that we warn. Below the feature dimension the reference covariance is singular: refused (docs/utility.md).
+STABLE_FID_IMAGES = 10_000
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. (2018) and torchmetrics' defaults
+STATS_VERSION = 1
+STATS_SUFFIX = ".npz"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_COLUMNS = ("caption", "text", "prompt")  # a CSV's caption column: the first of these it has (any case)
+
+
+# ---------------------------------------------------------------------------------------------------- input checks
+
+def read_captions(path: str, flag: str = "--utility") -> List[str]:
+    """Captions from a CSV with a caption column (COCO-30k style) or a text file with one per non-empty line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if path.lower().endswith(".csv"):
+        rows = list(csv.DictReader(text.splitlines()))
+        header = {name.strip().lower(): name for name in (rows[0].keys() if rows else
+                                                          next(csv.reader(text.splitlines()), []))}
+        column = next((header[c] for c in CAPTION_COLUMNS if c in header), None)
+        if column is None:
+            raise InputError(f"{flag} {path}: no caption column (expected one of {', '.join(CAPTION_COLUMNS)}; "
+                             f"found {', '.join(header.values()) or 'none'})")
+        captions = [(r[column] or "").strip() for r in rows]
+        captions = [c for c in captions if c]
+    else:
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise InputError(f"{flag} {path}: no captions")
+    return captions
+
+
+def reference_images(folder: str) -> List[str]:
+    """The image files of a reference folder (not its subfolders), in name order."""
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+
+
+def read_stats_meta(path: str, flag: str = "--utility_reference") -> dict:
+    """The metadata of a reference statistics file this module wrote (InputError for any other file)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("version") != STATS_VERSION or "features" not in z.files:
+                raise ValueError
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"{flag} {path}: not a reference statistics file written by eval_model.py --utility "
+                         "(give the folder of real images instead)") from None
+    return meta
+
+
+
+
+def expected_dim(fid_features: str, clip_spec: str) -> Optional[int]:
+    """The feature width, known before loading (Inception: 2048; a transformers CLIP: its config's projection_dim)."""
+    if fid_features == INCEPTION:
+        return INCEPTION_DIM
+    from .models import resolve_model_path
+
+    config = os.path.join(resolve_model_path(clip_spec), "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            return json.load(f).get("projection_dim")
+    return None  # open_clip, or a hub id: checked once the model is loaded
+
+
+def check_reference_count(count: int, dim: Optional[int], where: str, flag: str = "--utility_reference",
+                          warn: bool = True) -> None:
+    """Refuse fewer reference images than feature dimensions (a singular covariance); warn below 10,000."""
+    if dim is not None and count < dim:
+        raise InputError(f"{flag} {where}: {count} images, fewer than the {dim} feature dimensions (at least {dim} "
+                         f"needed for a full-rank covariance; {STABLE_FID_IMAGES} for a stable FID)")
+    if warn and count < STABLE_FID_IMAGES:
+        print(f"warning: {flag} {where}: {count} reference images; FID is biased upwards below "
+              f"{STABLE_FID_IMAGES} (compare only numbers computed on the same sizes)", flush=True)
+
+
+def check_reference(path: str, fid_features: str, clip_spec: str, resolution: Optional[int],
+                    flag: str = "--utility_reference") -> None:
+    """Parse-time checks of --utility_reference: a folder with enough images, or statistics that match."""
+    dim = expected_dim(fid_features, clip_spec)
+    if os.path.isdir(path):
+        check_reference_count(len(reference_images(path)), dim, path, flag)
+        return
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such folder or file")
+    meta = read_stats_meta(path, flag)
+    want = fid_features
+    if meta["extractor"] != want:
+        raise InputError(f"{flag} {path}: statistics of {meta['extractor']} features, not {want} (--fid_features; "
+                         "recompute them from the image folder)")
+    if resolution is not None and meta["resolution"] != resolution:
+        raise InputError(f"{flag} {path}: statistics of images at {meta['resolution']} px, not --resolution "
+                         f"{resolution}")
+    check_reference_count(meta["images"], dim, path, flag)
+
+
+# ------------------------------------------------------------------------------------------------- feature extractors
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, shapes, bytes): which weights made the features."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}".encode())
+        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+def pil_to_uint8(images: Sequence) -> torch.Tensor:
+    """PIL images (one size) as a uint8 N x 3 x H x W tensor, the input torch-fidelity's Inception expects."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+class InceptionFeatures:
+    """Inception-v3 pool features (2048-d) as torchmetrics computes FID: torch-fidelity's network and weights.
+
+    ``weights_path``: a state dict saved with ``torch.save`` (the format torch-fidelity loads,
+    ``pt_inception-2015-12-05-6726825d.pth``) for a cluster without internet; None: torch-fidelity downloads it.
+    """
+
+    def __init__(self, weights_path: Optional[str] = None, device: str | torch.device = "cpu"):
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.name = INCEPTION
+        self.device = torch.device(device)
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_DIM)],
+                                      feature_extractor_weights_path=weights_path).to(self.device)
+        self.dim = INCEPTION_DIM
+        self.fingerprint = weights_hash(self.net)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        """float64 features, one row per PIL image (resized to 299 px inside the network)."""
+        return self.net(pil_to_uint8(images).to(self.device)).double().cpu()
+
+
+class ClipFeatures:
+    """The run's CLIP image embeddings (L2-normalised, those of the CLIP score) as FID features: computable offline."""
+
+    def __init__(self, clip_scorer):
+        self.clip = clip_scorer
+        self.name = CLIP_FEATURES
+        self.fingerprint = weights_hash(clip_scorer.model)
+        self.dim = int(self([_blank()]).shape[1])
+
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        return self.clip.embed_images(images).double().cpu()
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32))
+
+
+def extract(extractor, images: Sequence, batch_size: int = 64, desc: Optional[str] = None) -> torch.Tensor:
+    """Features of a list of PIL images, ``batch_size`` at a time (a progress bar when ``desc`` is given)."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for b in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
+        rows.append(extractor(images[b : b + batch_size]))
+    return torch.cat(rows)
+
+
+# ---------------------------------------------------------------------------------------------- reference statistics
+
+def as_reference_image(image, resolution: int):
+    """A real image as the generated ones are: RGB, centre square crop, resized to ``resolution`` (PIL bicubic,
+    antialiased, the resize clean-fid recommends), so both sets take the same path into the extractor."""
+    from PIL import Image
+
+    im = image.convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    im = im.crop((left, top, left + s, top + s))
+    return im if s == resolution else im.resize((resolution, resolution), Image.BICUBIC)
+
+
+def image_set_hash(paths: Sequence[str]) -> str:
+    """sha256 over each file's name and contents: the same images give the same key wherever the folder lives."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.basename(p).encode() + b"\0")
+        with open(p, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def stats_file_name(extractor, resolution: int, set_hash: str) -> str:
+    """reference-<extractor>-<res>px-<key>.npz, the key a hash of extractor weights, resolution and image set."""
+    key = hashlib.sha256(f"{extractor.fingerprint}:{resolution}:{set_hash}".encode()).hexdigest()[:16]
+    return f"reference-{extractor.name}-{resolution}px-{key}{STATS_SUFFIX}"
+
+
+def save_stats(path: str, features: torch.Tensor, meta: dict) -> None:
+    """Reference features (float64, as extracted) and their metadata, written under a temporary name then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, features=features.numpy(), meta=np.array(json.dumps(meta)))
+    os.replace(tmp, path)
+
+
+def load_stats(path: str, extractor, resolution: int, flag: str = "--utility_reference") -> torch.Tensor:
+    """Reference features of a statistics file, refused (InputError) unless made by these weights at this size."""
+    meta = read_stats_meta(path, flag)
+    check_reference_count(meta["images"], extractor.dim, path, flag, warn=False)
+    if meta["extractor"] != extractor.name or meta["fingerprint"] != extractor.fingerprint:
+        raise InputError(f"{flag} {path}: made by another feature extractor ({meta['extractor']}, weights "
+                         f"{meta['fingerprint'][:12]}) than this run's ({extractor.name}, weights "
+                         f"{extractor.fingerprint[:12]})")
+    if meta["resolution"] != resolution:
+        raise InputError(f"{flag} {path}: statistics of images at {meta['resolution']} px, not {resolution} px")
+    with np.load(path, allow_pickle=False) as z:
+        return torch.from_numpy(z["features"])
+
+
+def reference_features(reference: str, extractor, resolution: int, cache_dir: str,
+                       flag: str = "--utility_reference") -> tuple:
+    """(features, statistics file): loaded from a statistics file, or from the cache, or computed and cached."""
+    if os.path.isfile(reference):
+        return load_stats(reference, extractor, resolution, flag), reference
+    paths = reference_images(reference)
+    check_reference_count(len(paths), extractor.dim, reference, flag, warn=False)  # warned at parse time
+    set_hash = image_set_hash(paths)
+    cached = os.path.join(cache_dir, stats_file_name(extractor, resolution, set_hash))
+    if os.path.isfile(cached):
+        return load_stats(cached, extractor, resolution, flag), cached
+    from PIL import Image
+
+    def load(p):
+        with Image.open(p) as im:
+            return as_reference_image(im, resolution)
+
+    rows = []
+    from tqdm.auto import tqdm
+
+    for b in tqdm(range(0, len(paths), 64), desc="reference features", leave=False):
+        rows.append(extractor([load(p) for p in paths[b : b + 64]]))
+    features = torch.cat(rows)
+    save_stats(cached, features, {"version": STATS_VERSION, "extractor": extractor.name,
+                                  "fingerprint": extractor.fingerprint, "dim": int(features.shape[1]),
+                                  "resolution": resolution, "images": len(paths), "image_set_sha256": set_hash,
+                                  "source": os.path.abspath(reference)})
+    return features, cached
+
+
+# ------------------------------------------------------------------------------------------------------- the metrics
+
+class GivenFeatures(torch.nn.Module):
+    """The identity, as torchmetrics' ``feature`` module: the metrics then run on features extracted beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """torchmetrics' Fréchet distance between two feature sets (float64 throughout)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1]))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = KID_SUBSETS,
+        subset_size: int = KID_SUBSET_SIZE) -> dict:
+    """torchmetrics' KID: mean and std over ``subsets`` random subsets, drawn from ``seed`` (the global RNG is left as
+    it was). The subset size is capped at the smaller set's size."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(real), len(fake))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=GivenFeatures(real.shape[1]), subsets=subsets, subset_size=size)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return {"kid_mean": float(mean), "kid_std": float(std), "kid_subsets": subsets, "kid_subset_size": size}
+
+
+def image_change(base_images: Sequence, images: Sequence) -> dict:
+    """Per image pair (same caption, same seed): SSIM and PSNR (dB) of a checkpoint's image against the base model's,
+    torchmetrics' functions on [0, 1] RGB (SSIM: 11 px Gaussian window, sigma 1.5)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a = pil_to_uint8(images).double() / 255
+    b = pil_to_uint8(base_images).double() / 255
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return {"ssim": ssim.tolist(), "psnr": psnr.tolist()}
+
+
+def distribution(values: Sequence[float]) -> dict:
+    """mean, std, min, 10th/50th/90th percentiles and max of per-image values (inf PSNR of identical images kept)."""
+    v = np.asarray(values, dtype=float)
+    finite = v[np.isfinite(v)]
+    q = np.percentile(v, [0, 10, 50, 90, 100]) if len(finite) == len(v) else [float(np.min(v)), *np.percentile(
+        v, [10, 50, 90]), float(np.max(v))]
+    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(q[0]), "p10": float(q[1]),
+            "median": float(q[2]), "p90": float(q[3]), "max": float(q[4]), "n": int(len(v))}
+
+
+# ------------------------------------------------------------------------------------------------- images on disk
+
+IMAGES_DIR, SETTINGS_FILE, UTILITY_FILE, ROWS_FILE = "images", "settings.json", "utility.json", "results.jsonl"
+
+
+def image_name(k: int) -> str:
+    return f"c{k:05d}.png"
+
+
+def prepare_folder(folder: str, settings: dict) -> None:
+    """Keep the images of an interrupted run with the same settings (resume); start afresh for any other."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            if json.load(f) == settings:
+                return
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(os.path.join(folder, IMAGES_DIR))
+    from .results import atomic_write_json
+
+    atomic_write_json(path, settings)
+
+
+def missing_captions(folder: str, count: int) -> List[int]:
+    """Indices of the captions whose image is not on disk yet (the first one is where a killed run resumes)."""
+    present = set(os.listdir(os.path.join(folder, IMAGES_DIR))) if os.path.isdir(os.path.join(folder, IMAGES_DIR)) \
+        else set()
+    return [k for k in range(count) if image_name(k) not in present]
+
+
+def save_image(image, folder: str, k: int) -> None:
+    """One caption's image, under a temporary name then renamed: a kill never leaves a half-written PNG."""
+    path = os.path.join(folder, IMAGES_DIR, image_name(k))
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_images(folder: str, count: int) -> list:
+    """The ``count`` caption images of a folder, in caption order."""
+    from PIL import Image
+
+    out = []
+    for k in range(count):
+        with Image.open(os.path.join(folder, IMAGES_DIR, image_name(k))) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ models and runs
+
+def native_resolution(path: str) -> int:
+    """A saved pipeline's own image size: the UNet's sample size x the VAE's scale (a LoRA folder: its base's)."""
+    from .evaluation import is_lora_dir, lora_base
+    from .models import resolve_model_path
+
+    path = resolve_model_path(lora_base(path) if is_lora_dir(path) else path)
+    with open(os.path.join(path, "unet", "config.json")) as f:
+        sample = json.load(f)["sample_size"]
+    with open(os.path.join(path, "vae", "config.json")) as f:
+        blocks = len(json.load(f)["block_out_channels"])
+    return int(sample) * 2 ** (blocks - 1)
+
+
+def run_base_model(checkpoint: str) -> Optional[str]:
+    """The pipeline a run fine-tuned (its config's --pretrained_model_name_or_path): the checkpoint's own
+    run_config.json, else config.json in its folder or the folder above (a curriculum-* folder's run); None if none."""
+    from .checkpointing import RUN_CONFIG_FILE
+    from .results import CONFIG_FILE
+
+    folder = os.path.normpath(checkpoint)
+    for path in (os.path.join(folder, RUN_CONFIG_FILE), os.path.join(folder, CONFIG_FILE),
+                 os.path.join(os.path.dirname(folder), CONFIG_FILE)):
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    base = (json.load(f).get("args") or {}).get("pretrained_model_name_or_path")
+            except (ValueError, AttributeError):
+                continue
+            if base:
+                return base
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- one checkpoint
+
+def generate_caption_images(path: str, captions: Sequence[str], folder: str, settings: dict, seed: int,
+                            batch_size: int, num_inference_steps: int, guidance_scale: float, resolution: int,
+                            device, dtype, weights: str, state, desc: str) -> None:
+    """One image per caption (seed ``image_seed(seed, k, 0, UTILITY_STREAM)``), saved as it is drawn; the captions
+    already on disk are skipped (a killed run resumes at its first unfinished caption), the rest shared among the
+    processes (strided). Every process returns once every image exists."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    from . import faults
+    from .evaluation import load_pipeline
+    from .validation import generate_images, generation_precision, image_seed, shard
+
+    if state.is_main_process:
+        prepare_folder(folder, settings)
+    state.wait_for_everyone()
+    mine = shard(missing_captions(folder, len(captions)), state.num_processes, state.process_index)
+    if mine:
+        pipe = load_pipeline(path, device, dtype, weights)
+        bar = tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process)
+        for b in range(0, len(mine), batch_size):
+            batch = mine[b : b + batch_size]
+            images = generate_images(pipe, [captions[k] for k in batch],
+                                     [image_seed(seed, k, 0, UTILITY_STREAM) for k in batch], batch_size,
+                                     num_inference_steps, guidance_scale, resolution,
+                                     autocast=functools.partial(generation_precision, pipe))
+            for k, image in zip(batch, images):
+                save_image(image, folder, k)
+                faults.maybe_fail("utility_image")  # REVIVAL_FAULT=utility_image:n: killed after the n-th image
+            bar.update(len(batch))
+        bar.close()
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    state.wait_for_everyone()
+
+
+def score_utility(folder: str, captions: Sequence[str], seed: int, clip_scorer, extractor=None,
+                  reference: Optional[torch.Tensor] = None, kid_subsets: int = KID_SUBSETS,
+                  kid_subset_size: int = KID_SUBSET_SIZE, base_folder: Optional[str] = None,
+                  desc: Optional[str] = None) -> tuple:
+    """(summary, per-image rows) of a folder of caption images: CLIP score, FID and KID against the reference
+    features (when given), SSIM and PSNR against the base model's images of the same captions and seeds (when given)."""
+    from .clip_score import LOGIT_SCALE
+    from .validation import image_seed
+
+    images = load_images(folder, len(captions))
+    clip = clip_scorer.score(images, list(captions))
+    rows = [{"caption_index": k, "caption": c, "seed": image_seed(seed, k, 0, UTILITY_STREAM),
+             "file": os.path.join(IMAGES_DIR, image_name(k)), "clip_cosine": s}
+            for k, (c, s) in enumerate(zip(captions, clip))]
+    summary = {"images": len(images), "clip_cosine": float(np.mean(clip)),
+               "clip_logit_scale": float(np.mean(clip)) * LOGIT_SCALE, "clip_cosine_distribution": distribution(clip)}
+    if extractor is not None and reference is not None:
+        feats = extract(extractor, images, desc=desc)
+        summary["fid"] = fid(reference, feats)
+        summary.update(kid(reference, feats, seed, kid_subsets, kid_subset_size))
+    if base_folder is not None:
+        change = image_change(load_images(base_folder, len(captions)), images)
+        for name, values in change.items():
+            summary[name] = distribution(values)
+            for row, v in zip(rows, values):
+                row[f"{name}_vs_base"] = v
+    return summary, rows
+
+
+def write_utility(folder: str, summary: dict, rows: Sequence[dict]) -> None:
+    """results.jsonl (one row per image) and utility.json (the checkpoint's numbers), each rewritten whole."""
+    from .results import atomic_write_json, atomic_write_text, writing
+
+    with writing("results", folder):
+        atomic_write_text(os.path.join(folder, ROWS_FILE), "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_json(os.path.join(folder, UTILITY_FILE), summary)
+
+
+UTILITY_COLUMNS = (("fid", "FID", ".2f"), ("kid_mean", "KID", ".4f"), ("kid_std", "KID std", ".4f"),
+                   ("clip_cosine", "CLIP cos", ".4f"))
+
+
+def format_utility_table(summaries: Sequence[dict]) -> str:
+    """Plain-text table of the utility numbers, one row per model ('n/a' where a number was not computed)."""
+    head = f"{'model':<40} {'images':>6} " + " ".join(f"{h:>9}" for _, h, _ in UTILITY_COLUMNS) + \
+        f" {'SSIM vs base':>12} {'PSNR vs base':>12}"
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        cells = [(f"{s[k]:{fmt}}" if s.get(k) is not None else "n/a").rjust(9) for k, _, fmt in UTILITY_COLUMNS]
+        ssim = f"{s['ssim']['mean']:.4f}" if s.get("ssim") else "n/a"
+        psnr = f"{s['psnr']['mean']:.2f}" if s.get("psnr") else "n/a"
+        lines.append(f"{s['label'][:40]:<40} {s['images']:>6} " + " ".join(cells) + f" {ssim:>12} {psnr:>12}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ eval_model.py's work
+
+REFERENCE_CACHE = os.path.join("utility", "reference_stats")  # under --output_dir
+
+
+def load_reference(reference: Optional[str], fid_features: str, inception_weights: Optional[str], clip_scorer,
+                   resolution: int, output_dir: str, device, is_main: bool = True) -> tuple:
+    """(extractor, reference features, statistics file) for FID and KID; (None, None, None) without a reference.
+
+    Runs before anything is written: a statistics file of other weights or size raises InputError here. The main
+    process extracts (or loads) the reference features; the others only need none (they do not score).
+    """
+    if reference is None:
+        return None, None, None
+    extractor = (InceptionFeatures(inception_weights, device) if fid_features == INCEPTION
+                 else ClipFeatures(clip_scorer))
+    if not is_main:
+        return extractor, None, None
+    features, path = reference_features(reference, extractor, resolution, os.path.join(output_dir, REFERENCE_CACHE))
+    return extractor, features, path
+
+
+def _settings(path: str, weights: str, captions: Sequence[str], seed: int, num_inference_steps: int,
+              guidance_scale: float, resolution: int, dtype) -> dict:
+    """What an images folder was drawn with: a resumed run keeps its images only when all of it is the same."""
+    return {"checkpoint": os.path.abspath(path), "weights": weights, "captions": len(captions),
+            "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(), "seed": seed,
+            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution": resolution,
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def utility_models(checkpoints: Sequence[str], base: Optional[str], log=print) -> tuple:
+    """(models to draw, each checkpoint's base or None): the base models first (--utility_base, else each run's
+    own base pipeline when it is a local folder), then the checkpoints; a path listed twice is drawn once."""
+    from .evaluation import is_pipeline_dir
+    from .models import resolve_model_path
+
+    bases = {}
+    for ckpt in checkpoints:
+        b = base or run_base_model(ckpt)
+        local = resolve_model_path(b) if b else None
+        if local and is_pipeline_dir(local):
+            bases[ckpt] = os.path.abspath(local)
+        else:
+            bases[ckpt] = None
+            log(f"utility: {ckpt}: no base model pipeline found ({b or 'no run config names one'}; --utility_base): "
+                "no SSIM/PSNR against it")
+    models = []
+    for p in [b for b in bases.values() if b] + [os.path.abspath(c) for c in checkpoints]:
+        if p not in models:
+            models.append(p)
+    return models, bases
+
+
+def run_utility(checkpoints: Sequence[str], captions: Sequence[str], output_dir: str, clip_scorer, extractor,
+                reference: Optional[torch.Tensor], reference_path: Optional[str], base: Optional[str], seed: int,
+                batch_size: int, num_inference_steps: int, guidance_scale: float, resolution: int, device, dtype,
+                weights: str, kid_subsets: int, kid_subset_size: int, state, log=print) -> List[dict]:
+    """Each model's caption images (sharded, resumable), then on the main process its utility.json and per-image
+    results.jsonl under OUTPUT_DIR/utility/<n>-<label>/; returns the summaries (main process; [] on the others)."""
+    from .evaluation import checkpoint_label, unet_folder
+    from .models import resolve_model_path
+
+    models, bases = utility_models(checkpoints, base, log if state.is_main_process else (lambda _: None))
+    root = os.path.join(output_dir, "utility")
+    folders = {}
+    for n, path in enumerate(models):
+        role = "base" if path in bases.values() else "checkpoint"
+        label = checkpoint_label(path)
+        folders[path] = os.path.join(root, f"{n:03d}-{'base-' if role == 'base' else ''}" + label.replace("/", "__"))
+        generate_caption_images(path, captions, folders[path],
+                                _settings(path, weights, captions, seed, num_inference_steps, guidance_scale,
+                                          resolution, dtype), seed, batch_size, num_inference_steps, guidance_scale,
+                                resolution, device, dtype, weights, state, desc=f"utility {label}")
+    if not state.is_main_process:
+        return []
+    summaries = []
+    for path in models:
+        label = checkpoint_label(path)
+        ckpt = next((c for c in checkpoints if os.path.abspath(c) == path), None)
+        base_path = bases.get(ckpt) if ckpt else None
+        base_folder = folders[base_path] if base_path and base_path != path else None
+        summary, rows = score_utility(folders[path], captions, seed, clip_scorer, extractor, reference, kid_subsets,
+                                      kid_subset_size, base_folder, desc=f"features {label}")
+        summary = {"label": label, "checkpoint": ckpt or path, "role": "checkpoint" if ckpt else "base",
+                   "weights": unet_folder(resolve_model_path(path), weights)[1], **summary,
+                   "features": extractor.name if extractor is not None else None,
+                   "feature_weights_sha256": extractor.fingerprint if extractor is not None else None,
+                   "reference": reference_path, "reference_images": None if reference is None else len(reference),
+                   "base": base_path if base_folder else None, "seed": seed, "resolution": resolution,
+                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                   "dtype": str(dtype).replace("torch.", ""), "folder": folders[path]}
+        write_utility(folders[path], summary, rows)
+        summaries.append(summary)
+    return summaries
+
+
+# ------------------------------------------------------------------------------------------------- eval_model's flags
+
+def add_options(group) -> None:
+    """eval_model.py's utility flags."""
+    group.add_argument("--utility", default=None, metavar="CAPTIONS",
+                       help="utility beside revival: one image per caption (a CSV with a caption column, COCO-30k "
+                            "style, or one caption per line) per checkpoint, scored with FID and KID against "
+                            "--utility_reference, CLIP score, and SSIM/PSNR against the base model's images of the "
+                            "same captions and seeds; OUTPUT_DIR/utility/<n>-<model>/utility.json (docs/utility.md)")
+    group.add_argument("--utility_reference", default=None,
+                       help="real images for FID and KID: a folder of images (centre-cropped and resized to the "
+                            "generation resolution; their features cached under OUTPUT_DIR/utility/reference_stats/) "
+                            "or such a cached statistics file (.npz). Without it: CLIP score and SSIM/PSNR only")
+    group.add_argument("--utility_base", default=None,
+                       help="the base (original) model whose images each checkpoint's are compared with at equal "
+                            "seeds (default: each run's --pretrained_model_name_or_path, when a local pipeline)")
+    group.add_argument("--fid_features", default=INCEPTION, choices=FEATURES,
+                       help="FID/KID features: 'inception' (Inception-v3 pool3, 2048-d, the standard; weights from "
+                            "--inception_weights or torch-fidelity's download) or 'clip' (the --clip_model image "
+                            "embeddings: offline, not comparable with published FIDs)")
+    group.add_argument("--inception_weights", default=None,
+                       help="local copy of torch-fidelity's Inception weights (pt_inception-2015-12-05-6726825d.pth) "
+                            "for nodes without internet")
+    group.add_argument("--kid_subsets", type=int, default=KID_SUBSETS, help="KID: random subsets (seeded by --seed)")
+    group.add_argument("--kid_subset_size", type=int, default=KID_SUBSET_SIZE,
+                       help="KID: images per subset (capped at the smaller set's size)")
+
+
+def check_args(args) -> Optional[List[str]]:
+    """Parse-time checks of the utility flags (InputError); the captions, or None without --utility."""
+    from .models import looks_local
+
+    if args.utility is None:
+        for flag in ("utility_reference", "utility_base", "inception_weights"):
+            if getattr(args, flag) is not None:
+                raise InputError(f"--{flag}: needs --utility CAPTIONS")
+        return None
+    if args.images:
+        raise InputError("--utility: generates images; it cannot score --images folders")
+    for flag, value in (("--kid_subsets", args.kid_subsets), ("--kid_subset_size", args.kid_subset_size)):
+        if value < 1:
+            raise InputError(f"{flag} {value}: must be >= 1")
+    captions = read_captions(args.utility)
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise InputError(f"--inception_weights {args.inception_weights}: no such file")
+    if args.utility_base is not None and looks_local(args.utility_base) and not os.path.isdir(args.utility_base):
+        raise InputError(f"--utility_base {args.utility_base}: no such directory")
+    if args.utility_reference is not None:
+        check_reference(args.utility_reference, args.fid_features, args.clip_model, args.resolution)
+    return captions
