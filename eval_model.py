@@ -78,6 +78,7 @@ def build_parser():
                              "P4D's); results.jsonl records the one used")
     utility.add_options(parser.add_argument_group("utility (docs/utility.md)"))
     cli.add_classifier_options(parser.add_argument_group("concept classifier"), compat=False)
+    cli.add_q16_args(parser.add_argument_group("Q16 (a q16_inappropriate column)"))
     return parser
 
 
@@ -105,6 +106,7 @@ def parse_args(argv=None):
         classifier = None if args.eval_model_path.strip().lower() in ("", "none") else args.eval_model_path
         from common.classifier import check_classifier
 
+        cli.check_q16(args, classifier, "EVAL_MODEL_PATH")
         if classifier or args.theme.lower() == "nudity":
             check_classifier(classifier, args.theme, flag="EVAL_MODEL_PATH", processor=args.classifier_processor)
             cli.check_nudity_args(args)
@@ -129,6 +131,12 @@ def main(args):
         classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
                                        args.classifier_processor, args.timm_arch, args.nudity_scorer,
                                        args.nudity_classes, args.nudity_threshold, args.nudity_judge)
+    q16 = None
+    if args.q16_prompts:
+        from common.q16 import Q16
+
+        with exit_on_input_error(PROG):  # its width against --clip_model's: one line, exit 2
+            q16 = Q16(args.q16_prompts, clip)
     if args.captions is not None:
         summaries = _utility(args, clip, device, dtype)  # first: the other processes stop after it
         if summaries is None:
@@ -138,14 +146,14 @@ def main(args):
     rows = []
     for n, path in enumerate(args.checkpoints if args.prompts is not None or args.images else []):
         if args.images:
-            rows.append(score_image_folder(path, args.prompts, args.concept, clip, classifier))
+            rows.append(score_image_folder(path, args.prompts, args.concept, clip, classifier, q16))
             write_results(args.output_dir, rows)
             continue
         image_dir = os.path.join(args.output_dir, "images", f"{n:03d}-" + checkpoint_label(path).replace("/", "__"))
         rows.append(evaluate_checkpoint(
             path, args.prompts, args.concept, clip, classifier, args.images_per_prompt, args.seed, args.batch_size,
             args.num_inference_steps, args.guidance_scale, args.resolution, image_dir, device, dtype, args.weights,
-            args.scheduler))
+            args.scheduler, q16))
         write_results(args.output_dir, rows)  # partial results survive an interruption
     # Phase 3: the tables.
     if rows:

@@ -433,16 +433,17 @@ def add_q16_args(g, threshold: Optional[float] = None, threshold_help: str = "")
         g.add_argument("--q16_threshold", type=float, default=threshold, help=threshold_help)
 
 
-def check_q16(args: argparse.Namespace) -> None:
-    """--q16_prompts is a 2 x width array; an I2P --theme (judged by Q16) has it."""
+def check_q16(args: argparse.Namespace, model_path: Optional[str] = None, model_flag: str = "--model_path") -> None:
+    """--q16_prompts is a 2 x width array; an I2P --theme (judged by Q16) has it and no classifier
+    (``model_path``: the classifier's path when the program names it otherwise than --model_path)."""
     from . import q16
 
     theme = q16.i2p_theme(getattr(args, "theme", None))
     if theme is not None:
         _require(getattr(args, "q16_prompts", None) is not None,
                  f"--theme {args.theme!r}: an I2P category, judged by Q16: needs --q16_prompts (Q16's prompts.p)")
-        _require(getattr(args, "model_path", None) is None,
-                 f"--theme {args.theme!r}: an I2P category is judged by Q16, not by --model_path's classifier")
+        _require((model_path or getattr(args, "model_path", None)) is None,
+                 f"--theme {args.theme!r}: an I2P category is judged by Q16, not by {model_flag}'s classifier")
     if getattr(args, "q16_prompts", None) is not None:
         q16.load_prompts(args.q16_prompts)
         check_clip_spec(args.clip_model)

@@ -145,8 +145,9 @@ def evaluate_checkpoint(
     dtype: torch.dtype,
     weights: str = "trained",
     scheduler: Optional[str] = None,
+    q16=None,
 ) -> dict:
-    """Generate, save and score one checkpoint's images; return its results row."""
+    """Generate, save and score one checkpoint's images; return its results row (``q16``: a common.q16.Q16)."""
     from .validation import scheduler_name
 
     t0 = time.perf_counter()
@@ -171,7 +172,8 @@ def evaluate_checkpoint(
             meta.append(json.dumps({"file_name": name, "prompt": text, "seed": image_seed(seed, k, j)}) + "\n")
         atomic_write_text(os.path.join(image_dir, IMAGE_METADATA), "".join(meta))
     del pipe
-    row = score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0)
+    row = score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0,
+                       q16)
     # dtype: the text encoder's and VAE's, and autocast's when not float32; unet_dtype: the UNet's weights.
     return {**row, "weights": unet_folder(path, weights)[1], "scheduler": sampler, "num_inference_steps": num_inference_steps,
             "dtype": str(dtype).replace("torch.", ""),
@@ -179,7 +181,7 @@ def evaluate_checkpoint(
 
 
 def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_scorer, classifier,
-                 image_dir: str, t0: float) -> dict:
+                 image_dir: str, t0: float, q16=None) -> dict:
     """The results row of a set of images: each criterion's columns (common.criteria), from its per-image scores."""
     from .criteria import CRITERIA
 
@@ -192,6 +194,8 @@ def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_
         if details is not None:  # nudity: how many images show each counted class (the MACE / ESD table)
             classes = getattr(classifier.nudity, "classes", ("UNSAFE",))
             row["nudity_class_counts"] = {c: sum(1 for d in details if c in d["exposed_classes"]) for c in classes}
+    if q16 is not None:
+        row.update(CRITERIA["q16"].summarise(q16.score(images)))
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -245,7 +249,7 @@ def image_folder_prompts(folder: str, prompts: Optional[Sequence[str]]) -> List[
 
 
 def score_image_folder(folder: str, prompts: Optional[Sequence[str]], concept: str, clip_scorer,
-                       classifier) -> dict:
+                       classifier, q16=None) -> dict:
     """Score images already on disk (no pipeline): the same row evaluate_checkpoint gives."""
     from PIL import Image
 
@@ -256,7 +260,8 @@ def score_image_folder(folder: str, prompts: Optional[Sequence[str]], concept: s
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
     label = os.path.basename(os.path.normpath(folder))
-    return score_images(folder, label, images, [t for _, t in pairs], concept, clip_scorer, classifier, folder, t0)
+    return score_images(folder, label, images, [t for _, t in pairs], concept, clip_scorer, classifier, folder, t0,
+                        q16)
 
 
 def result_fields() -> tuple:

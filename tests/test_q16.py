@@ -88,6 +88,27 @@ def test_q16_on_the_tiny_clip_judges_by_the_nearer_embedding_and_refuses_another
         q16.Q16(_write(tmp_path / "published_shape.p", np.ones((2, 768))), clip)
 
 
+def test_eval_model_gives_the_share_judged_inappropriate(assets, shapes, tmp_path, capsys):
+    import eval_model
+    from common.clip_score import ClipScorer
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, im in enumerate(shapes + shapes[1:]):  # circle, square, square: two of three judged inappropriate
+        im.save(folder / f"p000_{k:02d}.png")
+    feats = ClipScorer(str(assets["clip"])).embed_images(shapes).numpy()
+    argv = [str(folder), "none", "shapes", "--images", "--prompt_file", assets["prompts"], "--clip_model",
+            str(assets["clip"]), "--output_dir", str(tmp_path / "eval"), "--q16_prompts"]
+    (row,) = eval_model.main(eval_model.parse_args([*argv, _write(tmp_path / "p.p", feats)]))
+    assert row["q16_inappropriate"] == pytest.approx(2 / 3)
+    assert "Q16 inappropriate" in capsys.readouterr().out
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # an I2P theme is Q16's: not with a classifier
+        eval_model.parse_args([*argv[:1], assets["classifier"], *argv[2:], str(tmp_path / "p.p"), "--theme",
+                               "violence"])
+    assert stop.value.code == 2 and "an I2P category is judged by Q16, not by EVAL_MODEL_PATH" in capsys.readouterr().err
+
+
 def test_attack_prompts_with_criterion_q16_end_to_end(assets, shapes, tmp_path, capsys):
     """The replay judged by Q16, in-process: each case's record is Q16's verdict on its saved image."""
     from common.clip_score import ClipScorer
