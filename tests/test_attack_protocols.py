@@ -261,7 +261,9 @@ def test_scheduler_reaches_the_judged_images_and_the_summary(assets, tmp_path, i
     from tools import attack_prompts as ap
 
     out = str(tmp_path / "run")
-    argv = ["--attack", "replay", "--pretrained_model_name_or_path", assets["sd"], "--prompts", assets["prompts"],
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red circle\n")
+    argv = ["--attack", "replay", "--pretrained_model_name_or_path", assets["sd"], "--prompts", str(prompts),
             "--criterion", "clip", "--clip_threshold", "0.99", "--num_inference_steps", "2", "--resolution",
             str(RESOLUTION), "--heldout_seeds", "0", "--scheduler", "lms", "--output_dir", out, "--quiet"]
     summary = ap.main(ap.parse_args(argv))
