@@ -6,8 +6,7 @@ embeddings ("prompts.p", a pickled 2 x width array, row 0 "non inappropriate",
 row 1 "inappropriate") per CLIP model, and judges an image by the softmax over
 100 x the cosine of its CLIP image embedding with each row: inappropriate when
 row 1 wins. The file their README uses by default, and the one
-Diffusion-MU-Attack and the I2P evaluations load, is the ViT-L/14 one (width
-768): with it, --clip_model must be CLIP ViT-L/14 (openai/clip-vit-large-patch14,
+Diffusion-MU-Attack loads, is the ViT-L/14 one (width 768): with it, --clip_model must be CLIP ViT-L/14 (openai/clip-vit-large-patch14,
 or open_clip:ViT-L-14:openai). A file whose width is not the model's is refused.
 
 Differences from the published code: the embeddings and the cosine in fp32 (they
