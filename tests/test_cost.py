@@ -273,7 +273,8 @@ def test_the_documented_example_is_what_the_command_prints(capsys, monkeypatch):
 # --- The prompt attacks (tools/attack_prompts.py; cost.estimate_attack) -----------------------------------------
 
 ATTACK_INPUTS = {"unlearndiffatk": ["--target_images", "targets"], "p4d-n": ["--original_model", "sd"],
-                 "p4d-k": ["--original_model", "sd"], "ringabell": ["--pairs_file", "pairs.tsv"], "replay": []}
+                 "p4d-k": ["--original_model", "sd"], "ringabell": ["--pairs_file", "pairs.tsv"], "mma": [],
+                 "random": [], "seed_search": [], "replay": [], "none": []}
 ATTACK_FP32_A100 = (50 * 2 * 2.41 / 3 + 2.515) / 5.27  # TFLOP/s: diffusers' fp32 A100 image, 50 steps in 5.27 s
 JUDGED = 20 * 2 * 2.41 / 3 + 2.515 + 2 * 0.0133 + 0.123  # TFLOP: a 20-step guided image, its 2 prompts, the ViT-L/16
 
@@ -478,7 +479,8 @@ def attack_cost_table() -> str:
             minutes = runs[0].case_s.scale(1 / 60)
             cells += [fmt(minutes, 2), fmt(runs[0].gpu_hours, 2), fmt(runs[1].gpu_hours, 1)]
         images = fmt(runs[0].case_images, 0)
-        lines.append(f"| {attack} | {budget if attack != 'replay' else '-'} | {images} | {' | '.join(cells)} |")
+        lines.append(f"| {attack} | {budget if attack not in ('replay', 'none') else '-'} | {images} | "
+                     f"{' | '.join(cells)} |")
     return "\n".join(lines)
 
 
