@@ -29,7 +29,9 @@ MODULES = (
     "ac",
     "sa",
     "erasediff",
+    "spm",
     "receler",
+    "mace",
 )
 
 
