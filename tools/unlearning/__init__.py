@@ -29,7 +29,6 @@ MODULES = (
     "ac",
     "sa",
     "erasediff",
-    "spm",
     "receler",
     "mace",
 )
