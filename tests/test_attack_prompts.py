@@ -299,7 +299,8 @@ def test_a_shared_flag_takes_the_chosen_attack_s_default_and_its_help_names_each
     helps = {a.dest: a.help for a in ap.build_parser()._actions}
     assert "unlearndiffatk: adversarial tokens k" in helps["num_tokens"] and "default 5;" in helps["num_tokens"]
     assert "p4d-n/p4d-k: P4D-N: free learned tokens" in helps["num_tokens"]
-    assert "ringabell: Ring-A-Bell: K" in helps["num_tokens"] and helps["num_tokens"].endswith("default 16")
+    assert "ringabell: Ring-A-Bell: K" in helps["num_tokens"] and "length 75), default 16;" in helps["num_tokens"]
+    assert "random: random tokens k" in helps["num_tokens"] and helps["num_tokens"].endswith("default 5")
     assert "unlearndiffatk: Adam learning rate" in helps["lr"] and "p4d-n/p4d-k: AdamW learning rate" in helps["lr"]
     assert "default 0.01;" in helps["lr"] and helps["lr"].endswith("default 0.1")
     assert helps["timesteps"].endswith("(default 50)")  # a flag of one attack: its help as written
