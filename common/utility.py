@@ -27,8 +27,9 @@ UTILITY_STREAM = 2  # image_seed's stream of the caption set: its noise differs 
 INCEPTION, CLIP_FEATURES = "inception", "clip"
 FEATURES = (INCEPTION, CLIP_FEATURES)
 INCEPTION_DIM = 2048  # pool3 features of Inception-v3, the FID standard (Heusel et al. 2017)
-# Heusel et al. (2017) computed FID on at least 10,000 images and warn that fewer give a biased (higher) value; below
-# that we warn. Below the feature dimension the reference covariance is singular: refused (docs/utility.md).
+# The FID authors' reference code (TTUR, Heusel et al. 2017) asks for more samples than feature dimensions (else the
+# covariance is singular: refused here) and at least 10,000 (warned here): FID's expected value falls with the
+# sample size towards its limit (Chong & Forsyth 2020), so small sets give higher, incomparable numbers.
 STABLE_FID_IMAGES = 10_000
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. (2018) and torchmetrics' defaults
 STATS_VERSION = 1
