@@ -296,7 +296,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     """torchmetrics' Fréchet distance between two feature sets (float64 throughout)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1]))
+    # sync_on_compute off: under several processes only the main one scores (the others would never join the gather).
+    metric = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -313,7 +314,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = KID_SU
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=GivenFeatures(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=GivenFeatures(real.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)  # main process only, as fid()
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):
