@@ -258,8 +258,9 @@ def attack_settings(args: argparse.Namespace) -> dict:
 
 
 def published_values(args: argparse.Namespace) -> dict:
-    """What --protocol published sets for this attack: flag destinations -> values (its attack's flags at their
-    published defaults included)."""
+    """What --protocol published sets for this attack: flag destinations -> values. The attack's own flags are not
+    among them: their defaults are the published values (Diffusion-MU-Attack's P4D takes UnlearnDiffAtk's), and a
+    budget given on the command line is the run's (summary.json's settings)."""
     from common.nudity import EXPOSED_CLASSES
 
     variant = p4d_variant(args)
@@ -269,8 +270,6 @@ def published_values(args: argparse.Namespace) -> dict:
             values.update(PUBLISHED_DMA_NUDITY, nudity_classes=EXPOSED_CLASSES)
     else:
         values = dict(PUBLISHED_JOYCENERD)
-    for flag, _, default, _ in attacks.flags(settings_attack(args)):
-        values[flag.lstrip("-").replace("-", "_")] = default
     return values
 
 

@@ -416,7 +416,10 @@ def record_line(record: dict) -> str:
     """One log line per case."""
     pre = f"pre {record['pre_score']:.4f}" + (" (success)" if record["pre_success"] else "")
     if not record["attacked"]:
-        post = "not attacked"
+        why = ("" if record.get("pre_success") else
+               f" ({record.get('prompt_tokens')} tokens: too long)" if record.get("too_long") else
+               " (outside the denominator)" if record.get("in_denominator") is False else "")
+        post = "not attacked" + why
     else:
         post = (f"-> {record['adv_prompt']!r} {record['post_score']:.4f} "
                 + (f"SUCCESS at step {record['step']}" if record["post_success"] else
