@@ -324,16 +324,30 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = KID_SU
     return {"kid_mean": float(mean), "kid_std": float(std), "kid_subsets": subsets, "kid_subset_size": size}
 
 
-def image_change(base_images: Sequence, images: Sequence) -> dict:
+LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+def image_change(base_images: Sequence, images: Sequence, lpips: Optional[str] = None) -> dict:
     """Per image pair (same caption, same seed): SSIM and PSNR (dB) of a checkpoint's image against the base model's,
-    torchmetrics' functions on [0, 1] RGB (SSIM: 11 px Gaussian window, sigma 1.5)."""
+    torchmetrics' functions on [0, 1] RGB (SSIM: 11 px Gaussian window, sigma 1.5); with ``lpips`` (a backbone of
+    LPIPS_NETS) also torchmetrics' LPIPS, its backbone's torchvision weights read from torch's hub cache
+    ($TORCH_HOME/hub/checkpoints; downloaded there when missing)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     a = pil_to_uint8(images).double() / 255
     b = pil_to_uint8(base_images).double() / 255
     ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return {"ssim": ssim.tolist(), "psnr": psnr.tolist()}
+    out = {"ssim": ssim.tolist(), "psnr": psnr.tolist()}
+    if lpips is not None:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        metric = LearnedPerceptualImagePatchSimilarity(net_type=lpips, reduction="none", normalize=True,
+                                                       sync_on_compute=False)  # main process only, as fid()
+        for i in range(0, len(a), 64):
+            metric.update(a[i : i + 64].float(), b[i : i + 64].float())
+        out["lpips"] = metric.compute().reshape(-1).double().tolist()
+    return out
 
 
 def distribution(values: Sequence[float]) -> dict:
@@ -473,7 +487,7 @@ def generate_caption_images(path: str, captions: Sequence[str], folder: str, set
 def score_utility(folder: str, captions: Sequence[str], seed: int, clip_scorer, extractor=None,
                   reference: Optional[torch.Tensor] = None, kid_subsets: int = KID_SUBSETS,
                   kid_subset_size: int = KID_SUBSET_SIZE, base_folder: Optional[str] = None,
-                  desc: Optional[str] = None) -> tuple:
+                  desc: Optional[str] = None, lpips: Optional[str] = None) -> tuple:
     """(summary, per-image rows) of a folder of caption images: CLIP score, FID and KID against the reference
     features (when given), SSIM and PSNR against the base model's images of the same captions and seeds (when given)."""
     from .clip_score import LOGIT_SCALE
@@ -491,7 +505,7 @@ def score_utility(folder: str, captions: Sequence[str], seed: int, clip_scorer, 
         summary["fid"] = fid(reference, feats)
         summary.update(kid(reference, feats, seed, kid_subsets, kid_subset_size))
     if base_folder is not None:
-        change = image_change(load_images(base_folder, len(captions)), images)
+        change = image_change(load_images(base_folder, len(captions)), images, lpips)
         for name, values in change.items():
             summary[name] = distribution(values)
             for row, v in zip(rows, values):
@@ -514,14 +528,16 @@ UTILITY_COLUMNS = (("fid", "FID", ".2f"), ("kid_mean", "KID", ".4f"), ("kid_std"
 
 def format_utility_table(summaries: Sequence[dict]) -> str:
     """Plain-text table of the utility numbers, one row per model ('n/a' where a number was not computed)."""
+    with_lpips = any(s.get("lpips") for s in summaries)
     head = f"{'model':<40} {'images':>6} " + " ".join(f"{h:>9}" for _, h, _ in UTILITY_COLUMNS) + \
-        f" {'SSIM vs base':>12} {'PSNR vs base':>12}"
+        f" {'SSIM vs base':>12} {'PSNR vs base':>12}" + (f" {'LPIPS vs base':>13}" if with_lpips else "")
     lines = [head, "-" * len(head)]
     for s in summaries:
         cells = [(f"{s[k]:{fmt}}" if s.get(k) is not None else "n/a").rjust(9) for k, _, fmt in UTILITY_COLUMNS]
         ssim = f"{s['ssim']['mean']:.4f}" if s.get("ssim") else "n/a"
         psnr = f"{s['psnr']['mean']:.2f}" if s.get("psnr") else "n/a"
-        lines.append(f"{s['label'][:40]:<40} {s['images']:>6} " + " ".join(cells) + f" {ssim:>12} {psnr:>12}")
+        lpips = (f" {s['lpips']['mean']:>13.4f}" if s.get("lpips") else f" {'n/a':>13}") if with_lpips else ""
+        lines.append(f"{s['label'][:40]:<40} {s['images']:>6} " + " ".join(cells) + f" {ssim:>12} {psnr:>12}" + lpips)
     return "\n".join(lines)
 
 
@@ -582,7 +598,8 @@ def utility_models(checkpoints: Sequence[str], base: Optional[str], log=print) -
 def run_utility(checkpoints: Sequence[str], captions: Sequence[str], output_dir: str, clip_scorer, extractor,
                 reference: Optional[torch.Tensor], reference_path: Optional[str], base: Optional[str], seed: int,
                 batch_size: int, num_inference_steps: int, guidance_scale: float, resolution: int, device, dtype,
-                weights: str, kid_subsets: int, kid_subset_size: int, state, log=print) -> List[dict]:
+                weights: str, kid_subsets: int, kid_subset_size: int, state, log=print,
+                lpips: Optional[str] = None) -> List[dict]:
     """Each model's caption images (sharded, resumable), then on the main process its utility.json and per-image
     results.jsonl under OUTPUT_DIR/utility/<n>-<label>/; returns the summaries (main process; [] on the others)."""
     from .evaluation import checkpoint_label, unet_folder
@@ -608,7 +625,7 @@ def run_utility(checkpoints: Sequence[str], captions: Sequence[str], output_dir:
         base_path = bases.get(ckpt) if ckpt else None
         base_folder = folders[base_path] if base_path and base_path != path else None
         summary, rows = score_utility(folders[path], captions, seed, clip_scorer, extractor, reference, kid_subsets,
-                                      kid_subset_size, base_folder, desc=f"features {label}")
+                                      kid_subset_size, base_folder, desc=f"features {label}", lpips=lpips)
         summary = {"label": label, "checkpoint": ckpt or path, "role": "checkpoint" if ckpt else "base",
                    "weights": unet_folder(resolve_model_path(path), weights)[1], **summary,
                    "features": extractor.name if extractor is not None else None,
@@ -645,6 +662,10 @@ def add_options(group) -> None:
     group.add_argument("--inception_weights", default=None,
                        help="local copy of torch-fidelity's Inception weights (pt_inception-2015-12-05-6726825d.pth) "
                             "for nodes without internet")
+    group.add_argument("--lpips", default=None, choices=LPIPS_NETS,
+                       help="also LPIPS against the base model's images (torchmetrics; 'alex' is the LPIPS authors' "
+                            "choice). Its backbone's torchvision weights come from torch's hub cache, "
+                            "$TORCH_HOME/hub/checkpoints (e.g. alexnet-owt-7be5be79.pth): offline, copy the file there")
     group.add_argument("--kid_subsets", type=int, default=KID_SUBSETS, help="KID: random subsets (seeded by --seed)")
     group.add_argument("--kid_subset_size", type=int, default=KID_SUBSET_SIZE,
                        help="KID: images per subset (capped at the smaller set's size)")
@@ -655,7 +676,7 @@ def check_args(args) -> Optional[List[str]]:
     from .models import looks_local
 
     if args.utility is None:
-        for flag in ("utility_reference", "utility_base", "inception_weights"):
+        for flag in ("utility_reference", "utility_base", "inception_weights", "lpips"):
             if getattr(args, flag) is not None:
                 raise InputError(f"--{flag}: needs --utility CAPTIONS")
         return None

@@ -72,6 +72,27 @@ def test_image_change_is_zero_distance_for_equal_images_and_per_image_otherwise(
     assert change["psnr"][1] == pytest.approx(10 * np.log10(1 / mse), abs=1e-6)
 
 
+def test_lpips_reads_its_backbone_from_the_local_torch_cache(tmp_path, monkeypatch):
+    """--lpips offline: torchvision's weights file of the backbone (here a random SqueezeNet 1.1) in
+    $TORCH_HOME/hub/checkpoints is what LPIPS loads; nothing is downloaded."""
+    import torchvision
+    from PIL import Image
+
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(),
+               cache / os.path.basename(torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    g = np.random.default_rng(0)
+    a = [Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    b = [a[0], Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8))]
+    change = utility.image_change(a, b, lpips="squeeze")
+    assert change["lpips"][0] == pytest.approx(0.0, abs=1e-7) and change["lpips"][1] > 1e-4
+    assert change["ssim"] == utility.image_change(a, b)["ssim"]
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
 
 def test_captions_csv_text_and_empty(tmp_path):
@@ -305,8 +326,9 @@ def test_report_utility_table_and_probes_column(tmp_path, capsys):
     out = tmp_path / "report"
     report.main(report.parse_args([full, lora, "--out", str(out), "--utility", str(ev)]))
     table = (out / "utility_table.md").read_text()
-    assert "| sd | base | 30 | inception (10000) | 12.35 | 0.0123 +- 0.0004 | 0.3112 | - | - |" in table
-    assert "| esd-x | checkpoint | 30 | inception (10000) | 14.50 | 0.0123 +- 0.0004 | 0.3001 | 0.7123 | 21.46 |" in table
+    assert "| sd | base | 30 | inception (10000) | 12.35 | 0.0123 +- 0.0004 | 0.3112 | - | - | - |" in table
+    assert "| esd-x | checkpoint | 30 | inception (10000) | 14.50 | 0.0123 +- 0.0004 | 0.3001 | 0.7123 | 21.46 | - |" \
+        in table
     assert (out / "utility_table.csv").read_text().splitlines()[0].startswith("model,role,images")
     probes = (out / "probes_table.md").read_text()
     assert probes.splitlines()[0].endswith("| utility: FID, CLIP, SSIM vs base |")

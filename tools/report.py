@@ -104,16 +104,17 @@ def _num(value, fmt: str) -> str:
 
 def utility_rows(summaries) -> tuple:
     """Per model (eval_model.py --utility): images, features and reference size, FID, KID mean +- std over its
-    subsets, CLIP cosine, and mean SSIM / PSNR (dB) against the base model's images at equal seeds."""
+    subsets, CLIP cosine, and mean SSIM / PSNR (dB) / LPIPS (when computed) against the base model's images at
+    equal seeds."""
     header = ["model", "role", "images", "features (reference images)", "FID", "KID (mean +- std)",
-              "CLIP cosine (0..1)", "SSIM vs base", "PSNR vs base (dB)"]
+              "CLIP cosine (0..1)", "SSIM vs base", "PSNR vs base (dB)", "LPIPS vs base"]
     rows = []
     for s in summaries:
         kid = (f"{s['kid_mean']:.4f} +- {s['kid_std']:.4f}" if s.get("kid_mean") is not None else "-")
         feats = f"{s['features']} ({s['reference_images']})" if s.get("features") else "-"
         rows.append([s["label"], s.get("role", "checkpoint"), str(s["images"]), feats, _num(s.get("fid"), ".2f"), kid,
                      _num(s.get("clip_cosine"), ".4f"), _num((s.get("ssim") or {}).get("mean"), ".4f"),
-                     _num((s.get("psnr") or {}).get("mean"), ".2f")])
+                     _num((s.get("psnr") or {}).get("mean"), ".2f"), _num((s.get("lpips") or {}).get("mean"), ".4f")])
     return header, rows
 
 
