@@ -47,9 +47,11 @@ def read_captions(path: str, flag: str = "--utility") -> List[str]:
     with open(path, encoding="utf-8", newline="") as f:
         text = f.read()
     if path.lower().endswith(".csv"):
-        rows = list(csv.DictReader(text.splitlines()))
-        header = {name.strip().lower(): name for name in (rows[0].keys() if rows else
-                                                          next(csv.reader(text.splitlines()), []))}
+        import io
+
+        reader = csv.DictReader(io.StringIO(text))  # a quoted caption may hold commas and line breaks
+        rows = list(reader)
+        header = {name.strip().lower(): name for name in reader.fieldnames or []}
         column = next((header[c] for c in CAPTION_COLUMNS if c in header), None)
         if column is None:
             raise InputError(f"{flag} {path}: no caption column (expected one of {', '.join(CAPTION_COLUMNS)}; "

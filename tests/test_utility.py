@@ -96,8 +96,8 @@ def test_lpips_reads_its_backbone_from_the_local_torch_cache(tmp_path, monkeypat
 # ----------------------------------------------------------------------------------------------------- bad input
 
 def test_captions_csv_text_and_empty(tmp_path):
-    (tmp_path / "c.csv").write_text('image_id,Caption\n1,"a dog, running"\n2, a cat \n')
-    assert utility.read_captions(str(tmp_path / "c.csv")) == ["a dog, running", "a cat"]
+    (tmp_path / "c.csv").write_text('image_id,Caption\n1,"a dog, running"\n2, a cat \n3,"two\nlines"\n')
+    assert utility.read_captions(str(tmp_path / "c.csv")) == ["a dog, running", "a cat", "two\nlines"]
     (tmp_path / "c.txt").write_text("one\n\n two \n")
     assert utility.read_captions(str(tmp_path / "c.txt")) == ["one", "two"]
     (tmp_path / "e.txt").write_text("\n \n")
