@@ -158,8 +158,10 @@ class InceptionFeatures:
 
         self.name = INCEPTION
         self.device = torch.device(device)
+        # antialias=False: torch-fidelity's port of TensorFlow 1's bilinear resize to 299 px, the original FID's
+        # (torchmetrics' default, antialiased, gives other numbers than published FIDs).
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_DIM)],
-                                      feature_extractor_weights_path=weights_path).to(self.device)
+                                      feature_extractor_weights_path=weights_path, antialias=False).to(self.device)
         self.dim = INCEPTION_DIM
         self.fingerprint = weights_hash(self.net)
 
