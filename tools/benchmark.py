@@ -586,6 +586,19 @@ def unlearning_phases(unet, text_encoder_bytes: int) -> dict:
                      f"1 + {s} surrogates trained (x_t sampled, 2 no-grad; {2 + s} no-grad base predictions)", [
         Phase("sampling x_t, base predictions (no grad)", trained=m, frozen=total, no_grad_images=2 + s),
         Phase("concept + surrogates forward + backward", trained=m, frozen=total, grad_images=1 + s)])
+    from tools.unlearning import mace
+
+    rank = next(f.default for f in mace.FLAGS if f.name == "--rank")
+    b = next(f.default for f in mace.FLAGS if f.name == "--batch_size")
+    lora = mace.lora_values(unet, rank)
+    # mace.py: the refinement and the fusion are closed forms on the CPU after the prompts are encoded on the device
+    # (run: 'Stage 1', 'Stage 3'); the LoRA step ('train_loras', 'step_loss'): the UNet frozen, not copied, one
+    # forward with grad to the attention maps (the prediction unused), AdamW on one concept's LoRAs.
+    out["mace"] = row(f"LoRA (rank {rank}) on attn2.to_k/to_v per concept, fused in closed form",
+                      {"trained": lora, "frozen": total}, f"{b} (the attention loss)", [
+        Phase("encoding the prompts (closed forms on the CPU)", trained=0, optimizer=False,
+              frozen_parts_bytes=text_encoder_bytes),
+        Phase("LoRA forward + backward", trained=lora, frozen=total, grad_images=b)])
     return out
 
 
