@@ -180,3 +180,16 @@ def test_utility_prompts_and_q16_in_a_sequential_run(assets, shapes, tmp_path):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["chunks"][0]["utility"] == pytest.approx(recs[2]["utility_mean"])
     assert set(summary["criteria"]) == {"clip", "q16"}
+
+
+def test_the_cost_estimate_counts_the_utility_captions(tmp_path):
+    from tools import cost
+
+    base = ["--pretrained_model_name_or_path", "sd", "--train_data_dir", "d", "--curriculum", "50,100",
+            "--validation_prompts", "nowhere.txt"]
+    captions = tmp_path / "u.txt"
+    captions.write_text("\n".join(UTILITY) + "\n")
+    plain = cost.count_run(cost.parse_run("finetuning_sequential.py", base), notes=[])
+    with_utility = cost.count_run(cost.parse_run("finetuning_sequential.py", [*base, "--utility_prompts",
+                                                                             str(captions)]), notes=[])
+    assert (plain.retention_prompts, with_utility.retention_prompts) == (0, len(UTILITY))

@@ -139,7 +139,7 @@ class RunCounts:
     updates: Range  # optimizer updates of the run (checkpoint names count these)
     validations: Range  # generate-and-score rounds (sequential: the one before training included)
     prompts: int  # validation prompts (per validation)
-    retention_prompts: int
+    retention_prompts: int  # and the utility captions (--utility_prompts), generated alike
     validation_images: Range  # validations x (prompts + retention prompts)
     inference_steps: int
     validation_image_steps: Range  # validation images x sampling steps
@@ -360,7 +360,9 @@ def count_run(args: argparse.Namespace, num_processes: int = 1, notes: Optional[
     sizes = dict(enumerate(b - a for a, b in cur.chunk_ranges(bounds)))
     batch, accum, n = args.train_batch_size, args.gradient_accumulation_steps, num_processes
     prompts = _prompt_count(args.validation_prompts, "--validation_prompts", notes)
-    retention = _prompt_count(args.retention_prompts, "--retention_prompts", notes)
+    # The utility captions are generated at every validation as the retention prompts are: counted with them.
+    retention = (_prompt_count(args.retention_prompts, "--retention_prompts", notes)
+                 + _prompt_count(getattr(args, "utility_prompts", None), "--utility_prompts", notes))
     sequential = args.script == "finetuning_sequential.py"
     if sequential:
         try:
