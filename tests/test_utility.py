@@ -80,9 +80,10 @@ def test_lpips_reads_its_backbone_from_the_local_torch_cache(tmp_path, monkeypat
 
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(),
-               cache / os.path.basename(torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        backbone = torchvision.models.squeezenet1_1(weights=None)
+    torch.save(backbone.state_dict(), cache / os.path.basename(torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
     g = np.random.default_rng(0)
@@ -147,8 +148,9 @@ def test_inception_weights_load_from_a_local_file(assets, tmp_path, monkeypatch)
     with monkeypatch.context() as m:  # build the network without its download: random weights
         m.setattr(fx, "load_state_dict_from_url", lambda *a, **k: {})
         m.setattr(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        torch.manual_seed(0)
-        random_net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        with torch.random.fork_rng(devices=[]):  # the suite's random numbers left as they were
+            torch.manual_seed(0)
+            random_net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(random_net.state_dict(), weights)
     (tmp_path / "caps.txt").write_text("a cat\n")
@@ -184,10 +186,10 @@ def utility_run(assets, tmp_path_factory):
     ckpt = str(root / "ckpt")
     shutil.copytree(assets["sd"], ckpt)
     unet = UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        torch.manual_seed(0)
         for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
     unet.save_pretrained(os.path.join(ckpt, "unet"))
     captions = root / "captions.csv"
     captions.write_text("image_id,caption\n" + "".join(f"{i},{c}\n" for i, c in enumerate(CAPTIONS)))
