@@ -226,10 +226,17 @@ def validate(args: argparse.Namespace, argv) -> Request:
         require(os.path.realpath(args.output_dir) != os.path.realpath(model_dir),
                 f"--output_dir {args.output_dir}: is the base model's directory; write the unlearned copy elsewhere")
     settings = method.check(_settings(args, method), args.concept, model_dir if local else None)
+    base.check_8bit_adam(bool(settings.get("use_8bit_adam")), device)
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > 1 and "batch_size" in settings:  # every process trains on its rows of each step's batch
+        require(settings["batch_size"] >= world, f"--batch_size {settings['batch_size']}: at least one image per "
+                                                 f"process ({world} processes)")
     require(args.concept_probe >= 0, f"--concept_probe {args.concept_probe}: must be >= 0")
     every = method.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
     require(every >= 0, f"--checkpoint_every {every}: must be >= 0 (0: no checkpoints)")
-    fingerprint = base.normalise({"method": args.method, "settings": settings, "seed": args.seed,
+    # Gradient checkpointing gives the same bits: a run may be resumed with or without it.
+    same_bits = {k: v for k, v in settings.items() if k != base.GRADIENT_CHECKPOINTING.dest}
+    fingerprint = base.normalise({"method": args.method, "settings": same_bits, "seed": args.seed,
                                   "base_model": os.path.abspath(model_dir) if local else model_dir,
                                   "allow_tf32": args.allow_tf32})
     if method.trains:
@@ -284,8 +291,13 @@ def main(request: Request) -> dict:
     probe = base.ConceptProbe(parts, method.erased(settings), request.concept_probe, request.seed, device,
                               text_encoder_edited="text_encoder" in method.edits)
     log = (lambda line: print(f"{PROG}: {line}", flush=True))
-    ctx = base.RunContext(request.output_dir, request.checkpoint_every, request.resume, request.fingerprint, log)
-    results: Dict[str, object] = method.run(settings, parts, device, request.seed, request.quiet, ctx)
+    parallel = base.start_parallel(device) if method.multi_gpu else base.Parallel()
+    ctx = base.RunContext(request.output_dir, request.checkpoint_every, request.resume, request.fingerprint, log,
+                          parallel=parallel)
+    try:
+        results: Dict[str, object] = method.run(settings, parts, device, request.seed, request.quiet, ctx)
+    finally:
+        base.stop_parallel(parallel)
     resolved = results.pop(base.RESOLVED, {})
     guide = results.pop(base.GUIDE, None)
     data = results.pop(base.DATA, None)
@@ -317,7 +329,7 @@ def main(request: Request) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": ["tools/unlearn.py", *request.argv],
     }
-    if method.multi_gpu and os.environ.get("RANK", "0") != "0":
+    if not parallel.main:
         return card  # the main process writes
     save_pipeline(parts, parts.unet, request.output_dir)
     card["wall_seconds"] = round(time.time() - start, 3)

@@ -18,12 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from common import numerics
 from common.cli import check_resolution
 
-from . import register
-from .base import (DATA, GUIDE, RESOLVED, Flag, Method, RunContext, check_text, check_vae_multiple, encode, finite, frozen_copy,
-                   generate_image_set, image_latents, load_image_set, noised, require,
+from . import base, register
+from .base import (DATA, GUIDE, RESOLVED, Flag, Method, Parallel, RunContext, check_text, check_vae_multiple, encode,
+                   finite, frozen_copy, generate_image_set, image_latents, load_image_set, noised, require,
                    step_generator, train_loop)
 
 PAPER = "Kumari et al., ICCV 2023, https://arxiv.org/abs/2303.13516"
@@ -205,28 +204,40 @@ def _predict(unet, x, t, context):
 
 
 def ac_losses(unet, teacher, noise_scheduler, data: AnchorData, draws: dict, batch: int, ablation: str,
-              device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+              device, parallel: Optional[Parallel] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(ablation loss, prior loss or None) on one batch of draws (train.py lines 1071-1149, without their mask).
 
     The first ``batch`` images are noised and predicted under the target prompt; the target is the prediction of
     ``teacher`` for the anchor prompt at the same x_t and t (model-based, stop-gradient: train.py lines 1103-1114,
     model.py lines 258-260) or the added noise (noise-based). Images after the first ``batch`` are the prior:
     anchor images under their anchor prompts, the plain denoising loss (train.py lines 1127-1143).
+
+    With several processes (``parallel``) every process draws the whole batch and predicts its rows of each half,
+    each half's mean weighted by its share: summed over the processes, the losses and gradients of the whole batch.
     """
+    parallel = parallel or Parallel()
     idx, n = draws["idx"], draws["idx"].shape[0]
     latents = data.latents(idx, draws["flips"], draws["eps"]).to(device)
     x_t, t, noise_target = noised(noise_scheduler, latents, draws["generator"], draws["timesteps"])
-    context = data.target(idx[:batch], draws["phrasing"][:batch])
+    mine = parallel.rows(batch)
+    rows = torch.arange(batch)[mine]
+    prior_rows = batch + torch.arange(n - batch)[parallel.rows(n - batch)] if n > batch else rows[:0]
+    kept = len(rows)
+    context = data.target(idx[rows], draws["phrasing"][rows])
     if n > batch:
-        context = torch.cat([context, data.anchor(idx[batch:])])
-    pred = _predict(unet, x_t, t, context)
+        context = torch.cat([context, data.anchor(idx[prior_rows])])
+    both = torch.cat([rows, prior_rows]).to(x_t.device)
+    pred = _predict(unet, x_t[both], t[both], context)
     if ablation == "model":
         with torch.no_grad():
-            target = _predict(teacher, x_t[:batch], t[:batch], data.anchor(idx[:batch]))
+            target = _predict(teacher, x_t[rows.to(x_t.device)], t[rows.to(t.device)], data.anchor(idx[rows]))
     else:
-        target = noise_target[:batch]
-    loss = F.mse_loss(pred[:batch].float(), target.float())
-    prior = F.mse_loss(pred[batch:].float(), noise_target[batch:].float()) if n > batch else None
+        target = noise_target[rows.to(noise_target.device)]
+    loss = F.mse_loss(pred[:kept].float(), target.float())
+    prior = F.mse_loss(pred[kept:].float(), noise_target[prior_rows.to(x_t.device)].float()) if n > batch else None
+    if parallel.world > 1:
+        loss = loss * parallel.share(batch)
+        prior = prior * parallel.share(n - batch) if prior is not None else None
     return loss, prior
 
 
@@ -253,28 +264,32 @@ def probe_objective(unet, teacher, noise_scheduler, data: AnchorData, probe: Opt
 def train_ac(unet, teacher, noise_scheduler, data: AnchorData, params: Dict[str, torch.Tensor], ablation: str,
              iterations: int, batch: int, learning_rate: float, prior_weight: Optional[float], max_grad_norm: float,
              seed: int, latent_shape, device, progress: bool = True,
-             ctx: Optional[RunContext] = None) -> Tuple[List[float], List[float]]:
+             ctx: Optional[RunContext] = None, use_8bit_adam: bool = False) -> Tuple[List[float], List[float]]:
     """AC fine-tuning: AdamW at a constant rate, gradients clipped (train.py lines 932-938, 1175-1187).
 
     ``prior_weight`` None: no prior loss. ``teacher`` None: the model being trained gives the model-based target
     (their code). Returns the per-step total losses and the prior losses of the steps run in this process.
     """
-    optimizer = numerics.adamw(list(params.values()), lr=learning_rate, **ADAMW)
+    optimizer = base.optimizer(list(params.values()), "adamw", use_8bit_adam, lr=learning_rate, **ADAMW)
     prior_losses: List[float] = []
     unet.train()
 
+    parallel = (ctx or RunContext()).parallel
+
     def step(i: int):
         draws = draw_batch(data, seed, i, batch, prior_weight is not None, latent_shape)
-        loss, prior = ac_losses(unet, teacher or unet, noise_scheduler, data, draws, batch, ablation, device)
+        loss, prior = ac_losses(unet, teacher or unet, noise_scheduler, data, draws, batch, ablation, device,
+                                parallel)
         total = loss if prior is None else loss + prior_weight * prior
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        parallel.sum_gradients(params.values())  # the whole batch's gradient on every process
         torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
         optimizer.step()
         if prior is None:
-            return total.item()
-        prior_losses.append(prior.item())
-        return total.item(), {"prior": f"{prior_losses[-1]:.4g}"}
+            return parallel.sum(total.item())
+        prior_losses.append(parallel.sum(prior.item()))
+        return parallel.sum(total.item()), {"prior": f"{prior_losses[-1]:.4g}"}
 
     losses = train_loop(ctx or RunContext(), iterations, step, params, {"optimizer": optimizer}, {}, desc="AC",
                         progress=progress)
@@ -316,7 +331,7 @@ FLAGS = (  # defaults: their diffusers README's object command on one GPU (docs/
          default_text="the UNet's sample_size x the VAE's scale factor"),
     Flag("--probe_samples", 4, "fixed held-out anchor images on which the losses are reported before and after; "
          "0: off", int),
-    Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),
+    *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam
 )
 
 
@@ -376,7 +391,7 @@ def anchor_images(settings: dict, parts, seed: int, resolution: int, device, ctx
     return generate_image_set(parts, prompts, settings["anchor_images"], seed, ctx.data_dir("anchor"), device,
                               num_inference_steps=settings["generation_steps"],
                               guidance_scale=settings["generation_guidance"], resolution=resolution,
-                              progress=not quiet, name="anchor")
+                              progress=not quiet, name="anchor", parallel=ctx.parallel)
 
 
 def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) -> dict:
@@ -408,7 +423,8 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
     losses, priors = train_ac(unet, frozen, noise_scheduler, data, params, settings["ablation"],
                               settings["iterations"], batch, learning_rate,
                               settings["prior_loss_weight"] if regularize else None, settings["max_grad_norm"], seed,
-                              latent_shape, device, progress=not quiet, ctx=ctx)
+                              latent_shape, device, progress=not quiet, ctx=ctx,
+                              use_8bit_adam=settings["use_8bit_adam"])
     after = probe_objective(unet, frozen, noise_scheduler, data, probe, settings["ablation"], device)
     if settings["gradient_checkpointing"]:
         unet.disable_gradient_checkpointing()
@@ -436,4 +452,4 @@ def _erased(settings: dict) -> List[str]:
 
 register(Method(name="ac", family="AC", summary="Concept Ablation: the concept's prompts mapped to an anchor's",
                 paper=PAPER, code=CODE, flags=FLAGS, check=check, run=run, erased=_erased, trains=True,
-                checkpoint_every=50))
+                checkpoint_every=50, multi_gpu=True))  # their README: accelerate launch, 2 GPUs recommended

@@ -19,10 +19,12 @@ directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -121,6 +123,7 @@ class RunContext:
     fingerprint: Optional[dict] = None  # the settings a checkpoint must have been written with
     log: Callable[[str], None] = print
     resumed_from: Optional[int] = None  # set by train_loop: the step a resumed run started at
+    parallel: "Parallel" = field(default_factory=lambda: Parallel())  # this process's rank (a multi_gpu launch)
 
     def data_dir(self, role: str) -> str:
         """Where a data set the method generates goes: OUTPUT_DIR/unlearn_data/ROLE (kept: the card points at it)."""
@@ -260,6 +263,163 @@ def noised(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
     return x_t, timesteps, target
 
 
+# ---- memory levers and data parallelism ----------------------------------------
+
+# The memory levers of the training methods (docs/memory.md): declared here once; a training method lists
+# ``MEMORY_FLAGS`` in its flags and honours them through ``gradient_checkpointing`` and ``optimizer``.
+GRADIENT_CHECKPOINTING = Flag(
+    "--gradient_checkpointing", False, "recompute the trained UNet's activations in the backward pass (diffusers' "
+    "gradient checkpointing): less GPU memory, more time, the same weights", switch=True)
+USE_8BIT_ADAM = Flag(
+    "--use_8bit_adam", False, "bitsandbytes' 8-bit Adam/AdamW in place of the method's Adam/AdamW (CUDA only; pip "
+    "install -r requirements-gpu.txt): 2 bytes of optimizer state per trained value instead of 8, other weights",
+    switch=True)
+MEMORY_FLAGS = (GRADIENT_CHECKPOINTING, USE_8BIT_ADAM)
+
+
+def check_8bit_adam(use_8bit_adam: bool, device: str) -> None:
+    """--use_8bit_adam needs bitsandbytes and a CUDA device: one InputError naming the flag, before models load."""
+    if not use_8bit_adam:
+        return
+    from common.cli import check_8bit_adam as check_installed
+
+    check_installed()  # bitsandbytes installed, a CUDA GPU on the machine
+    require(str(device).startswith("cuda"), f"--use_8bit_adam: needs a CUDA device, not --device {device}")
+
+
+def optimizer(params, kind: str, use_8bit_adam: bool = False, **kwargs):
+    """The method's optimizer: the pinned fused torch Adam/AdamW (common.numerics), or bitsandbytes' 8-bit one.
+
+    ``kind``: "adam" or "adamw", what the method's published code uses; ``kwargs``: lr, betas, eps, weight_decay.
+    """
+    if kind not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer kind {kind!r}")
+    if use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return (bnb.optim.Adam8bit if kind == "adam" else bnb.optim.AdamW8bit)(params, **kwargs)
+    from common import numerics
+
+    return (numerics.adam if kind == "adam" else numerics.adamw)(params, **kwargs)
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in a data-parallel run (``accelerate launch --num_processes N``; one process: rank 0
+    of 1, every method a no-op).
+
+    Each step's examples are drawn whole on every process from the same seeded generators; a process trains on
+    its ``rows`` of them, its loss weighted by its ``share``, and the gradients are summed over the processes:
+    the gradient of the whole batch's mean loss, so every process takes the same optimizer step and the weights
+    stay identical on every rank (to the float rounding of the sum's order).
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        """This process's contiguous rows of a batch of ``n`` (sizes differ by at most one, the first ranks larger)."""
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return slice(start, start + size + (1 if self.rank < extra else 0))
+
+    def share(self, n: int) -> float:
+        """The fraction of a batch of ``n`` that this process's rows are (a mean's weight)."""
+        r = self.rows(n)
+        return (r.stop - r.start) / n
+
+    def sum_gradients(self, params, bucket: int = 1 << 24) -> None:
+        """Sum each parameter's .grad over the processes (in flat buckets of up to ``bucket`` values)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = []
+        for p in params:
+            if p.grad is None:  # no gradient here: zeros, so the sum lines up on every process
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        i = 0
+        while i < len(grads):
+            group, size = [], 0
+            while i < len(grads) and (not group or size + grads[i].numel() <= bucket):
+                group.append(grads[i])
+                size += grads[i].numel()
+                i += 1
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over the processes (a loss's parts, each weighted by its share)."""
+        if self.world == 1:
+            return float(value)
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any."""
+        return self.sum(1.0 if flag else 0.0) > 0 if self.world > 1 else bool(flag)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_sum_(self, tensors) -> None:
+        """Sum each tensor over the processes, in place (on its device; CPU tensors through gloo)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            moved = t.to(self._device())
+            dist.all_reduce(moved)
+            t.copy_(moved)
+
+    @staticmethod
+    def _device():
+        import torch.distributed as dist
+
+        nccl = dist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def start_parallel(device) -> Parallel:
+    """The process group of a launch with several processes (gloo on the CPU, NCCL on GPUs), or one process."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world <= 1:
+        return Parallel()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Parallel(dist.get_rank(), dist.get_world_size())
+
+
+def stop_parallel(parallel: Parallel) -> None:
+    """End the process group ``start_parallel`` made."""
+    if parallel.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ---- training loop: checkpoints and resume ------------------------------------
 
 CHECKPOINT_DIR = "unlearn_checkpoint"  # inside --output_dir; removed once the model is written
@@ -392,6 +552,33 @@ def load_checkpoint(ctx: RunContext, params: Dict[str, torch.Tensor], stateful: 
     return state["step"], list(state["losses"])
 
 
+class Preemption:
+    """SIGTERM and SIGUSR1 (a cluster's preemption notice) ask train_loop for a checkpoint at the end of the current
+    step and an exit with status 75 (common.checkpointing.PREEMPTED_EXIT_CODE), as the fine-tuning scripts do."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self.previous = {}
+
+    def __enter__(self):
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self.__exit__()
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
 def train_loop(ctx: RunContext, iterations: int, step: Callable[[int], object], params: Dict[str, torch.Tensor],
                stateful: Optional[Dict[str, object]] = None, rngs: Optional[Dict[str, object]] = None,
                desc: str = "training", progress: bool = True) -> List[float]:
@@ -402,31 +589,61 @@ def train_loop(ctx: RunContext, iterations: int, step: Callable[[int], object], 
     ``stateful`` objects' state_dict (the optimizer, an LR schedule), the ``rngs`` (random.Random,
     torch.Generator or numpy Generator) and the global torch generators are saved; with ``ctx.resume`` a saved
     checkpoint is restored first and the loop continues after its step, so the final weights are those of an
-    uninterrupted run. Draws made with ``step_generator(seed, i)`` need no saved state at all.
+    uninterrupted run. Draws made with ``step_generator(seed, i)`` need no saved state at all. On SIGTERM or
+    SIGUSR1 (with an output directory) the step under way ends, a checkpoint and OUTPUT_DIR/PREEMPTED are written
+    and the process exits with status 75; ``--resume`` continues it (and removes the marker). Several processes (``ctx.parallel``): every one holds the same
+    state, the main one writes.
     """
     from tqdm.auto import tqdm
 
+    from common.checkpointing import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
     from common.faults import maybe_fail
 
     stateful, rngs = stateful or {}, rngs or {}
     start, losses = 0, []
+    parallel = ctx.parallel
     if ctx.resume and ctx.output_dir is not None:
         restored = load_checkpoint(ctx, params, stateful, rngs)
         if restored is not None:
             start, losses = restored
             ctx.resumed_from = start
             ctx.log(f"resuming from {os.path.join(ctx.output_dir, CHECKPOINT_DIR)} after step {start} of {iterations}")
-    bar = tqdm(range(start, iterations), initial=start, total=iterations, desc=desc, disable=not progress)
-    for i in bar:
-        out = step(i)
-        loss, info = out if isinstance(out, tuple) else (out, {})
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", **info)
-        done = i + 1
-        if ctx.checkpoint_every and ctx.output_dir is not None and done % ctx.checkpoint_every == 0 \
-                and done < iterations:
+    writes = ctx.output_dir is not None
+    marker = os.path.join(ctx.output_dir, PREEMPTED_MARKER) if writes else None
+    if writes and parallel.main and os.path.isfile(marker):  # this run continues the preempted one
+        os.unlink(marker)
+
+    def save(done: int) -> None:
+        if parallel.main:
             save_checkpoint(ctx, done, iterations, params, stateful, rngs, losses)
-        maybe_fail("update")  # tests: a crash after this step
+        parallel.barrier()  # no process runs on (or exits) before the checkpoint is complete
+
+    bar = tqdm(range(start, iterations), initial=start, total=iterations, desc=desc,
+               disable=not progress or not parallel.main)
+    with (Preemption() if writes else contextlib.nullcontext()) as preemption:
+        for i in bar:
+            out = step(i)
+            loss, info = out if isinstance(out, tuple) else (out, {})
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", **info)
+            done = i + 1
+            saved = False
+            if ctx.checkpoint_every and writes and done % ctx.checkpoint_every == 0 and done < iterations:
+                save(done)
+                saved = True
+            maybe_fail("update")  # tests: a crash after this step
+            if writes and parallel.any(preemption.signal is not None):
+                if not saved:
+                    save(done)
+                if parallel.main:  # for job scripts, whose launcher may report the 75 as 1 (slurm/requeue.sh)
+                    from common.results import atomic_write_json
+
+                    atomic_write_json(marker, {"checkpoint": os.path.join(ctx.output_dir, CHECKPOINT_DIR)})
+                bar.close()
+                ctx.log(f"preempted ({preemption.signal or 'signal on another process'}) after step {done} of "
+                        f"{iterations}: checkpoint in {os.path.join(ctx.output_dir, CHECKPOINT_DIR)}; continue with "
+                        "the same command and --resume")
+                raise SystemExit(PREEMPTED_EXIT_CODE)
     bar.close()
     return losses
 
@@ -470,13 +687,15 @@ def load_image_set(folder: str, flag: str) -> ImageSet:
 
 def generate_image_set(parts, prompts: Sequence[str], count: int, seed: int, out: str, device,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5, resolution: Optional[int] = None,
-                       batch_size: int = 4, progress: bool = False, name: str = "images") -> ImageSet:
+                       batch_size: int = 4, progress: bool = False, name: str = "images",
+                       parallel: Optional[Parallel] = None) -> ImageSet:
     """``count`` images of the base model (call before editing it), image j of prompt ``prompts[j % len]``.
 
     tools/generate_training_data.py's code and layout (tools/datagen.py: one concept ``name`` with these
     prompts, image j seeded image_seed(seed, 0, j)): an imagefolder in ``out`` with metadata.jsonl and
     generation.json. A rerun with the same settings generates only the missing images (a resumed run reuses
-    them); other settings are refused.
+    them); other settings are refused. With several processes (``parallel``) each generates its share of the
+    batches, the same batches as one process generates, and the main one writes the folder's files.
     """
     from tools import datagen
 
@@ -492,14 +711,18 @@ def generate_image_set(parts, prompts: Sequence[str], count: int, seed: int, out
             "use a new directory or --overwrite", "delete it to generate them anew")) from None
     jobs = datagen.plan_images([concept], count, seed)
     missing = datagen.missing_jobs(out, jobs)
-    if missing:
+    parallel = parallel or Parallel()
+    parallel.barrier()  # every process has its list of missing images before any is written
+    batches = list(range(0, len(missing), batch_size))
+    mine = batches[parallel.rank::parallel.world]  # whole batches: each image made in the batch one process makes it
+    if mine:
         was_training, where = parts.unet.training, next(parts.unet.parameters()).device
         parts.unet.eval().to(device)
         parts.text_encoder.to(device)
         parts.vae.to(device)
         try:
             pipe = build_pipeline(parts, parts.unet)
-            for b in range(0, len(missing), batch_size):
+            for b in mine:
                 batch = missing[b:b + batch_size]
                 images = generate_images(pipe, [j.prompt for j in batch], [j.seed for j in batch], batch_size,
                                          num_inference_steps, guidance_scale, resolution, progress=progress)
@@ -509,9 +732,12 @@ def generate_image_set(parts, prompts: Sequence[str], count: int, seed: int, out
             parts.text_encoder.to("cpu")
             parts.vae.to("cpu")
             parts.unet.to(where).train(was_training)
-    os.makedirs(out, exist_ok=True)
-    datagen.write_settings(out, settings)
-    datagen.write_metadata(out, jobs, PROMPT_COLUMN)
+    parallel.barrier()  # every image written
+    if parallel.main:
+        os.makedirs(out, exist_ok=True)
+        datagen.write_settings(out, settings)
+        datagen.write_metadata(out, jobs, PROMPT_COLUMN)
+    parallel.barrier()
     return ImageSet(tuple(os.path.join(out, j.file_name) for j in jobs), tuple(j.prompt for j in jobs), out,
                     generated={**settings, "model_seeded_images": "image_seed(seed, 0, j)"})
 

@@ -18,10 +18,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from common import numerics
 from common.cli import check_resolution
 
-from . import register
+from . import base, register
 from .base import (DATA, RESOLVED, Flag, ImageSet, Method, RunContext, check_text, check_vae_multiple, encode, finite,
                    generate_image_set, image_latents, load_image_set, loss_summary, noised, require,
                    step_generator, train_loop)
@@ -300,7 +299,7 @@ FLAGS = (  # defaults: their SD nudity run (README.md, sd/train_scripts/train_ns
          default_text="the UNet's sample_size x the VAE's scale factor"),
     Flag("--probe_samples", 4, "images per set in the fixed batches on which L_f and L_r are reported before and "
          "after; 0: off", int),
-    Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),
+    *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam
 )
 
 
@@ -371,7 +370,8 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
     params = select_trainable(unet, names)
     if settings["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
-    optimizer = numerics.adam(params, lr=settings["learning_rate"])  # their torch.optim.Adam (line 128)
+    # Their torch.optim.Adam (line 128).
+    optimizer = base.optimizer(params, "adam", settings["use_8bit_adam"], lr=settings["learning_rate"])
     trainer = Trainer(unet, parts.noise_scheduler, encoded["forget"], encoded["retain"], params, optimizer, settings,
                       seed, device, pseudo)
     before = probe_objectives(trainer, settings["probe_samples"])

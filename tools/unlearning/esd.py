@@ -122,13 +122,13 @@ def esd_objective(unet, probes, cond: torch.Tensor) -> float:
 
 def train_esd(unet, frozen, scheduler, cond: torch.Tensor, uncond: torch.Tensor, params, iterations: int,
               learning_rate: float, eta: float, guidance: float, latent_shape, seed: int, device,
-              progress: bool = True, ctx: Optional[RunContext] = None) -> List[float]:
+              progress: bool = True, ctx: Optional[RunContext] = None, use_8bit_adam: bool = False) -> List[float]:
     """ESD fine-tuning: per iteration, sample x_t with the frozen model, regress the concept prediction to the target.
 
     One example per iteration, Adam, MSE, as in both reference scripts. Returns
     the per-iteration losses. ``ctx``: checkpoints and resume (base.train_loop).
     """
-    optimizer = numerics.adam(params, lr=learning_rate)
+    optimizer = base.optimizer(params, "adam", use_8bit_adam, lr=learning_rate)
     rng = random.Random(seed)  # step indices
     generator = torch.Generator("cpu").manual_seed(seed)  # starting noise
     steps = len(scheduler.timesteps)
@@ -164,7 +164,7 @@ FLAGS = (  # esd-x and esd-u share them; defaults: the paper's and its CompVis s
          default_text="the UNet's sample_size x the VAE's scale factor"),
     Flag("--probe_samples", 4, "fixed held-out examples on which the ESD objective is reported before and after; "
          "0: off", int),
-    Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),
+    *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam
 )
 
 
@@ -213,7 +213,7 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
     losses = train_esd(unet, frozen, scheduler, cond, uncond, params, iterations=settings["iterations"],
                        learning_rate=settings["learning_rate"], eta=settings["eta"],
                        guidance=settings["sample_guidance"], latent_shape=latent_shape, seed=seed, device=device,
-                       progress=not quiet, ctx=ctx)
+                       progress=not quiet, ctx=ctx, use_8bit_adam=settings["use_8bit_adam"])
     after = esd_objective(unet, probes, cond)
     if settings["gradient_checkpointing"]:
         unet.disable_gradient_checkpointing()

@@ -22,7 +22,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from common import numerics
 from common.cli import check_resolution
 from common.errors import InputError
 
@@ -156,14 +155,15 @@ def fisher_timesteps(count: int, num_train_timesteps: int) -> List[int]:
 
 def fisher_diagonal(unet: torch.nn.Module, means: torch.Tensor, stds: torch.Tensor, contexts: torch.Tensor,
                     noise_scheduler, timesteps: Sequence[int], chunk: int, seed: int, device,
-                    progress: bool = False) -> Dict[str, torch.Tensor]:
+                    progress: bool = False, parallel: Optional[base.Parallel] = None) -> Dict[str, torch.Tensor]:
     """The diagonal empirical Fisher of every UNet parameter on images (VAE posteriors ``means``, ``stds``, prompts'
     embeddings ``contexts``), float32 on the CPU.
 
     As ddpm_fim.py lines 355-393: per image, the gradient of the denoising loss *summed* over the timesteps
     (fresh noise at each) is squared, and the squares are averaged over the images. With fewer timesteps than the
     schedule's T the sum is scaled by T / len(timesteps), an estimate of the full sum, so --ewc_lambda keeps its
-    meaning. The timesteps go through the UNet ``chunk`` at a time (their --n_chunks: memory only).
+    meaning. The timesteps go through the UNet ``chunk`` at a time (their --n_chunks: memory only). With several
+    processes (``parallel``) each takes its rows of the images and the sums are added up over the processes.
     """
     from tqdm.auto import tqdm
 
@@ -175,9 +175,10 @@ def fisher_diagonal(unet: torch.nn.Module, means: torch.Tensor, stds: torch.Tens
         p.requires_grad_(True)
     fisher = {n: torch.zeros_like(p, device="cpu") for n, p in params.items()}
     count = means.shape[0]
+    parallel = parallel or base.Parallel()
     unet.train()  # as theirs: training_step runs in train mode (SD's UNet has no dropout)
     try:
-        for n in tqdm(range(count), desc="SA Fisher", disable=not progress):
+        for n in tqdm(range(count)[parallel.rows(count)], desc="SA Fisher", disable=not progress):
             generator = base.step_generator(seed, n, FISHER_STREAM)
             z = means[n:n + 1] + stds[n:n + 1] * torch.randn(means[n:n + 1].shape, generator=generator)
             unet.zero_grad(set_to_none=True)
@@ -194,6 +195,7 @@ def fisher_diagonal(unet: torch.nn.Module, means: torch.Tensor, stds: torch.Tens
         unet.zero_grad(set_to_none=True)
         for n, p in params.items():
             p.requires_grad_(was[n])
+    parallel.all_sum_(fisher.values())
     return fisher
 
 
@@ -327,19 +329,32 @@ def ewc_penalty(params: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor]
 
 
 def sa_loss(unet, batch: Batch, params: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor],
-            fisher: Dict[str, torch.Tensor], ewc_lambda: float,
-            replay_weight: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+            fisher: Dict[str, torch.Tensor], ewc_lambda: float, replay_weight: float,
+            parallel: Optional[base.Parallel] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """SA's objective on one batch: forget MSE + replay_weight * replay MSE + ewc_lambda * EWC, and its terms.
 
     ddpm_forget.py line 351: loss = loss_corrupt + gamma * loss_remember, then line 357 adds lmbda * EWC. Both
-    halves go through one UNet call (theirs: two; the same objective).
+    halves go through one UNet call (theirs: two; the same objective). With several processes (``parallel``) each
+    predicts its rows of each half, weighted by its share, and the main one adds the EWC term: summed over the
+    processes, the whole batch's loss and gradient (the terms returned are the sums).
     """
-    pred = unet(batch.x_t, batch.timesteps, encoder_hidden_states=batch.context).sample
-    per = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
-    forget, replay = per[:batch.forget].mean(), per[batch.forget:].mean()
+    parallel = parallel or base.Parallel()
+    if parallel.world == 1:
+        pred = unet(batch.x_t, batch.timesteps, encoder_hidden_states=batch.context).sample
+        per = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+        forget, replay = per[:batch.forget].mean(), per[batch.forget:].mean()
+    else:
+        n, k = batch.x_t.shape[0], batch.forget
+        rows = torch.cat([torch.arange(k)[parallel.rows(k)], k + torch.arange(n - k)[parallel.rows(n - k)]])
+        kept = len(range(k)[parallel.rows(k)])
+        rows = rows.to(batch.x_t.device)
+        pred = unet(batch.x_t[rows], batch.timesteps[rows], encoder_hidden_states=batch.context[rows]).sample
+        per = F.mse_loss(pred.float(), batch.target[rows].float(), reduction="none").mean(dim=(1, 2, 3))
+        forget = per[:kept].mean() * parallel.share(k)
+        replay = per[kept:].mean() * parallel.share(n - k)
     ewc = ewc_penalty(params, anchor, fisher)
-    loss = forget + replay_weight * replay + ewc_lambda * ewc
-    return loss, {"forget": forget.item(), "replay": replay.item(), "ewc": ewc.item()}
+    loss = forget + replay_weight * replay + (ewc_lambda * ewc if parallel.main else 0.0)
+    return loss, {"forget": parallel.sum(forget.item()), "replay": parallel.sum(replay.item()), "ewc": ewc.item()}
 
 
 @torch.no_grad()
@@ -398,7 +413,8 @@ class TermLog:
 def train_sa(unet, data: Data, fisher: Dict[str, torch.Tensor], names: Sequence[str], noise_scheduler,
              iterations: int, batch_size: int, learning_rate: float, weight_decay: float, ewc_lambda: float,
              replay_weight: float, seed: int, device, progress: bool = True, ema_decay: float = 0.0,
-             ctx: Optional[RunContext] = None) -> Tuple[List[float], List[Dict[str, float]]]:
+             ctx: Optional[RunContext] = None,
+             use_8bit_adam: bool = False) -> Tuple[List[float], List[Dict[str, float]]]:
     """SA fine-tuning of the parameters ``names``; returns each step's loss and terms.
 
     AdamW (ddpm_forget.py line 1442, torch's defaults besides the learning rate and weight decay), constant
@@ -413,10 +429,12 @@ def train_sa(unet, data: Data, fisher: Dict[str, torch.Tensor], names: Sequence[
     trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     anchor = {n: p.detach().clone() for n, p in trained.items()}  # theta*: the base model's weights
     fisher_on = {n: fisher[n].to(device) for n in trained}
-    optimizer = numerics.adamw(list(trained.values()), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = base.optimizer(list(trained.values()), "adamw", use_8bit_adam, lr=learning_rate,
+                               weight_decay=weight_decay)
     n_s, n_r = data.surrogate_mean.shape[0], data.replay_mean.shape[0]
     log = TermLog()
     ema = EMA(trained, ema_decay) if ema_decay > 0 else None
+    parallel = (ctx or RunContext()).parallel
     unet.train()
 
     def step(i: int):
@@ -424,14 +442,15 @@ def train_sa(unet, data: Data, fisher: Dict[str, torch.Tensor], names: Sequence[
         batch = make_batch(data, epoch_indices(seed, SURROGATE_ORDER_STREAM, n_s, i, batch_size),
                            epoch_indices(seed, REPLAY_ORDER_STREAM, n_r, i, batch_size), noise_scheduler, generator,
                            device)
-        loss, parts = sa_loss(unet, batch, trained, anchor, fisher_on, ewc_lambda, replay_weight)
+        loss, parts = sa_loss(unet, batch, trained, anchor, fisher_on, ewc_lambda, replay_weight, parallel)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.sum_gradients(trained.values())  # the whole batch's gradient on every process
         optimizer.step()
         if ema is not None:
             ema.update(trained)
         log.terms.append(parts)
-        return loss.item(), {k: f"{v:.3g}" for k, v in parts.items()}
+        return parallel.sum(loss.item()), {k: f"{v:.3g}" for k, v in parts.items()}
 
     stateful = {"optimizer": optimizer, "terms": log, **({"ema": ema} if ema is not None else {})}
     losses = train_loop(ctx or RunContext(), iterations, step, trained, stateful, {}, desc="SA", progress=progress)
@@ -482,7 +501,7 @@ FLAGS = (  # defaults: the authors' SD-1.4 configs and README (docs/unlearning.m
          default_text="the UNet's sample_size x the VAE's scale factor"),
     Flag("--probe_samples", 4, "fixed held-out surrogate and replay examples whose MSE the card reports before and "
          "after; 0: off", int),
-    Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),
+    *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam
 )
 
 
@@ -593,7 +612,7 @@ def _image_set(parts, settings: dict, role: str, prompts: Sequence[str], count: 
     images = base.generate_image_set(dataclasses.replace(parts, inference_scheduler=ddim), prompts, count, seed,
                                      ctx.data_dir(role), device, num_inference_steps=settings["generation_steps"],
                                      guidance_scale=settings["generation_guidance"], resolution=resolution,
-                                     progress=not quiet, name=role)
+                                     progress=not quiet, name=role, parallel=ctx.parallel)
     return dataclasses.replace(images, generated={**images.generated, "scheduler": "DDIM, eta 0"})
 
 
@@ -669,11 +688,12 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
         n = settings["fisher_samples"]
         fisher = fisher_diagonal(unet, r_mean[:n], r_std[:n], data.replay_context[data.replay_prompt[:n]],
                                  parts.noise_scheduler, fisher_timesteps(timesteps, total), settings["batch_size"],
-                                 seed, device, progress=not quiet)
+                                 seed, device, progress=not quiet, parallel=ctx.parallel)
         computed = {"images": os.path.abspath(replay.folder), "first_images": n, "seed": seed,
                     "prompts": sorted(set(replay.prompts[:n]))[:20]}
-        save_fisher(path, fisher, fingerprint, fisher_keys, computed)
-        ctx.log(f"wrote the Fisher diagonal to {path}")
+        if ctx.parallel.main:
+            save_fisher(path, fisher, fingerprint, fisher_keys, computed)
+            ctx.log(f"wrote the Fisher diagonal to {path}")
 
     names = sa_trainable_names(unet, settings["train_method"])
     probes = None
@@ -686,7 +706,7 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
     losses, terms = train_sa(unet, data, fisher, names, parts.noise_scheduler, settings["iterations"],
                              settings["batch_size"], settings["learning_rate"], settings["weight_decay"],
                              settings["ewc_lambda"], settings["replay_weight"], seed, device, progress=not quiet,
-                             ema_decay=settings["ema_decay"], ctx=ctx)
+                             ema_decay=settings["ema_decay"], ctx=ctx, use_8bit_adam=settings["use_8bit_adam"])
     after = probe_terms(unet, probes)
     if settings["gradient_checkpointing"]:
         unet.disable_gradient_checkpointing()
@@ -714,4 +734,4 @@ def _erased(settings: dict) -> List[str]:
 
 register(Method(name="sa", family="SA", summary="Selective Amnesia: surrogate, generative replay and EWC",
                 paper=PAPER, code=CODE, flags=FLAGS, check=check, run=run, erased=_erased, trains=True,
-                checkpoint_every=500))
+                checkpoint_every=500, multi_gpu=True))  # their README: Lightning on 4 GPUs (--gpus "0,1,2,3")

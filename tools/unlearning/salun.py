@@ -19,7 +19,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from common import numerics
 from common.cli import check_resolution
 from common.errors import InputError
 
@@ -379,7 +378,7 @@ def probe_objective(unet, probes) -> Optional[dict]:
 
 def train_salun(unet, examples: Examples, params: Dict[str, torch.Tensor], mask: Dict[str, torch.Tensor],
                 epochs: int, batch_size: int, learning_rate: float, alpha: float, seed: int, progress: bool = True,
-                ctx: Optional[RunContext] = None) -> Tuple[List[float], TermLog]:
+                ctx: Optional[RunContext] = None, use_8bit_adam: bool = False) -> Tuple[List[float], TermLog]:
     """SalUn's training: per forget batch (row order) and a retain batch, one Adam step on the masked gradients.
 
     random_label.py lines 56-143: Adam over the trained parameters (no
@@ -387,7 +386,7 @@ def train_salun(unet, examples: Examples, params: Dict[str, torch.Tensor], mask:
     times the mask before each step. A masked-out entry keeps a zero
     gradient, so Adam's moments stay zero and it never moves.
     """
-    optimizer = numerics.adam(list(params.values()), lr=learning_rate)
+    optimizer = base.optimizer(list(params.values()), "adam", use_8bit_adam, lr=learning_rate)
     n_forget, n_retain = examples.forget_mean.shape[0], examples.retain_mean.shape[0]
     per_epoch = math.ceil(n_forget / batch_size)
     device_mask = {n: mask[n].to(p.device) for n, p in params.items()}
@@ -446,7 +445,7 @@ FLAGS = (  # defaults: the SD README's commands and the scripts' own (docs/unlea
          default_text="the UNet's sample_size x the VAE's scale factor"),
     Flag("--probe_samples", 4, "fixed examples of each set on which both losses are reported before and after; "
          "0: off", int),
-    Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),
+    *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam
 )
 
 
@@ -546,7 +545,8 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
     probes = probe_examples(examples, settings["probe_samples"], seed)
     before = probe_objective(unet, probes)
     losses, terms = train_salun(unet, examples, params, mask, settings["epochs"], settings["batch_size"],
-                                settings["learning_rate"], settings["alpha"], seed, progress=not quiet, ctx=ctx)
+                                settings["learning_rate"], settings["alpha"], seed, progress=not quiet, ctx=ctx,
+                                use_8bit_adam=settings["use_8bit_adam"])
     after = probe_objective(unet, probes)
     if settings["gradient_checkpointing"]:
         unet.disable_gradient_checkpointing()
