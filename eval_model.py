@@ -179,7 +179,8 @@ def _utility(args, clip, device, dtype):
     summaries = utility.run_utility(
         args.checkpoints, args.captions, args.output_dir, clip, extractor, reference, reference_path,
         args.utility_base, args.seed, args.batch_size, args.num_inference_steps, args.guidance_scale, resolution,
-        device, dtype, args.weights, args.kid_subsets, args.kid_subset_size, state, lpips=args.lpips)
+        device, dtype, args.weights, args.kid_subsets, args.kid_subset_size, state, lpips=args.lpips,
+        scheduler=args.scheduler)
     return summaries if state.is_main_process else None
 
 

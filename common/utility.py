@@ -452,7 +452,7 @@ def run_base_model(checkpoint: str) -> Optional[str]:
 
 def generate_caption_images(path: str, captions: Sequence[str], folder: str, settings: dict, seed: int,
                             batch_size: int, num_inference_steps: int, guidance_scale: float, resolution: int,
-                            device, dtype, weights: str, state, desc: str) -> None:
+                            device, dtype, weights: str, state, desc: str, scheduler: Optional[str] = None) -> None:
     """One image per caption (seed ``image_seed(seed, k, 0, UTILITY_STREAM)``), saved as it is drawn; the captions
     already on disk are skipped (a killed run resumes at its first unfinished caption), the rest shared among the
     processes (strided). Every process returns once every image exists."""
@@ -469,7 +469,7 @@ def generate_caption_images(path: str, captions: Sequence[str], folder: str, set
     state.wait_for_everyone()
     mine = shard(missing_captions(folder, len(captions)), state.num_processes, state.process_index)
     if mine:
-        pipe = load_pipeline(path, device, dtype, weights)
+        pipe = load_pipeline(path, device, dtype, weights, scheduler)
         bar = tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process)
         for b in range(0, len(mine), batch_size):
             batch = mine[b : b + batch_size]
@@ -568,12 +568,12 @@ def load_reference(reference: Optional[str], fid_features: str, inception_weight
 
 
 def _settings(path: str, weights: str, captions: Sequence[str], seed: int, num_inference_steps: int,
-              guidance_scale: float, resolution: int, dtype) -> dict:
+              guidance_scale: float, resolution: int, dtype, scheduler: Optional[str]) -> dict:
     """What an images folder was drawn with: a resumed run keeps its images only when all of it is the same."""
     return {"checkpoint": os.path.abspath(path), "weights": weights, "captions": len(captions),
             "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(), "seed": seed,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution": resolution,
-            "dtype": str(dtype).replace("torch.", "")}
+            "dtype": str(dtype).replace("torch.", ""), "scheduler": scheduler}
 
 
 def utility_models(checkpoints: Sequence[str], base: Optional[str], log=print) -> tuple:
@@ -603,7 +603,7 @@ def run_utility(checkpoints: Sequence[str], captions: Sequence[str], output_dir:
                 reference: Optional[torch.Tensor], reference_path: Optional[str], base: Optional[str], seed: int,
                 batch_size: int, num_inference_steps: int, guidance_scale: float, resolution: int, device, dtype,
                 weights: str, kid_subsets: int, kid_subset_size: int, state, log=print,
-                lpips: Optional[str] = None) -> List[dict]:
+                lpips: Optional[str] = None, scheduler: Optional[str] = None) -> List[dict]:
     """Each model's caption images (sharded, resumable), then on the main process its utility.json and per-image
     results.jsonl under OUTPUT_DIR/utility/<n>-<label>/; returns the summaries (main process; [] on the others)."""
     from .evaluation import checkpoint_label, unet_folder
@@ -618,8 +618,9 @@ def run_utility(checkpoints: Sequence[str], captions: Sequence[str], output_dir:
         folders[path] = os.path.join(root, f"{n:03d}-{'base-' if role == 'base' else ''}" + label.replace("/", "__"))
         generate_caption_images(path, captions, folders[path],
                                 _settings(path, weights, captions, seed, num_inference_steps, guidance_scale,
-                                          resolution, dtype), seed, batch_size, num_inference_steps, guidance_scale,
-                                resolution, device, dtype, weights, state, desc=f"utility {label}")
+                                          resolution, dtype, scheduler), seed, batch_size, num_inference_steps,
+                                guidance_scale, resolution, device, dtype, weights, state, desc=f"utility {label}",
+                                scheduler=scheduler)
     if not state.is_main_process:
         return []
     summaries = []
@@ -637,7 +638,8 @@ def run_utility(checkpoints: Sequence[str], captions: Sequence[str], output_dir:
                    "reference": reference_path, "reference_images": None if reference is None else len(reference),
                    "base": base_path if base_folder else None, "seed": seed, "resolution": resolution,
                    "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                   "dtype": str(dtype).replace("torch.", ""), "folder": folders[path]}
+                   "scheduler": scheduler or "model's own", "dtype": str(dtype).replace("torch.", ""),
+                   "folder": folders[path]}
         write_utility(folders[path], summary, rows)
         summaries.append(summary)
     return summaries
