@@ -26,10 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from common import numerics
 from common.cli import check_resolution
 
-from . import register
+from . import base, register
 from .ac import sample_indices
 from .base import (DATA, GUIDE, RESOLVED, Flag, ImageSet, Method, RunContext, check_text, check_vae_multiple, encode,
                    finite, generate_image_set, image_latents, load_image_set, noised, require,
@@ -347,7 +346,7 @@ FLAGS = (  # defaults: their object config (configs/object/erase_ship.yaml); doc
          switch=True),
     Flag("--resolution", None, "image side in pixels", int,
          default_text="the UNet's sample_size x the VAE's scale factor"),
-    Flag("--gradient_checkpointing", False, "save GPU memory in the LoRA training", switch=True),
+    *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam (for the LoRA training)
 )
 
 
@@ -475,7 +474,7 @@ def step_loss(unet, capture: AttentionCapture, noise_scheduler, draws: dict, dev
 
 def train_loras(unet, noise_scheduler, data: Sequence[ConceptData], loras, iterations: int, batch: int,
                 learning_rate: float, max_grad_norm: float, importance: bool, seed: int, device,
-                progress: bool = True, ctx: Optional[RunContext] = None) -> List[float]:
+                progress: bool = True, ctx: Optional[RunContext] = None, use_8bit_adam: bool = False) -> List[float]:
     """Train each concept's LoRA in turn (their train_seperate), ``iterations`` steps each, in one resumable loop.
 
     Each concept's LoRA sees the refined UNet alone (theirs: the processors are reset per concept). AdamW per concept
@@ -484,7 +483,8 @@ def train_loras(unet, noise_scheduler, data: Sequence[ConceptData], loras, itera
     capture = AttentionCapture()
     old = capture.install(unet)
     probs = importance_probabilities(noise_scheduler.config.num_train_timesteps) if importance else None
-    optimizers = [numerics.adamw(list(lora_params([layers]).values()), lr=learning_rate, **ADAMW) for layers in loras]
+    optimizers = [base.optimizer(list(lora_params([layers]).values()), "adamw", use_8bit_adam, lr=learning_rate, **ADAMW)
+                  for layers in loras]
     params = lora_params(loras)
 
     def step(i: int):
@@ -593,7 +593,8 @@ def run(settings: dict, parts, device, seed: int, quiet: bool, ctx: RunContext) 
         unet.enable_gradient_checkpointing()
     losses = train_loras(unet, parts.noise_scheduler, data, loras, settings["iterations"], settings["batch_size"],
                          settings["learning_rate"], settings["max_grad_norm"],
-                         not settings["no_importance_sampling"], seed, device, progress=not quiet, ctx=ctx)
+                         not settings["no_importance_sampling"], seed, device, progress=not quiet, ctx=ctx,
+                         use_8bit_adam=settings["use_8bit_adam"])
     if settings["gradient_checkpointing"]:
         unet.disable_gradient_checkpointing()
     with_lora = [probe_loss(unet, parts.noise_scheduler, d, l, seed, device) for d, l in zip(data, loras)]
