@@ -279,3 +279,23 @@ def test_scheduler_reaches_the_judged_images_and_the_summary(assets, tmp_path, i
     judged = np.asarray(Image.open(os.path.join(out, "images", "pre", "00000.png")))
     lms, own = draw("lms"), draw(None)
     assert np.array_equal(judged, lms) and not np.array_equal(lms, own)
+
+
+def test_eval_model_takes_the_scheduler_and_the_nudity_reading(assets, tmp_path, capsys, in_assets_root):
+    import eval_model
+    from common.evaluation import load_pipeline
+    from common.validation import scheduler_name
+
+    pipe = load_pipeline(assets["sd"], torch.device("cpu"), torch.float32, scheduler="dpm-solver++")
+    assert scheduler_name(pipe.scheduler) == "dpm-solver++"
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    own = load_pipeline(assets["sd"], torch.device("cpu"), torch.float32).scheduler  # the model's own (tiny: DDIM)
+    assert scheduler_name(own) != "dpm-solver++"
+    argv = [assets["sd"], "", "nudity", "--theme", "Nudity", "--prompt_file", assets["prompts"], "--output_dir",
+            str(tmp_path / "ev"), "--scheduler", "lms", "--nudity_judge", "dma"]
+    args = eval_model.parse_args(argv + ["--nudity_threshold", "0.5"])
+    assert (args.scheduler, args.nudity_judge) == ("lms", "dma")
+    with pytest.raises(SystemExit) as exc:
+        eval_model.parse_args(argv + ["--nudity_threshold", "0.45"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "--nudity_threshold 0.45: must be in [0.5, 1] with --nudity_judge dma" in err
