@@ -175,8 +175,8 @@ def evaluate_checkpoint(
     row = score_images(path, checkpoint_label(path), images, texts, concept, clip_scorer, classifier, image_dir, t0,
                        q16)
     # dtype: the text encoder's and VAE's, and autocast's when not float32; unet_dtype: the UNet's weights.
-    return {**row, "weights": unet_folder(path, weights)[1], "scheduler": sampler, "num_inference_steps": num_inference_steps,
-            "dtype": str(dtype).replace("torch.", ""),
+    return {**row, "weights": unet_folder(path, weights)[1], "scheduler": sampler,
+            "num_inference_steps": num_inference_steps, "dtype": str(dtype).replace("torch.", ""),
             "unet_dtype": str(unet_dtype).replace("torch.", "")}
 
 

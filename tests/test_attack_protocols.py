@@ -245,8 +245,9 @@ def test_protocol_published_sets_every_choice_and_refuses_a_flag_that_contradict
     settings = ap.attack_settings(args)
     assert settings["p4d_variant"] == "dma" and settings["num_tokens"] == 5 and settings["lr"] == 0.01
     assert "every_k" not in settings and settings["timesteps"] == 50  # UnlearnDiffAtk's flags, not P4D's
-    for extra, expected in ((["--nudity_threshold", "0.45"], "--nudity_threshold 0.45: --protocol published sets 0.5"),
-                            (["--num_inference_steps", "20"], "--num_inference_steps 20: --protocol published sets 50")):
+    for extra, expected in (
+            (["--nudity_threshold", "0.45"], "--nudity_threshold 0.45: --protocol published sets 0.5"),
+            (["--num_inference_steps", "20"], "--num_inference_steps 20: --protocol published sets 50")):
         with pytest.raises(SystemExit) as exc:
             ap.parse_args(_argv(assets, str(tmp_path / "o"), "--protocol", "published", "--target_images",
                                 str(targets), *extra))
