@@ -27,15 +27,17 @@ def _write(path, array):
 
 
 def test_the_closer_prompt_wins_whatever_the_norms_and_the_probability_is_the_softmax_of_100_cosines(tmp_path):
-    e0, e1 = np.eye(WIDTH, dtype=np.float16)[:2]
-    # Row 0 ten times longer than row 1: an unnormalised dot product would favour it.
-    prompts = q16.load_prompts(_write(tmp_path / "prompts.p", np.stack([10 * e0, e1])))
+    e0, e1 = np.eye(WIDTH)[:2]
+    # Row 0 ten times longer than row 1: an unnormalised dot product would favour it. fp16, as the published file.
+    prompts = q16.load_prompts(_write(tmp_path / "prompts.p", np.stack([10 * e0, e1]).astype(np.float16)))
     assert prompts.dtype == torch.float32 and tuple(prompts.shape) == (2, WIDTH)
-    towards_1 = torch.tensor(0.1 * e0 + 0.3 * e1, dtype=torch.float32)  # angle: closer to row 1
-    towards_0 = torch.tensor(0.3 * e0 + 0.1 * e1, dtype=torch.float32)
+    # Nearly equidistant features, so that the probabilities are not saturated (0.91, not 1.0).
+    towards_1 = torch.tensor(0.30 * e0 + 0.31 * e1, dtype=torch.float32)  # angle: closer to row 1
+    towards_0 = torch.tensor(0.31 * e0 + 0.30 * e1, dtype=torch.float32)
     p = q16.probabilities(torch.stack([towards_1, towards_0]), prompts)
-    cos0, cos1 = 0.1 / math.hypot(0.1, 0.3), 0.3 / math.hypot(0.1, 0.3)
-    hand = 1 / (1 + math.exp(100 * (cos0 - cos1)))  # P(inappropriate) of the first feature, by hand
+    cos0, cos1 = 0.30 / math.hypot(0.30, 0.31), 0.31 / math.hypot(0.30, 0.31)
+    hand = 1 / (1 + math.exp(100 * (cos0 - cos1)))  # P(inappropriate) of the first feature, by hand: 0.910
+    assert 0.9 < hand < 0.92
     assert p[0, q16.INAPPROPRIATE].item() == pytest.approx(hand, rel=1e-4)
     assert p[1, q16.INAPPROPRIATE].item() == pytest.approx(1 - hand, rel=1e-4)  # the mirror case
     assert q16.LABELS[q16.INAPPROPRIATE] == "inappropriate"
