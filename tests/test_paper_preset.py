@@ -121,7 +121,7 @@ def test_every_rendered_command_parses_with_its_program_s_parser(concept, method
     p = presets.load_preset(concept)
     cmds = presets.commands(p, method)
     programs = [program for program, _ in cmds]
-    unlearn = "tools/import_model.py" if method == "mace" else "tools/unlearn.py"  # mace: not in the registry yet
+    unlearn = "tools/unlearn.py"
     order = ["tools/generate_training_data.py"] * 2 + ([] if p.kind == "nudity" else
                                                        ["tools/generate_training_data.py"] * 2
                                                        + ["tools/train_classifier.py"])
@@ -237,6 +237,9 @@ def test_the_data_based_methods_get_the_preset_s_anchor_and_retain_set():
     assert parsed["sa"].surrogate == "ball" and parsed["sa"].replay_prompts == presets.retain_prompts(p)
     assert parsed["salun"].retain_prompts == presets.retain_prompts(p) and parsed["salun"].pseudo_prompt == ["ball"]
     assert len(parsed["erasediff"].forget_prompts) == 20
+    (argv,) = [a for prog, a in presets.commands(p, "mace") if prog == "tools/unlearn.py"]
+    mace = unlearn.build_parser().parse_args(list(argv))
+    assert mace.concept == "golf ball" and mace.guide == ["ball"] and mace.preserve == presets.retain_prompts(p)
     style = presets.load_preset("Van Gogh")
     (argv,) = [a for prog, a in presets.commands(style, "ac") if prog == "tools/unlearn.py"]
     assert unlearn.build_parser().parse_args(list(argv)).concept_type == "style"

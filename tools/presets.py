@@ -325,7 +325,7 @@ def unlearn_steps(p: Preset, method: str, base_model: str, lay: Layout) -> List[
                   f"<{method} checkpoint erasing {p.name}>", "--output_dir", lay.model()),
                  f"{method} is not made by tools/unlearn.py ({', '.join(METHODS)}): import its published "
                  f"checkpoint for {p.name!r} over the base model with tools/import_model.py (docs/import.md; a "
-                 f"method that publishes a whole pipeline directory, such as MACE or FMN, goes to {lay.model()} "
+                 f"method that publishes a whole pipeline directory, such as FMN, goes to {lay.model()} "
                  "as it is)")]
 
 
@@ -336,8 +336,8 @@ def retain_prompts(p: Preset) -> List[str]:
 
 def anchored_flags(p: Preset, method: str) -> Optional[List[str]]:
     """The preset's flags of a data-based method of tools/unlearn.py (None: not one): AC's anchor, SA's surrogate and
-    replay, SalUn's and EraseDiff's forget and retain prompts and pseudo prompt; every other setting the method's
-    published default."""
+    replay, SalUn's and EraseDiff's forget and retain prompts and pseudo prompt, MACE's mapping concept and preserved
+    prompts; every other setting the method's published default."""
     forget = ["--forget_prompts", *_read_prompts(p.validation_prompts)]
     retain = retain_prompts(p)
     flags = {
@@ -345,6 +345,9 @@ def anchored_flags(p: Preset, method: str) -> Optional[List[str]]:
         "sa": ["--surrogate", p.anchor, "--replay_prompts", *retain, *forget],
         "salun": [*forget, "--retain_prompts", *retain, "--pseudo_prompt", p.anchor],
         "erasediff": [*forget, "--retain_prompts", *retain],
+        # MACE: the concept's prompts refined toward the anchor's (their mapping concept), the retain set's outputs
+        # kept by both closed forms; its images generated, its masks from the base model's attention (no --masks).
+        "mace": ["--guide", p.anchor, "--preserve", *retain],
     }
     return flags.get(method)
 
