@@ -181,7 +181,9 @@ def test_the_methods_grid_unlearns_then_fine_tunes_every_method():
 
     runs = grid.read_grid(str(SLURM / "methods_grid.csv"), "runs")
     unlearning = [r for r in runs if r.script == "tools/unlearn.py"]
-    assert [r.index for r in unlearning] == list(range(7))  # the docs' first array, 0-6
+    assert [r.index for r in unlearning] == list(range(len(unlearning)))  # the first array, then the second
+    header = (SLURM / "methods_grid.csv").read_text()
+    assert f"--array=0-{len(unlearning) - 1} " in header and f"--array={len(unlearning)}-{len(runs) - 1} " in header
     assert sorted(r.method for r in unlearning) == sorted(METHODS)  # every method of the registry, once
     models = {}
     for run in runs:
