@@ -116,7 +116,7 @@ def _parse(program: str, argv: list):
 
 
 @pytest.mark.parametrize("concept", ["golf ball", "Van Gogh", "nudity"])
-@pytest.mark.parametrize("method", ["esd-x", "uce", "ac", "salun", "erasediff", "sa", "mace"])
+@pytest.mark.parametrize("method", ["esd-x", "uce", "ac", "salun", "erasediff", "sa", "mace", "receler"])
 def test_every_rendered_command_parses_with_its_program_s_parser(concept, method):
     p = presets.load_preset(concept)
     cmds = presets.commands(p, method)

@@ -305,6 +305,11 @@ def unlearn_steps(p: Preset, method: str, base_model: str, lay: Layout) -> List[
             note += "; ESD's authors erase nudity with esd-u"
         return [Step("tools/unlearn.py", ("--method", method, "--concept", p.name, "--pretrained_model_name_or_path",
                                           base_model, "--output_dir", lay.model()), note)]
+    if method == "receler":
+        return [Step("tools/unlearn.py", ("--method", method, "--concept", p.name, "--pretrained_model_name_or_path",
+                                          base_model, "--output_dir", lay.model()),
+                     f"unlearn {p.name!r} with Receler (its published defaults: 500 steps at lr 3e-4, each after 50 "
+                     "adversarial prompt steps; erasers folded into attn2.to_out.0)")]
     if method == "uce":
         argv = ["--method", "uce", "--erase", *p.erase]
         if p.preserve:
