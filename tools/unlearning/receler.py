@@ -290,7 +290,8 @@ class Receler:
             with erasing(self.sites, self.erasers):
                 e_n = _predict(self.unet, z, t, context)
             loss = F.mse_loss(e_n.float(), e_p.float())
-            grad, = torch.autograd.grad(loss, [self.adversarial])
+            with erasing(self.sites, self.erasers):  # gradient checkpointing recomputes the forward: with the erasers
+                grad, = torch.autograd.grad(loss, [self.adversarial])
             self.adversarial.grad = grad
             self.adv_optimizer.step()
             self.adv_optimizer.zero_grad(set_to_none=True)
@@ -311,7 +312,8 @@ class Receler:
                             "both": [self.cond, adversarial]}[self.erase_on]
             total, erase, reg = self.losses(z, t, e_0, e_p, masks, contexts)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            with erasing(self.sites, self.erasers):  # as in attack: a recomputed forward must see the erasers
+                total.backward()
             optimizer.step()
             erase_losses.append(float(erase))
             reg_losses.append(float(reg))
