@@ -315,10 +315,10 @@ class Receler:
             with erasing(self.sites, self.erasers):  # as in attack: a recomputed forward must see the erasers
                 total.backward()
             optimizer.step()
-            erase_losses.append(float(erase))
-            reg_losses.append(float(reg))
+            erase_losses.append(float(erase.detach()))
+            reg_losses.append(float(reg.detach()))
             coverage.append(float(next(iter(masks.values())).mean()))
-            return float(total), {"t": int(t)}
+            return float(total.detach()), {"t": int(t)}
 
         stateful = {"optimizer": optimizer}
         if self.adversarial is not None:
