@@ -29,6 +29,7 @@ MODULES = (
     "ac",
     "sa",
     "erasediff",
+    "spm",
     "receler",
     "mace",
 )
