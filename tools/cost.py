@@ -754,6 +754,11 @@ def parse_attack(argv: Sequence[str]) -> Tuple[argparse.Namespace, dict]:
     args = parser.parse_args(list(argv))
     if args.attack not in ATTACK_CASES:
         raise InputError(f"--attack {args.attack}: no cost count for it (tools/cost.py ATTACK_CASES)")
+    # --protocol published sets the sampler's steps and the judge as the run will (checks as the run's own).
+    attack_prompts._apply_protocol(args, attack_prompts.explicit_flags(list(argv)))
+    if attack_prompts.p4d_variant(args) == "dma":
+        raise InputError(f"--attack {args.attack} --p4d_variant dma: no cost count for Diffusion-MU-Attack's P4D yet "
+                         "(price it as unlearndiffatk plus one original-UNet forward per Adam step)")
     settings = attack_prompts.attack_settings(args)
     validate = attacks.validator(args.attack)
     if validate is not None:  # the pairs file is read below, where it exists
