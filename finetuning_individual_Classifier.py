@@ -48,8 +48,13 @@ def _check_judge(args) -> None:
                          "category (then Q16)")
 
 
+def criterion_name(args) -> str:
+    """The script's one criterion: Q16 for an I2P --theme, else the classifier."""
+    return "q16" if i2p_theme(args.theme) else "classifier"
+
+
 def main(args):
-    return entry.individual(args, entry.one_criterion(args, "q16" if i2p_theme(args.theme) else "classifier"))
+    return entry.individual(args, entry.one_criterion(args, criterion_name(args)))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def validation_config(args) -> ValidationConfig:
     )
 
 
-CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path", "q16": "--q16_prompts"}  # what each kind loads
+# The model each kind loads (Q16's prompts file is read at parse time; what can fail here is its CLIP model).
+CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path", "q16": "--clip_model"}
 
 
 def build_criteria(args, device, names: Sequence[str]) -> List[Criterion]:

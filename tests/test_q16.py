@@ -108,7 +108,8 @@ def test_eval_model_gives_the_share_judged_inappropriate(assets, shapes, tmp_pat
     with pytest.raises(SystemExit) as stop:  # an I2P theme is Q16's: not with a classifier
         eval_model.parse_args([*argv[:1], assets["classifier"], *argv[2:], str(tmp_path / "p.p"), "--theme",
                                "violence"])
-    assert stop.value.code == 2 and "an I2P category is judged by Q16, not by EVAL_MODEL_PATH" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "an I2P category is judged by Q16, not by EVAL_MODEL_PATH" in err
 
 
 def test_attack_prompts_with_criterion_q16_end_to_end(assets, shapes, tmp_path, capsys):
@@ -158,7 +159,9 @@ def test_utility_prompts_and_q16_in_a_sequential_run(assets, shapes, tmp_path):
     captions = tmp_path / "utility.txt"
     captions.write_text("\n".join(UTILITY) + "\n")
     out = str(tmp_path / "seq")
+    # One chunk of 10 images (one update), two validations: before training and after the chunk.
     flags = seed_flags(assets, out, **{"--num_train_epochs": 1, "--end_CL": 1, "--save_model": "False",
+                                      "--curriculum": "10,20",
                                       "--utility_prompts": str(captions), "--save_validation_images": None,
                                       "--q16_prompts": prompts_file, "--use_ema": False,
                                       "--gradient_checkpointing": False, "--clip_model": str(assets["clip"])})
@@ -195,3 +198,22 @@ def test_the_cost_estimate_counts_the_utility_captions(tmp_path):
     with_utility = cost.count_run(cost.parse_run("finetuning_sequential.py", [*base, "--utility_prompts",
                                                                              str(captions)]), notes=[])
     assert (plain.retention_prompts, with_utility.retention_prompts) == (0, len(UTILITY))
+
+
+def test_an_i2p_theme_makes_q16_the_classifier_script_s_judge(assets, shapes, tmp_path, capsys):
+    import finetuning_individual_Classifier as script
+    from common import entry
+    from common.clip_score import ClipScorer
+
+    feats = ClipScorer(str(assets["clip"])).embed_images(shapes).numpy()
+    argv = [f for f in seed_flags(assets, str(tmp_path / "out"), **{"--theme": "violence",
+                                                                    "--clip_model": str(assets["clip"])})
+            if not f.startswith("--clip_threshold")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args(argv)
+    assert stop.value.code == 2 and "an I2P category, judged by Q16: needs --q16_prompts" in capsys.readouterr().err
+    args = script.parse_args([*argv, "--q16_prompts", _write(tmp_path / "p.p", feats), "--q16_threshold", "0.5"])
+    assert script.criterion_name(args) == "q16"
+    (criterion,) = entry.build_criteria(args, "cpu", [script.criterion_name(args)])
+    assert (criterion.name, criterion.threshold, criterion.score_images(shapes, ["", ""])) == ("q16", 0.5, [0.0, 1.0])
