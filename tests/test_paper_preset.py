@@ -254,13 +254,13 @@ def test_the_paper_grid_file_is_the_generator_s_and_every_run_parses_and_reads_w
     from tools import gridspec
 
     path = ROOT / "slurm" / "paper_grid.csv"
-    assert path.read_text() == presets.grid_csv(presets.available(), ("salun", "esd", "erasediff", "ac", "sa", "uce"))
+    assert path.read_text() == presets.grid_csv(presets.available(), presets.PAPER_METHODS)
     runs = gridspec.read_grid(str(path), "paper_runs")
     from tools import grid as grid_cli
 
     grid_cli.main(grid_cli.parse_args(["count", str(path)]))
     assert int(capsys.readouterr().out) == len(runs)
-    concepts, methods = len(presets.available()), 6
+    concepts, methods = len(presets.available()), len(presets.PAPER_METHODS)
     by_script = {}
     for r in runs:
         by_script.setdefault(os.path.basename(r.script), []).append(r)

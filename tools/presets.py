@@ -310,6 +310,12 @@ def unlearn_steps(p: Preset, method: str, base_model: str, lay: Layout) -> List[
                                           base_model, "--output_dir", lay.model()),
                      f"unlearn {p.name!r} with Receler (its published defaults: 500 steps at lr 3e-4, each after 50 "
                      "adversarial prompt steps; erasers folded into attn2.to_out.0)")]
+    if method == "spm":
+        return [Step("tools/unlearn.py", ("--method", method, "--concept", p.name, "--pretrained_model_name_or_path",
+                                          base_model, "--output_dir", lay.model()),
+                     f"unlearn {p.name!r} with SPM (its published defaults: a rank-1 membrane on the transformer "
+                     "blocks, latent anchoring on surrogates it samples; the adapter fused at strength 1, and saved "
+                     "beside it with its transport rule)")]
     if method == "uce":
         argv = ["--method", "uce", "--erase", *p.erase]
         if p.preserve:
@@ -481,6 +487,9 @@ def grid_rows(concepts: Sequence[str], methods: Sequence[str], base_model: str =
             _require(method in METHODS, f"--methods {name}: not made by tools/unlearn.py (its methods: "
                                         f"{', '.join(METHODS)})")
             for step in plan(p, method, base_model, GRID_OUT_ROOT, compat):
+                _require(step.program != "tools/import_model.py",
+                         f"--methods {name}: the presets have no tools/unlearn.py command for it (a published "
+                         "checkpoint has no command to put in a grid)")
                 if step.program is None or (step.program, step.argv) in seen:
                     continue  # a note, or a step every method of the concept shares (data, classifier)
                 seen.add((step.program, step.argv))
