@@ -227,7 +227,7 @@ def test_missing_model_dir_exits_2_with_one_line(tmp_path):
     (["--method", "uce", "--erase", "a", "--device", "cuda:7"], "--device cuda:7"),
     (["--method", "uce", "--erase", "a", "--preserve", "a"], "--preserve 'a': also erased"),
     (["--method", "esd-x", "--concept", "x", "--ddim_steps", "1001"], "--ddim_steps 1001: at most"),
-    (["--method", "esd-x", "--concept", "x", "--lamb", "0.1"], "--lamb: not used by --method esd-x (a flag of uce)"),
+    (["--method", "esd-x", "--concept", "x", "--lamb", "0.1"], "--lamb: not used by --method esd-x (a flag of uce, mace)"),
     (["--method", "uce", "--erase", "a", "--eta", "2", "--iterations", "3"],
      "--eta, --iterations: not used by --method uce (flags of esd-x, esd-u, "),  # and the methods after them
     (["--method", "uce", "--erase", "a", "--resume"], "--resume: not used by --method uce (a flag of esd-x, esd-u, "),
