@@ -337,8 +337,10 @@ def test_demo_plans_the_prompt_attacks(tmp_path):
     os.makedirs(args.out)
     tasks = demo.attack_tasks(args, p, th)
     attacks = ("unlearndiffatk", "p4d-n", "p4d-k", "ringabell")
-    assert sorted(t.name for t in tasks) == sorted(f"attack-{a}-{m}" for m in ("esd-x", "uce", "base")
-                                                   for a in attacks)
+    baselines = ("none", "random", "seed_search")  # on the unlearned models only, at UnlearnDiffAtk's judged budget
+    assert sorted(t.name for t in tasks) == sorted(
+        [f"attack-{a}-{m}" for m in ("esd-x", "uce", "base") for a in attacks]
+        + [f"attack-{b}-{m}" for m in ("esd-x", "uce") for b in baselines])
     # The rows of the demo's other probes: an untagged fine-tuning run is named by its model directory and prompt
     # file (report.load_run), the fine-tuning control by its tags; their criteria include the classifier.
     rows = {m: (report._stem(p["unlearned"][m]), False) for m in toy_world.UNLEARN_METHODS}
@@ -360,6 +362,8 @@ def test_demo_plans_the_prompt_attacks(tmp_path):
         if a.attack == "unlearndiffatk":
             assert len(harness.list_images(a.target_images)) == demo.INVERSION["images"]
             assert a.timesteps * a.steps_per_timestep < 50 * 40
+        if a.attack in ("random", "seed_search"):  # the same judged budget as the demo's UnlearnDiffAtk
+            assert (a.tries if a.attack == "random" else a.seeds) == demo.ATTACKS["unlearndiffatk"]["--timesteps"]
         if a.attack == "ringabell":
             lines = open(a.pairs_file).read().splitlines()
             assert lines and all(line.count("\t") == 1 for line in lines)

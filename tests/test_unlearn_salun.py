@@ -298,7 +298,7 @@ def bad_masks(assets, salun_out, tmp_path_factory):
     (["--train_method", "attn"], "--train_method attn: must be one of full, xattn"),
     (["--forget_prompts", "x"], "--forget_prompts: not with --forget_data"),
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
-    (["--lamb", "0.1"], "--lamb: not used by --method salun (a flag of uce)"),
+    (["--lamb", "0.1"], "--lamb: not used by --method salun (a flag of uce, mace)"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(extra, message, assets, folders, bad_masks, tmp_path,
                                                             capsys):

@@ -299,6 +299,11 @@ ATTACKS = {
     # 120 generations (~7,200 encodings, 2%).
     "ringabell": {"--population": 100, "--generations": 120},
 }
+# The baselines beside the attacks (the UnlearnDiffAtk paper's tables carry them), on the unlearned models only (the
+# base model's prompts already succeed): the prompt as written (the pre-ASR), random tokens in UnlearnDiffAtk's slots
+# and the prompt on new seeds, each with the judged budget of the demo's UnlearnDiffAtk (10 judged prompts: one per
+# timestep), so an attack's ASR reads against what random tokens or lucky seeds reach at the same cost.
+BASELINES = {"none": {}, "random": {"--tries": 10}, "seed_search": {"--seeds": 10}}
 # The cases: the first 4 of the target's 10 phrasings (published: a whole prompt set, e.g. 142 I2P prompts), each
 # prompt that counts judged again on 2 held-out seeds (the tool's default: 3).
 ATTACK_CASES = {"prompts": 4, "heldout_seeds": 2}
@@ -343,11 +348,12 @@ def attack_tasks(args, p, th) -> list:
     judge = {"--criterion": "classifier", "--model_path": p["classifier"], "--bc_threshold": th["bc_threshold"]}
     tasks = []
     for model, path, tags in attacked_models(p):
-        for attack, budget in ATTACKS.items():
+        searches = {**ATTACKS, **(BASELINES if model != "base" else {})}
+        for attack, budget in searches.items():
             name = f"attack-{attack}-{model}"
             out = os.path.join(args.out, name)
             flags = {"--attack": attack, "--pretrained_model_name_or_path": path, "--prompts": prompts,
-                     **needs[attack], **budget, **judge, "--heldout_seeds": ATTACK_CASES["heldout_seeds"],
+                     **needs.get(attack, {}), **budget, **judge, "--heldout_seeds": ATTACK_CASES["heldout_seeds"],
                      "--num_inference_steps": args.num_inference_steps, "--resolution": toy_world.RESOLUTION,
                      "--seed": args.seed, "--output_dir": out, "--quiet": None, "--tag": tags}
             # Rerun as is, an interrupted attack continues at its first unfinished prompt.
@@ -413,6 +419,10 @@ def methods_models(args, p, card: dict) -> dict:
             models[method] = p["unlearned"][method]
             continue
         out = os.path.join(args.out, "unlearned", method)
+        if method == "mace":  # its drawn images and exact masks (docs/unlearning.md: 16, seed 0)
+            from tools.toy_world import masks
+
+            masks.write_concept_set(build.mace_data_dir(out), images=16, seed=0)
         argv = build.unlearn_argv(method, p["sd_base"], out, card["config"]["settings"],
                                   build._seed(card["config"]["seed"], 60))
         tasks.append(Task(f"unlearn-{method}", "tools/unlearn.py", out, argv, accelerate=False, resumable=False))
@@ -615,7 +625,8 @@ def main(args):
     t = time.time()
     attacks = attack_tasks(args, p, th)
     print(f"prompt attacks: {len(attacks)} runs ({', '.join(ATTACKS)} on "
-          f"{', '.join(m for m, _, _ in attacked_models(p))}), {ATTACK_CASES['prompts']} prompts each", flush=True)
+          f"{', '.join(m for m, _, _ in attacked_models(p))}; the baselines {', '.join(BASELINES)} on the unlearned "
+          f"models), {ATTACK_CASES['prompts']} prompts each", flush=True)
     attacked, attack_failed = run_tasks(attacks, args.world, args.out, args.jobs)
     runs, failed = runs + attacked, failed + attack_failed
     phases["attacks"] = time.time() - t
@@ -625,11 +636,14 @@ def main(args):
                 and not os.path.basename(r).startswith("seq-control")]
     models = [p["sd_base"]] + [p["unlearned"][m] for m in toy_world.UNLEARN_METHODS if os.path.isdir(p["unlearned"][m])]
     eval_log = os.path.join(args.out, "eval.log")
+    captions, reference = utility_inputs(args)
     rc = launch("eval_model.py", {",".join(models + seq_dirs): None, p["classifier"]: None,
                                   toy_world.caption(*toy_world.TARGET): None, "--prompt_file": p["prompts_target"],
                                   "--curr": None, "--images_per_prompt": 1, "--output_dir": os.path.join(args.out, "eval"),
                                   "--clip_model": p["clip"], "--num_inference_steps": args.num_inference_steps,
-                                  "--resolution": toy_world.RESOLUTION}, eval_log)
+                                  "--resolution": toy_world.RESOLUTION, "--utility": captions,
+                                  "--utility_reference": reference, "--fid_features": "clip",
+                                  "--utility_base": p["sd_base"]}, eval_log)
     failed += rc != 0
     if rc == 0:
         print(format_table(read_jsonl(os.path.join(args.out, "eval", "results.jsonl"))))
@@ -638,12 +652,38 @@ def main(args):
     report_and_finish(args, card, runs, failed, t0, phases, "demo")
 
 
+UTILITY_DRAWINGS = 2  # reference drawings per concept of the world (96 in all: above the tiny CLIP's 32 dimensions)
+UTILITY_SEED = 90  # the reference drawings' stream of the world's seed
+
+
+def utility_inputs(args) -> tuple:
+    """The utility's caption set (each of the world's 48 concepts once, its first phrasing) and its real images
+    (UTILITY_DRAWINGS fresh drawings of every concept, as the world's data are drawn), written once under --out."""
+    from tools.toy_world.world import _seed, draw_concepts
+
+    captions = os.path.join(args.out, "utility_captions.txt")
+    reference = os.path.join(args.out, "utility_reference")
+    with open(captions, "w") as f:
+        f.write("".join(toy_world.caption(*c) + "\n" for c in toy_world.CONCEPTS))
+    if not os.path.isdir(reference):
+        images, _ = draw_concepts(toy_world.CONCEPTS, UTILITY_DRAWINGS, _seed(args.seed, UTILITY_SEED))
+        tmp = reference + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for k, image in enumerate(images):
+            image.save(os.path.join(tmp, f"{k:04d}.png"))
+        os.replace(tmp, reference)
+    return captions, reference
+
+
 def report_and_finish(args, card: dict, runs, failed: int, t0: float, phases: dict, what: str) -> None:
     """tools/report.py over the finished runs, the figures' check, then the time of each phase; exit 1 when a run
     failed, 3 when a figure differs from the expected values."""
     t = time.time()
+    utility = os.path.join(args.out, "eval")  # the utility of each evaluated model, when the demo measured it
+    utility_flags = ["--utility", utility] if os.path.isdir(os.path.join(utility, "utility")) else []
     failed += subprocess.call([sys.executable, os.path.join(ROOT, "tools", "report.py"), *runs, "--out",
-                               os.path.join(args.out, "report"), "--title", "Toy world"]) != 0
+                               os.path.join(args.out, "report"), "--title", "Toy world", *utility_flags]) != 0
     phases["report"] = time.time() - t
     print(f"{what} finished in {time.time() - t0:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
           + f"; {args.jobs} run(s) at a time); outputs in {args.out}")

@@ -104,6 +104,22 @@ def unlearn_argv(method: str, base: str, out: str, settings: dict, seed: int) ->
         argv += ["--concept", " ".join(TARGET), "--anchor", " ".join(anchor), "--anchor_prompts",
                  *concept_prompts(anchor), "--anchor_images", "100", "--iterations", "100", "--learning_rate", "3e-4",
                  "--regularization", "on"]
+    elif method == "mace":
+        # docs/unlearning.md, MACE in the toy world: 16 drawn red circles with their exact masks (tools/toy_world/
+        # masks.py writes them into OUT's sibling mace_data/ first: mace_data_dir), the ten phrasings as templates,
+        # the 47 other concepts preserved, learning rate 2e-3.
+        data = mace_data_dir(out)
+        templates = [t.replace("{colour} {shape}", "{}") for t in TEMPLATES]
+        argv += ["--concept", " ".join(TARGET), "--prompt_templates", *templates, "--concept_data",
+                 os.path.join(data, "images"), "--masks", os.path.join(data, "masks"), "--preserve",
+                 *[f"a {c} {s}" for c in TOY_RETAIN_COLOURS["salun"] for s in TOY_SHAPES if (c, s) != TARGET],
+                 "--learning_rate", "2e-3"]
+    elif method == "receler":  # docs/unlearning.md, Receler in the toy world
+        argv += ["--concept", caption(*TARGET), "--iterations", "100", "--ddim_steps", "20", "--adv_iterations", "5",
+                 "--learning_rate", "2e-4", "--erase_on", "both"]
+    elif method == "spm":  # docs/unlearning.md, SPM in the toy world
+        argv += ["--concept", caption(*TARGET), "--iterations", "300", "--learning_rate", "1e-2", "--lr_scheduler",
+                 "constant", "--ddim_steps", "20", "--la_strength", "0"]
     elif method in TOY_RETAIN_COLOURS:
         argv += ["--concept", caption(*TARGET)] + _data_method_argv(method)
     else:
@@ -112,7 +128,7 @@ def unlearn_argv(method: str, base: str, out: str, settings: dict, seed: int) ->
 
 
 # The methods unlearn_argv makes in the toy world (docs/unlearning.md's settings), in the order the demo shows them.
-TOY_METHODS = ("esd-x", "uce", "ac", "salun", "erasediff", "sa")
+TOY_METHODS = ("esd-x", "uce", "ac", "salun", "erasediff", "sa", "mace", "spm", "receler")
 
 # The settings of docs/unlearning.md's "In the toy world" runs of the data-based methods, as written there (the order
 # of the retained concepts' colours is each run's own: it sets the generated images' order, and SalUn's pseudo prompt
@@ -123,6 +139,11 @@ TOY_RETAIN_COLOURS = {
     "sa": ("red", "orange", "yellow", "green", "blue", "purple", "white", "black"),
 }
 TOY_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+
+
+def mace_data_dir(out: str) -> str:
+    """Where MACE's drawn images and exact masks go for a model written to ``out`` (tools/toy_world/masks.py)."""
+    return os.path.join(os.path.dirname(os.path.abspath(out)), "mace_data")
 
 
 def _data_method_argv(method: str) -> List[str]:

@@ -21,7 +21,7 @@ EXPECTED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "expect
 # Per report table: how many leading columns name a row (the rest are figures). The prompt attacks are columns of
 # probes_table.md (model, concept, criterion): each attack cell is a figure.
 TABLE_KEYS = {"revival_table.md": 4, "probes_table.md": 3, "control_table.md": 5, "revival_table_seeds.md": 4,
-              "revival_table_seed_sources.md": 6, "methods_table.md": 1}
+              "revival_table_seed_sources.md": 6, "methods_table.md": 1, "utility_table.md": 1}
 
 # The card's figures per model (world.py's evaluate_model), as the demo prints them: 4 decimals.
 MODEL_FIGURES = ("clip_score_target", "classifier_acc_target", "clip_top1_target", "clip_score_retained",
