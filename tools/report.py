@@ -626,7 +626,12 @@ def methods_figure(members, base: Optional[dict] = None):
 
     criteria_ = members[0]["summary"]["criteria"]
     fig, axes = plt.subplots(1, len(criteria_), figsize=(6.5 * len(criteria_), 5.8), squeeze=False)
-    colours = plt.get_cmap("tab10")
+    # tab10 without its grey (index 7), which the control's dashed curve uses: nine distinct colours.
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
+
+    def colours(k):
+        return palette[k % len(palette)]
+
     for ax, (name, threshold) in zip(axes[0], criteria_.items()):
         k = 0
         for r in members:
@@ -638,12 +643,12 @@ def methods_figure(members, base: Optional[dict] = None):
                         label=f"{r['method']}")
                 continue
             point = r["summary"]["revival_point"].get(name)
-            ax.plot([x for x, _ in path], [y for _, y in path], color=colours(k % 10), marker="o", ms=3,
+            ax.plot([x for x, _ in path], [y for _, y in path], color=colours(k), marker="o", ms=3,
                     label=f"{r['method']} (RP: {'chunk ' + str(point['chunk']) if point else 'not reached'})")
             if point:
                 y = dict(path).get(point["images_seen"])
                 if y is not None:
-                    ax.plot([point["images_seen"]], [y], marker="*", ms=12, color=colours(k % 10))
+                    ax.plot([point["images_seen"]], [y], marker="*", ms=12, color=colours(k))
             k += 1
         ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
         _base_line(ax, base or {}, name)
