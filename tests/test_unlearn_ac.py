@@ -8,7 +8,6 @@ the prior term), and the objective must fall on fixed held-out examples.
 """
 
 import os
-import types
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from tools import unlearn
 from tools.unlearning import ac
 from tools.unlearning.base import load_image_set, noised
 from conftest import ROOT, launch
-from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
+from unlearn_helpers import Killed, stop_at, card as _card, changed as _changed, run as _run, weights as _weights
 
 CONCEPT, ANCHOR = "red circle", "circle"  # the concept names its anchor: --regularization auto turns the prior on
 ANCHOR_PROMPTS = ["a circle", "a picture of a circle"]
@@ -93,17 +92,7 @@ def test_stopped_after_step_3_and_resumed_ends_in_the_same_bits(assets, anchor_d
                                                                  monkeypatch):
     """REVIVAL_FAULT=update:3 stops the run after its third step (in-process: the hook's kill raises), leaving the
     step-2 checkpoint; --resume continues from it to the uninterrupted run's weights and results."""
-    from common import faults
-
-    class Killed(Exception):
-        pass
-
-    def kill(pid, sig):
-        raise Killed
-
-    monkeypatch.setenv("REVIVAL_FAULT", "update:3")
-    monkeypatch.setattr(faults, "_counts", {})
-    monkeypatch.setattr(faults, "os", types.SimpleNamespace(environ=os.environ, getpid=os.getpid, kill=kill))
+    stop_at(monkeypatch, "update:3")
     out = str(tmp_path / "killed")
     flags = [*FLAGS, "--anchor_data", anchor_dir, "--model", assets["sd"], "--output_dir", out]
     with pytest.raises(Killed):

@@ -8,7 +8,6 @@ its optimizer's state restored).
 """
 
 import os
-import types
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from tools import unlearn
 from tools.toy_world.masks import write_concept_set
 from tools.unlearning import mace
 from tools.unlearning.uce import apply_uce, uce_transform
-from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
+from unlearn_helpers import Killed, stop_at, card as _card, changed as _changed, run as _run, weights as _weights
 
 IMAGES = 2  # per concept
 CONCEPTS = ("blue square", "red circle")  # --erase, then --concept (the order of --concept_data and --masks)
@@ -178,17 +177,7 @@ def test_the_same_seed_gives_the_same_bits(assets, first, sets, base_parts):
 
 
 def test_stopped_after_step_3_and_resumed_ends_in_the_same_bits(assets, first, sets, tmp_path, monkeypatch):
-    from common import faults
-
-    class Killed(Exception):
-        pass
-
-    def kill(pid, sig):
-        raise Killed
-
-    monkeypatch.setenv("REVIVAL_FAULT", "update:3")
-    monkeypatch.setattr(faults, "_counts", {})
-    monkeypatch.setattr(faults, "os", types.SimpleNamespace(environ=os.environ, getpid=os.getpid, kill=kill))
+    stop_at(monkeypatch, "update:3")
     out = str(tmp_path / "killed")
     flags = [*FLAGS, *data_flags(sets), "--model", assets["sd"], "--output_dir", out]
     with pytest.raises(Killed):

@@ -5,13 +5,12 @@ plain diffusers loading the output, and the card.
 """
 
 import os
-import types
 
 import pytest
 import torch
 
 from tools.unlearning import receler
-from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
+from unlearn_helpers import Killed, stop_at, card as _card, changed as _changed, run as _run, weights as _weights
 
 CONCEPT = "red circle"
 # 4 steps, each 2 adversarial steps of 4 embeddings; erasers of rank 4; a learning rate that moves the tiny model.
@@ -194,17 +193,7 @@ def test_stopped_after_step_3_and_resumed_ends_in_the_same_bits(assets, first, t
     """REVIVAL_FAULT=update:3 stops the run after its third step (in-process: the hook's kill raises), leaving the
     step-2 checkpoint with the erasers, the adversarial embeddings and both Adam states; --resume ends in the
     uninterrupted run's bits."""
-    from common import faults
-
-    class Killed(Exception):
-        pass
-
-    def kill(pid, sig):
-        raise Killed
-
-    monkeypatch.setenv("REVIVAL_FAULT", "update:3")
-    monkeypatch.setattr(faults, "_counts", {})
-    monkeypatch.setattr(faults, "os", types.SimpleNamespace(environ=os.environ, getpid=os.getpid, kill=kill))
+    stop_at(monkeypatch, "update:3")
     out = str(tmp_path / "killed")
     flags = [*FLAGS, "--model", assets["sd"], "--output_dir", out]
     with pytest.raises(Killed):

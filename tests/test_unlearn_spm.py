@@ -9,7 +9,6 @@ update) so that a fuse or a hook that forgets alpha / rank is seen.
 
 import json
 import os
-import types
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from common.data import encode_prompts
 from tools import unlearn
 from tools.unlearning import spm
-from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights
+from unlearn_helpers import Killed, stop_at, card as _card, changed as _changed, run as _run, weights as _weights
 
 CONCEPT = "red circle"
 FLAGS = ["--method", "spm", "--concept", CONCEPT, "--iterations", "4", "--ddim_steps", "3", "--surrogate_samples",
@@ -189,17 +188,7 @@ def test_in_process_training_gives_the_runs_adapter_bit_for_bit_and_another_seed
 
 
 def test_stopped_after_step_3_and_resumed_ends_in_the_same_bits(assets, uninterrupted, tmp_path, monkeypatch):
-    from common import faults
-
-    class Killed(Exception):
-        pass
-
-    def kill(pid, sig):
-        raise Killed
-
-    monkeypatch.setenv("REVIVAL_FAULT", "update:3")
-    monkeypatch.setattr(faults, "_counts", {})
-    monkeypatch.setattr(faults, "os", types.SimpleNamespace(environ=os.environ, getpid=os.getpid, kill=kill))
+    stop_at(monkeypatch, "update:3")
     out = str(tmp_path / "killed")
     flags = [*FLAGS, "--model", assets["sd"], "--output_dir", out]
     with pytest.raises(Killed):

@@ -41,3 +41,22 @@ def changed_tensors(a: dict, b: dict) -> set:
 def changed(base: str, out: str, part: str = "unet") -> set:
     """Names of the tensors of ``part`` that a run changed."""
     return changed_tensors(weights(base, part), weights(out, part))
+
+
+class Killed(Exception):
+    """What a fault hook's kill raises in the test's own process (stop_at)."""
+
+
+def stop_at(monkeypatch, fault: str) -> None:
+    """REVIVAL_FAULT=``fault`` (e.g. "update:3"), its kill raising Killed in this process: an in-process run stops where
+    a SIGKILL would have killed it; ``monkeypatch.delenv("REVIVAL_FAULT")`` lets the next run go on."""
+    import types
+
+    from common import faults
+
+    def kill(pid, sig):
+        raise Killed
+
+    monkeypatch.setenv("REVIVAL_FAULT", fault)
+    monkeypatch.setattr(faults, "_counts", {})
+    monkeypatch.setattr(faults, "os", types.SimpleNamespace(environ=os.environ, getpid=os.getpid, kill=kill))
