@@ -196,7 +196,8 @@ def test_the_methods_demo_table_reads_each_method_s_runs_and_the_control(tmp_pat
     from tools import demo
 
     args = demo.parse_args(["--methods", "all"])
-    assert args.methods[:2] == ["esd-x", "uce"] and demo.expected_section(args).startswith("demo-methods esd-x,uce,")
+    assert args.methods[:3] == ["esd-x", "esd-u", "uce"] and demo.expected_section(args).startswith(
+        "demo-methods esd-x,esd-u,uce,")
     with pytest.raises(SystemExit):
         demo.parse_args(["--methods", "esd-x,nope"])
 
