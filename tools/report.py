@@ -626,8 +626,9 @@ def methods_figure(members, base: Optional[dict] = None):
 
     criteria_ = members[0]["summary"]["criteria"]
     fig, axes = plt.subplots(1, len(criteria_), figsize=(6.5 * len(criteria_), 5.8), squeeze=False)
-    # tab10 without its grey (index 7), which the control's dashed curve uses: nine distinct colours.
-    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
+    # tab10 without its grey (index 7), which the control's dashed curve uses, then black (solid, with markers:
+    # apart from the dashed threshold): ten distinct colours.
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)] + ["black"]
 
     def colours(k):
         return palette[k % len(palette)]
