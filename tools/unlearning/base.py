@@ -185,6 +185,19 @@ def check_vae_multiple(resolution: Optional[int], model_dir: Optional[str]) -> N
                 f"--resolution {resolution}: must be a multiple of the VAE's scale factor {factor}")
 
 
+def check_sampled_training(resolution: Optional[int], ddim_steps: int, model_dir: Optional[str]) -> None:
+    """The checks of a method that samples x_t with DDIM (ESD, SPM, Receler): --resolution, and against a local
+    model's own configuration its VAE scale factor and --ddim_steps at most its training timesteps."""
+    from common.cli import check_resolution
+
+    check_resolution(resolution)
+    if model_dir is not None:
+        check_vae_multiple(resolution, model_dir)
+        train_steps = model_config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
+        require(ddim_steps <= train_steps, f"--ddim_steps {ddim_steps}: at most the model's {train_steps} training "
+                                           "timesteps")
+
+
 def loss_summary(values: Sequence[float]) -> dict:
     """The card's summary of a run's losses: first, last and the mean of the last tenth."""
     tail = list(values[-max(1, len(values) // 10):])

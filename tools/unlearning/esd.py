@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from common import numerics
-from common.cli import check_resolution
 
 from . import base, register
-from .base import (Flag, Method, RESOLVED, RunContext, check_vae_multiple, finite, frozen_copy, loss_summary,
-                   model_config_value, require, train_loop)
+from .base import (Flag, Method, RESOLVED, RunContext, finite, frozen_copy, loss_summary, require, train_loop)
 
 ESD_METHODS = ("esd-x", "esd-u")
 PAPER = "Gandikota et al., ICCV 2023, https://arxiv.org/abs/2303.07345"
@@ -177,12 +175,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
     require(settings["ddim_steps"] >= 1, f"--ddim_steps {settings['ddim_steps']}: must be at least 1")
     finite(settings["sample_guidance"], "--sample_guidance", 0, strict=False)
     require(settings["probe_samples"] >= 0, f"--probe_samples {settings['probe_samples']}: must be >= 0")
-    check_resolution(settings["resolution"])
-    if model_dir is not None:
-        check_vae_multiple(settings["resolution"], model_dir)
-        train_steps = model_config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
-        require(settings["ddim_steps"] <= train_steps,
-                f"--ddim_steps {settings['ddim_steps']}: at most the model's {train_steps} training timesteps")
+    base.check_sampled_training(settings["resolution"], settings["ddim_steps"], model_dir)
     return {**settings, "concept": concept}
 
 

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import numerics
-from common.cli import check_resolution
 from common.errors import InputError
 
 from . import register
-from .base import (RESOLVED, Flag, Method, RunContext, check_text, check_vae_multiple, encode, finite, loss_summary,
-                   model_config_value, require, step_generator, train_loop)
+from .base import (RESOLVED, Flag, Method, RunContext, check_text, encode, finite, loss_summary, require,
+                   step_generator, train_loop, check_sampled_training)
 from .esd import ddim_partial_sample, esd_objective, esd_probe_set, esd_target, make_ddim
 
 PAPER = "Huang et al., ECCV 2024, https://arxiv.org/abs/2311.17717"
@@ -382,12 +381,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
     finite(settings["adv_learning_rate"], "--adv_learning_rate", 0, strict=True)
     require(settings["adv_start"] >= 0, f"--adv_start {settings['adv_start']}: must be >= 0")
     require(settings["probe_samples"] >= 0, f"--probe_samples {settings['probe_samples']}: must be >= 0")
-    check_resolution(settings["resolution"])
-    if model_dir is not None:
-        check_vae_multiple(settings["resolution"], model_dir)
-        train_steps = model_config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
-        require(settings["ddim_steps"] <= train_steps,
-                f"--ddim_steps {settings['ddim_steps']}: at most the model's {train_steps} training timesteps")
+    check_sampled_training(settings["resolution"], settings["ddim_steps"], model_dir)
     return {**settings, "concept": concept}
 
 

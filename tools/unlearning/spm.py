@@ -25,11 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from common.cli import check_resolution
 
 from . import base, register
-from .base import (RESOLVED, Flag, Method, RunContext, check_text, check_vae_multiple, encode, finite,
-                   model_config_value, require, step_generator, train_loop)
+from .base import (RESOLVED, Flag, Method, RunContext, check_text, encode, finite, require, step_generator, train_loop)
 
 PAPER = "Lyu et al., CVPR 2024, https://arxiv.org/abs/2312.16145"
 CODE = "https://github.com/Con6924/SPM"
@@ -498,12 +496,7 @@ def check(settings: dict, concept: Optional[str], model_dir: Optional[str]) -> d
         require(p.strip().lower() != concept.strip().lower(),
                 f"--surrogate_prompts {p!r}: the concept itself; anchoring it would keep what is erased")
     require(settings["probe_samples"] >= 0, f"--probe_samples {settings['probe_samples']}: must be >= 0")
-    check_resolution(settings["resolution"])
-    if model_dir is not None:
-        check_vae_multiple(settings["resolution"], model_dir)
-        train_steps = model_config_value(model_dir, "scheduler/scheduler_config.json", "num_train_timesteps") or 1000
-        require(settings["ddim_steps"] <= train_steps,
-                f"--ddim_steps {settings['ddim_steps']}: at most the model's {train_steps} training timesteps")
+    base.check_sampled_training(settings["resolution"], settings["ddim_steps"], model_dir)
     return {**settings, "concept": concept}
 
 
