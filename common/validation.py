@@ -153,6 +153,15 @@ def _free_failed_attempt() -> None:
     torch.cuda.empty_cache()  # a no-op where CUDA never started
 
 
+def _one_length(prompts: List[str], width: int):
+    """(the leading prompts of one published length, that length or None when it is ``width``: text as today)."""
+    from .long_prompts import published_length
+
+    lengths = [published_length(p, width) for p in prompts]
+    run = next((i for i, n in enumerate(lengths) if n != lengths[0]), len(prompts))
+    return prompts[:run], (None if lengths[0] == width else lengths[0])
+
+
 @torch.no_grad()
 def generate_images(
     pipe,
@@ -166,6 +175,7 @@ def generate_images(
     progress: bool = False,
     desc: str = "generating",
     limit: Optional[BatchLimit] = None,
+    long_prompts: str = "truncate",
 ) -> List:
     """Generate one PIL image per (prompt, seed) pair, ``batch_size`` at a time.
 
@@ -174,6 +184,10 @@ def generate_images(
 
     On a CUDA out-of-memory error the batch is halved and retried ("all prompts that fit"); ``limit`` carries the
     size that worked to later calls (without it, to the rest of this call only).
+
+    ``long_prompts`` "chunks": a prompt whose published length (common.long_prompts) exceeds the encoder's positions
+    is encoded in 77-position slices and given to the pipeline as embeddings, as joycenerd/P4D's P4D-K pipeline
+    draws it; a batch then holds prompts of one length, and a batch of prompts that fit goes as text, as today.
     """
     assert len(prompts) == len(seeds)
     limit = limit if limit is not None else BatchLimit()
@@ -186,12 +200,21 @@ def generate_images(
         while b < len(prompts):
             size = limit.size(batch_size)
             batch_prompts = list(prompts[b : b + size])
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + size]]
+            length = None
+            if long_prompts == "chunks":
+                batch_prompts, length = _one_length(batch_prompts, pipe.tokenizer.model_max_length)
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + len(batch_prompts)]]
             out_of_memory = False
             try:
                 with autocast():
+                    text = {"prompt": batch_prompts}
+                    if length is not None:
+                        from .long_prompts import chunked_prompt_embeds
+
+                        cond, uncond = chunked_prompt_embeds(pipe.text_encoder, pipe.tokenizer, batch_prompts, length)
+                        text = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
                     out = pipe(
-                        batch_prompts,
+                        **text,
                         num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale,
                         generator=generators,
