@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -654,13 +655,22 @@ def add_options(group) -> None:
                             "style, or one caption per line) per checkpoint, scored with FID and KID against "
                             "--utility_reference, CLIP score, and SSIM/PSNR against the base model's images of the "
                             "same captions and seeds; OUTPUT_DIR/utility/<n>-<model>/utility.json (docs/utility.md)")
-    group.add_argument("--utility_reference", default=None,
-                       help="real images for FID and KID: a folder of images (centre-cropped and resized to the "
-                            "generation resolution; their features cached under OUTPUT_DIR/utility/reference_stats/) "
-                            "or such a cached statistics file (.npz). Without it: CLIP score and SSIM/PSNR only")
     group.add_argument("--utility_base", default=None,
                        help="the base (original) model whose images each checkpoint's are compared with at equal "
                             "seeds (default: each run's --pretrained_model_name_or_path, when a local pipeline)")
+    group.add_argument("--lpips", default=None, choices=LPIPS_NETS,
+                       help="also LPIPS against the base model's images (torchmetrics; 'alex' is the LPIPS authors' "
+                            "choice). Its backbone's torchvision weights come from torch's hub cache, "
+                            "$TORCH_HOME/hub/checkpoints (e.g. alexnet-owt-7be5be79.pth): offline, copy the file there")
+    add_fid_options(group, "Without it: CLIP score and SSIM/PSNR only")
+
+
+def add_fid_options(group, without_reference: str) -> None:
+    """The FID/KID flags of eval_model.py --utility and of the fine-tuning scripts' --utility_fid (one definition)."""
+    group.add_argument("--utility_reference", default=None,
+                       help="real images for FID and KID: a folder of images (centre-cropped and resized to the "
+                            "generation resolution; their features cached under OUTPUT_DIR/utility/reference_stats/) "
+                            f"or such a cached statistics file (.npz). {without_reference}")
     group.add_argument("--fid_features", default=INCEPTION, choices=FEATURES,
                        help="FID/KID features: 'inception' (Inception-v3 pool3, 2048-d, the standard; weights from "
                             "--inception_weights or torch-fidelity's download) or 'clip' (the --clip_model image "
@@ -668,13 +678,21 @@ def add_options(group) -> None:
     group.add_argument("--inception_weights", default=None,
                        help="local copy of torch-fidelity's Inception weights (pt_inception-2015-12-05-6726825d.pth) "
                             "for nodes without internet")
-    group.add_argument("--lpips", default=None, choices=LPIPS_NETS,
-                       help="also LPIPS against the base model's images (torchmetrics; 'alex' is the LPIPS authors' "
-                            "choice). Its backbone's torchvision weights come from torch's hub cache, "
-                            "$TORCH_HOME/hub/checkpoints (e.g. alexnet-owt-7be5be79.pth): offline, copy the file there")
     group.add_argument("--kid_subsets", type=int, default=KID_SUBSETS, help="KID: random subsets (seeded by --seed)")
     group.add_argument("--kid_subset_size", type=int, default=KID_SUBSET_SIZE,
                        help="KID: images per subset (capped at the smaller set's size)")
+
+
+def check_fid_args(args) -> None:
+    """Parse-time checks of the FID/KID flags both programs share (InputError): KID's numbers, the Inception weights
+    file, the reference (enough images, or statistics that match)."""
+    for flag, value in (("--kid_subsets", args.kid_subsets), ("--kid_subset_size", args.kid_subset_size)):
+        if value < 1:
+            raise InputError(f"{flag} {value}: must be >= 1")
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise InputError(f"--inception_weights {args.inception_weights}: no such file")
+    if args.utility_reference is not None:
+        check_reference(args.utility_reference, args.fid_features, args.clip_model, args.resolution)
 
 
 def check_args(args) -> Optional[List[str]]:
@@ -688,14 +706,88 @@ def check_args(args) -> Optional[List[str]]:
         return None
     if args.images:
         raise InputError("--utility: generates images; it cannot score --images folders")
-    for flag, value in (("--kid_subsets", args.kid_subsets), ("--kid_subset_size", args.kid_subset_size)):
-        if value < 1:
-            raise InputError(f"{flag} {value}: must be >= 1")
     captions = read_captions(args.utility)
-    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
-        raise InputError(f"--inception_weights {args.inception_weights}: no such file")
     if args.utility_base is not None and looks_local(args.utility_base) and not os.path.isdir(args.utility_base):
         raise InputError(f"--utility_base {args.utility_base}: no such directory")
-    if args.utility_reference is not None:
-        check_reference(args.utility_reference, args.fid_features, args.clip_model, args.resolution)
+    check_fid_args(args)
     return captions
+
+
+# ----------------------------------------------------------------------- the fine-tuning scripts' --utility_fid
+
+MIN_FID_IMAGES = 2  # torchmetrics' FID needs more than one image on each side (a covariance of one sample is undefined)
+
+
+def add_validation_fid_options(group) -> None:
+    """The fine-tuning scripts' FID/KID flags: --utility_fid and the flags eval_model.py --utility has for it."""
+    group.add_argument("--utility_fid", action="store_true",
+                       help="FID and KID of the --utility_prompts captions' images (those the validation draws; none "
+                            "drawn again) against --utility_reference, at the last validation of each chunk (and the "
+                            "sequential script's before-training one); that record gains utility_fid, "
+                            "utility_kid_mean, utility_kid_std and the features used (docs/utility.md)")
+    add_fid_options(group, "Needed by --utility_fid")
+
+
+def check_caption_count(count: int, flag: str) -> None:
+    """The generated side of an FID: refused below MIN_FID_IMAGES, warned below the FID authors' 10,000."""
+    if count < MIN_FID_IMAGES:
+        raise InputError(f"{flag}: {count} caption(s); FID and KID need at least {MIN_FID_IMAGES} images")
+    if count < STABLE_FID_IMAGES:
+        print(f"warning: {flag}: {count} captions; FID is biased upwards below {STABLE_FID_IMAGES} images (compare "
+              "only numbers computed on the same sizes; KID is unbiased)", flush=True)
+
+
+def check_validation_fid(args, captions: Optional[int]) -> None:
+    """Parse-time checks of --utility_fid (InputError); ``captions``: the --utility_prompts count (None: no file)."""
+    if not args.utility_fid:
+        for flag in ("utility_reference", "inception_weights"):
+            if getattr(args, flag) is not None:
+                raise InputError(f"--{flag}: needs --utility_fid")
+        return
+    if captions is None:
+        raise InputError("--utility_fid: needs --utility_prompts (the captions whose validation images it scores)")
+    if args.utility_reference is None:
+        raise InputError("--utility_fid: needs --utility_reference (the real images FID and KID compare with)")
+    check_fid_args(args)
+    check_caption_count(captions, "--utility_prompts")
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    """--utility_fid's settings (the seed of KID's subsets is the run's --seed)."""
+
+    reference: str
+    features: str = INCEPTION
+    inception_weights: Optional[str] = None
+    kid_subsets: int = KID_SUBSETS
+    kid_subset_size: int = KID_SUBSET_SIZE
+
+
+class CaptionSetFid:
+    """FID and KID of a caption set's generated features against fixed reference features (a validation's fields)."""
+
+    def __init__(self, extractor, reference: Optional[torch.Tensor], reference_path: Optional[str], seed: int,
+                 kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE):
+        self.extractor, self.reference, self.reference_path = extractor, reference, reference_path
+        self.seed, self.kid_subsets, self.kid_subset_size = seed, kid_subsets, kid_subset_size
+
+    def features(self, images: Sequence) -> torch.Tensor:
+        return extract(self.extractor, images)
+
+    def fields(self, features: torch.Tensor) -> dict:
+        """The validation record's utility_fid, utility_kid_* and what made them (main process: it holds the reference)."""
+        k = kid(self.reference, features, self.seed, self.kid_subsets, self.kid_subset_size)
+        return {"utility_fid": fid(self.reference, features), "utility_kid_mean": k["kid_mean"],
+                "utility_kid_std": k["kid_std"], "utility_kid_subset_size": k["kid_subset_size"],
+                "utility_fid_images": int(features.shape[0]), "utility_fid_features": self.extractor.name,
+                "utility_fid_weights_sha256": self.extractor.fingerprint,
+                "utility_fid_reference": self.reference_path, "utility_fid_reference_images": len(self.reference)}
+
+
+def validation_fid(cfg: FidConfig, clip_scorer, resolution: int, output_dir: str, device, seed: int,
+                   is_main: bool = True) -> CaptionSetFid:
+    """eval_model.py's extractor (every process: each extracts its share of the images) and reference features (the
+    main process), cached under OUTPUT_DIR/utility/reference_stats/ as eval_model.py caches them."""
+    extractor, features, path = load_reference(cfg.reference, cfg.features, cfg.inception_weights, clip_scorer,
+                                               resolution, output_dir, device, is_main)
+    return CaptionSetFid(extractor, features, path, seed, cfg.kid_subsets, cfg.kid_subset_size)
