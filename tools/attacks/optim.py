@@ -7,7 +7,8 @@
 - ``nearest_tokens``: the vocabulary entries nearest (cosine) to continuous embeddings (PEZ, used by P4D);
 - ``Layout`` / ``make_layout``: where the adversarial slots sit in the text encoder's 77 positions (prefix, suffix,
   one before every n prompt tokens, or free tokens without the prompt), the prompt tokens fixed;
-- ``encode_embeds``: the toolkit's CLIPTextModel run on given input embeddings (fp32), through its own forward;
+- ``encode_embeds``: the toolkit's CLIPTextModel run on given input embeddings (fp32), through its own forward
+  (``encode_embeds_in_slices``: 77 positions at a time, for P4D-K's long prompts);
 - ``noise_matching_loss``: MSE between a target (the noise, or another UNet's prediction) and a UNet's prediction
   on a noised latent at timestep t;
 - ``Trail``: what the judge said about the prompts a search tried.
@@ -97,7 +98,8 @@ POSITIONS = ("prefix", "suffix", "insert", "free")
 
 @dataclass
 class Layout:
-    """The text encoder's input with adversarial slots: ``ids`` [max_length] (slots hold the pad id until filled),
+    """The text encoder's input with adversarial slots: ``ids`` [max_length] (longer for a P4D-K prompt in chunks;
+    slots hold the pad id until filled),
     ``adv`` the slot positions (ascending), ``prompt`` the positions of the prompt's own tokens (never changed)."""
 
     ids: torch.Tensor
@@ -129,7 +131,8 @@ def insert_count(prompt_len: int, every: int) -> int:
     return prompt_len // every + 1
 
 
-def make_layout(tokenizer, prompt: str, position: str, num_tokens: int = 0, every: int = 3) -> Layout:
+def make_layout(tokenizer, prompt: str, position: str, num_tokens: int = 0, every: int = 3,
+                long_prompts: str = "truncate") -> Layout:
     """The layout of ``prompt`` with adversarial slots.
 
     prefix / suffix: ``num_tokens`` slots before / after the prompt tokens (UnlearnDiffAtk's prefix_k / suffix_k);
@@ -137,7 +140,9 @@ def make_layout(tokenizer, prompt: str, position: str, num_tokens: int = 0, ever
     positions 0, every+1, 2(every+1), ...; each slot but the last is followed by the next ``every`` prompt tokens
     and the last slot by the remaining L mod every tokens, so the prompt ends with a slot only when ``every``
     divides L (L = 0: one slot); free: ``num_tokens`` slots and no prompt tokens (P4D-N, Ring-A-Bell). Prompt
-    tokens that do not fit the encoder's length (with their slots) are cut from the end, and L counts what is kept.
+    tokens that do not fit the encoder's length (with their slots) are cut from the end, and L counts what is kept;
+    with ``long_prompts`` "chunks" (insert only, joycenerd/P4D's P4D-K) none is cut: the ids run past the encoder's
+    length (start, content, end-of-text, no padding) and are encoded in slices (``encode_embeds_in_slices``).
     """
     if position not in POSITIONS:
         raise ValueError(f"position {position!r} not one of {POSITIONS}")
@@ -145,7 +150,7 @@ def make_layout(tokenizer, prompt: str, position: str, num_tokens: int = 0, ever
     room = max_len - 2  # start- and end-of-text
     words = [] if position == "free" else list(tokenizer.encode(prompt, add_special_tokens=False))
     if position == "insert":
-        while words and len(words) + insert_count(len(words), every) > room:
+        while long_prompts != "chunks" and words and len(words) + insert_count(len(words), every) > room:
             words.pop()
         n_adv = insert_count(len(words), every)
         kinds = ["adv" if i % (every + 1) == 0 else "word" for i in range(len(words) + n_adv)]
@@ -217,6 +222,16 @@ def encode_embeds(text_encoder, ids: torch.Tensor, embeds: torch.Tensor) -> torc
     device = embeds.device
     with _embeddings_replaced(text_encoder, embeds):
         return text_encoder(ids.to(device), return_dict=False)[0]
+
+
+def encode_embeds_in_slices(text_encoder, ids: torch.Tensor, embeds: torch.Tensor, width: int) -> torch.Tensor:
+    """``encode_embeds`` ``width`` positions at a time (common.long_prompts.encode_in_slices: each slice on its own,
+    the states concatenated), for ids [B, L] (or [L]) longer than the encoder's positions; one slice when they fit."""
+    from common.long_prompts import encode_in_slices
+
+    if embeds.dim() == 2:
+        embeds, ids = embeds.unsqueeze(0), ids.unsqueeze(0)
+    return encode_in_slices(lambda part, vectors: encode_embeds(text_encoder, part, vectors), ids, width, embeds)
 
 
 def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 
 from common import numerics
 from common.errors import InputError
+from common.long_prompts import encode_ids_in_slices, padded_ids, published_length
 
 from . import optim
 from .base import Case, Found, Models
@@ -76,11 +77,13 @@ def validate(settings: dict) -> None:
         raise InputError(f"P4D variant {settings.get('variant')!r}: must be one of {', '.join(VARIANTS)}")
 
 
-def layout_for(tokenizer, prompt: str, variant: str, num_tokens: int, every_k: int) -> optim.Layout:
-    """P4D-N: ``num_tokens`` free slots, no prompt tokens; P4D-K: one slot before every ``every_k`` prompt tokens."""
+def layout_for(tokenizer, prompt: str, variant: str, num_tokens: int, every_k: int,
+               long_prompts: str = "truncate") -> optim.Layout:
+    """P4D-N: ``num_tokens`` free slots, no prompt tokens; P4D-K: one slot before every ``every_k`` prompt tokens
+    (``long_prompts`` "chunks": a long prompt kept whole, encoded in 77-position slices)."""
     if variant == "n":
         return optim.make_layout(tokenizer, prompt, "free", num_tokens)
-    return optim.make_layout(tokenizer, prompt, "insert", every=every_k)
+    return optim.make_layout(tokenizer, prompt, "insert", every=every_k, long_prompts=long_prompts)
 
 
 class ProjectedTokens:
@@ -112,7 +115,11 @@ class ProjectedTokens:
         table = optim.token_table(self.parts.text_encoder)
         hard = table[ids.to(table.device)].clone().requires_grad_(True)
         embeds = optim.assemble_embeds(table, self.layout, hard)
-        cond = optim.encode_embeds(self.parts.text_encoder, self.layout.ids.to(embeds.device), embeds)
+        # One slice when the layout fits the encoder (the same computation as one encode_embeds call); a P4D-K
+        # layout in chunks runs past it and is encoded 77 positions at a time, as joycenerd/P4D's
+        # _get_text_embedding_with_embeddings does.
+        cond = optim.encode_embeds_in_slices(self.parts.text_encoder, self.layout.ids.to(embeds.device), embeds,
+                                             self.parts.tokenizer.model_max_length)
         loss = optim.noise_matching_loss(self.parts.unet, latents, noise, t, cond, self.parts.noise_scheduler,
                                          target=target)
         return loss, hard
@@ -130,7 +137,8 @@ class ProjectedTokens:
         return ids.cpu(), float(loss.detach())
 
 
-def target_latents(original, case: Case, steps: int, generator: torch.Generator, device) -> torch.Tensor:
+def target_latents(original, case: Case, steps: int, generator: torch.Generator, device,
+                   long_prompts: str = "truncate") -> torch.Tensor:
     """The case's image drawn by the ORIGINAL model (prompt, seed, guidance), as a posterior sample of its VAE
     latent (run_p4dn.py generates the target with the original pipeline; optimize_n.py encodes it with
     latent_dist.sample())."""
@@ -138,18 +146,25 @@ def target_latents(original, case: Case, steps: int, generator: torch.Generator,
 
     pipe = build_pipeline(original, original.unet)
     image = generate_images(pipe, [case.prompt], [case.seed], batch_size=1, num_inference_steps=steps,
-                            guidance_scale=case.guidance)[0]
+                            guidance_scale=case.guidance, long_prompts=long_prompts)[0]
     return optim.image_latents(original.vae, image, optim.model_resolution(original), device, generator)
 
 
 class NoiseTarget:
     """The original UNet's prediction for the case's prompt: what the unlearned model is steered towards."""
 
-    def __init__(self, original, prompt: str, device):
+    def __init__(self, original, prompt: str, device, long_prompts: str = "truncate"):
         self.original = original
-        ids = optim.prompt_ids(original.tokenizer, prompt).to(device)
+        tokenizer = original.tokenizer
         with torch.no_grad():
-            self.cond = optim.encode_ids(original.text_encoder, ids)
+            if long_prompts == "chunks":
+                # joycenerd/P4D's _new_encode_prompt: padded and cut to max(77, words + 20), 77 positions at a time
+                # (a prompt of at most 57 words: the 77 positions the pipeline gives it).
+                width = tokenizer.model_max_length
+                ids = padded_ids(tokenizer, [prompt], published_length(prompt, width)).to(device)
+                self.cond = encode_ids_in_slices(original.text_encoder, ids, width)
+            else:
+                self.cond = optim.encode_ids(original.text_encoder, optim.prompt_ids(tokenizer, prompt).to(device))
 
     def __call__(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noise_scheduler
                  ) -> torch.Tensor:
@@ -189,10 +204,11 @@ def search(case: Case, models: Models, judge, settings: dict, generator: torch.G
         return search_dma(case, models, judge, settings, generator)
     final_only = s.get("p4d_variant") == "joycenerd"
     parts, device = models.unlearned, models.device
-    latents = target_latents(models.original, case, s["target_inference_steps"], generator, device)
-    layout = layout_for(parts.tokenizer, case.prompt, variant, s["num_tokens"], s["every_k"])
+    long_prompts = s.get("long_prompts", "truncate")
+    latents = target_latents(models.original, case, s["target_inference_steps"], generator, device, long_prompts)
+    layout = layout_for(parts.tokenizer, case.prompt, variant, s["num_tokens"], s["every_k"], long_prompts)
     tokens = ProjectedTokens(parts, layout, s["lr"], s["weight_decay"], generator)
-    target = NoiseTarget(models.original, case.prompt, device)
+    target = NoiseTarget(models.original, case.prompt, device, long_prompts)
     scheduler = parts.noise_scheduler
     steps = scheduler.config.num_train_timesteps
     trail = optim.Trail()
