@@ -231,8 +231,9 @@ class ImageJudge:
     that judges a prompt again costs nothing."""
 
     def __init__(self, pipe, criterion, num_inference_steps: int, resolution: Optional[int], batch_size: int = 0,
-                 images_per_verdict: int = 1):
+                 images_per_verdict: int = 1, long_prompts: str = "truncate"):
         self.pipe = pipe
+        self.long_prompts = long_prompts  # "chunks": long texts rendered in 77-position slices (P4D-K, published)
         self.images_per_verdict = images_per_verdict
         self.criterion = criterion
         self.num_inference_steps = num_inference_steps
@@ -252,7 +253,7 @@ class ImageJudge:
             images = generate_images(self.pipe, [k[0] for k in todo], [k[1] for k in todo],
                                      batch_size=self.batch_size or len(todo),
                                      num_inference_steps=self.num_inference_steps, guidance_scale=guidance,
-                                     resolution=self.resolution)
+                                     resolution=self.resolution, long_prompts=self.long_prompts)
             self.generations += len(todo)
             texts = [reference] * len(todo)
             if self.criterion.score_details is not None:
@@ -535,12 +536,13 @@ def run(args, plan: Plan) -> dict:
     protocol = plan.protocol
     scheduler = getattr(args, "scheduler", None)
     pipe = build_pipeline(unlearned, unlearned.unet, scheduler)
+    long_prompts = plan.settings.get("long_prompts", "truncate")  # P4D-K's: the judge renders texts the same way
     judge = ImageJudge(pipe, criterion, args.num_inference_steps, args.resolution, args.validation_batch_size,
-                       protocol.images_per_verdict)
+                       protocol.images_per_verdict, long_prompts)
     # joycenerd/P4D's denominator needs the original model's verdict of each prompt as written.
     original_judge = (ImageJudge(build_pipeline(original, original.unet, scheduler), criterion,
                                  args.num_inference_steps, args.resolution, args.validation_batch_size,
-                                 protocol.images_per_verdict)
+                                 protocol.images_per_verdict, long_prompts)
                       if protocol.denominator != "all" else None)
     judge_record = describe_judge(criterion, args, protocol.images_per_verdict, scheduler_name(pipe.scheduler))
     cases = plan.cases.cases
