@@ -19,6 +19,7 @@ from .data import read_metadata, read_prompts
 from .errors import InputError
 from .models import check_pipeline_dir, resolve_model_path, unet_safetensors
 from .training import LORA_RANK, LORA_TARGETS
+from .utility import add_validation_fid_options, check_validation_fid
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -185,6 +186,7 @@ def add_validation_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
     g.add_argument("--clip_model", default=DEFAULT_CLIP,
                    help=CLIP_MODEL_HELP + ("" if clip else " (here for --retention_prompts, --utility_prompts and Q16: "
                                            "this script's criterion is the classifier)"))
+    add_validation_fid_options(p.add_argument_group("utility FID and KID (docs/utility.md)"))
 
 
 def add_individual_args(p: argparse.ArgumentParser, validation_epochs: int) -> None:
@@ -295,6 +297,8 @@ def validate_common(args: argparse.Namespace) -> int:
             read_prompts(getattr(args, flag), flag=f"--{flag}")
     if hasattr(args, "clip_threshold") or args.retention_prompts or args.utility_prompts:  # the runs that load CLIP
         check_clip_spec(args.clip_model)
+    check_validation_fid(args, len(read_prompts(args.utility_prompts, flag="--utility_prompts"))
+                         if args.utility_prompts else None)
     size = None
     if args.train_data_dir is not None:
         size = len(read_metadata(args.train_data_dir, args.caption_column)[0])

@@ -16,6 +16,7 @@ from .models import unet_safetensors
 from .protocol import Criterion, ValidationConfig, run_individual, run_sequential
 from .session import DataConfig, open_run
 from .training import TrainConfig
+from .utility import FidConfig
 
 
 def data_config(args) -> DataConfig:
@@ -54,6 +55,8 @@ def validation_config(args) -> ValidationConfig:
         batch_size=args.validation_batch_size, resolution=args.resolution, image_dir=image_dir,
         retention_prompts=read_prompts(args.retention_prompts) if args.retention_prompts else (),
         utility_prompts=read_prompts(args.utility_prompts) if args.utility_prompts else (),
+        utility_fid=FidConfig(args.utility_reference, args.fid_features, args.inception_weights, args.kid_subsets,
+                              args.kid_subset_size) if args.utility_fid else None,
     )
 
 

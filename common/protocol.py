@@ -55,6 +55,9 @@ class ValidationConfig:
     # A caption set for utility (--utility_prompts): generated and CLIP-scored at every validation as the retention
     # prompts are (the same code), in a noise stream of its own (validation.UTILITY_STREAM).
     utility_prompts: Sequence[str] = ()
+    # --utility_fid (common.utility.FidConfig): FID and KID of the utility captions' images at a chunk's last
+    # validation, from the images that validation drew (the protocols ask for it: Validator.utility_fid).
+    utility_fid: Optional[object] = None
 
 
 class Validator:
@@ -73,6 +76,9 @@ class Validator:
         self.retention: Optional[List[float]] = None  # per retention prompt, after each call when there are any
         self.utility: Optional[List[float]] = None  # per utility caption, likewise
         self.batch_limit = BatchLimit()  # the generation batch that fits (CUDA memory), kept across validations
+        # This process's share of each caption set's images of the last call: (caption indices, images).
+        self.caption_images: Dict[str, tuple] = {}
+        self.fid = None  # common.utility.CaptionSetFid under --utility_fid (common/session.py sets it)
 
     def _score(self, criterion: Criterion, images, prompts):
         if not images:
@@ -113,9 +119,30 @@ class Validator:
         prompts = [captions[k] for k in mine]
         images = self._generate(prompts, mine, stream, f"{kind} {tag}")
         self._save(images, mine, os.path.join(kind, tag))
+        self.caption_images[kind] = (list(mine), images)
         rows = list(zip(mine, self.retention_score(images, prompts) if images else []))
         gathered = sorted(gather_object(rows) if acc.num_processes > 1 else rows)
         return [score for _, score in gathered]
+
+    def utility_fid(self) -> dict:
+        """FID and KID of the last call's utility images (no new image): each process extracts its share's features,
+        the main process gathers them in caption order and scores; the record's fields there, {} elsewhere and
+        without --utility_fid. Every process calls it (the gather is collective)."""
+        from accelerate.utils import gather_object
+
+        if self.fid is None or "utility" not in self.caption_images:
+            return {}
+        acc = self.accelerator
+        mine, images = self.caption_images["utility"]
+        features = self.fid.features(images) if images else None
+        rows = [(k, features[j].numpy()) for j, k in enumerate(mine)]
+        gathered = sorted(gather_object(rows) if acc.num_processes > 1 else rows, key=lambda r: r[0])
+        if not acc.is_main_process:
+            return {}
+        import numpy as np
+        import torch
+
+        return self.fid.fields(torch.from_numpy(np.stack([f for _, f in gathered])))
 
     def __call__(self, tag: str) -> Dict[str, List[float]]:
         """Scores per criterion name, in prompt order, identical on every process (details in ``self.details``)."""
@@ -252,6 +279,7 @@ def _track_epoch(recorder, trainer, stats) -> None:
         _track(recorder).updates(trainer.global_updates, stats["update_losses"], stats["lrs"])
 
 
+SUMMARY_FID_FIELDS = ("utility_fid", "utility_kid_mean", "utility_kid_std")  # summary.json's, beside "utility"
 CAPTION_SETS = ("retention", "utility")  # the Validator's CLIP-scored caption sets (--retention/--utility_prompts)
 
 
@@ -266,12 +294,25 @@ def _retention(validator) -> dict:
     return out
 
 
-def _log_retention(recorder, validator, where: str) -> None:
+def _log_retention(recorder, validator, where: str, fid: Optional[dict] = None) -> None:
     fields = _retention(validator)
     for kind in CAPTION_SETS:
         if f"{kind}_scores" in fields:
             recorder.log(f"{where}: {kind} (CLIP, {len(fields[f'{kind}_scores'])} prompts) mean "
                          f"{fields[f'{kind}_mean']:.4f}")
+    if fid:
+        recorder.log(f"{where}: utility FID {fid['utility_fid']:.3f}, KID {fid['utility_kid_mean']:.5f} +- "
+                     f"{fid['utility_kid_std']:.5f} ({fid['utility_fid_features']} features, "
+                     f"{fid['utility_fid_images']} images vs {fid['utility_fid_reference_images']} reference)")
+
+
+def last_validation_of_chunk(epoch: int, validation_epochs: int, max_epoch: int, compat_reference: bool) -> bool:
+    """Whether the individual protocol validates no more in this chunk after ``epoch``'s validation, unless it stops
+    at revival: the chunk ends after the first epoch past ``max_epoch`` (with --compat reference: the first validated
+    one), so without --compat reference the last validation is the last multiple of validation_epochs <= max_epoch+1."""
+    if compat_reference:
+        return epoch > max_epoch
+    return epoch + validation_epochs > max_epoch + 1
 
 
 def _details(validator, name: str) -> dict:
@@ -387,17 +428,20 @@ def run_individual(
                 retention = _retention(validator)
                 st = score_stats(scores)
                 revived = criterion.met(st["mean"])
+                last = (revived and early_stop) or last_validation_of_chunk(epoch, validation_epochs, max_epoch,
+                                                                           compat_reference)
+                fid = validator.utility_fid() if last else {}
                 recorder.validation({
                     "chunk": i, "epoch": epoch, "optimizer_steps": p.steps, "images_seen": p.images,
                     "criterion": criterion.name, "scale": criterion.scale, "scores": scores,
                     "min": st["min"], "max": st["max"], "mean": st["mean"],
                     "threshold": criterion.threshold, "revived": revived,
                     "loss": stats["loss"], "wall_s": round(time.perf_counter() - t0, 3), **_skips(p),
-                    **_details(validator, criterion.name), **retention, **_peak(trainer),
+                    **_details(validator, criterion.name), **retention, **fid, **_peak(trainer),
                 })
                 recorder.log(f"chunk {i} epoch {epoch}: {criterion.name} mean {st['mean']:.4f} "
                              f"(threshold {criterion.threshold}) -> {'revived' if revived else 'not revived'}")
-                _log_retention(recorder, validator, f"chunk {i} epoch {epoch}")
+                _log_retention(recorder, validator, f"chunk {i} epoch {epoch}", fid)
                 step = getattr(trainer, "global_updates", p.steps)
                 _track(recorder).validation(step, criterion.name, st["mean"], criterion.threshold, i)
                 _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
@@ -467,6 +511,7 @@ def run_sequential(
         _track(recorder).images(step, getattr(validator, "last_images", []))
         retention = _retention(validator)
         _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
+        fid = validator.utility_fid()  # each sequential validation ends a chunk (or is the unlearned model's own)
         where = "before training" if chunk is None else f"after chunk {chunk} ({entry['images_seen']} images)"
         met_by = {}
         for c in criteria:
@@ -478,15 +523,16 @@ def run_sequential(
                 "training_images": p.images, "criterion": c.name, "scale": c.scale, "scores": scores[c.name],
                 "min": st["min"], "max": st["max"], "mean": st["mean"], "threshold": c.threshold,
                 "revived": met, "loss": loss, "wall_s": wall, **_skips(p), **_details(validator, c.name),
-                **retention, **_peak(trainer),
+                **retention, **fid, **_peak(trainer),
             })
             recorder.log(f"{where}: {c.name} mean {st['mean']:.4f} "
                          f"(threshold {c.threshold}) -> {'met' if met else 'not met'}")
             entry[c.name] = {"mean": st["mean"], "revived": met}
-        _log_retention(recorder, validator, where)
+        _log_retention(recorder, validator, where, fid)
         for kind in CAPTION_SETS:
             if f"{kind}_mean" in retention:
                 entry[kind] = retention[f"{kind}_mean"]
+        entry.update({k: fid[k] for k in SUMMARY_FID_FIELDS if k in fid})
         return met_by
 
     # Phase 1: start from the unlearned UNet with a fresh optimizer, LR schedule and EMA, once.

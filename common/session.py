@@ -83,9 +83,22 @@ def retention_scorer(criteria: Sequence[Criterion], clip_model: Optional[str], d
     clip = next((c for c in criteria if c.name == "clip"), None)
     if clip is not None:
         return clip.score_images
-    from .clip_score import ClipScorer
+    from .criteria import clip_scorer
 
-    return ClipScorer(clip_model, device).score
+    return clip_scorer(clip_model, device).score  # the shared instance: --utility_fid's CLIP features use it too
+
+
+def _utility_fid(validation: ValidationConfig, clip_model: Optional[str], output_dir: str, acc):
+    """--utility_fid's extractor (CLIP features: the run's one CLIP model) and, on the main process, the reference
+    features, read or computed and cached under OUTPUT_DIR/utility/reference_stats/ (common/utility.py)."""
+    from .criteria import clip_scorer
+    from .utility import CLIP_FEATURES, validation_fid
+
+    cfg = validation.utility_fid
+    with loading("--clip_model", clip_model):
+        scorer = clip_scorer(clip_model, acc.device) if cfg.features == CLIP_FEATURES else None
+    return validation_fid(cfg, scorer, validation.resolution, output_dir, acc.device, validation.seed,
+                          acc.is_main_process)
 
 
 def make_accelerator(requested_precision: Optional[str], output_dir: str, logging_dir: str, allow_tf32: bool = False,
@@ -168,6 +181,11 @@ def open_run(
     validator = Validator(acc, pipe, validation, criteria, retention)
     # One run per output directory, before anything is written there (RunLocked: exit 2 on every process).
     lock_run_dir(acc, output_dir)
+    if validation.utility_fid is not None:
+        validator.fid = _utility_fid(validation, retention_clip, output_dir, acc)
+        if acc.is_main_process:  # the only one holding the reference
+            notes.append(f"utility FID/KID: {validator.fid.extractor.name} features, reference "
+                         f"{validator.fid.reference_path} ({len(validator.fid.reference)} images)")
     recorder = RunRecorder(output_dir, acc.is_main_process, log_file, accelerator=acc)
     for line in notes:
         recorder.log(line)
