@@ -164,10 +164,7 @@ def test_p4d_search_judges_every_n_steps_and_stops_at_the_first_success(sd):
     judge, again = scripted(succeed_at=None)
     p4d.search_k(_case(), models, judge, settings, torch.Generator().manual_seed(0))
     assert again == calls
-    # joycenerd/P4D's protocol: no verdict during the search, the last step's prompt judged once.
-    judge, once = scripted(succeed_at=None)
-    p4d.search_k(_case(), models, judge, {**settings, "p4d_variant": "joycenerd"}, torch.Generator().manual_seed(0))
-    assert once == calls[-1:]
+    # joycenerd/P4D's protocol (the closest prompt by CLIP, judged once): tests/test_attack_p4d_joycenerd.py.
 
 
 # ---- Ring-A-Bell ------------------------------------------------------------------------------------------------

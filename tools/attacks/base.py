@@ -57,6 +57,7 @@ class Found:
     step: Optional[int]  # the optimisation step at which it first succeeded (None if never)
     steps_run: int  # optimisation steps actually taken
     seed: Optional[int] = None  # the seed `prompt` was judged at when not the case's own (seed search)
+    details: Optional[dict] = None  # what the record keeps beside the prompt (joycenerd/P4D: the kept step, its CLIP)
 
 
 SearchFn = Callable[[Case, Models, Judge, dict, torch.Generator], Found]

@@ -20,10 +20,12 @@ Deliberate differences from the published code (docs/attacks.md lists them with 
 - the published search keeps the prompt whose image is closest (CLIP) to the target image and judges it once at the
   end; here the judge is asked at each evaluation step and the search stops at the first success (as
   UnlearnDiffAtk does), keeping the last judged prompt when none succeeds (docs/attacks.md: protocols runs
-  Diffusion-MU-Attack's P4D, search_dma, and joycenerd/P4D's judged-once protocol);
+  Diffusion-MU-Attack's P4D, search_dma, and joycenerd/P4D's protocol, ``p4d_variant`` joycenerd, which keeps the
+  closest prompt and judges it once, as published: ``Closest``);
 - the target image is one image at the case's seed (run_p4dn.py draws three and keeps the one NudeNet rates most
-  unsafe: the judge here only sees the unlearned model), drawn with the model's own scheduler, and the VAE gets it
-  in [-1, 1] (the published preprocessing feeds [0, 1]);
+  unsafe: the judge here only sees the unlearned model; under joycenerd the harness does as run_p4dn.py and
+  passes the image as the case's target), drawn with the model's own scheduler, and the VAE gets it in [-1, 1]
+  (the published preprocessing feeds [0, 1]);
 - the adversarial tokens go through the unlearned model's text encoder (the published code encodes them with the
   original's: the same for UNet-only unlearning), and projection never picks start-/end-of-text, which would cut or
   restart the prompt once its text is tokenised again;
@@ -33,7 +35,8 @@ Deliberate differences from the published code (docs/attacks.md lists them with 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -191,10 +194,49 @@ def search_dma(case: Case, models: Models, judge, settings: dict, generator: tor
     return unlearndiffatk.search(case, models, judge, settings, generator, noise_target=target)
 
 
+def image_similarity(clip, targets, images) -> float:
+    """optimize_n.py's measure_similarity: the mean over (target, image) pairs of the cosine of their CLIP image
+    features (the run's ClipScorer, whose embed_images normalises them)."""
+    return float((clip.embed_images(targets) @ clip.embed_images(images).T).mean())
+
+
+class Closest:
+    """joycenerd/P4D's kept prompt: of the prompts evaluated, the one whose image (the unlearned model's, at the
+    case's seed) is closest by CLIP to the case's target image, the earliest of equals (optimize_n.py keeps a prompt
+    when best < its similarity)."""
+
+    def __init__(self, judge, case: Case):
+        if getattr(judge, "render", None) is None or getattr(judge, "clip", None) is None:
+            raise ValueError("joycenerd/P4D's search needs the harness's judge (CaseJudge: render and clip)")
+        if not case.target_image:
+            raise ValueError("joycenerd/P4D's search needs the case's target image (the harness's joycenerd_target)")
+        from PIL import Image
+
+        with Image.open(case.target_image) as image:
+            self.target = image.convert("RGB")
+        self.judge, self.case = judge, case
+        self.step: Optional[int] = None
+        self.text, self.ids, self.similarity = "", torch.empty(0, dtype=torch.long), float("-inf")
+        self.similarities: List[float] = []
+
+    def offer(self, step: int, text: str, ids: torch.Tensor) -> None:
+        """Render ``text`` (one image, as the published num_images_per_prompt 1), compare it, keep it if closer."""
+        image = self.judge.render(text, self.case.seed, self.case.guidance)
+        similarity = image_similarity(self.judge.clip, [self.target], [image])
+        self.similarities.append(similarity)
+        if self.step is None or similarity > self.similarity:
+            self.step, self.text, self.ids, self.similarity = step, text, ids, similarity
+
+    def details(self) -> dict:
+        """What the record keeps: the kept prompt's step and similarity, and every evaluation's similarity."""
+        return {"kept_step": self.step, "kept_similarity": self.similarity, "similarities": self.similarities}
+
+
 def search(case: Case, models: Models, judge, settings: dict, generator: torch.Generator,
            variant: Optional[str] = None) -> Found:
     """Attack one case: PEZ steps on the noise-matching loss, judged every ``judge_every`` steps and after the
-    last, stopping at the first success (``final_only``: judged once, after the last step, as joycenerd/P4D)."""
+    last, stopping at the first success (``final_only``, joycenerd/P4D: compared with the target image by CLIP
+    every ``judge_every`` steps instead, the closest prompt judged once after the last step)."""
     s = {name.lstrip("-"): default for name, _, default, _ in FLAGS}
     s.update({k: v for k, v in settings.items() if v is not None})
     variant = variant or s.get("variant", "n")
@@ -205,7 +247,12 @@ def search(case: Case, models: Models, judge, settings: dict, generator: torch.G
     final_only = s.get("p4d_variant") == "joycenerd"
     parts, device = models.unlearned, models.device
     long_prompts = s.get("long_prompts", "truncate")
-    latents = target_latents(models.original, case, s["target_inference_steps"], generator, device, long_prompts)
+    if final_only:
+        closest = Closest(judge, case)
+        latents = optim.image_latents(models.original.vae, closest.target, optim.model_resolution(models.original),
+                                      device, generator)
+    else:
+        latents = target_latents(models.original, case, s["target_inference_steps"], generator, device, long_prompts)
     layout = layout_for(parts.tokenizer, case.prompt, variant, s["num_tokens"], s["every_k"], long_prompts)
     tokens = ProjectedTokens(parts, layout, s["lr"], s["weight_decay"], generator)
     target = NoiseTarget(models.original, case.prompt, device, long_prompts)
@@ -220,9 +267,17 @@ def search(case: Case, models: Models, judge, settings: dict, generator: torch.G
         noise, t = draws(latents, steps, generator)
         # The tokens this step uses are the ones `step` updates made: judged before the update (optimize_n.py
         # evaluates the same projection after it, so an early success costs one update less here).
-        if not final_only and step % s["judge_every"] == 0 and judged(step, tokens.project().cpu()):
-            return trail.found(step, prefer_last=True)
+        if step % s["judge_every"] == 0:
+            ids = tokens.project().cpu()
+            if final_only:
+                closest.offer(step, layout.text(parts.tokenizer, ids), ids)
+            elif judged(step, ids):
+                return trail.found(step, prefer_last=True)
         tokens.step(latents, noise, t, target(latents, noise, t, scheduler))
+    if final_only:
+        # Published: the closest prompt judged once, after the last step (the last step's own is never compared).
+        trail.judge(judge, case, closest.step, closest.text, closest.ids)
+        return dataclasses.replace(trail.found(s["iterations"], prefer_last=True), details=closest.details())
     judged(s["iterations"], tokens.project().cpu())
     # No success: the last judged prompt, its tokens the search's last (the judge's scores are 0/1 for a
     # classifier, so a "best-scoring" prompt would be step 0's random tokens).
