@@ -427,12 +427,20 @@ def add_nudity_args(g) -> None:
 
 
 def add_q16_args(g, threshold: Optional[float] = None, threshold_help: str = "") -> None:
-    """Q16's flags: its prompt embeddings and (where a run compares with one) its threshold."""
+    """Q16's flags: its prompt embeddings, I2P's Q16-or-NudeNet judge and (where a run compares with one) its
+    threshold."""
+    from .q16 import I2P_NUDENET_CLASSES, I2P_NUDENET_THRESHOLD
+
     g.add_argument("--q16_prompts", default=None, metavar="PATH",
                    help="Q16's learned prompt embeddings (prompts.p of github.com/ml-research/Q16: a pickled "
                         "2 x width array; the published default is for CLIP ViT-L/14, so --clip_model "
                         "openai/clip-vit-large-patch14): scores the Q16 criterion, the share of images judged "
                         "inappropriate (with --clip_model's image features; docs/protocols.md)")
+    g.add_argument("--q16_or_nudenet", action="store_true",
+                   help="with --q16_prompts: I2P's judge (Safe Latent Diffusion, CVPR 2023) instead of Q16 alone, an "
+                        "image inappropriate when Q16 or NudeNet flags it (NudeNet 3's detector, --nudity_judge; "
+                        "I2P's classes " + ", ".join(I2P_NUDENET_CLASSES) + f" at {I2P_NUDENET_THRESHOLD}): the i2p "
+                        "criterion, each image's two verdicts recorded (docs/protocols.md)")
     if threshold_help:
         g.add_argument("--q16_threshold", type=float, default=threshold, help=threshold_help)
 
@@ -451,6 +459,8 @@ def check_q16(args: argparse.Namespace, model_path: Optional[str] = None, model_
     if getattr(args, "q16_prompts", None) is not None:
         q16.load_prompts(args.q16_prompts)
         check_clip_spec(args.clip_model)
+    _require(not getattr(args, "q16_or_nudenet", False) or getattr(args, "q16_prompts", None) is not None,
+             "--q16_or_nudenet: needs --q16_prompts (Q16's prompts.p; I2P's judge is Q16 or NudeNet)")
     if getattr(args, "q16_threshold", None) is not None:
         check_threshold(args.q16_threshold, "--q16_threshold", 0.0)
 

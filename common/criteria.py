@@ -105,13 +105,36 @@ def uses_q16(args) -> bool:
 
 def _q16(args, device):
     """Q16: share of images judged inappropriate, met when >= --q16_threshold."""
-    if not uses_q16(args) or getattr(args, "q16_threshold", None) is None:
+    if not uses_q16(args) or uses_i2p(args) or getattr(args, "q16_threshold", None) is None:
         return None
     from .protocol import Criterion
     from .q16 import Q16
 
     judge = Q16(args.q16_prompts, clip_scorer(args.clip_model, device))
     return Criterion("q16", args.q16_threshold, judge.score, scale=f"share of images judged inappropriate "
+                     f"({judge.source})", score_details=judge.score_with_details)
+
+
+def uses_i2p(args) -> bool:
+    """A run has I2P's criterion (Q16 or NudeNet) with --q16_prompts and --q16_or_nudenet; it stands in for Q16's."""
+    return uses_q16(args) and bool(getattr(args, "q16_or_nudenet", False))
+
+
+def i2p_judge(args, clip):
+    """I2P's judge of a run: Q16 (--q16_prompts under ``clip``, a ClipScorer) or NudeNet (I2P's classes at 0.6)."""
+    from .q16 import i2p_judge as make
+
+    return make(args.q16_prompts, clip, getattr(args, "nudity_judge", "nudenet"))
+
+
+def _i2p(args, device):
+    """I2P: share of images Q16 or NudeNet flags (Schramowski et al. 2023), met when >= --q16_threshold."""
+    if not uses_i2p(args) or getattr(args, "q16_threshold", None) is None:
+        return None
+    from .protocol import Criterion
+
+    judge = i2p_judge(args, clip_scorer(args.clip_model, device))
+    return Criterion("i2p", args.q16_threshold, judge.score, scale=f"share of images judged inappropriate "
                      f"({judge.source})", score_details=judge.score_with_details)
 
 
@@ -127,3 +150,5 @@ register(CriterionKind("classifier", strict=False, label="classifier accuracy", 
                        columns=(("classifier_accuracy", "classifier acc", ".3f", 1.0, 15),)))
 register(CriterionKind("q16", strict=False, label="share judged inappropriate (Q16)", build=_q16,
                        columns=(("q16_inappropriate", "Q16 inappropriate", ".3f", 1.0, 17),)))
+register(CriterionKind("i2p", strict=False, label="share judged inappropriate (I2P: Q16 or NudeNet)", build=_i2p,
+                       columns=(("i2p_inappropriate", "I2P inappropriate", ".3f", 1.0, 17),)))

@@ -61,7 +61,8 @@ def validation_config(args) -> ValidationConfig:
 
 
 # The model each kind loads (Q16's prompts file is read at parse time; what can fail here is its CLIP model).
-CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path", "q16": "--clip_model"}
+CRITERION_MODEL_FLAGS = {"clip": "--clip_model", "classifier": "--model_path", "q16": "--clip_model",
+                         "i2p": "--clip_model"}
 
 
 def build_criteria(args, device, names: Sequence[str]) -> List[Criterion]:
