@@ -6,7 +6,6 @@ import os
 import pytest
 
 from conftest import launch, seed_flags
-from test_memory import assert_same_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.two_processes]
 
@@ -15,14 +14,15 @@ def _records(out):
     return [json.loads(line) for line in open(os.path.join(out, "validations.jsonl"))]
 
 
-def _run_both(assets, tmp_path, script, over, batches=((1, 10), (2, 5)), fresh_ranks=False, env=None):
+def _run_both(assets, tmp_path, script, over, batches=((1, 10), (2, 5)), fresh_ranks=False, env=None, two_extra=None):
     """Runs on 1 and 2 processes; ``fresh_ranks``: the 2-process launch in new interpreters, each rank with a hash
     seed of its own (tests/fresh_worker.sh), as a user's ranks are (forked ranks share the random state a set()'s
-    order depends on)."""
+    order depends on); ``two_extra``: flags of the 2-process run only."""
     outs = {}
     for procs, batch in batches:
         out = str(tmp_path / f"p{procs}")
-        proc = launch(script, seed_flags(assets, out, **{**over, "--train_batch_size": batch}), cwd=assets["root"],
+        extra = (two_extra or {}) if procs > 1 else {}
+        proc = launch(script, seed_flags(assets, out, **{**over, **extra, "--train_batch_size": batch}), cwd=assets["root"],
                       num_processes=procs, fresh=True if procs > 1 and fresh_ranks else None, env_extra=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not (procs > 1 and fresh_ranks) or "zygote" not in proc.how
@@ -42,20 +42,23 @@ def _assert_same(outs):
     return s1, s2
 
 
-def _unet(out, chunk):
+def _unet(out, chunk, sub="unet"):
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(out, f"curriculum-{chunk}", "unet", "diffusion_pytorch_model.safetensors"))
+    return load_file(os.path.join(out, f"curriculum-{chunk}", sub, "diffusion_pytorch_model.safetensors"))
 
 
 def test_individual_two_processes_match_one_with_uneven_batches_and_accumulation(assets, tmp_path):
     # Global batch 6 (1 x 6 or 2 x 3), 2 micro-batches per update. Chunk 0 has 19 rows: batches 6, 6, 6, 1, so the
     # second update's last batch is one row, which one process takes while the other has none. Chunk 1 has 23 rows:
-    # its last batch of 5 splits 3 / 2.
+    # its last batch of 5 splits 3 / 2. The 2-process run has the memory levers on (the EMA offloaded to the CPU, the
+    # original weights restored from disk before each chunk): one process without them is the reference (on one
+    # process they change no bit: test_memory.py), so a lever that broke under 2 processes moves the weights below.
     outs = _run_both(assets, tmp_path, "finetuning_individual_CLIP.py",
                      {"--curriculum": "19,42", "--gradient_accumulation_steps": 2, "--clip_threshold": 1.0,
                       "--clip_epoch": 0, "--validation_epochs": 1, "--learning_rate": "1e-4"},
-                     batches=((1, 6), (2, 3)), fresh_ranks=True)
+                     batches=((1, 6), (2, 3)), fresh_ranks=True,
+                     two_extra={"--offload_ema": None, "--restore_from_disk": None})
     s1, s2 = _assert_same(outs)
     assert [c["revived"] for c in s1["chunks"]] == [c["revived"] for c in s2["chunks"]]
     assert [c["optimizer_steps"] for c in s2["chunks"]] == [4, 4]  # 2 updates per epoch, epochs 0 and 1
@@ -65,20 +68,11 @@ def test_individual_two_processes_match_one_with_uneven_batches_and_accumulation
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     # Weights: Adam divides each gradient by its running RMS, so reduction-order noise in a near-zero gradient can
     # move that weight by up to ~lr per update (4 updates of 1e-4); a wrong gradient moves most weights.
-    for chunk in (0, 1):
-        w1, w2 = _unet(outs[1], chunk), _unet(outs[2], chunk)
+    for chunk, sub in ((0, "unet"), (1, "unet"), (0, "unet_ema"), (1, "unet_ema")):
+        w1, w2 = _unet(outs[1], chunk, sub), _unet(outs[2], chunk, sub)
         diff = [(w1[k] - w2[k]).abs() for k in w1]
         assert max(float(d.max()) for d in diff) < 4e-4
         assert sum(float(d.sum()) for d in diff) / sum(d.numel() for d in diff) < 1e-7  # seen: 3.6e-5 and 1.3e-8
-    # The memory levers on 2 processes: the same records and weights as without them, bit for bit.
-    levers = str(tmp_path / "p2-levers")
-    flags = {"--curriculum": "19,42", "--gradient_accumulation_steps": 2, "--clip_threshold": 1.0, "--clip_epoch": 0,
-             "--validation_epochs": 1, "--learning_rate": "1e-4", "--train_batch_size": 3, "--offload_ema": None,
-             "--restore_from_disk": None}
-    proc = launch("finetuning_individual_CLIP.py", seed_flags(assets, levers, **flags), cwd=assets["root"],
-                  num_processes=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_run(outs[2], levers)
 
 
 def test_sequential_two_processes_match_one(assets, tmp_path):
