@@ -198,8 +198,8 @@ sys.exit(gpu_check.main(gpu_check.parse_args([])))
 
 
 @pytest.mark.parametrize("blocked, named", [
-    (["diffusers", "ftfy"], "diffusers, open_clip_torch (needs ftfy)"),
-    (["datasets", "dill"], "datasets"),
+    # A package missing, one missing a dependency of its own, and the repository not named again for lacking diffusers.
+    (["diffusers", "ftfy", "datasets", "dill"], "diffusers, datasets, open_clip_torch (needs ftfy)"),
     (["common"], "this repository (run from its root: python -m tools.gpu_check)"),
 ])
 def test_the_preflight_names_every_missing_package_in_one_line_and_exits_2(blocked, named):
