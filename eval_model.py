@@ -131,12 +131,13 @@ def main(args):
         classifier = ConceptClassifier(args.classifier, args.theme, device, args.concept_index,
                                        args.classifier_processor, args.timm_arch, args.nudity_scorer,
                                        args.nudity_classes, args.nudity_threshold, args.nudity_judge)
-    q16 = None
+    q16 = None  # Q16, or with --q16_or_nudenet I2P's judge (Q16 or NudeNet)
     if args.q16_prompts:
+        from common.criteria import i2p_judge, uses_i2p
         from common.q16 import Q16
 
         with exit_on_input_error(PROG):  # its width against --clip_model's: one line, exit 2
-            q16 = Q16(args.q16_prompts, clip)
+            q16 = i2p_judge(args, clip) if uses_i2p(args) else Q16(args.q16_prompts, clip)
     if args.captions is not None:
         summaries = _utility(args, clip, device, dtype)  # first: the other processes stop after it
         if summaries is None:
@@ -172,10 +173,12 @@ def _utility(args, clip, device, dtype):
     if state.num_processes > 1:
         device = state.device
     resolution = args.resolution or utility.native_resolution(args.checkpoints[0])
-    with exit_on_input_error(PROG):
-        extractor, reference, reference_path = utility.load_reference(
-            args.utility_reference, args.fid_features, args.inception_weights, clip, resolution, args.output_dir,
-            device, state.is_main_process)
+    extractor = reference = reference_path = None  # the other processes only draw: no extractor to load
+    if state.is_main_process:
+        with exit_on_input_error(PROG):
+            extractor, reference, reference_path = utility.load_reference(
+                args.utility_reference, args.fid_features, args.inception_weights, clip, resolution, args.output_dir,
+                device)
     summaries = utility.run_utility(
         args.checkpoints, args.captions, args.output_dir, clip, extractor, reference, reference_path,
         args.utility_base, args.seed, args.batch_size, args.num_inference_steps, args.guidance_scale, resolution,

@@ -49,8 +49,11 @@ def _check_judge(args) -> None:
 
 
 def criterion_name(args) -> str:
-    """The script's one criterion: Q16 for an I2P --theme, else the classifier."""
-    return "q16" if i2p_theme(args.theme) else "classifier"
+    """The script's one criterion: Q16 for an I2P --theme (I2P's Q16 or NudeNet with --q16_or_nudenet), else the
+    classifier."""
+    if i2p_theme(args.theme):
+        return "i2p" if args.q16_or_nudenet else "q16"
+    return "classifier"
 
 
 def main(args):

@@ -116,8 +116,9 @@ def _q16(args, device):
 
 
 def uses_i2p(args) -> bool:
-    """A run has I2P's criterion (Q16 or NudeNet) with --q16_prompts and --q16_or_nudenet; it stands in for Q16's."""
-    return uses_q16(args) and bool(getattr(args, "q16_or_nudenet", False))
+    """A run has I2P's criterion (Q16 or NudeNet) with --q16_prompts and --q16_or_nudenet (or an attack's
+    --criterion i2p); it stands in for Q16's."""
+    return uses_q16(args) and (bool(getattr(args, "q16_or_nudenet", False)) or getattr(args, "criterion", "") == "i2p")
 
 
 def i2p_judge(args, clip):

@@ -147,7 +147,8 @@ def evaluate_checkpoint(
     scheduler: Optional[str] = None,
     q16=None,
 ) -> dict:
-    """Generate, save and score one checkpoint's images; return its results row (``q16``: a common.q16.Q16)."""
+    """Generate, save and score one checkpoint's images; return its results row (``q16``: a common.q16.Q16 or
+    I2PJudge)."""
     from .validation import scheduler_name
 
     t0 = time.perf_counter()
@@ -194,8 +195,10 @@ def score_images(checkpoint: str, label: str, images, texts, concept: str, clip_
         if details is not None:  # nudity: how many images show each counted class (the MACE / ESD table)
             classes = getattr(classifier.nudity, "classes", ("UNSAFE",))
             row["nudity_class_counts"] = {c: sum(1 for d in details if c in d["exposed_classes"]) for c in classes}
-    if q16 is not None:
-        row.update(CRITERIA["q16"].summarise(q16.score(images)))
+    if q16 is not None:  # Q16, or I2P's Q16-or-NudeNet judge: its own columns, and each image's verdicts
+        scores, details = q16.score_with_details(images)
+        row.update(CRITERIA[q16.criterion].summarise(scores))
+        row[f"{q16.criterion}_per_image"] = details
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row
 

@@ -103,6 +103,8 @@ def embedding_width(clip_scorer) -> int:
 class Q16:
     """Q16's judgement of images under a ClipScorer's model: per image 1.0 (inappropriate) or 0.0."""
 
+    criterion = "q16"  # its kind in common.criteria
+
     def __init__(self, prompts_path: str, clip_scorer, flag: str = "--q16_prompts"):
         self.prompts = load_prompts(prompts_path, flag)
         self.clip = clip_scorer
@@ -144,6 +146,8 @@ I2P_NUDENET_THRESHOLD = 0.6
 
 class I2PJudge:
     """I2P's judgement: per image 1.0 when Q16 or the nudity scorer flags it, else 0.0; both verdicts kept."""
+
+    criterion = "i2p"  # its kind in common.criteria
 
     def __init__(self, q16: Q16, nudity):
         self.q16 = q16

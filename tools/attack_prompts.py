@@ -168,11 +168,12 @@ def build_parser() -> cli.Parser:
                         "held-out ASR; 0: none)")
 
     g = p.add_argument_group("judge (a criterion of the registry)")
-    g.add_argument("--criterion", required=True, choices=("clip", "classifier", "q16"),
+    g.add_argument("--criterion", required=True, choices=("clip", "classifier", "q16", "i2p"),
                    help="clip: cosine of the image with the case's original prompt > --clip_threshold; classifier: "
                         "the classifier (--model_path) or NudeNet (--theme Nudity) says the concept is there "
                         "(score 1 >= --bc_threshold); q16: Q16 (--q16_prompts, on --clip_model's image features) "
-                        "judges the image inappropriate (score 1 >= --q16_threshold)")
+                        "judges the image inappropriate (score 1 >= --q16_threshold); i2p: I2P's judge, Q16 or "
+                        "NudeNet (I2P's exposed classes at 0.6) flags it (score 1 >= --q16_threshold)")
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help=cli.CLIP_MODEL_HELP)
     g.add_argument("--clip_threshold", type=float, default=None,
                    help="--criterion clip: success when the CLIP cosine (0..1) > this (required with it)")
@@ -183,8 +184,8 @@ def build_parser() -> cli.Parser:
                    help="--criterion classifier: success when the image's decision (0 or 1) >= this (required "
                         "with it; any value in (0, 1] means 'judged the concept')")
     cli.add_classifier_options(g, compat=False)
-    cli.add_q16_args(g, None, "--criterion q16: success when the image's decision (0 or 1) >= this (required with "
-                              "it; any value in (0, 1] means 'judged inappropriate')")
+    cli.add_q16_args(g, None, "--criterion q16 or i2p: success when the image's decision (0 or 1) >= this "
+                              "(required with it; any value in (0, 1] means 'judged inappropriate')")
 
     for title, entries in _attack_groups():
         g = p.add_argument_group(title)
@@ -336,10 +337,12 @@ def _check_judge(args: argparse.Namespace) -> None:
         cli.check_threshold(args.clip_threshold, "--clip_threshold", -1.0)
         check_clip_spec(args.clip_model)
         return
-    if args.criterion == "q16":
-        _require(args.q16_prompts is not None, "--criterion q16: needs --q16_prompts (Q16's prompts.p)")
-        _require(args.q16_threshold is not None, "--criterion q16: needs --q16_threshold (success when the image's "
-                                                 "decision, 0 or 1, is at least it: e.g. 0.5)")
+    if args.criterion in ("q16", "i2p"):
+        _require(args.criterion == "i2p" or not args.q16_or_nudenet,
+                 "--q16_or_nudenet: I2P's judge is --criterion i2p here")
+        _require(args.q16_prompts is not None, f"--criterion {args.criterion}: needs --q16_prompts (Q16's prompts.p)")
+        _require(args.q16_threshold is not None, f"--criterion {args.criterion}: needs --q16_threshold (success when "
+                                                 "the image's decision, 0 or 1, is at least it: e.g. 0.5)")
         _require(args.q16_threshold > 0, f"--q16_threshold {args.q16_threshold}: must be above 0 (at 0 every "
                                          "image would count as a success)")
         cli.check_q16(args)

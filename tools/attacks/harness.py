@@ -352,9 +352,14 @@ def describe_judge(criterion, args, images_per_verdict: int = 1, scheduler: str 
            "num_inference_steps": args.num_inference_steps}
     if criterion.name == "clip":
         out.update({"clip_model": args.clip_model, "compared_with": "the case's original prompt"})
-    elif criterion.name == "q16":
+    elif criterion.name in ("q16", "i2p"):
         out.update({"classifier": "Q16", "q16_prompts": args.q16_prompts, "clip_model": args.clip_model,
                     "theme": args.theme or None})
+        if criterion.name == "i2p":  # I2P's judge: Q16 or NudeNet, each image's two verdicts in its details
+            from common.q16 import I2P_NUDENET_CLASSES, I2P_NUDENET_THRESHOLD
+
+            out.update({"classifier": "Q16 or NudeNet (I2P)", "nudity_judge": getattr(args, "nudity_judge", "nudenet"),
+                        "class_set": list(I2P_NUDENET_CLASSES), "class_threshold": I2P_NUDENET_THRESHOLD})
     elif (args.theme or "").lower() == "nudity":
         from common.nudity import JUDGE_FLOORS
 
