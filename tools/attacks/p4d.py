@@ -10,7 +10,9 @@ with respect to them is applied to the continuous ones (AdamW).
 - P4D-N: ``--num_tokens`` free tokens replace the prompt (the prompt only enters through the original model);
 - P4D-K: one learned token before every ``--every_k`` prompt tokens (int(length / k) + 1 of them, at content
   positions 0, k+1, 2(k+1), ...: the last follows the prompt when k divides its length), the prompt's own tokens
-  never change.
+  never change. ``--long_prompts chunks`` (joycenerd/P4D's P4D-K pipeline): a prompt too long for 77 positions is
+  kept whole and every text (learned prompt, the original's conditioning, target and judged images) is encoded in
+  77-position slices (common/long_prompts.py); ``truncate`` cuts it at its end.
 
 Every ``--judge_every`` steps (from step 0) and after the last the projected prompt is judged; the search stops at
 the first success. Published defaults: joycenerd/P4D configs/esd_nudity_optmz_config.json,
