@@ -150,8 +150,9 @@ def pil_to_uint8(images: Sequence) -> torch.Tensor:
 class InceptionFeatures:
     """Inception-v3 pool features (2048-d) as torchmetrics computes FID: torch-fidelity's network and weights.
 
-    ``weights_path``: a state dict saved with ``torch.save`` (the format torch-fidelity loads,
-    ``pt_inception-2015-12-05-6726825d.pth``) for a cluster without internet; None: torch-fidelity downloads it.
+    ``weights_path``: a state dict saved with ``torch.save`` (the file torch-fidelity downloads from its
+    URL_INCEPTION_V3, ``weights-inception-2015-12-05-6726825d.pth``) for a cluster without internet; None:
+    torch-fidelity downloads it.
     """
 
     def __init__(self, weights_path: Optional[str] = None, device: str | torch.device = "cpu"):
@@ -676,8 +677,8 @@ def add_fid_options(group, without_reference: str) -> None:
                             "--inception_weights or torch-fidelity's download) or 'clip' (the --clip_model image "
                             "embeddings: offline, not comparable with published FIDs)")
     group.add_argument("--inception_weights", default=None,
-                       help="local copy of torch-fidelity's Inception weights (pt_inception-2015-12-05-6726825d.pth) "
-                            "for nodes without internet")
+                       help="local copy of torch-fidelity's Inception weights "
+                            "(weights-inception-2015-12-05-6726825d.pth) for nodes without internet")
     group.add_argument("--kid_subsets", type=int, default=KID_SUBSETS, help="KID: random subsets (seeded by --seed)")
     group.add_argument("--kid_subset_size", type=int, default=KID_SUBSET_SIZE,
                        help="KID: images per subset (capped at the smaller set's size)")

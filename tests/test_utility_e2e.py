@@ -49,7 +49,7 @@ def inception_run(assets, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("inception")
     net = _random_inception()
-    weights = root / "pt_inception-2015-12-05-6726825d.pth"
+    weights = root / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), weights)
     g = np.random.default_rng(0)
     reference = np.zeros((REFERENCE_ROWS, utility.INCEPTION_DIM))
