@@ -46,6 +46,8 @@ def _check_judge(args) -> None:
     if args.q16_prompts is not None and i2p_theme(args.theme) is None:
         raise InputError("--q16_prompts: this script's judge is the classifier unless --theme names an I2P "
                          "category (then Q16)")
+    if args.q16_or_nudenet and i2p_theme(args.theme) is None:
+        raise InputError("--q16_or_nudenet: I2P's judge needs --theme naming an I2P category (and --q16_prompts)")
 
 
 def criterion_name(args) -> str:

@@ -96,6 +96,12 @@ def test_the_classifier_script_and_the_attacks_judge_by_i2p(assets, world, stub_
             if not f.startswith("--clip_threshold")] + ["--q16_prompts", world["prompts"], "--q16_threshold", "0.5"]
     args = script.parse_args([*argv, "--q16_or_nudenet"])
     assert script.criterion_name(args) == "i2p" and script.criterion_name(script.parse_args(argv)) == "q16"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # not without an I2P theme: the classifier would judge alone
+        script.parse_args([*(f for f in seed_flags(assets, str(tmp_path / "out2"), **{"--model_path": assets[
+            "classifier"]}) if not f.startswith("--clip_threshold")), "--q16_or_nudenet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--q16_or_nudenet: I2P's judge needs --theme" in err
     (criterion,) = entry.build_criteria(args, "cpu", [script.criterion_name(args)])
     scores, details = criterion.score_details(world["images"], [""] * 4)
     assert (criterion.name, criterion.threshold, scores) == ("i2p", 0.5, EITHER)
