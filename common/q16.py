@@ -153,7 +153,8 @@ class I2PJudge:
         self.q16 = q16
         self.nudity = nudity  # common.nudity's scorer: .verdicts(images) -> ImageNudity per image
         self.model = q16.model  # common/memory.py counts the CLIP model (NudeNet runs in onnxruntime)
-        self.source = f"I2P: {q16.source} or {nudity.source}"
+        classes = getattr(nudity, "classes", ())
+        self.source = f"I2P: {q16.source} or {nudity.source}" + (f" ({', '.join(classes)})" if classes else "")
 
     def score_with_details(self, images, prompts=None):
         """Per image 1.0 when either judge flags it; details: each judge's verdict (Q16's probability, NudeNet's
