@@ -331,6 +331,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_judge(args: argparse.Namespace) -> None:
     """The judge has its threshold and its model."""
+    if p4d_variant(args) == "joycenerd":
+        check_clip_spec(args.clip_model)  # joycenerd/P4D's search compares images by CLIP, whatever the judge
     if args.criterion == "clip":
         _require(args.clip_threshold is not None, "--criterion clip: needs --clip_threshold (success when the CLIP "
                                                   "cosine is above it; the paper uses 0.31)")

@@ -59,9 +59,11 @@ FLAGS = [
                          "(configs/esd_nudity_optmz_config.json: lr 0.1; prompt_optimization/optimize_n.py)"),
     ("--weight_decay", float, 0.1, "AdamW weight decay (configs/esd_nudity_optmz_config.json: weight_decay 0.1)"),
     ("--judge_every", int, 50, "P4D: judge the projected prompt at steps 0, N, 2N, ... and after the last "
-                               "(configs/esd_nudity_optmz_config.json: eval_step 50)"),
+                               "(configs/esd_nudity_optmz_config.json: eval_step 50; --p4d_variant joycenerd: "
+                               "compare its image with the target by CLIP at steps 0, N, 2N, ..., as published)"),
     ("--target_inference_steps", int, 25, "P4D: sampling steps of the original model's target image "
-                                          "(configs/esd_nudity_optmz_config.json: num_inference_steps 25)"),
+                                          "(configs/esd_nudity_optmz_config.json: num_inference_steps 25; unused "
+                                          "by --p4d_variant joycenerd, whose target is a judged image)"),
 ]
 
 VARIANTS = ("n", "k")
