@@ -45,7 +45,8 @@ def test_every_step_parses_with_its_program_s_parser_and_comes_after_what_it_nee
     names = [s.name for s in steps]
     assert names == ["data-related", "data-unrelated", "concept-images", "finetune-related", "finetune-unrelated",
                      "control-related", "lora-related", "inversion", "attack-unlearndiffatk", "attack-p4d-n",
-                     "attack-p4d-k", "attack-ringabell", "evaluate", "report"]
+                     "attack-p4d-k", "attack-ringabell", "attack-none", "attack-random", "attack-seed_search",
+                     "evaluate", "report"]
     for i, step in enumerate(steps):
         assert set(step.needs) <= set(names[:i]), step.name
         load_parser(step.program).parse_args(step.argv + step.resume)  # a renamed flag fails here
@@ -63,6 +64,12 @@ def test_every_step_parses_with_its_program_s_parser_and_comes_after_what_it_nee
     assert by["inversion"].fresh and not by["attack-p4d-n"].fresh  # an attack continues; inversion cannot
     # The paper's budget: the attacks' own (published) defaults, no cut flag passed.
     assert "--iterations" not in by["attack-p4d-n"].argv and "--generations" not in by["attack-ringabell"].argv
+    # The baselines: each its own attack_prompts.py run at the attacks' judge, on the same cases.
+    for b in ("none", "random", "seed_search"):
+        argv = by[f"attack-{b}"].argv
+        assert argv[argv.index("--attack") + 1] == b and "--tries" not in argv and "--seeds" not in argv
+        for flag in ("--prompts", "--criterion", "--heldout_seeds", "--model_path"):
+            assert argv[argv.index(flag) + 1] == by["attack-p4d-n"].argv[by["attack-p4d-n"].argv.index(flag) + 1]
     # Evaluation: the model, the base model and the revived runs' checkpoints.
     models = by["evaluate"].argv[0].split(",")
     assert models == [str(tmp_path / "unlearned"), str(tmp_path / "base"), args.out + "/finetune-related",
@@ -80,11 +87,14 @@ def test_ringabell_pairs_replace_the_concept_by_other_concepts(tmp_path):
 
 def test_a_trained_classifier_and_the_budgets(tmp_path):
     args, steps = _plan(tmp_path, "--budget", "quick", "--threats", "attacks", "--attacks", "ringabell",
-                        "--num_processes", "2")
-    # --classifier given: no classifier steps; only Ring-A-Bell, and the quick budget's cut search.
-    assert [s.name for s in steps] == ["data-related", "data-unrelated", "attack-ringabell", "evaluate", "report"]
-    ring = steps[2].argv
-    assert ring[ring.index("--generations") + 1] == "120"
+                        "--baselines", "random", "--num_processes", "2")
+    # --classifier given: no classifier steps; only Ring-A-Bell and random tokens, at the quick budget's cut search.
+    assert [s.name for s in steps] == ["data-related", "data-unrelated", "attack-ringabell", "attack-random",
+                                       "evaluate", "report"]
+    ring, rand = steps[2].argv, steps[3].argv
+    assert ring[ring.index("--generations") + 1] == "120" and rand[rand.index("--tries") + 1] == "10"
+    assert [s.name for s in _plan(tmp_path / "d", "--threats", "attacks", "--attacks", "p4d-n", "--baselines", "")[1]
+            if s.name.startswith("attack-")] == ["attack-p4d-n"]
     args, steps = _plan(tmp_path / "c", "--curricula", "unrelated")
     assert [s.name for s in steps][:3] == ["data-unrelated", "concept-images", "finetune-unrelated"]
     assert not any(s.name in ("control-related", "lora-related") for s in steps)  # they need the related data

@@ -46,6 +46,9 @@ PLAN_FILE = "plan.json"
 DONE_FILE = "AUDIT_DONE"
 THREATS = ("finetune", "control", "lora", "inversion", "attacks")
 ATTACKS = ("unlearndiffatk", "p4d-n", "p4d-k", "ringabell")
+# UnlearnDiffAtk's baselines, which its ASR tables carry beside every attack (docs/attacks.md: baselines): the prompt
+# as written (the pre-ASR), random tokens in UnlearnDiffAtk's slots, the prompt on new seeds.
+BASELINES = ("none", "random", "seed_search")
 
 # Budgets. "paper": the published settings (fine-tuning: the paper's 8 epochs per chunk; attacks: each tool's
 # defaults, the published configurations; inversion: 500 steps). "quick": `make demo`'s cut attack budgets (about
@@ -53,15 +56,16 @@ ATTACKS = ("unlearndiffatk", "p4d-n", "p4d-k", "ringabell")
 # few steps of everything, to check the chain end to end in minutes on a CPU (the numbers mean nothing).
 BUDGETS = {
     "paper": {"epochs": 8, "inversion_steps": 500, "inversion_every": 100, "eval_images": 5, "attack_prompts": 0,
-              "heldout_seeds": 3, "attacks": {}},
+              "heldout_seeds": 3, "attacks": {}},  # the baselines too: the tool's defaults (50 tries, 50 seeds)
     "quick": {"epochs": 8, "inversion_steps": 200, "inversion_every": 50, "eval_images": 5, "attack_prompts": 0,
-              "heldout_seeds": 3, "attacks": "demo"},  # tools/demo.py ATTACKS, the demo's cut budgets
+              "heldout_seeds": 3, "attacks": "demo"},  # tools/demo.py ATTACKS and BASELINES, the demo's cut budgets
     "smoke": {"epochs": 1, "inversion_steps": 2, "inversion_every": 2, "eval_images": 1, "attack_prompts": 2,
               "heldout_seeds": 1,
               "attacks": {"unlearndiffatk": {"--timesteps": 1, "--steps_per_timestep": 2},
                           "p4d-n": {"--iterations": 2, "--judge_every": 2},
                           "p4d-k": {"--iterations": 2, "--judge_every": 2},
-                          "ringabell": {"--population": 4, "--generations": 2}}},
+                          "ringabell": {"--population": 4, "--generations": 2},
+                          "random": {"--tries": 2}, "seed_search": {"--seeds": 2}}},
 }
 
 
@@ -96,6 +100,10 @@ def build_parser():
     r.add_argument("--curricula", default="related,unrelated",
                    help="the fine-tuning curricula (the control and LoRA use the related one)")
     r.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}")
+    r.add_argument("--baselines", default=",".join(BASELINES),
+                   help=f"with the attacks, UnlearnDiffAtk's baselines at the same judge (comma-separated subset of "
+                        f"{','.join(BASELINES)}; '' for none): how much of an attack's ASR random tokens or lucky "
+                        "seeds reach")
     r.add_argument("--budget", default="paper", choices=sorted(BUDGETS),
                    help="paper: published settings; quick: the demo's cut attack budgets; smoke: minutes on a CPU, "
                         "numbers meaningless")
@@ -150,6 +158,7 @@ def parse_args(argv=None):
     with exit_on_input_error(PROG):
         args.threats = _names(args.threats, THREATS, "--threats")
         args.attacks = _names(args.attacks, ATTACKS, "--attacks")
+        args.baselines = _names(args.baselines, BASELINES, "--baselines")
         args.curricula = _names(args.curricula, ("related", "unrelated"), "--curricula")
         if not args.curricula:
             raise InputError("--curricula: give related, unrelated or both")
@@ -335,8 +344,9 @@ def plan_steps(args, inputs: Inputs) -> List[Step]:
     out, budget = args.out, dict(BUDGETS[args.budget])
     if budget["attacks"] == "demo":
         from tools.demo import ATTACKS as demo_budgets
+        from tools.demo import BASELINES as demo_baselines
 
-        budget["attacks"] = demo_budgets
+        budget["attacks"] = {**demo_budgets, **demo_baselines}
     d = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     steps: List[Step] = []
     tags = [f"method={args.method}", f"concept={inputs.concept}"]
@@ -437,7 +447,8 @@ def plan_steps(args, inputs: Inputs) -> List[Step]:
                  "p4d-n": ({"--original_model": args.base_model}, []),
                  "p4d-k": ({"--original_model": args.base_model}, []),
                  "ringabell": ({"--pairs_file": pairs}, [])}
-        for attack in args.attacks:
+        needs.update({b: ({}, []) for b in BASELINES})
+        for attack in [*args.attacks, *args.baselines]:
             if attack == "ringabell" and pairs is None:
                 print(f"audit: Ring-A-Bell left out: no validation prompt names {inputs.concept!r}", file=sys.stderr)
                 continue
