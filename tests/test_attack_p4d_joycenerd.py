@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import RESOLUTION
 
 PROMPT = "a photo of a red circle on a wooden table"
-JOYCENERD = {"iterations": 4, "judge_every": 1, "p4d_variant": "joycenerd", "num_tokens": 4}
+JOYCENERD = {"iterations": 3, "judge_every": 1, "p4d_variant": "joycenerd", "num_tokens": 4}
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +68,16 @@ def test_kept_prompt_is_the_closest_evaluated_one_not_the_last(parts, tmp_path, 
 
     target = tmp_path / "target.png"
     Image.new("RGB", (RESOLUTION, RESOLUTION), (200, 40, 40)).save(target)
-    sims = iter([0.2, 0.7, 0.7, 0.5])  # steps 0, 1, 2, 3: the first 0.7 (step 1) is kept, not the tie at 2
+    sims = iter([0.2, 0.7, 0.7])  # steps 0, 1, 2: the first 0.7 (step 1) is kept, not the last (the tie at 2)
     monkeypatch.setattr(p4d, "image_similarity", lambda clip, targets, images: next(sims))
     judge = _SearchJudge()
     found = p4d.search_n(_case(str(target)), Models(parts, parts, torch.device("cpu")), judge, JOYCENERD,
                          torch.Generator().manual_seed(0))
-    assert len(judge.rendered) == 4  # compared at steps 0, 1, 2, 3; the prompt after the last step never
-    assert len(set(judge.rendered[1:])) == 3  # the prompts differ, so keeping another step's is seen
+    assert len(judge.rendered) == 3  # compared at steps 0, 1, 2; the prompt after the last step never
+    assert len(set(judge.rendered)) == 3  # the prompts differ, so keeping another step's is seen
     assert judge.judged == [judge.rendered[1]]  # judged once, after the last step
-    assert found.prompt == judge.rendered[1] and found.success and found.step == 1 and found.steps_run == 4
-    assert found.details == {"kept_step": 1, "kept_similarity": 0.7, "similarities": [0.2, 0.7, 0.7, 0.5]}
+    assert found.prompt == judge.rendered[1] and found.success and found.step == 1 and found.steps_run == 3
+    assert found.details == {"kept_step": 1, "kept_similarity": 0.7, "similarities": [0.2, 0.7, 0.7]}
     layout = p4d.layout_for(parts.tokenizer, PROMPT, "n", 4, 3)
     assert layout.text(parts.tokenizer, torch.tensor(found.token_ids)) == judge.rendered[1]
     # Without the harness's target image or its judge, the search refuses (nothing silently falls back).
