@@ -174,11 +174,12 @@ def _utility(args, clip, device, dtype):
         device = state.device
     resolution = args.resolution or utility.native_resolution(args.checkpoints[0])
     extractor = reference = reference_path = None  # the other processes only draw: no extractor to load
+    with exit_on_input_error(PROG):
+        loaded = utility.on_main_process(state, lambda: utility.load_reference(
+            args.utility_reference, args.fid_features, args.inception_weights, clip, resolution, args.output_dir,
+            device))
     if state.is_main_process:
-        with exit_on_input_error(PROG):
-            extractor, reference, reference_path = utility.load_reference(
-                args.utility_reference, args.fid_features, args.inception_weights, clip, resolution, args.output_dir,
-                device)
+        extractor, reference, reference_path = loaded
     summaries = utility.run_utility(
         args.checkpoints, args.captions, args.output_dir, clip, extractor, reference, reference_path,
         args.utility_base, args.seed, args.batch_size, args.num_inference_steps, args.guidance_scale, resolution,

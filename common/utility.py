@@ -241,8 +241,8 @@ def save_stats(path: str, features: torch.Tensor, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_stats(path: str, extractor, resolution: int, flag: str = "--utility_reference") -> torch.Tensor:
-    """Reference features of a statistics file, refused (InputError) unless made by these weights at this size."""
+def check_stats(path: str, extractor, resolution: int, flag: str = "--utility_reference") -> None:
+    """A statistics file refused (InputError) unless made by these weights at this size."""
     meta = read_stats_meta(path, flag)
     check_reference_count(meta["images"], extractor.dim, path, flag, warn=False)
     if meta["extractor"] != extractor.name or meta["fingerprint"] != extractor.fingerprint:
@@ -251,6 +251,11 @@ def load_stats(path: str, extractor, resolution: int, flag: str = "--utility_ref
                          f"{extractor.fingerprint[:12]})")
     if meta["resolution"] != resolution:
         raise InputError(f"{flag} {path}: statistics of images at {meta['resolution']} px, not {resolution} px")
+
+
+def load_stats(path: str, extractor, resolution: int, flag: str = "--utility_reference") -> torch.Tensor:
+    """Reference features of a statistics file, refused (InputError) unless made by these weights at this size."""
+    check_stats(path, extractor, resolution, flag)
     with np.load(path, allow_pickle=False) as z:
         return torch.from_numpy(z["features"])
 
@@ -552,6 +557,24 @@ def format_utility_table(summaries: Sequence[dict]) -> str:
 REFERENCE_CACHE = os.path.join("utility", "reference_stats")  # under --output_dir
 
 
+def on_main_process(state, fn):
+    """``fn()`` on the main process (None elsewhere); an InputError it raises is raised on every process, so none is
+    left waiting in a collective for a main process that stopped (a statistics file of other weights, say)."""
+    error, result = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except InputError as err:
+            error = str(err)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise InputError(error)
+    return result
+
+
 def load_reference(reference: Optional[str], fid_features: str, inception_weights: Optional[str], clip_scorer,
                    resolution: int, output_dir: str, device, is_main: bool = True) -> tuple:
     """(extractor, reference features, statistics file) for FID and KID; (None, None, None) without a reference.
@@ -564,6 +587,10 @@ def load_reference(reference: Optional[str], fid_features: str, inception_weight
     extractor = (InceptionFeatures(inception_weights, device) if fid_features == INCEPTION
                  else ClipFeatures(clip_scorer))
     if not is_main:
+        # Every process refuses a statistics file of other weights or size, as the main process does: a main process
+        # alone stopping would leave the others waiting in their next collective.
+        if os.path.isfile(reference):
+            check_stats(reference, extractor, resolution)
         return extractor, None, None
     features, path = reference_features(reference, extractor, resolution, os.path.join(output_dir, REFERENCE_CACHE))
     return extractor, features, path

@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 import shutil
 
 import numpy as np
@@ -281,7 +282,7 @@ def test_killed_run_resumes_at_the_first_unfinished_caption(assets, utility_run,
         "folder": folder}
 
 
-def test_statistics_of_other_weights_or_size_are_refused(assets, utility_run, tmp_path):
+def test_statistics_of_other_weights_or_size_are_refused(assets, utility_run, tmp_path, monkeypatch):
     from common.clip_score import ClipScorer
 
     clip = utility.ClipFeatures(ClipScorer(assets["clip"]))
@@ -296,6 +297,24 @@ def test_statistics_of_other_weights_or_size_are_refused(assets, utility_run, tm
     clip.fingerprint = "0" * 64  # another CLIP's weights
     with pytest.raises(InputError, match="another feature extractor"):
         utility.load_stats(path, clip, 32)
+    # The fine-tuning scripts' other processes refuse it too (they load no reference): none waits for a stopped main.
+    monkeypatch.setattr(utility, "ClipFeatures", lambda scorer: clip)
+    with pytest.raises(InputError, match="another feature extractor"):
+        utility.load_reference(path, "clip", None, None, 32, str(tmp_path), "cpu", is_main=False)
+    # eval_model.py's: the main process's refusal, broadcast, is every process's (a fake broadcast of 2 processes).
+    from accelerate import utils as accelerate_utils
+
+    sent = []
+    monkeypatch.setattr(accelerate_utils, "broadcast_object_list", lambda objs, from_process: sent.append(objs) or objs)
+    main, other = SimpleNamespace(is_main_process=True, num_processes=2), SimpleNamespace(is_main_process=False,
+                                                                                          num_processes=2)
+    with pytest.raises(InputError, match="another feature extractor"):
+        utility.on_main_process(main, lambda: utility.load_stats(path, clip, 32))
+    assert len(sent) == 1 and "another feature extractor" in sent[0][0]
+    monkeypatch.setattr(accelerate_utils, "broadcast_object_list", lambda objs, from_process: ["error: from rank 0"])
+    with pytest.raises(InputError, match="from rank 0"):
+        utility.on_main_process(other, lambda: pytest.fail("only the main process runs it"))
+    assert utility.on_main_process(SimpleNamespace(is_main_process=True, num_processes=1), lambda: 7) == 7
     with pytest.raises(InputError, match="clip features, not inception"):
         utility.check_reference(path, "inception", assets["clip"], None)
     with pytest.raises(InputError, match="at 32 px, not --resolution 64"):
