@@ -506,9 +506,15 @@ def test_the_audit_page_s_golf_ball_attack_figures_are_the_dry_run_s(tmp_path):
                                  "--preset", "golf ball", "--classifier", str(tmp_path / "classifier"),
                                  "--out", str(tmp_path / budget), "--budget", budget])
         steps = audit.plan_steps(args, audit.read_inputs(args.preset, args.out))
-        found = [cost.estimate_attack(s.argv, fig) for s in steps if s.program == "tools/attack_prompts.py"]
+        every = [cost.estimate_attack(s.argv, fig) for s in steps if s.program == "tools/attack_prompts.py"]
+        found = [e for e in every if e.attack in audit.ATTACKS]
         low, high = sum(e.gpu_hours.low for e in found), sum(e.gpu_hours.high for e in found)
         assert f"{low:.{digits}f}-{high:.{digits}f}" in page, budget
+        baselines = [e for e in every if e.attack in audit.BASELINES]
+        assert [e.attack for e in baselines] == list(audit.BASELINES)
+        low, high = sum(e.gpu_hours.low for e in baselines), sum(e.gpu_hours.high for e in baselines)
+        assert f"add {low:.2f}-{high:.{digits}f} GPU-hours" in page if budget == "paper" else \
+            f"{low:.2f}-{high:.2f} with `--budget quick`)" in page, budget
         if budget == "paper":
             assert [e.cases for e in found] == [20] * 4
             highs = {e.attack: f"{e.gpu_hours.high:.1f}" for e in found}
