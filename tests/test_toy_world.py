@@ -517,7 +517,8 @@ def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world,
            "--base_model", p["sd_base"], "--preset", "toy", "--classifier", p["classifier"], "--clip_model", p["clip"],
            "--resolution", str(tw.RESOLUTION), "--budget", "smoke", "--images_per_concept", "2",
            "--num_inference_steps", "2", "--data_inference_steps", "2", "--mixed_precision", "no",
-           "--threats", "finetune,attacks", "--curricula", "related", "--attacks", "p4d-n", "--out", str(out)]
+           "--threats", "finetune,attacks", "--curricula", "related", "--attacks", "p4d-n", "--baselines", "none",
+           "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              start_new_session=True)
@@ -543,7 +544,7 @@ def test_the_audit_runs_on_a_toy_unlearned_model_and_resumes_after_a_kill(world,
                       "finetune-related/curriculum-7"]
     # The cross-threat table: fine-tuning and the attack, in one row per criterion.
     table = (out / "report" / "probes_table.md").read_text()
-    assert "related: " in table and "P4D-N:" in table
+    assert "related: " in table and "P4D-N:" in table and "no attack" in table  # the baseline beside the attack
     assert table in second.stdout
 
 
