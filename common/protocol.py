@@ -283,6 +283,13 @@ SUMMARY_FID_FIELDS = ("utility_fid", "utility_kid_mean", "utility_kid_std")  # s
 CAPTION_SETS = ("retention", "utility")  # the Validator's CLIP-scored caption sets (--retention/--utility_prompts)
 
 
+def _utility_fid(validator) -> dict:
+    """The record's --utility_fid fields (FID and KID of the utility captions' images), for a validator that has them
+    (the protocol takes any callable validator)."""
+    score = getattr(validator, "utility_fid", None)
+    return score() if score is not None else {}
+
+
 def _retention(validator) -> dict:
     """The record's retention and utility fields: per prompt of each set its CLIP cosine, and their mean (for each
     set the run has)."""
@@ -430,7 +437,7 @@ def run_individual(
                 revived = criterion.met(st["mean"])
                 last = (revived and early_stop) or last_validation_of_chunk(epoch, validation_epochs, max_epoch,
                                                                            compat_reference)
-                fid = validator.utility_fid() if last else {}
+                fid = _utility_fid(validator) if last else {}
                 recorder.validation({
                     "chunk": i, "epoch": epoch, "optimizer_steps": p.steps, "images_seen": p.images,
                     "criterion": criterion.name, "scale": criterion.scale, "scores": scores,
@@ -511,7 +518,7 @@ def run_sequential(
         _track(recorder).images(step, getattr(validator, "last_images", []))
         retention = _retention(validator)
         _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
-        fid = validator.utility_fid()  # each sequential validation ends a chunk (or is the unlearned model's own)
+        fid = _utility_fid(validator)  # each sequential validation ends a chunk (or is the unlearned model's own)
         where = "before training" if chunk is None else f"after chunk {chunk} ({entry['images_seen']} images)"
         met_by = {}
         for c in criteria:

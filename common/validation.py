@@ -207,14 +207,15 @@ def generate_images(
             out_of_memory = False
             try:
                 with autocast():
-                    text = {"prompt": batch_prompts}
+                    text, embeds = batch_prompts, {}
                     if length is not None:
                         from .long_prompts import chunked_prompt_embeds
 
                         cond, uncond = chunked_prompt_embeds(pipe.text_encoder, pipe.tokenizer, batch_prompts, length)
-                        text = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+                        text, embeds = None, {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
                     out = pipe(
-                        **text,
+                        text,  # the pipeline's first parameter, prompt
+                        **embeds,
                         num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale,
                         generator=generators,
