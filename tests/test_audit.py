@@ -265,3 +265,12 @@ def test_the_paper_presets_plan_commands_their_programs_accept(tmp_path, concept
     inv = by["inversion"].argv
     assert inv[inv.index("--initializer_token") + 1] == {"golf ball": "ball", "Van Gogh": "painting",
                                                           "nudity": "person"}[concept]
+
+
+def test_a_step_needs_the_launcher_only_on_several_processes(tmp_path):
+    args, steps = _plan(tmp_path, "--threats", "finetune", "--curricula", "related")
+    finetune = next(s for s in steps if s.name == "finetune-related")
+    one, two = audit.command(finetune, 1, rerun=False), audit.command(finetune, 2, rerun=True)
+    assert one[:2] == [sys.executable, str(ROOT / "finetuning_sequential.py")]
+    assert two[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and "--multi_gpu" in two
+    assert two[-2:] == ["--resume_from_checkpoint", "latest"]

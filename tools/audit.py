@@ -314,7 +314,7 @@ class Step:
     argv: List[str]
     output: str  # the folder it writes (AUDIT_DONE goes there)
     needs: List[str] = field(default_factory=list)
-    accelerate: bool = False  # through `accelerate launch` (the fine-tuning scripts, data generation)
+    accelerate: bool = False  # through `accelerate launch` on several processes (the fine-tuning scripts, data)
     resume: List[str] = field(default_factory=list)  # extra flags on a rerun after an interruption
     fresh: bool = False  # an interrupted run starts afresh (its tool cannot continue one)
 
@@ -510,8 +510,9 @@ def is_done(step: Step) -> bool:
 
 
 def command(step: Step, num_processes: int, rerun: bool) -> List[str]:
-    """The step's process: `accelerate launch` or python, with its resume flags when it ran before."""
-    if step.accelerate:
+    """The step's process: `accelerate launch` on several processes, else python (the scripts need no launcher on one:
+    the launcher's own interpreter would only add its start-up), with its resume flags when it ran before."""
+    if step.accelerate and num_processes > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                "--num_machines", "1", *(["--multi_gpu"] if num_processes > 1 else [])]
     else:
