@@ -16,7 +16,7 @@ from . import nudity, tracking
 from .classifier import DEFAULT_PROCESSOR, DEFAULT_TIMM_ARCH, check_classifier
 from .clip_score import DEFAULT_CLIP, check_clip_spec
 from .data import read_metadata, read_prompts
-from .errors import InputError
+from .errors import InputError, Parser  # noqa: F401 (Parser: the scripts' cli.Parser)
 from .models import check_pipeline_dir, resolve_model_path, unet_safetensors
 from .training import LORA_RANK, LORA_TARGETS
 from .utility import add_validation_fid_options, check_validation_fid
@@ -34,13 +34,6 @@ def str2bool(value) -> bool:
     if text in ("false", "f", "no", "n", "0", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def training_parser(prog: str, doc: str, clip: bool = True) -> Parser:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 
 
 class InputError(ValueError):
     """A bad argument or input file; the message names the flag or file."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2 (no usage dump). Here, not in common.cli, so that the light
+    programs (tools/grid.py, which every SLURM grid job calls twice; tools/prefetch.py, tools/paper.py) parse their
+    flags without importing torch."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from tools import cost  # noqa: E402
 from tools import gridspec as grid  # noqa: E402
-from common.cli import Parser  # noqa: E402
+from common.errors import Parser  # noqa: E402
 from common.errors import InputError, exit_on_input_error  # noqa: E402
 
 PROG = "grid.py"

@@ -33,8 +33,7 @@ import shlex
 import sys
 import textwrap
 
-from common.cli import Parser
-from common.errors import InputError, exit_on_input_error
+from common.errors import InputError, Parser, exit_on_input_error
 from tools import presets
 
 PROG = "paper.py"

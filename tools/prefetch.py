@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from common.cli import Parser
+from common.errors import Parser
 from common.errors import InputError, exit_on_input_error
 from common.results import atomic_write_json
 
