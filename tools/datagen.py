@@ -23,7 +23,6 @@ from typing import List, Optional, Sequence
 
 from common.errors import InputError
 from common.results import atomic_write_json, atomic_write_text, slug
-from common.validation import image_seed
 
 DEFAULT_TEMPLATES = ("a photo of a {concept}",)
 SETTINGS_FILE = "generation.json"
@@ -108,6 +107,8 @@ def read_concepts(path: str, templates: Optional[Sequence[str]] = None) -> List[
 
 def plan_images(concepts: Sequence[Concept], per_concept: int, seed: int) -> List[ImageJob]:
     """Every image of the dataset, in curriculum order (concept by concept)."""
+    from common.validation import image_seed  # imported here: planning programs (paper.py, audit.py) need no torch
+
     jobs = []
     for i, c in enumerate(concepts):
         folder = f"images/{i:03d}-{slug(c.name, sep='-')}"
