@@ -174,8 +174,17 @@ def test_grid_job_requeues_on_preemption_and_finishes_otherwise(tmp_path):
     assert "requeueing 123_0" in log
 
 
+def _launcher_that_runs_the_script(bin_dir):
+    """A stand-in `accelerate` on PATH that runs the script with the flags after it, as `accelerate launch` on one
+    process does, without the launcher's start-up (the requeue test above goes through the real one)."""
+    (bin_dir / "accelerate").write_text('#!/bin/bash\nwhile [ $# -gt 0 ] && [[ "$1" != *.py ]]; do shift; done\n'
+                                        'exec "$PYTHON" "$@"\n')
+    (bin_dir / "accelerate").chmod(0o755)
+
+
 def test_run_one_job_passes_flags_and_output_dir(tmp_path):
     env = _fake_cluster(tmp_path)
+    _launcher_that_runs_the_script(tmp_path / "bin")
     out = tmp_path / "one run"  # a space: the command must be quoted
     r = subprocess.run(["bash", str(SLURM / "run_one.sbatch"), str(out), str(tmp_path / "finetuning_fake.py"), "--mode",
                         "finish"], env=env, capture_output=True, text=True, timeout=300)
