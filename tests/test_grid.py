@@ -152,8 +152,12 @@ def test_grid_job_requeues_on_preemption_and_finishes_otherwise(tmp_path):
     env = _fake_cluster(tmp_path)
     out_root = tmp_path / "runs"
     cmd = ["bash", str(SLURM / "grid.sbatch"), str(tmp_path / "grid.csv"), str(out_root)]
-    # Task 1 finishes: exit 0, no requeue.
-    r = subprocess.run(cmd, env=dict(env, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True, timeout=300)
+    # Task 1 finishes: exit 0, no requeue (through the stand-in launcher: only task 0's signal needs the real one).
+    stand_in = tmp_path / "stand_in"
+    stand_in.mkdir()
+    _launcher_that_runs_the_script(stand_in)
+    r = subprocess.run(cmd, env=dict(env, SLURM_ARRAY_TASK_ID="1", PATH=f"{stand_in}:{env['PATH']}"),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out_root / "finetuning_fake" / "m" / "c" / "e" / "started").read_text() == "latest\n"
     assert not (tmp_path / "scontrol.log").exists()
