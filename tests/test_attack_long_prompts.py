@@ -123,6 +123,10 @@ def test_long_prompts_flag_defaults_published_value_and_refusals(assets, tmp_pat
     assert args.long_prompts == "chunks" and ap.attack_settings(args)["long_prompts"] == "chunks"
     assert ap.parse_args(_argv(assets, out, "--long_prompts", "chunks")).long_prompts == "chunks"
     assert "long_prompts" not in ap.attack_settings(ap.parse_args(_argv(assets, out, attack="p4d-n")))
+    # A replay of a chunked P4D-K run's prompts draws them in slices too, when asked; by default as before.
+    assert ap.attack_settings(ap.parse_args(_argv(assets, out, "--long_prompts", "chunks", attack="replay"))
+                              )["long_prompts"] == "chunks"
+    assert "long_prompts" not in ap.attack_settings(ap.parse_args(_argv(assets, out, attack="replay")))
     for extra, attack, expected in (
             (["--long_prompts", "chunks"], "p4d-n", "--long_prompts chunks: only with --attack p4d-k"),
             (["--long_prompts", "chunks", "--protocol", "published"], "p4d-k", "not with --p4d_variant dma"),

@@ -268,6 +268,8 @@ def attack_settings(args: argparse.Namespace) -> dict:
         settings["p4d_variant"] = p4d_variant(args)
     if args.attack in CHUNKS_ATTACKS and p4d_variant(args) != "dma":
         settings["long_prompts"] = getattr(args, "long_prompts", None) or "truncate"
+    elif args.attack == "replay" and getattr(args, "long_prompts", None):  # a chunked P4D-K run's prompts, drawn alike
+        settings["long_prompts"] = args.long_prompts
     return settings
 
 
@@ -364,8 +366,9 @@ def _check_judge(args: argparse.Namespace) -> None:
 def _check_attack(args: argparse.Namespace) -> None:
     """The attack can run here and has its inputs; its own settings pass its own checks."""
     if args.long_prompts == "chunks":
-        _require(args.attack in CHUNKS_ATTACKS, f"--long_prompts chunks: only with --attack p4d-k (joycenerd/P4D's "
-                                                f"P4D-K pipeline), not --attack {args.attack}")
+        _require(args.attack in (*CHUNKS_ATTACKS, "replay"),
+                 f"--long_prompts chunks: only with --attack p4d-k (joycenerd/P4D's P4D-K pipeline) or replay (such a "
+                 f"run's prompts drawn the same way), not --attack {args.attack}")
         _require(p4d_variant(args) != "dma", "--long_prompts chunks: not with --p4d_variant dma (Diffusion-MU-Attack's "
                                              "P4D cuts prompts at 77 positions); use --p4d_variant joycenerd")
     settings = attack_settings(args)
