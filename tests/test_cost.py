@@ -321,6 +321,13 @@ def test_p4d_counts_by_hand():
         assert case.tflop.high == pytest.approx(fixed + 5 * (0.80333 + 1.669 + 0.0268), rel=1e-4)
     # The published budget: 3000 iterations judged every 50 = 60 + 1 judgments (docs/attacks.md: up to 61).
     assert cost.p4d_case(settings_of("p4d-n")).judgments == cost.Range(1, 61)
+    # joycenerd/P4D's: all 5 steps; images at steps 0, 2, 4 (by CLIP), 3 for the one verdict, the denominator's 3 + 3;
+    # no target image of its own.
+    case = cost.p4d_case(settings_of("p4d-n", "--iterations", "5", "--judge_every", "2", "--protocol", "published",
+                                     "--p4d_variant", "joycenerd"))
+    assert case.steps == cost.Range(5, 5) and case.judgments == cost.Range(12, 12)
+    assert case.tflop.low == case.tflop.high == pytest.approx(1.117 + 0.0133 + 5 * (0.80333 + 1.669 + 0.0268),
+                                                             rel=1e-4)
 
 
 def test_ringabell_counts_by_hand_and_against_its_search():

@@ -676,10 +676,22 @@ def unlearndiffatk_case(s: dict) -> AttackCase:
                       tflop=steps.scale(step) + Range(VAE_ENCODER_TFLOP, VAE_ENCODER_TFLOP))
 
 
+JOYCENERD_IMAGES = 3  # joycenerd/P4D's images per verdict (run_p4dn.py --num-samples), the denominator's too
+
+
 def p4d_case(s: dict) -> AttackCase:
     """tools/attacks/p4d.py search (P4D-N and P4D-K alike): --iterations PEZ steps, judged at steps 0, N, 2N, ...
-    (N = --judge_every) and after the last."""
+    (N = --judge_every) and after the last. joycenerd/P4D's (--p4d_variant joycenerd): every step runs; an image at
+    each of steps 0, N, 2N, ... (compared by CLIP, not judged); the kept prompt judged once on its 3 images."""
     iterations, every = s["iterations"], s["judge_every"]
+    if s.get("p4d_variant") == "joycenerd":
+        # The target is one of the denominator's images (no image of its own); the denominator's 3 + 3 images of the
+        # prompt as written are counted with the case: 6 + the evaluations + 3, whatever happens.
+        fixed = VAE_ENCODER_TFLOP + TEXT_ENCODER_FORWARD_TFLOP
+        step = UNET_FORWARD_TFLOP + UNET_FWD_BWD_INPUT_TFLOP + TEXT_ENCODER_FWD_BWD_TFLOP
+        images = 2 * JOYCENERD_IMAGES + len(range(0, iterations, every)) + JOYCENERD_IMAGES
+        return AttackCase(steps=Range(iterations, iterations), judgments=Range(images, images),
+                          encodings=Range(0, 0), tflop=Range(fixed + iterations * step, fixed + iterations * step))
     # Once a case: the original model's guided target image (--target_inference_steps), its VAE encode, the
     # original text encoder on the prompt (NoiseTarget). Each step: the original UNet's forward (the target noise),
     # the unlearned text encoder and UNet forward and backward to the learned embeddings.
@@ -834,6 +846,9 @@ def estimate_attack(argv: Sequence[str], figures: Figures, num_processes: int = 
     case_images = case.judgments + Range(written, written)
     case_s = case.tflop.scale(1 / rate) + case_images.scale(image_s)
     once_s = 0.0
+    if settings.get("p4d_variant") == "joycenerd":
+        notes.append("--p4d_variant joycenerd: only the prompts the original model renders unsafe and the unlearned "
+                     "one does not are attacked; every case is counted as attacked (an upper bound)")
     if args.attack == "ringabell" and not settings.get("concept_vector"):  # a vector file: nothing to compute
         once_s = 2 * _pair_count(settings.get("pairs_file"), notes) * TEXT_ENCODER_FORWARD_TFLOP / rate
         notes.append(RINGABELL_NOTE)
