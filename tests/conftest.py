@@ -228,6 +228,16 @@ def _launch(script, args, cwd, num_processes, timeout, env_extra, accelerate, ho
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), how
 
 
+def frozen_parts(model_dir: str):
+    """A pipeline's parts loaded for searching, not training: UNet, text encoder and VAE in eval mode, frozen."""
+    from common.models import load_sd_parts
+
+    parts = load_sd_parts(model_dir)
+    for module in (parts.unet, parts.text_encoder, parts.vae):
+        module.eval().requires_grad_(False)
+    return parts
+
+
 def seed_flags(assets, out_dir, **over):
     """The seed README's individual-script flag set, resolution lowered to the tiny model."""
     flags = {

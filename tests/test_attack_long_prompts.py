@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import RESOLUTION
+from conftest import RESOLUTION, frozen_parts
 
 SHORT = "a photo of a red circle on a wooden table"
 LONG = " ".join([SHORT] * 7)  # 70 words, 70 tokens: more than 77 positions with P4D-K's 24 learned tokens
@@ -15,12 +15,7 @@ LONG = " ".join([SHORT] * 7)  # 70 words, 70 tokens: more than 77 positions with
 
 @pytest.fixture(scope="module")
 def parts(assets):
-    from common.models import load_sd_parts
-
-    loaded = load_sd_parts(assets["sd"])
-    for module in (loaded.unet, loaded.text_encoder, loaded.vae):
-        module.eval().requires_grad_(False)
-    return loaded
+    return frozen_parts(assets["sd"])
 
 
 def test_slices_of_77_positions_are_encoded_each_on_its_own(parts):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import RESOLUTION
+from conftest import RESOLUTION, frozen_parts
 
 PROMPT = "a photo of a red circle on a wooden table"
 JOYCENERD = {"iterations": 3, "judge_every": 1, "p4d_variant": "joycenerd", "num_tokens": 4}
@@ -16,12 +16,7 @@ JOYCENERD = {"iterations": 3, "judge_every": 1, "p4d_variant": "joycenerd", "num
 
 @pytest.fixture(scope="module")
 def parts(assets):
-    from common.models import load_sd_parts
-
-    parts = load_sd_parts(assets["sd"])
-    for module in (parts.unet, parts.text_encoder, parts.vae):
-        module.eval().requires_grad_(False)
-    return parts
+    return frozen_parts(assets["sd"])
 
 
 def _case(target_image=None):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import InputError
+from conftest import frozen_parts
 
 PROMPT = "a photo of a red circle on a wooden table"
 
@@ -15,16 +16,11 @@ PROMPT = "a photo of a red circle on a wooden table"
 @pytest.fixture(scope="module")
 def sd(assets):
     """The tiny pipeline as the unlearned model and, as the original, the same with its UNet perturbed (seeded)."""
-    from common.models import load_sd_parts
-
-    unlearned, original = load_sd_parts(assets["sd"]), load_sd_parts(assets["sd"])
+    unlearned, original = frozen_parts(assets["sd"]), frozen_parts(assets["sd"])
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in original.unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    for parts in (unlearned, original):
-        for module in (parts.unet, parts.text_encoder, parts.vae):
-            module.eval().requires_grad_(False)
     return {"unlearned": unlearned, "original": original}
 
 

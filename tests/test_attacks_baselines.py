@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.errors import InputError
+from conftest import frozen_parts
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a photo of a red circle"]
 
@@ -19,12 +20,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a photo of a re
 @pytest.fixture(scope="module")
 def parts(assets):
     """The tiny pipeline's parts, frozen (the unlearned model the searches see)."""
-    from common.models import load_sd_parts
-
-    sd = load_sd_parts(assets["sd"])
-    for module in (sd.unet, sd.text_encoder, sd.vae):
-        module.eval().requires_grad_(False)
-    return sd
+    return frozen_parts(assets["sd"])
 
 
 def _case(number=0, prompt=PROMPTS[0], target=None):
