@@ -721,6 +721,28 @@ def check_fid_args(args) -> None:
         raise InputError(f"--inception_weights {args.inception_weights}: no such file")
     if args.utility_reference is not None:
         check_reference(args.utility_reference, args.fid_features, args.clip_model, args.resolution)
+        check_inception_download(args.fid_features, args.inception_weights)
+
+
+def inception_cache_file() -> str:
+    """Where torch-fidelity's download of the Inception weights lands (torch's hub cache, as
+    torch.hub.load_state_dict_from_url names it)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+
+
+def check_inception_download(fid_features: str, inception_weights: Optional[str]) -> None:
+    """Offline (HF_HUB_OFFLINE, the toolkit's switch for nodes without internet), Inception features need their
+    weights given or already in torch's cache: refused here, in one line, not by the download once the run opens."""
+    from .models import hub_offline
+
+    if fid_features != INCEPTION or inception_weights is not None or not hub_offline():
+        return
+    cached = inception_cache_file()
+    if not os.path.isfile(cached):
+        raise InputError(f"--fid_features inception: HF_HUB_OFFLINE is set and the Inception weights are not in "
+                         f"torch's cache ({cached}); give --inception_weights FILE (docs/utility.md: where to get it)")
 
 
 def check_args(args) -> Optional[List[str]]:

@@ -117,7 +117,7 @@ def _refused(capsys, argv, words):
     assert exc.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bad_utility_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys):
+def test_bad_utility_input_is_one_line_exit_2_nothing_written(assets, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     base = [assets["sd"], "none", "red circle", "--output_dir", str(out), "--clip_model", assets["clip"]]
     (tmp_path / "empty.txt").write_text("\n")
@@ -137,6 +137,20 @@ def test_bad_utility_input_is_one_line_exit_2_nothing_written(assets, tmp_path, 
              "--utility_reference: needs --utility")
     _refused(capsys, base + ["--utility", str(caps), "--inception_weights", str(tmp_path / "none.pth")],
              "--inception_weights")
+    # Offline (the suite sets HF_HUB_OFFLINE), Inception's weights neither given nor in torch's cache: refused before
+    # the run opens, not by the download. (The reference: statistics a 2,048-image set would have.)
+    stats = str(tmp_path / "inception.npz")
+    utility.save_stats(stats, torch.zeros(utility.INCEPTION_DIM, 4, dtype=torch.float64).T,
+                       {"version": utility.STATS_VERSION, "extractor": utility.INCEPTION, "fingerprint": "0" * 64,
+                        "dim": utility.INCEPTION_DIM, "resolution": 32, "images": utility.INCEPTION_DIM,
+                        "image_set_sha256": "synthetic"})
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    _refused(capsys, base + ["--utility", str(caps), "--utility_reference", stats],
+             "HF_HUB_OFFLINE is set and the Inception weights are not in torch's cache")
+    cached = tmp_path / "torch_hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # in the cache: the library loads it from there
+    eval_model.parse_args(base + ["--utility", str(caps), "--utility_reference", stats])
     assert not out.exists()
 
 
