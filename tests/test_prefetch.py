@@ -68,8 +68,21 @@ def _files(folder):
     return {os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names}
 
 
-def _run(argv, monkeypatch, capsys, hub):
+class FakeWeb:
+    """download_url: writes the file, records the address."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, url, path):
+        self.calls.append(url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").write(url)
+
+
+def _run(argv, monkeypatch, capsys, hub, web=None):
     monkeypatch.setattr(prefetch, "snapshot_download", hub)
+    monkeypatch.setattr(prefetch, "download_url", web or FakeWeb())
     monkeypatch.setattr(prefetch, "hub_offline", lambda: False)  # the suite sets HF_HUB_OFFLINE
     code = prefetch.main(prefetch.parse_args(argv))
     out = capsys.readouterr()
@@ -78,9 +91,14 @@ def _run(argv, monkeypatch, capsys, hub):
 
 def test_downloads_only_what_the_programs_load_and_prints_their_flags(tmp_path, monkeypatch, capsys):
     out = tmp_path / "models"
-    hub = FakeHub()
-    code, stdout, stderr = _run(["--out", str(out)], monkeypatch, capsys, hub)
+    hub, web = FakeHub(), FakeWeb()
+    code, stdout, stderr = _run(["--out", str(out)], monkeypatch, capsys, hub, web)
     assert code == 0 and stderr == ""
+    # FID's Inception weights: torch-fidelity's own file, from its own address.
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert web.calls == [URL_INCEPTION_V3]
+    assert _files(out / "inception") == {os.path.basename(URL_INCEPTION_V3), prefetch.MARKER}
     assert _files(out / "stable-diffusion-v1-4") == SD14_FETCHED | {prefetch.MARKER}  # no .ckpt, .bin, safety checker
     assert _files(out / "clip-vit-base-patch32") == {
         "config.json", "merges.txt", "preprocessor_config.json", "pytorch_model.bin", "special_tokens_map.json",
@@ -95,12 +113,14 @@ def test_downloads_only_what_the_programs_load_and_prints_their_flags(tmp_path, 
     for flag in (f"--pretrained_model_name_or_path {out}/stable-diffusion-v1-4",
                  f"--clip_model {out}/clip-vit-base-patch32", f"--model_name_or_path {out}/vit-large-patch16-224-in21k",
                  f"--timm_arch vit_large_patch16_224.augreg_in21k --init_weights "
-                 f"{out}/vit_large_patch16_224.augreg_in21k/model.safetensors", "export HF_HUB_OFFLINE=1"):
+                 f"{out}/vit_large_patch16_224.augreg_in21k/model.safetensors",
+                 f"--inception_weights {out}/inception/{os.path.basename(URL_INCEPTION_V3)}", "export HF_HUB_OFFLINE=1"):
         assert f"    {flag}" in lines or f"  {flag}" in lines, flag
     # Again: every folder is finished, nothing is fetched.
     hub.calls.clear()
-    code, stdout, _ = _run(["--out", str(out)], monkeypatch, capsys, hub)
-    assert code == 0 and hub.calls == [] and stdout.count("already in") == len(prefetch.MODELS)
+    web.calls.clear()
+    code, stdout, _ = _run(["--out", str(out)], monkeypatch, capsys, hub, web)
+    assert code == 0 and hub.calls == web.calls == [] and stdout.count("already in") == len(prefetch.MODELS)
 
 
 def test_a_failed_download_is_one_line_and_the_others_go_on(tmp_path, monkeypatch, capsys):
@@ -148,7 +168,7 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
                         "sd14,sd15"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "prefetch.py: error: --what sd14,sd15: unknown sd15; choose from sd14, clip-b32, clip-l14, vit-l16-in21k, "
-        "timm-vit-l16-in21k or all"]
+        "timm-vit-l16-in21k, inception or all"]
     monkeypatch.setattr(prefetch, "hub_offline", lambda: True)
     with pytest.raises(SystemExit) as err:
         prefetch.parse_args(["--out", str(tmp_path)])
@@ -170,7 +190,8 @@ def test_the_models_are_the_code_s_defaults_and_the_flags_exist():
                           "tools/attack_prompts.py"],
              "clip-l14": ["eval_model.py"],
              "vit-l16-in21k": ["tools/train_classifier.py", "eval_model.py"],
-             "timm-vit-l16-in21k": ["tools/train_classifier.py"]}
+             "timm-vit-l16-in21k": ["tools/train_classifier.py"],
+             "inception": ["eval_model.py", "finetuning_sequential.py"]}
     parsers = {p: load_parser(p) for p in {p for ps in users.values() for p in ps}}
     for key, programs in users.items():
         for flag in (w for f in m[key].flags for w in f.split() if w.startswith("--")):
@@ -182,3 +203,14 @@ def test_the_docs_give_the_hf_download_equivalents():
     for model in prefetch.MODELS:
         assert prefetch.hf_command(model, "/data/models") in text, model.key
     assert "python tools/prefetch.py --out /data/models" in text
+
+
+def test_a_file_from_an_address_arrives_whole_or_not_at_all(tmp_path):
+    src = tmp_path / "src.pth"
+    src.write_bytes(b"weights" * 1000)
+    dest = tmp_path / "models" / "inception" / "w.pth"
+    prefetch.download_url(src.as_uri(), str(dest))  # urllib reads file:// as it reads https://
+    assert dest.read_bytes() == src.read_bytes() and not os.path.exists(str(dest) + ".part")
+    with pytest.raises(OSError):
+        prefetch.download_url((tmp_path / "missing.pth").as_uri(), str(tmp_path / "other" / "w.pth"))
+    assert not os.path.exists(tmp_path / "other" / "w.pth")  # a failed download leaves no file to be taken for it

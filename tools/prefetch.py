@@ -5,7 +5,8 @@
     python tools/prefetch.py --out /data/models                    # every model
     python tools/prefetch.py --out /data/models --what sd14,clip-b32
 
-Run it on a machine that reaches the Hugging Face hub. Each model goes to
+Run it on a machine that reaches the Hugging Face hub (and GitHub: FID's Inception weights come from
+torch-fidelity's release there). Each model goes to
 OUT/FOLDER as plain files (snapshot_download's local_dir, not the cache), only
 the files the toolkit loads (SD-1.4: the diffusers parts' fp32 safetensors, no
 .ckpt, no safety checker, which no program loads). Then it prints the flags
@@ -30,6 +31,7 @@ from common.errors import InputError, exit_on_input_error
 from common.results import atomic_write_json
 
 PROG = "prefetch.py"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 MARKER = "prefetch.json"  # written last: the folder holds a finished download
 
 
@@ -43,6 +45,7 @@ class Model:
     size_gb: float  # approximate download, GB (10^9 bytes) as the hub lists the files
     flags: Tuple[str, ...]  # how the programs use it, {path} the folder
     used_by: str
+    url: Optional[str] = None  # a file from this address instead of a hub repository (weights: its one file name)
 
 
 # Sizes: the hub's file listings (huggingface.co/REPO/tree/main), read 2026-12 through stored copies of those pages.
@@ -83,6 +86,13 @@ MODELS = (
           ("config.json",), (("model.safetensors",),),
           1.3, ("--timm_arch vit_large_patch16_224.augreg_in21k --init_weights {path}/model.safetensors",),
           "train_classifier.py's style classifiers (--timm_arch)"),
+    # FID's Inception-v3 (--fid_features inception, the default): torch-fidelity's weights file, from its GitHub
+    # release (torch_fidelity/feature_extractor_inceptionv3.py URL_INCEPTION_V3), not on the hub. About 0.1 GB:
+    # the network's 23.9M parameters in fp32.
+    Model("inception", "github.com/toshas/torch-fidelity", "inception",
+          (), ((INCEPTION_FILE,),), 0.1, (f"--inception_weights {{path}}/{INCEPTION_FILE}",),
+          "FID and KID on Inception features: eval_model.py --utility, the fine-tuning scripts' --utility_fid",
+          url=f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"),
 )
 BY_KEY = {m.key: m for m in MODELS}
 # Listed, never downloaded: NudeNet 3's detector (--theme Nudity) ships in the nudenet wheel.
@@ -138,6 +148,18 @@ def snapshot_download(**kwargs) -> str:
     return download(**kwargs)
 
 
+def download_url(url: str, path: str) -> None:
+    """One file from ``url`` to ``path``, through a .part file renamed when complete (an interrupted download is
+    never taken for the file)."""
+    import shutil
+    import urllib.request
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with urllib.request.urlopen(url, timeout=60) as response, open(path + ".part", "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(path + ".part", path)
+
+
 def has_files(folder: str, patterns) -> bool:
     """Whether every pattern matches a file under ``folder`` (paths relative to it, as allow_patterns match)."""
     found = [os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
@@ -159,6 +181,15 @@ def _reason(err: BaseException) -> str:
 def fetch(model: Model, out: str) -> Optional[str]:
     """Download one model into OUT/FOLDER; None when it is there, else the one-line reason it is not."""
     dest = os.path.join(out, model.folder)
+    if model.url:
+        (name,), = model.weights
+        try:
+            download_url(model.url, os.path.join(dest, name))
+        except Exception as err:  # noqa: BLE001 - the network and the disk raise many types; each is one line
+            return _reason(err)
+        atomic_write_json(os.path.join(dest, MARKER), {"url": model.url,
+                                                       "downloaded": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return None
     for weights in model.weights:
         try:
             # Several repositories keep other frameworks' copies (.bin, .h5, .msgpack, .ckpt): only what we load.
@@ -174,7 +205,10 @@ def fetch(model: Model, out: str) -> Optional[str]:
 
 
 def hf_command(model: Model, out: str) -> str:
-    """The same download with huggingface_hub's own command line (every weights alternative included)."""
+    """The same download with huggingface_hub's own command line (every weights alternative included); a file
+    from an address, with curl."""
+    if model.url:
+        return f"curl -L --create-dirs -o {os.path.join(out, model.folder, model.weights[0][0])} {model.url}"
     patterns = [*model.files, *(p for w in model.weights for p in w)]
     include = " ".join(f'--include "{p}"' for p in patterns)
     return f"hf download {model.repo_id} --local-dir {os.path.join(out, model.folder)} {include}"
