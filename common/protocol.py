@@ -452,6 +452,7 @@ def run_individual(
                 step = getattr(trainer, "global_updates", p.steps)
                 _track(recorder).validation(step, criterion.name, st["mean"], criterion.threshold, i)
                 _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
+                _track(recorder).utility_fid(step, fid)
                 _track(recorder).images(step, getattr(validator, "last_images", []))
                 if revived and p.first_revival is None:
                     p.first_revival = epoch
@@ -519,6 +520,7 @@ def run_sequential(
         retention = _retention(validator)
         _track(recorder).retention(step, retention.get("retention_mean"), retention.get("utility_mean"))
         fid = _utility_fid(validator)  # each sequential validation ends a chunk (or is the unlearned model's own)
+        _track(recorder).utility_fid(step, fid)
         where = "before training" if chunk is None else f"after chunk {chunk} ({entry['images_seen']} images)"
         met_by = {}
         for c in criteria:

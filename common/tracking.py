@@ -60,6 +60,12 @@ class Tracking:
         if self.enabled and values:
             self.acc.log(values, step=step)
 
+    def utility_fid(self, step: int, fid: dict) -> None:
+        """--utility_fid's FID and KID (mean) of the utility captions' images, where a validation has them."""
+        values = {f"validation/{k}": fid[k] for k in ("utility_fid", "utility_kid_mean") if fid.get(k) is not None}
+        if self.enabled and values:
+            self.acc.log(values, step=step)
+
     def images(self, step: int, images: List) -> None:
         """The main process's validation images as one grid."""
         if not self.enabled or not images or not self.acc.is_main_process:

@@ -287,3 +287,31 @@ def test_a_third_criterion_through_the_registry_alone(assets, tmp_path, in_asset
     (rec,) = [r for r in recs if r["criterion"] == "brightness" and r["chunk"] == 0]
     assert rec["revived"] and 0 < rec["mean"] < 1 and len(rec["scores"]) == 3
     assert criteria.label("brightness") == "brightness"  # gone again once unregistered
+
+
+def test_the_trackers_get_utility_fid_where_a_validation_has_it(tmp_path):
+    """--utility_fid's FID and KID reach the trackers at the validations that compute them (every sequential one)."""
+    from types import SimpleNamespace
+
+    from common.tracking import Tracking
+
+    class WithFid(ScriptedValidator):
+        def utility_fid(self):
+            return {"utility_fid": 1.5 + len(self.tags), "utility_kid_mean": 0.25, "utility_kid_std": 0.0,
+                    "utility_fid_features": "clip", "utility_fid_images": 2, "utility_fid_reference_images": 40}
+
+    logged = []
+    trainer, validator = FakeTrainer(), WithFid([{"clip": [0.0]}])
+    recorder = RunRecorder(str(tmp_path), True)
+    recorder.tracking = Tracking(SimpleNamespace(log=lambda values, step: logged.append((step, values))), "p", {},
+                                 enabled=False)
+    recorder.tracking.enabled = True  # a tracker without accelerate's set-up: only what the run logs
+    try:
+        run_sequential(trainer=trainer, dataset=None, chunk_rows=ROWS, chunks=[0, 1], epochs_per_chunk={0: 1, 1: 1},
+                       criteria=[_criterion("clip", 0.5)], validator=validator, recorder=recorder)
+    finally:
+        recorder.close()
+    fids = [(step, v["validation/utility_fid"], v["validation/utility_kid_mean"]) for step, v in logged
+            if "validation/utility_fid" in v]
+    assert fids == [(0, 2.5, 0.25), (5, 3.5, 0.25), (10, 4.5, 0.25)]  # before training, after chunks 0 and 1
+    assert [r["utility_fid"] for r in _records(tmp_path)] == [2.5, 3.5, 4.5]
