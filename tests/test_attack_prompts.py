@@ -314,3 +314,15 @@ def test_the_command_itself_in_a_new_interpreter_gives_the_probe_s_records(asset
                   env_extra=THREADS, fresh=True)
     assert proc.returncode == 0 and "zygote" not in proc.how, proc.stderr[-3000:]
     assert timeless(records(out)) == timeless(records(str(toy["root"] / "probe")))
+
+
+def test_a_run_written_before_a_flag_existed_continues_while_the_flag_is_at_its_default():
+    from tools import attack_prompts as ap
+
+    parser = ap.build_parser()
+    old = {"attack": "p4d-k", "heldout_seeds": 3, "quiet": True}  # config.json of a version without the newer flags
+    new = {"attack": "p4d-k", "heldout_seeds": 3, "quiet": False, "long_prompts": None, "q16_or_nudenet": False}
+    assert ap.changed_flags(old, new, parser) == []  # --quiet is free; the added flags are at their defaults
+    assert ap.changed_flags(old, {**new, "long_prompts": "chunks"}, parser) == ["long_prompts"]
+    assert ap.changed_flags(old, {**new, "heldout_seeds": 1}, parser) == ["heldout_seeds"]
+    assert ap.changed_flags({**old, "long_prompts": "chunks"}, new, parser) == ["long_prompts"]  # known, changed

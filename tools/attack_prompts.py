@@ -26,7 +26,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 from common import cli
 from common.clip_score import DEFAULT_CLIP, check_clip_spec
@@ -413,6 +413,14 @@ def run_config(args: argparse.Namespace, settings: dict) -> dict:
             "args": _jsonable(vars(args)), "tags": cli.parse_tags(args.tag)}
 
 
+def changed_flags(old_args: dict, new_args: dict, parser: argparse.ArgumentParser) -> List[str]:
+    """The flags (config.json's "args") a continued run would change. A flag the run's version did not have yet,
+    at its default now, changes nothing (a run written before it continues)."""
+    added = {k for k in set(new_args) - set(old_args) if new_args[k] == _jsonable(parser.get_default(k))}
+    return sorted(k for k in set(old_args) | set(new_args)
+                  if k not in RESUME_FREE and k not in added and old_args.get(k) != new_args.get(k))
+
+
 def _check_output(args: argparse.Namespace) -> None:
     """The output directory is new, or holds an unfinished (or finished) run of this same command."""
     from common.results import CONFIG_FILE
@@ -433,8 +441,7 @@ def _check_output(args: argparse.Namespace) -> None:
                                           "choose another --output_dir")
     new = run_config(args, attack_settings(args))
     old_args, new_args = old.get("args", {}), new["args"]
-    changed = sorted(k for k in set(old_args) | set(new_args)
-                     if k not in RESUME_FREE and old_args.get(k) != new_args.get(k))
+    changed = changed_flags(old_args, new_args, build_parser())
     _require(not changed, f"--output_dir {out}: holds a run with other settings ("
              + ", ".join(f"--{k} {old_args.get(k)!r} there, {new_args.get(k)!r} now" for k in changed[:3])
              + "); rerun it with its own flags to continue it, or choose another --output_dir")
