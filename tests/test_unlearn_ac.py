@@ -18,7 +18,8 @@ from tools import unlearn
 from tools.unlearning import ac
 from tools.unlearning.base import load_image_set, noised
 from conftest import ROOT, launch
-from unlearn_helpers import Killed, stop_at, card as _card, changed as _changed, run as _run, weights as _weights
+from unlearn_helpers import (card as _card, changed as _changed, refused, run as _run, stop_and_resume,
+                             weights as _weights)
 
 CONCEPT, ANCHOR = "red circle", "circle"  # the concept names its anchor: --regularization auto turns the prior on
 ANCHOR_PROMPTS = ["a circle", "a picture of a circle"]
@@ -92,14 +93,8 @@ def test_stopped_after_step_3_and_resumed_ends_in_the_same_bits(assets, anchor_d
                                                                  monkeypatch):
     """REVIVAL_FAULT=update:3 stops the run after its third step (in-process: the hook's kill raises), leaving the
     step-2 checkpoint; --resume continues from it to the uninterrupted run's weights and results."""
-    stop_at(monkeypatch, "update:3")
-    out = str(tmp_path / "killed")
-    flags = [*FLAGS, "--anchor_data", anchor_dir, "--model", assets["sd"], "--output_dir", out]
-    with pytest.raises(Killed):
-        _run(flags)
-    assert os.listdir(out) == ["unlearn_checkpoint"]
-    monkeypatch.delenv("REVIVAL_FAULT")
-    _run([*flags, "--resume"])
+    out = stop_and_resume(monkeypatch, [*FLAGS, "--anchor_data", anchor_dir, "--model", assets["sd"], "--output_dir",
+                                        str(tmp_path / "killed")])
     a, b = _weights(read_back), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     card = _card(out)
@@ -225,12 +220,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(extra, message, asse
     extra = [where.get(a, a) for a in extra]
     message = message.replace("NOPE", where["NOPE"])
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as err:
-        unlearn.parse_args(["--method", "ac", "--concept", CONCEPT, *extra, "--model", assets["sd"],
-                            "--output_dir", str(out)])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert err.value.code == 2 and len(lines) == 1 and message in lines[0], lines
-    assert not out.exists()
+    refused(["--method", "ac", "--concept", CONCEPT, *extra, "--model", assets["sd"], "--output_dir", str(out)],
+            message, capsys, out)
 
 
 def test_its_flags_are_refused_by_the_other_methods(assets, tmp_path, capsys):

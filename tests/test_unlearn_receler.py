@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tools.unlearning import receler
-from unlearn_helpers import Killed, stop_at, card as _card, changed as _changed, run as _run, weights as _weights
+from unlearn_helpers import card as _card, changed as _changed, run as _run, weights as _weights, stop_and_resume
 
 CONCEPT = "red circle"
 # 4 steps, each 2 adversarial steps of 4 embeddings; erasers of rank 4; a learning rate that moves the tiny model.
@@ -193,16 +193,13 @@ def test_stopped_after_step_3_and_resumed_ends_in_the_same_bits(assets, first, t
     """REVIVAL_FAULT=update:3 stops the run after its third step (in-process: the hook's kill raises), leaving the
     step-2 checkpoint with the erasers, the adversarial embeddings and both Adam states; --resume ends in the
     uninterrupted run's bits."""
-    stop_at(monkeypatch, "update:3")
-    out = str(tmp_path / "killed")
-    flags = [*FLAGS, "--model", assets["sd"], "--output_dir", out]
-    with pytest.raises(Killed):
-        _run(flags)
-    assert os.listdir(out) == ["unlearn_checkpoint"]
-    state = torch.load(os.path.join(out, "unlearn_checkpoint", "state.pt"), weights_only=True)
-    assert "adversarial.embeddings" in state["params"] and set(state["stateful"]) == {"optimizer", "adv_optimizer"}
-    monkeypatch.delenv("REVIVAL_FAULT")
-    _run([*flags, "--resume"])
+    def holds_both_searches(out):
+        state = torch.load(os.path.join(out, "unlearn_checkpoint", "state.pt"), weights_only=True)
+        assert "adversarial.embeddings" in state["params"]
+        assert set(state["stateful"]) == {"optimizer", "adv_optimizer"}
+
+    out = stop_and_resume(monkeypatch, [*FLAGS, "--model", assets["sd"], "--output_dir", str(tmp_path / "killed")],
+                          inspect=holds_both_searches)
     a, b = _weights(first), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     card = _card(out)

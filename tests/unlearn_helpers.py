@@ -60,3 +60,32 @@ def stop_at(monkeypatch, fault: str) -> None:
     monkeypatch.setenv("REVIVAL_FAULT", fault)
     monkeypatch.setattr(faults, "_counts", {})
     monkeypatch.setattr(faults, "os", types.SimpleNamespace(environ=os.environ, getpid=os.getpid, kill=kill))
+
+
+def refused(argv, message: str, capsys, out=None) -> None:
+    """tools/unlearn.py refuses ``argv`` at parse time: exit 2, one line of stderr holding ``message``, and (``out``
+    given) nothing written there."""
+    import pytest
+
+    with pytest.raises(SystemExit) as err:
+        unlearn.parse_args(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert out is None or not os.path.exists(out)
+
+
+def stop_and_resume(monkeypatch, flags, fault: str = "update:3", inspect=None) -> str:
+    """A run stopped by ``fault`` (leaving only its checkpoint folder; ``inspect(out)`` looks at it), then the same
+    flags with --resume to the end; the output directory."""
+    import pytest
+
+    out = flags[flags.index("--output_dir") + 1]
+    stop_at(monkeypatch, fault)
+    with pytest.raises(Killed):
+        run(flags)
+    assert os.listdir(out) == ["unlearn_checkpoint"]
+    if inspect is not None:
+        inspect(out)
+    monkeypatch.delenv("REVIVAL_FAULT")
+    run([*flags, "--resume"])
+    return out
