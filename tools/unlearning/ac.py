@@ -327,8 +327,7 @@ FLAGS = (  # defaults: their diffusers README's object command on one GPU (docs/
          int),
     Flag("--max_grad_norm", 1.0, "gradient clipping", float),
     Flag("--no_hflip", False, "no random horizontal flips of the anchor images", switch=True),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "fixed held-out anchor images on which the losses are reported before and after; "
          "0: off", int),
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam

@@ -288,6 +288,9 @@ USE_8BIT_ADAM = Flag(
     "install -r requirements-gpu.txt): 2 bytes of optimizer state per trained value instead of 8, other weights",
     switch=True)
 MEMORY_FLAGS = (GRADIENT_CHECKPOINTING, USE_8BIT_ADAM)
+# The training images' side, every method's (one definition: the methods' flag tables share it).
+RESOLUTION_FLAG = Flag("--resolution", None, "image side in pixels", int,
+                       default_text="the UNet's sample_size x the VAE's scale factor")
 
 
 def check_8bit_adam(use_8bit_adam: bool, device: str) -> None:

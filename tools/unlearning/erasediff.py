@@ -295,8 +295,7 @@ FLAGS = (  # defaults: their SD nudity run (README.md, sd/train_scripts/train_ns
     Flag("--forget_target", "uniform", "what the forget images' prediction is pulled to: uniform U[0,1) noise, or "
          "the model's prediction for --pseudo_prompt", choices=FORGET_TARGETS),
     Flag("--pseudo_prompt", ["a photo of a pokemon"], "the prompt of --forget_target prompt (one)", nargs="+"),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "images per set in the fixed batches on which L_f and L_r are reported before and "
          "after; 0: off", int),
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam

@@ -158,8 +158,7 @@ FLAGS = (  # esd-x and esd-u share them; defaults: the paper's and its CompVis s
     Flag("--ddim_steps", 50, "DDIM steps of the schedule x_t is sampled on; each iteration stops at a random one",
          int),
     Flag("--sample_guidance", 3.0, "classifier-free guidance when sampling x_t with the frozen model", float),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "fixed held-out examples on which the ESD objective is reported before and after; "
          "0: off", int),
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam

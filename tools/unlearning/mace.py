@@ -344,8 +344,7 @@ FLAGS = (  # defaults: their object config (configs/object/erase_ship.yaml); doc
     Flag("--no_importance_sampling", False, "uniform timesteps instead of their window on t 200-400", switch=True),
     Flag("--no_pooler", False, "attention loss on the concept's words only, not also on the EOS/padding tokens",
          switch=True),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam (for the LoRA training)
 )
 

@@ -26,7 +26,7 @@ from torch import nn
 from common import numerics
 from common.errors import InputError
 
-from . import register
+from . import base, register
 from .base import (RESOLVED, Flag, Method, RunContext, check_text, encode, finite, loss_summary, require,
                    step_generator, train_loop, check_sampled_training)
 from .esd import ddim_partial_sample, esd_objective, esd_probe_set, esd_target, make_ddim
@@ -354,8 +354,7 @@ FLAGS = (  # defaults: train_receler.py's argparse (lines 234-261)
          "(the paper's), concept (what the published code trains on: its adversarial embeddings never reach the "
          "prompt), both (the mean of the two)", choices=ERASE_ON),
     Flag("--adv_start", 0, "the eraser step the adversary starts at (before it: the concept's own prompt)", int),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "fixed held-out examples on which the ESD objective is reported before and after; "
          "0: off", int),
     Flag("--gradient_checkpointing", False, "save GPU memory", switch=True),

@@ -497,8 +497,7 @@ FLAGS = (  # defaults: the authors' SD-1.4 configs and README (docs/unlearning.m
     Flag("--generation_steps", 50, "DDIM steps of the generated surrogate and replay images", int),
     Flag("--generation_guidance", 7.5, "classifier-free guidance of the generated surrogate and replay images",
          float),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "fixed held-out surrogate and replay examples whose MSE the card reports before and "
          "after; 0: off", int),
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam

@@ -441,8 +441,7 @@ FLAGS = (  # defaults: the SD README's commands and the scripts' own (docs/unlea
     Flag("--retain_images", 800, "retain images to generate", int),
     Flag("--generation_steps", 50, "sampling steps of the generated images", int),
     Flag("--generation_guidance", 7.5, "classifier-free guidance of the generated images", float),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "fixed examples of each set on which both losses are reported before and after; "
          "0: off", int),
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam

@@ -466,8 +466,7 @@ FLAGS = (  # defaults: their configs (configs/snoopy, configs/pikachu: config.ya
          "concept", nargs="+", default_text="none: sampled as published"),
     Flag("--dynamic_resolution", "on", "x_t of random height and width in 64-px steps in [resolution/2, resolution) "
          "(off below 128 px)", choices=ON_OFF),
-    Flag("--resolution", None, "image side in pixels", int,
-         default_text="the UNet's sample_size x the VAE's scale factor"),
+    base.RESOLUTION_FLAG,
     Flag("--probe_samples", 4, "fixed examples on which the erasing and anchoring losses are reported before and "
          "after; 0: off", int),
     *base.MEMORY_FLAGS,  # --gradient_checkpointing, --use_8bit_adam (their optimizer: bitsandbytes' AdamW8bit)
