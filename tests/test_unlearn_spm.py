@@ -249,7 +249,5 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(extra, message, asse
 
 
 def test_its_flags_are_refused_by_the_other_methods(assets, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        unlearn.parse_args(["--method", "esd-x", "--concept", "a", "--la_strength", "1", "--model", assets["sd"],
-                            "--output_dir", str(tmp_path / "o")])
-    assert "--la_strength: not used by --method esd-x (a flag of spm)" in capsys.readouterr().err
+    refused(["--method", "esd-x", "--concept", "a", "--la_strength", "1", "--model", assets["sd"], "--output_dir",
+             str(tmp_path / "o")], "--la_strength: not used by --method esd-x (a flag of spm)", capsys, tmp_path / "o")
